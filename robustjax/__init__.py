@@ -1,0 +1,13 @@
+"""robustjax: Byzantine-robust distributed training in JAX.
+
+Modules:
+  stack           the stack primitives (pairwise distances, weighted combination, flattening)
+  aggregators     robust aggregators, `aggregators.get(name)`
+  preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
+"""
+
+from robustjax import aggregators, stack
+
+__version__ = '0.1.0'
+
+__all__ = ['aggregators', 'stack']
