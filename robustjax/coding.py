@@ -1,0 +1,442 @@
+"""Gradient coding: encoding matrices, `encode`, and decoders (majority vote, stragglers).
+
+Gradient coding is a linear map on the worker axis. The data are split into m subsets with
+per-subset gradients g_1..g_m (a stack with leading axis m); worker i holds the subsets in the
+support of row i of an **encoding matrix** B (n workers × m subsets) and sends the coded vector
+
+    c_i = Σ_j B_ij g_j,        i.e.  c = encode(B, g) = einsum('ij,j...->i...', B, g).
+
+Every scheme here is a plain array B, so any scheme, or a hand-made one, plugs into the same
+`encode` and the same coded training step (`robustjax.coded_training`):
+
+=======================  =================================  ====================  ==================
+scheme                   B (n × m)                          subsets per worker    server side
+=======================  =================================  ====================  ==================
+`cyclic` (LAD)           row i: 1/d on π(i), …, π(i+d−1)    d                     any robust rule
+`fractional_repetition`  n/d groups of d workers, block 1/d  d (needs d | n)       any robust rule
+`draco`                  groups of ≥ 2f+1 workers, blocks   group size (≈ 2f+1)    `draco_decode`
+`cyclic_mds` (Tandon)    cyclic support s+1, MDS weights     s + 1                 `decoding_vector`
+=======================  =================================  ====================  ==================
+
+Conventions (checked by the tests):
+  * With the default coefficients (1/d, resp. 1/group size) every column of `cyclic` and
+    `fractional_repetition` sums to 1, so (1/n) Σ_i c_i = (1/m) Σ_j g_j is the full gradient.
+  * Under a fresh uniformly random permutation π (`cyclic(..., key=k)`), the d subsets of a worker
+    are a uniform d-subset drawn without replacement, and the finite-population formula gives
+
+        E‖c_i − ḡ‖² = (n − d) / (d (n − 1)) · ζ²,   ζ² = (1/n) Σ_j ‖g_j − ḡ‖²,
+
+    with ζ² the *population* spread (normalised by n, not n − 1) of the subset gradients and
+    ḡ = (1/n) Σ_j g_j. With the unbiased spread S² = n ζ² / (n − 1) the same quantity reads
+    (n − d)/(n d) · S². d = 1 gives ζ², d = n gives 0.
+
+References:
+  Li, Allouah, Guerraoui, Skoglund, Xiao, "Byzantine-Robust and Communication-Efficient Distributed
+  Training: Compressive and Cyclic Gradient Coding", arXiv:2603.28780, 2026 (LAD, Com-LAD).
+  Tandon, Lei, Dimakis, Karampatziakis, "Gradient Coding: Avoiding Stragglers in Distributed
+  Learning", ICML 2017 (fractional repetition, cyclic MDS code, decoding vectors).
+  Chen, Wang, Charles, Papailiopoulos, "DRACO: Byzantine-resilient Distributed Training via
+  Redundant Gradients", ICML 2018 (repetition code, majority vote).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from robustjax import stack as _stack
+from robustjax._checks import check_positive_int, num_workers
+
+__all__ = [
+  'cyclic',
+  'fractional_repetition',
+  'draco_groups',
+  'draco',
+  'draco_decode',
+  'cyclic_mds',
+  'decoding_vector',
+  'decode',
+  'encode',
+  'loads',
+  'coverage',
+  'random_permutation',
+]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _is_concrete_int(x) -> bool:
+  return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+def _check_d(rule: str, n: int, d) -> None:
+  """Checks 1 <= d <= n when d is a concrete int (a traced d is the caller's responsibility)."""
+  if _is_concrete_int(d):
+    if not 1 <= int(d) <= n:
+      raise ValueError(f'{rule}: needs 1 <= d <= n (subsets per worker); got d={d}, n={n}')
+  elif isinstance(d, (float, bool)) or d is None:
+    raise ValueError(f'{rule}: d must be an int (or an integer jax array); got {d!r}')
+
+
+def random_permutation(key: jax.Array, n: int) -> jax.Array:
+  """A uniformly random permutation of range(n) from an explicit key (int32 (n,))."""
+  return jax.random.permutation(key, n).astype(jnp.int32)
+
+
+def cyclic(
+  n: int,
+  d,
+  *,
+  key: jax.Array | None = None,
+  perm: jax.Array | None = None,
+  coef=None,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """The cyclic (LAD) encoding matrix: worker i holds subsets π(i), π(i+1), …, π(i+d−1) mod n.
+
+  B_ij = coef if subset j is one of worker i's d subsets, else 0; there are n subsets (m = n), each
+  row has d nonzeros and each column is covered d times. With the default coef = 1/d the coded
+  vector c_i is the mean of worker i's subset gradients and (1/n) Σ_i c_i is the full gradient.
+
+  The permutation π is the identity (a fixed assignment, the classical cyclic repetition code), a
+  given `perm`, or re-drawn from `key` (LAD re-draws it every iteration; pass a fresh key per
+  step). Under a re-drawn π, E‖c_i − ḡ‖² = (n − d)/(d(n − 1)) · ζ² (see the module docstring).
+
+  Jittable: `key`, `perm` and even `d` may be traced (a traced integer `d`, e.g. under `vmap` over
+  a sweep of redundancies, builds the same matrix by a mask; validation then happens only for
+  concrete d).
+
+  Args:
+    n: number of workers = number of subsets (static).
+    d: subsets per worker (the redundancy / computation load), 1 <= d <= n.
+    key: optional PRNG key; draws π uniformly at random.
+    perm: optional permutation of range(n) (ignored if `key` is given).
+    coef: the nonzero value; default 1/d.
+    dtype: the matrix dtype.
+
+  Returns:
+    B of shape (n, n).
+
+  Raises:
+    ValueError: if n < 1, d is out of range, or `perm` has the wrong shape.
+
+  .. warning::
+     The abstract of arXiv:2603.28780 does not fix the coefficients or whether π is re-drawn;
+     1/d (an average, unbiased full gradient) and a re-drawn π are this library's defaults, and
+     both are parameters.
+
+  Example:
+    >>> B = cyclic(5, 2)       # worker 0 holds subsets {0, 1}, worker 4 holds {4, 0}
+    >>> B = cyclic(100, 10, key=jax.random.key(0))
+
+  Cost: O(n²) to build (a mask); encoding is one n × n × p matmul.
+  """
+  check_positive_int('cyclic', 'n', n)
+  _check_d('cyclic', n, d)
+  if key is not None:
+    perm = random_permutation(key, n)
+  rows = jnp.arange(n)[:, None]
+  cols = jnp.arange(n)[None, :]
+  if perm is None:
+    pos = cols  # π = identity: subset j sits at position j
+  else:
+    perm = jnp.asarray(perm)
+    if perm.shape != (n,):
+      raise ValueError(f'cyclic: perm must have shape ({n},); got {perm.shape}')
+    # position of subset j in the cyclic order: π⁻¹(j)
+    pos = jnp.zeros((n,), jnp.int32).at[perm].set(jnp.arange(n, dtype=jnp.int32))[None, :]
+  d_arr = jnp.asarray(d)
+  mask = jnp.mod(pos - rows, n) < d_arr
+  value = (1.0 / d_arr.astype(jnp.float32)) if coef is None else jnp.asarray(coef)
+  return jnp.where(mask, value, 0.0).astype(dtype)
+
+
+def fractional_repetition(
+  n: int,
+  d: int,
+  *,
+  key: jax.Array | None = None,
+  coef=None,
+  dtype=jnp.float32,
+) -> jax.Array:
+  """Tandon et al.'s fractional repetition code: n/d groups of d workers sharing d subsets.
+
+  Workers g·d … g·d + d − 1 (group g) all hold subsets g·d … g·d + d − 1 and send the same coded
+  vector. Each subset is covered d times, each worker holds d subsets; with s = d − 1 stragglers
+  one surviving worker per group suffices to decode (`decoding_vector`). With `key`, the subsets
+  are randomly relabelled (a column permutation), so the group contents are re-drawn.
+
+  Args:
+    n: workers = subsets.
+    d: group size = subsets per worker; must divide n.
+    key: optional PRNG key for a random relabelling of the subsets.
+    coef: the nonzero value; default 1/d.
+    dtype: the matrix dtype.
+
+  Returns:
+    B of shape (n, n), block diagonal (before relabelling).
+
+  Raises:
+    ValueError: if d is out of range or does not divide n.
+  """
+  check_positive_int('fractional_repetition', 'n', n)
+  check_positive_int('fractional_repetition', 'd', d)
+  if d > n:
+    raise ValueError(f'fractional_repetition: needs 1 <= d <= n; got d={d}, n={n}')
+  if n % d:
+    raise ValueError(f'fractional_repetition: needs d to divide n; got n={n}, d={d}')
+  group = np.arange(n) // d
+  mask = jnp.asarray(group[:, None] == group[None, :])
+  value = 1.0 / d if coef is None else coef
+  b = jnp.where(mask, jnp.asarray(value, dtype), jnp.zeros((), dtype))
+  if key is not None:
+    b = b[:, random_permutation(key, n)]
+  return b
+
+
+def draco_groups(n: int, f: int, *, r: int | None = None) -> tuple[int, ...]:
+  """The repetition groups of DRACO: worker i (and subset i) belongs to group `groups[i]`.
+
+  DRACO's repetition code needs every part of the data computed by r >= 2f + 1 workers, so that a
+  majority vote inside each group recovers the part's gradient exactly with up to f Byzantine
+  workers anywhere. The workers are cut into g = ⌊n/r⌋ contiguous groups whose sizes differ by at
+  most one (each >= r); subsets are cut the same way, so group k's n_k workers all hold the same
+  n_k subsets, and each worker computes n_k ≈ n/g subsets.
+
+  .. warning::
+     DRACO (Chen et al. 2018) assumes r divides n. When it does not (n = 100 with r = 21), this
+     library enlarges the groups (4 groups of 25 for f = 10), which keeps the vote exact but costs
+     each worker n_k > r subsets; `loads(draco(...))` reports the real cost.
+
+  Args:
+    n: workers = subsets.
+    f: the number of Byzantine workers to tolerate.
+    r: the repetition; default 2f + 1 (must be >= 2f + 1 and <= n).
+
+  Returns:
+    A tuple of n group ids in 0..g−1, non-decreasing (hashable: a static argument).
+
+  Raises:
+    ValueError: if r < 2f + 1 or r > n.
+  """
+  check_positive_int('draco', 'n', n)
+  if not _is_concrete_int(f) or f < 0:
+    raise ValueError(f'draco: f must be an int >= 0; got {f!r}')
+  r = 2 * f + 1 if r is None else r
+  check_positive_int('draco', 'r', r)
+  if r < 2 * f + 1:
+    raise ValueError(f'draco: the repetition r must be >= 2f + 1 for a majority vote; got r={r}')
+  if r > n:
+    raise ValueError(f'draco: needs n >= r = 2f + 1 workers; got n={n}, r={r}, f={f}')
+  g = n // r
+  sizes = [n // g + (1 if k < n % g else 0) for k in range(g)]
+  return tuple(int(k) for k, s in enumerate(sizes) for _ in range(s))
+
+
+def draco(n: int, f: int, *, r: int | None = None, dtype=jnp.float32) -> jax.Array:
+  """DRACO's repetition-code encoding matrix (see `draco_groups`): block diagonal, 1/n_k blocks.
+
+  Row i has 1/n_k on the subsets of its group k (the group's mean gradient), so every honest
+  member of a group sends the same vector. Decode with `draco_decode`.
+
+  Returns:
+    B of shape (n, n).
+  """
+  groups = np.asarray(draco_groups(n, f, r=r))
+  sizes = np.bincount(groups)
+  b = (groups[:, None] == groups[None, :]) / sizes[groups][:, None]
+  return jnp.asarray(b, dtype)
+
+
+@functools.partial(jax.jit, static_argnames=('groups', 'f', 'rtol'))
+def draco_decode(stack, *, groups: tuple[int, ...], f: int, rtol: float = 1e-4):
+  """DRACO's decoder: a majority vote inside each repetition group, then the weighted group mean.
+
+  Inside group k, worker a's vote count is the number of group members b with
+  ‖x_a − x_b‖² <= rtol² · max(‖x_a‖², median_i ‖x_i‖²) (itself included); the member with the
+  most votes (lowest index on ties) is the group's decoded vector v_k, and the output is
+  Σ_k (n_k / n) v_k, the full gradient. With at most f Byzantine workers and every group of size >= 2f + 1, the honest members
+  of a group (identical vectors) always out-vote the Byzantine ones, so the recovery is exact;
+  a Byzantine vector can only win by agreeing with the honest one to within rtol.
+
+  Non-finite inputs are at distance +inf from every other worker, so they never win a vote.
+
+  Args:
+    stack: the n received vectors (a stack).
+    groups: the group id of every worker, from `draco_groups` (static).
+    f: the declared number of Byzantine workers (checked against the group sizes).
+    rtol: the relative tolerance under which two messages count as equal (honest copies are
+      bit-identical in exact arithmetic; float32 encodings may differ in the last bits).
+
+  Returns:
+    One tree: the decoded full gradient.
+
+  Raises:
+    ValueError: if the groups do not match the stack, or a group is smaller than 2f + 1.
+
+  Cost: one n × n Gram product (`pairwise_sq_dists`) and one weighted sum.
+  """
+  n = num_workers(stack, 'draco_decode')
+  if len(groups) != n:
+    raise ValueError(f'draco_decode: groups has {len(groups)} entries for n={n} workers')
+  g_np = np.asarray(groups)
+  sizes = np.bincount(g_np)
+  if not isinstance(f, int) or f < 0:
+    raise ValueError(f'draco_decode: f must be an int >= 0; got {f!r}')
+  if sizes.min() < 2 * f + 1:
+    raise ValueError(
+      f'draco_decode: every group needs >= 2f + 1 = {2 * f + 1} workers; smallest has {sizes.min()}'
+    )
+  dist = _stack.pairwise_sq_dists(stack)
+  sq = _stack.sq_norms(stack)
+  sq = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
+  # tolerance scale: the larger of the worker's own squared norm and the median one (the median is
+  # an honest scale with fewer than n/2 Byzantine workers; it absorbs the float32 rounding of the
+  # centred Gram expansion in `pairwise_sq_dists`)
+  scale = jnp.maximum(jnp.where(jnp.isfinite(sq), sq, 0.0), jnp.sort(sq)[(n - 1) // 2])
+  same = jnp.asarray(g_np[:, None] == g_np[None, :])
+  agree = same & (dist <= (rtol**2) * scale[:, None])
+  votes = jnp.sum(agree, axis=1)
+  # winner per group: the most votes, lowest index on ties; one-hot over workers
+  score = votes * (n + 1) - jnp.arange(n)
+  best = jnp.max(jnp.where(same, score[None, :], -jnp.inf), axis=1)  # (n,) best score in i's group
+  winner = score == best
+  weights = jnp.where(winner, jnp.asarray(sizes[g_np] / n, jnp.float32), 0.0)
+  return _stack.weighted_sum(weights, stack)
+
+
+def cyclic_mds(n: int, s: int, *, seed: int = 0) -> np.ndarray:
+  """Tandon et al.'s cyclic MDS gradient code (Algorithm 2): tolerates any s stragglers.
+
+  Worker i holds subsets i, i+1, …, i+s (mod n) (cyclic support, s + 1 nonzeros per row). A random
+  s × n matrix H with H·1 = 0 is drawn; row i is 1 on subset i and the unique combination of
+  the next s subsets that makes H bᵢ = 0. The rows span null(H), an (n − s)-dimensional space
+  containing 1, and any n − s of them are (with probability 1) a basis of it, so every set of n − s
+  surviving workers can reconstruct Σ_j g_j (`decoding_vector`).
+
+  Args:
+    n: workers = subsets.
+    s: the number of stragglers to tolerate, 0 <= s < n.
+    seed: seeds H (NumPy; this is setup-time, float64).
+
+  Returns:
+    float64 NumPy array B of shape (n, n). The coefficients are not 1/(s+1): decode, do not average.
+
+  Raises:
+    ValueError: if s is out of range.
+
+  .. warning::
+     The random construction is numerically fine for small n (tens); its decoding systems grow
+     ill-conditioned for large n, as Tandon et al. note.
+  """
+  check_positive_int('cyclic_mds', 'n', n)
+  if not _is_concrete_int(s) or not 0 <= s < n:
+    raise ValueError(f'cyclic_mds: needs 0 <= s < n stragglers; got s={s!r}, n={n}')
+  rng = np.random.default_rng(seed)
+  h = rng.normal(size=(s, n))
+  if s:
+    h[:, -1] = -h[:, :-1].sum(axis=1)
+  b = np.zeros((n, n))
+  for i in range(n):  # setup time, NumPy
+    j = (i + np.arange(s + 1)) % n
+    b[i, j[0]] = 1.0
+    if s:
+      b[i, j[1:]] = np.linalg.solve(h[:, j[1:]], -h[:, j[0]])
+  return b
+
+
+def decoding_vector(b, stragglers: Sequence[int] = (), *, atol: float = 1e-6) -> np.ndarray:
+  """A decoding vector a with a_i = 0 for every straggler i and aᵀB = 1ᵀ (the sum of all subsets).
+
+  Solves the small linear system B_Fᵀ a_F = 1 over the surviving rows F in float64 (least squares,
+  then checks the residual), so it works for any code, e.g. `cyclic_mds` or
+  `fractional_repetition` (any surviving worker per group).
+
+  Args:
+    b: the (n, m) encoding matrix (array-like).
+    stragglers: indices of the workers that did not answer.
+    atol: the largest residual ‖B_Fᵀ a_F − 1‖_∞ (relative to 1) accepted as exact.
+
+  Returns:
+    float64 NumPy (n,): Σ_i a_i c_i = Σ_j g_j.
+
+  Raises:
+    ValueError: if a straggler index is out of range or repeated, or the survivors cannot
+      reconstruct the sum (too many stragglers for the code).
+  """
+  b = np.asarray(b, np.float64)
+  if b.ndim != 2:
+    raise ValueError(f'decoding_vector: B must be 2-D (workers × subsets); got shape {b.shape}')
+  n, m = b.shape
+  strag = sorted(int(i) for i in stragglers)
+  if len(set(strag)) != len(strag) or any(not 0 <= i < n for i in strag):
+    raise ValueError(f'decoding_vector: stragglers must be distinct in 0..{n - 1}; got {strag}')
+  alive = np.setdiff1d(np.arange(n), strag)
+  if alive.size == 0:
+    raise ValueError('decoding_vector: too many stragglers to decode (every worker straggles)')
+  sol, *_ = np.linalg.lstsq(b[alive].T, np.ones(m), rcond=None)
+  resid = np.max(np.abs(b[alive].T @ sol - 1.0))
+  if not np.isfinite(resid) or resid > atol:
+    raise ValueError(
+      f'decoding_vector: too many stragglers to decode: the {alive.size} surviving rows do not '
+      f'span the all-ones vector (residual {resid:.2e}; {len(strag)} stragglers)'
+    )
+  a = np.zeros(n)
+  a[alive] = sol
+  return a
+
+
+def decode(a, coded):
+  """Σ_i a_i c_i for a decoding vector `a` (n,) and the coded stack (one weighted sum).
+
+  Straggler rows (a_i = 0) may hold anything, NaN included (`weighted_sum` ignores them).
+  """
+  return _stack.weighted_sum(jnp.asarray(a, jnp.float32), coded)
+
+
+def encode(b, subset_grads):
+  """The coded vectors c = B g: `einsum('ij,j...->i...', B, g)` for every leaf of a stack.
+
+  Args:
+    b: encoding matrix (n, m), e.g. from `cyclic`.
+    subset_grads: a stack with leading axis m (one slice per data subset), any pytree.
+
+  Returns:
+    A stack with leading axis n (one coded vector per worker), each leaf in its own dtype
+    (accumulation in float32 at least, HIGHEST precision).
+
+  Raises:
+    ValueError: if B is not 2-D or its number of columns is not the stack's leading axis.
+
+  Cost: one n × m × p matmul per leaf (p the leaf size).
+  """
+  b = jnp.asarray(b)
+  if b.ndim != 2:
+    raise ValueError(f'encode: B must be 2-D (workers × subsets); got shape {b.shape}')
+  m = num_workers(subset_grads, 'encode')
+  if b.shape[1] != m:
+    raise ValueError(
+      f'encode: B has {b.shape[1]} columns (subsets) but the subset stack has leading axis {m}'
+    )
+
+  def one(x):
+    x = jnp.asarray(x)
+    xm = _stack.as_matrix(x)
+    out = jnp.einsum('ij,jk->ik', b.astype(xm.dtype), xm, precision=_HIGHEST)
+    return out.reshape((b.shape[0],) + x.shape[1:]).astype(x.dtype)
+
+  return jax.tree.map(one, subset_grads)
+
+
+def loads(b) -> jax.Array:
+  """(n,) subsets each worker computes: the number of nonzeros in each row of B."""
+  return jnp.sum(jnp.asarray(b) != 0, axis=1)
+
+
+def coverage(b) -> jax.Array:
+  """(m,) how many workers hold each subset: the number of nonzeros in each column of B."""
+  return jnp.sum(jnp.asarray(b) != 0, axis=0)
