@@ -259,9 +259,10 @@ def draco_decode(stack, *, groups: tuple[int, ...], f: int, rtol: float = 1e-4):
   Inside group k, worker a's vote count is the number of group members b with
   ‖x_a − x_b‖² <= rtol² · max(‖x_a‖², median_i ‖x_i‖²) (itself included); the member with the
   most votes (lowest index on ties) is the group's decoded vector v_k, and the output is
-  Σ_k (n_k / n) v_k, the full gradient. With at most f Byzantine workers and every group of size >= 2f + 1, the honest members
-  of a group (identical vectors) always out-vote the Byzantine ones, so the recovery is exact;
-  a Byzantine vector can only win by agreeing with the honest one to within rtol.
+  Σ_k (n_k / n) v_k, the full gradient. With at most f Byzantine workers and every group of size
+  >= 2f + 1, the honest members of a group (identical vectors) always out-vote the Byzantine
+  ones, so the recovery is exact; a Byzantine vector can only win by agreeing with the honest one
+  to within rtol.
 
   Non-finite inputs are at distance +inf from every other worker, so they never win a vote.
 
