@@ -3,11 +3,13 @@
 Modules:
   stack           the stack primitives (pairwise distances, weighted combination, flattening)
   aggregators     robust aggregators, `aggregators.get(name)`
+  data            datasets (`data.load`) and heterogeneous splits (`data.split`)
+  models          flax NNX models (`models.make`)
   preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
 """
 
-from robustjax import aggregators, stack
+from robustjax import aggregators, data, models, stack
 
 __version__ = '0.1.0'
 
-__all__ = ['aggregators', 'stack']
+__all__ = ['aggregators', 'data', 'models', 'stack']
