@@ -1,3 +1,356 @@
-"""(in progress)"""
+"""Iterative aggregators: geometric median (smoothed Weiszfeld), centered clipping, CAF.
 
-__all__ = []
+Each iteration of `geometric_median` and `centered_clipping` is "weights from geometry, then
+combine": one streaming pass for the distances to the current point (`stack.sq_dists_to`) and one
+for the weighted combination (`stack.weighted_sum`). `caf` needs only the n × n Gram matrix (one
+`stack.pairwise_sq_dists`) and one final weighted combination: its filtering runs in n-space.
+
+Non-finite inputs (the edge-case table shared by the three rules):
+
+=====================  =====================================================================
+input slice            treatment
+=====================  =====================================================================
+NaN / ±Inf entries     its distance is not finite: weight 0 (Weiszfeld β_i = 0, CC clip 0,
+                       CAF c_i = 0 from the start); `weighted_sum` then ignores its entries
+finite but huge        (e.g. 1e38 in float32) its squared distance overflows to +inf: as above
+=====================  =====================================================================
+
+So up to f such slices (f < n/2) never make the output non-finite.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from robustjax._checks import check_f, check_positive_int, num_workers
+from robustjax.aggregators._base import REGISTRY, register
+from robustjax.stack import pairwise_sq_dists, sq_dists_to, sq_norms, weighted_sum
+
+__all__ = ['geometric_median', 'centered_clipping', 'caf']
+
+_GM_STARTS = ('small_norm_mean', 'median', 'mean')
+
+
+def _check_positive(rule: str, name: str, value, *, allow_zero: bool = False) -> None:
+  """Checks a float parameter when it is a concrete Python number (traced values pass)."""
+  if isinstance(value, bool):
+    raise ValueError(f'{rule}: {name} must be a number; got {value!r}')
+  if isinstance(value, (int, float)):
+    if value != value or value < 0 or (value == 0 and not allow_zero):
+      cond = '>= 0' if allow_zero else '> 0'
+      raise ValueError(f'{rule}: {name} must be {cond}; got {name}={value!r}')
+
+
+def _small_norm_mean(stack):
+  """Mean of the ⌈n/2⌉ inputs of smallest norm (non-finite norms count as +inf)."""
+  n = num_workers(stack, 'geometric_median')
+  sq = sq_norms(stack)
+  sq = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
+  m = (n + 1) // 2
+  _, idx = jax.lax.top_k(-sq, m)
+  w = jnp.zeros((n,), sq.dtype).at[idx].set(1.0 / m)
+  return weighted_sum(w, stack)
+
+
+def _gm_start(stack, start: str, f: int):
+  if start == 'small_norm_mean':
+    return _small_norm_mean(stack)
+  if start == 'median':
+    return REGISTRY.get('median')(stack, f=f)
+  if start == 'mean':
+    n = num_workers(stack, 'geometric_median')
+    return weighted_sum(jnp.full((n,), 1.0 / n), stack)
+  raise ValueError(
+    f'geometric_median: init must be None, a tree or one of {_GM_STARTS}; got {start!r}'
+  )
+
+
+@functools.partial(jax.jit, static_argnames=('f', 'iters', 'start'))
+def _geometric_median(stack, init, *, f, nu, iters, tol, start):
+  if init is None:
+    z0 = _gm_start(stack, start, f)
+  else:
+    z0 = init
+  z0 = jax.tree.map(lambda x, p: jnp.asarray(p).astype(x.dtype).reshape(x.shape[1:]), stack, z0)
+
+  def body(state):
+    z, _, it, _ = state
+    dist = jnp.sqrt(sq_dists_to(stack, z))
+    ok = jnp.isfinite(dist)
+    beta = jnp.where(ok, 1.0 / jnp.maximum(nu, jnp.where(ok, dist, 1.0)), 0.0)
+    z_new = weighted_sum(beta / jnp.sum(beta), stack)
+    step = jnp.sqrt(
+      sum(
+        jnp.sum(jnp.square(a.astype(acc) - b.astype(acc)))
+        for a, b in zip(jax.tree.leaves(z_new), jax.tree.leaves(z))
+      )
+    )
+    scale = jnp.sum(jnp.where(ok, dist, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
+    return z_new, step, it + 1, step <= tol * scale
+
+  def cond(state):
+    _, _, it, done = state
+    return (it < iters) & ~done
+
+  acc = jax.eval_shape(sq_dists_to, stack, z0).dtype
+  state = (z0, jnp.asarray(jnp.inf, acc), jnp.asarray(0), jnp.asarray(False))
+  z, _, _, _ = jax.lax.while_loop(cond, body, state)
+  return z
+
+
+@register('geometric_median')
+def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, init=None):
+  """Geometric median argmin_y Σ_i ‖y − x_i‖ by the smoothed Weiszfeld algorithm.
+
+  Each iteration computes β_i = 1 / max(ν, ‖x_i − z‖) and z ← Σ β_i x_i / Σ β_i (Pillutla et al.,
+  Algorithm 2 with uniform weights). The loop is a `lax.while_loop` that stops after `iters`
+  iterations or once a step ‖z_{t+1} − z_t‖ is at most `tol` times the mean distance
+  (1/n) Σ_i ‖x_i − z_t‖ (a scale- and translation-invariant test; RFA tests the relative change
+  of the objective instead, which in float32 stalls at ~1e-7 while z still moves).
+
+  .. warning::
+    Conventions differ: RFA (Pillutla et al.) uses ν = 1e-6 and up to 100 iterations with a
+    relative-tolerance stop; ByzFL 0.0.11 uses ν = 0.1, T = 3 fixed iterations started from 0.
+    robustjax follows RFA. Its default start is *not* zero (a zero start is neither robust nor
+    translation equivariant) but the mean of the ⌈n/2⌉ inputs of smallest norm, see `init`.
+
+  Edge cases: a slice whose distance to z is not finite (NaN / ±Inf entries, or a square that
+  overflows, like 1e38 in float32) gets β = 0, so up to f < n/2 such slices leave the output
+  finite. The default start only averages finite inputs of at most median norm, so it is finite
+  and no larger in norm than the largest honest input.
+
+  Cost: per iteration one pass for the distances (`sq_dists_to`) and one pass for the weighted
+  combination (`weighted_sum`), i.e. about two streaming passes over the stack; the default start
+  costs two more passes (one for the norms, one to combine). Robustness: (f, κ)-robust with
+  κ ≤ 4(1 + f/(n − 2f))² (Allouah et al., AISTATS 2023), up to the optimisation error.
+
+  Args:
+    stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
+    f: the number of Byzantine inputs tolerated (static; only checked, 0 ≤ f and 2f < n, and
+      passed to the `'median'` start).
+    nu: the smoothing ν > 0 (absolute, in the units of the inputs).
+    iters: the maximal number of Weiszfeld iterations (static int ≥ 1).
+    tol: stop once ‖z_{t+1} − z_t‖ ≤ tol · (1/n) Σ_i ‖x_i − z_t‖; 0 stops only on a zero step.
+    init: the start point. None or `'small_norm_mean'`: the mean of the ⌈n/2⌉ inputs of smallest
+      norm (robust to fewer than n/2 bad slices, two passes); `'median'`: the registered
+      coordinate-wise median (more passes, closer start); `'mean'`: the plain mean (not robust:
+      one 1e38 slice makes every distance overflow); or a tree like one slice of the stack (e.g.
+      the previous round's aggregate). A start exactly on an input x_k stalls there (β_k = 1/ν
+      dominates every other weight: the classical Weiszfeld degeneracy), so never start on an
+      input (e.g. at zeros when an input is zero). Measured on n = 64, d = 1e4 Gaussian inputs with 8
+      outliers, tol = 1e-6: see the tests and the report in the README section.
+
+  Returns:
+    A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
+
+  Raises:
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1, ν ≤ 0, tol < 0 or
+      an unknown `init` name.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [100.0, 100.0]])
+    >>> z = geometric_median(x, f=1)  # about (0.5, 0.5): the outlier barely moves it
+
+  References:
+    Pillutla, Kakade, Harchaoui, "Robust Aggregation for Federated Learning", IEEE TSP 2022.
+    Weiszfeld, "Sur le point pour lequel la somme des distances de n points donnés est minimum",
+    Tohoku Math. J. 1937.
+  """
+  rule = 'geometric_median'
+  n = num_workers(stack, rule)
+  check_f(rule, n, f)
+  check_positive_int(rule, 'iters', iters)
+  _check_positive(rule, 'nu', nu)
+  _check_positive(rule, 'tol', tol, allow_zero=True)
+  if init is None or isinstance(init, str):
+    start = init or 'small_norm_mean'
+    if start not in _GM_STARTS:
+      raise ValueError(f'{rule}: init must be None, a tree or one of {_GM_STARTS}; got {start!r}')
+    return _geometric_median(stack, None, f=f, nu=nu, iters=iters, tol=tol, start=start)
+  return _geometric_median(stack, init, f=f, nu=nu, iters=iters, tol=tol, start='given')
+
+
+@register('centered_clipping')
+@functools.partial(jax.jit, static_argnames=('f', 'iters'))
+def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 1):
+  """Centered clipping: v ← v + (1/n) Σ_i (x_i − v) · min(1, τ / ‖x_i − v‖), `iters` times.
+
+  Starts from `center`, the previous aggregate: the rule is stateful across training steps, and
+  the caller (the training loop) passes the aggregate it returned at the previous step. With
+  ``center=None`` it starts from zeros, as the authors' code does at the first step.
+
+  .. warning::
+    The result depends on the start and on τ, which is in the units of the inputs. Karimireddy et
+    al. use L = 1 iteration per step with worker momentum; τ = 10 here by default (tune it to the
+    gradient scale). ByzFL 0.0.11 has no centered clipping aggregator.
+
+  Edge cases: a slice whose distance to v is not finite (NaN / ±Inf entries, or an overflowing
+  square such as 1e38 in float32) gets clipping weight 0 (it is treated as if it had been clipped
+  to v), so with a finite τ up to f such slices leave the output finite. With τ = +inf the rule
+  is the mean of the slices at a finite distance.
+
+  Cost: per iteration one pass for the distances (`sq_dists_to`) and one for the weighted
+  combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
+  w_i = min(1, τ / ‖x_i − v_l‖) / n.
+
+  Args:
+    stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
+    f: the number of Byzantine inputs tolerated (static; only checked: 0 ≤ f and 2f < n).
+    center: the start v_0, a tree like one slice of the stack (a runtime argument); None: zeros.
+    tau: the clipping radius τ > 0 (may be traced; checked when it is a Python number).
+    iters: the number of clipping iterations L (static int ≥ 1).
+
+  Returns:
+    A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
+
+  Raises:
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1 or τ ≤ 0.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.array([[1.0, 0.0], [1.2, 0.0], [0.8, 0.0], [50.0, 0.0]])
+    >>> v = centered_clipping(x, f=1, center=jnp.ones(2), tau=1.0)
+
+  References:
+    Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization", ICML 2021.
+  """
+  rule = 'centered_clipping'
+  n = num_workers(stack, rule)
+  check_f(rule, n, f)
+  check_positive_int(rule, 'iters', iters)
+  _check_positive(rule, 'tau', tau)
+  leaves, treedef = jax.tree.flatten(stack)
+  if center is None:
+    v = [jnp.zeros(x.shape[1:], x.dtype) for x in leaves]
+  else:
+    cl = jax.tree.leaves(center)
+    if len(cl) != len(leaves):
+      raise ValueError(f'{rule}: center must have the same pytree structure as one stack slice')
+    v = [jnp.asarray(c, x.dtype).reshape(x.shape[1:]) for x, c in zip(leaves, cl)]
+  v = jax.tree.unflatten(treedef, v)
+
+  def step(_, v):
+    dist = jnp.sqrt(sq_dists_to(stack, v))
+    ok = jnp.isfinite(dist)
+    w = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok, dist, 1.0)), 0.0) / n
+    moved = weighted_sum(w, stack)
+    keep = 1.0 - jnp.sum(w)
+    return jax.tree.map(lambda c, m: _axpy(keep, c, m), v, moved)
+
+  return jax.lax.fori_loop(0, iters, step, v)
+
+
+def _axpy(a, c, m):
+  """a · c + m in the accumulation dtype (float32 at least), cast back to c's dtype."""
+  acc = jnp.promote_types(c.dtype, jnp.float32)
+  return (a.astype(acc) * c.astype(acc) + m.astype(acc)).astype(c.dtype)
+
+
+def _caf_top_eig(m, power_iters):
+  """Top eigenpair of the symmetric PSD n × n matrix m: exact (eigh) or by power iteration."""
+  if power_iters is None:
+    lam, vec = jnp.linalg.eigh(m)
+    return lam[-1], vec[:, -1]
+  u = m[:, jnp.argmax(jnp.diagonal(m))]
+  u = u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(m.dtype).tiny)
+
+  def it(_, u):
+    w = m @ u
+    return w / jnp.maximum(jnp.linalg.norm(w), jnp.finfo(m.dtype).tiny)
+
+  u = jax.lax.fori_loop(0, power_iters, it, u)
+  return u @ (m @ u), u
+
+
+@register('caf')
+@functools.partial(jax.jit, static_argnames=('f', 'power_iters'))
+def caf(stack, *, f: int, power_iters: int | None = None):
+  """CAF (covariance-bound agnostic filter): filter along the top principal direction.
+
+  With weights c_i = 1, while Σ c_i > n − 2f: μ_c = Σ c_i x_i / Σ c_i,
+  Σ_c = Σ c_i (x_i − μ_c)(x_i − μ_c)ᵀ / Σ c_i with top eigenpair (λ, v), τ_i = ((x_i − μ_c)ᵀ v)²,
+  and c_i ← c_i (1 − τ_i / τ_max). Returns the μ_c with the smallest λ seen.
+
+  The d × d covariance is never formed, and no d-space power iteration is run: with
+  y_i = x_i − μ_c and p = c / Σc, the non-zero spectrum of Σ_c = Yᵀ diag(p) Y is that of the n × n
+  matrix M = diag(√p) K diag(√p), K = Y Yᵀ the weighted-centred Gram matrix, and the projections
+  are Y v = K diag(√p) u / √λ for M's top eigenvector u. K = −½ J D Jᵀ with J = I − 1 pᵀ and D the
+  pairwise squared distances (double centring works for any weights). So CAF costs one Gram
+  product (`pairwise_sq_dists`), at most n exact n × n eigendecompositions (O(n⁴) flops in
+  all, independent of d), and one final weighted combination; d-space power iteration would cost
+  two passes over the stack per power step per filtering round.
+
+  .. warning::
+    Conventions: the eigenpair is exact here (`eigh`); ByzFL 0.0.11 runs one power-iteration
+    step from a random start in d-space (an approximation that differs run to run).
+    `power_iters=k` uses k deterministic power steps on M instead. τ_max is the largest τ_i over
+    the inputs still weighted (c_i > 0), so each round removes one more input and the loop
+    ends within n rounds; ByzFL takes it over all inputs (the two agree in the first round).
+    With f = 0 the loop body never runs and the rule is the mean.
+
+  Edge cases: slices with non-finite entries or an overflowing squared distance (`pairwise_sq_dists`
+  puts them at +inf) start with c_i = 0, i.e. they are filtered out before the first round; up to
+  f < n/2 of them leave the output finite. If λ = 0 (all weighted inputs equal) the loop stops.
+
+  Args:
+    stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
+    f: the number of Byzantine inputs tolerated (static; 0 ≤ f and 2f < n).
+    power_iters: None for the exact top eigenpair, or a static number of power-iteration steps.
+
+  Returns:
+    A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
+
+  Raises:
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n or power_iters < 1.
+
+  References:
+    Allouah, Guerraoui, Stephan, "Towards Trustworthy Federated Learning with Untrusted
+    Participants", ICML 2025 (arXiv:2505.01874), CAF; ByzFL's `CAF` for the loop structure.
+  """
+  rule = 'caf'
+  n = num_workers(stack, rule)
+  check_f(rule, n, f)
+  if power_iters is not None:
+    check_positive_int(rule, 'power_iters', power_iters)
+  d2 = pairwise_sq_dists(stack)
+  ok = jnp.sum(jnp.isinf(d2), axis=1) < (n + 1) // 2  # at +inf from a majority: non-finite slice
+  d2 = jnp.where(ok[:, None] & ok[None, :], d2, 0.0)
+  c0 = ok.astype(d2.dtype)
+  eye = jnp.eye(n, dtype=d2.dtype)
+  target = n - 2 * f
+
+  def spectrum(c):
+    p = c / jnp.sum(c)
+    j = eye - p[None, :]
+    k = -0.5 * (j @ d2 @ j.T)
+    sp = jnp.sqrt(p)
+    m = sp[:, None] * k * sp[None, :]
+    lam, u = _caf_top_eig(0.5 * (m + m.T), power_iters)
+    return p, k, sp, lam, u
+
+  def cond(state):
+    c, _, _, done, it = state
+    return (jnp.sum(c) > target) & ~done & (it < n)
+
+  def body(state):
+    c, best_p, best_lam, _, it = state
+    p, k, sp, lam, u = spectrum(c)
+    better = lam < best_lam
+    best_p = jnp.where(better, p, best_p)
+    best_lam = jnp.where(better, lam, best_lam)
+    proj = k @ (sp * u)
+    tau = proj * proj
+    tau_max = jnp.max(jnp.where(c > 0, tau, 0.0))
+    done = ~(tau_max > 0)
+    c = jnp.where(done, c, c * (1.0 - jnp.where(c > 0, tau, 0.0) / jnp.where(done, 1.0, tau_max)))
+    c = jnp.maximum(c, 0.0)
+    return c, best_p, best_lam, done, it + 1
+
+  p0 = c0 / jnp.sum(c0)
+  state = (c0, p0, jnp.asarray(jnp.inf, d2.dtype), jnp.asarray(False), jnp.asarray(0))
+  _, best_p, _, _, _ = jax.lax.while_loop(cond, body, state)
+  return weighted_sum(best_p, stack)
