@@ -8,8 +8,8 @@ Modules:
   preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
 """
 
-from robustjax import aggregators, coding, compression, data, models, stack
+from robustjax import aggregators, coding, compression, data, models, preaggregators, stack
 
 __version__ = '0.1.0'
 
-__all__ = ['aggregators', 'coding', 'compression', 'data', 'models', 'stack']
+__all__ = ['aggregators', 'coding', 'compression', 'data', 'models', 'preaggregators', 'stack']
