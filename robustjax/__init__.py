@@ -3,13 +3,14 @@
 Modules:
   stack           the stack primitives (pairwise distances, weighted combination, flattening)
   aggregators     robust aggregators, `aggregators.get(name)`
+  attacks         Byzantine attacks, `attacks.get(name)`, and `attacks.assemble`
   data            datasets (`data.load`) and heterogeneous splits (`data.split`)
   models          flax NNX models (`models.make`)
   preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
 """
 
-from robustjax import aggregators, coding, compression, data, models, preaggregators, stack
+from robustjax import aggregators, attacks, coding, compression, data, models, preaggregators, stack
 
 __version__ = '0.1.0'
 
-__all__ = ['aggregators', 'coding', 'compression', 'data', 'models', 'preaggregators', 'stack']
+__all__ = ['aggregators', 'attacks', 'coding', 'compression', 'data', 'models', 'preaggregators', 'stack']
