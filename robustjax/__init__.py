@@ -13,4 +13,13 @@ from robustjax import aggregators, attacks, coding, compression, data, models, p
 
 __version__ = '0.1.0'
 
-__all__ = ['aggregators', 'attacks', 'coding', 'compression', 'data', 'models', 'preaggregators', 'stack']
+__all__ = [
+  'aggregators',
+  'attacks',
+  'coding',
+  'compression',
+  'data',
+  'models',
+  'preaggregators',
+  'stack',
+]
