@@ -9,7 +9,17 @@ Modules:
   preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
 """
 
-from robustjax import aggregators, attacks, coding, compression, data, models, preaggregators, stack
+from robustjax import (
+  aggregators,
+  attacks,
+  coding,
+  compression,
+  data,
+  models,
+  preaggregators,
+  robustness,
+  stack,
+)
 
 __version__ = '0.1.0'
 
@@ -21,5 +31,6 @@ __all__ = [
   'data',
   'models',
   'preaggregators',
+  'robustness',
   'stack',
 ]
