@@ -1,0 +1,443 @@
+r"""The LAD / Com-LAD experiment: robust linear regression with cyclic gradient coding.
+
+Reproduces (as reconstructed, see docs/gradient_coding.md) the numerical study of Li, Allouah,
+Guerraoui, Skoglund, Xiao, arXiv:2603.28780: n workers, f Byzantine, full-batch gradient descent on
+a synthetic linear regression with one sample per data subset; plain robust aggregation (averaging,
+CWTM, NNM + CWTM) against LAD (the same rules on cyclic coded vectors, redundancy d) and DRACO
+(repetition r = 2f + 1, majority vote), each also with compressed messages (Com-LAD).
+
+Every (f, rule, compression) combination is one jitted program: the redundancies d (and the plain
+fixed assignment) and the seeds are vmapped, so the full sweep compiles 24 programs and runs in a
+few minutes on 2 CPU cores.
+
+Usage:
+  python experiments/gradient_coding.py --config=experiments/configs/lad.py \
+      --workdir=/tmp/lad [--config.update_doc=True]
+  python experiments/gradient_coding.py --config=experiments/configs/lad.py:smoke --workdir=/tmp/s
+
+Writes ``results.npz`` and ``summary.json`` in the workdir, the figures
+``docs/figures/gradient_coding_*.png`` (``make_figures``), and, with ``update_doc``, the results
+table between the ``<!-- results -->`` markers of docs/gradient_coding.md.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from robustjax import coded_training, coding, compression, data
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/lad.py')
+_WORKDIR = flags.DEFINE_string('workdir', '/tmp/robustjax_lad', 'where results are written')
+
+RULE_LABELS = {'mean': 'averaging', 'trimmed_mean': 'CWTM', 'nnm+trimmed_mean': 'NNM+CWTM'}
+
+
+def make_problem(cfg, seed: int):
+  """One seed's data: subsets (A, b) of shape (n, N/n, dim), (n, N/n), the solution, and L."""
+  ds = data.synthetic_linear_regression(
+    num_samples=cfg.num_samples,
+    dim=cfg.dim,
+    heterogeneity=cfg.heterogeneity,
+    noise=cfg.noise,
+    seed=seed,
+  )
+  n = cfg.num_workers
+  if cfg.num_samples % n:
+    raise ValueError(f'num_samples={cfg.num_samples} must be a multiple of num_workers={n}')
+  a = np.asarray(ds.x_train, np.float32)
+  b = np.asarray(ds.y_train, np.float32)
+  sol = data.least_squares_solution(ds, ridge=cfg.ridge)
+  a64 = a.astype(np.float64)
+  lip = np.linalg.eigvalsh(a64.T @ a64 / a.shape[0]).max() + cfg.ridge
+  k = cfg.num_samples // n
+  return a.reshape(n, k, -1), b.reshape(n, k), sol.astype(np.float32), lip
+
+
+def make_loss(ridge: float):
+  def loss(w, subset):
+    a, b = subset
+    return 0.5 * jnp.mean((a @ w - b) ** 2) + 0.5 * ridge * jnp.sum(w * w)
+
+  return loss
+
+
+def make_compressor(cfg, on: bool):
+  if not on or cfg.compressor == 'none':
+    return None
+  if cfg.compressor == 'qsgd':
+    return compression.QSGD(levels=cfg.qsgd_levels)
+  if cfg.compressor == 'rand_k':
+    return compression.RandK(fraction=cfg.rand_k_fraction)
+  raise ValueError(f'unknown compressor {cfg.compressor!r} (qsgd | rand_k | none)')
+
+
+def run_sweep(cfg, problem, *, rule, f, compressor, variants, lr, draco=False):
+  """Runs one rule over `variants` (pairs (d, redraw)) × seeds as one program.
+
+  Returns (errors (S, V, T), subsets per worker (V,), bits per step).
+  """
+  a, b, sol = problem
+  n = cfg.num_workers
+  loss = make_loss(cfg.ridge)
+  attack = cfg.attack if f > 0 else None
+  if draco:
+    server = coded_training.DracoRule.make(n, f)
+    b_draco = coding.draco(n, f)
+    key_ids = jnp.asarray(server.groups)  # group members share the compression randomness
+  else:
+    server = rule
+    key_ids = None
+
+  def one(a_s, b_s, sol_s, key, d, redraw):
+    def matrix_fn(k):
+      if draco:
+        return b_draco
+      perm = jnp.where(redraw, coding.random_permutation(k, n), jnp.arange(n, dtype=jnp.int32))
+      return coding.cyclic(n, d, perm=perm)
+
+    def err(w):
+      return jnp.sum((w - sol_s) ** 2) / jnp.sum(sol_s**2)
+
+    _, hist = coded_training.train(
+      jnp.zeros(a_s.shape[-1]),
+      (a_s, b_s),
+      key,
+      num_steps=cfg.num_steps,
+      matrix_fn=matrix_fn,
+      loss_fn=loss,
+      rule=server,
+      f=f,
+      lr=lr,
+      attack=attack,
+      compressor=compressor,
+      key_ids=key_ids,
+      eval_fn=err,
+    )
+    return hist['eval'], hist['subsets_per_worker'][0], hist['bits'][0]
+
+  ds = jnp.asarray([v[0] for v in variants], jnp.int32)
+  rd = jnp.asarray([v[1] for v in variants])
+  keys = jax.random.split(jax.random.key(cfg.seed + 1000 * f), a.shape[0])
+  over_variants = jax.vmap(one, in_axes=(None, None, None, None, 0, 0))
+  over_seeds = jax.vmap(over_variants, in_axes=(0, 0, 0, 0, None, None))
+  errs, loads, bits = jax.jit(over_seeds)(a, b, sol, keys, ds, rd)
+  return np.asarray(errs), np.asarray(loads[0]), float(bits[0, 0])
+
+
+def run(cfg) -> dict:
+  """The full sweep; returns a dict of results (numpy arrays and metadata)."""
+  seeds = [cfg.seed + s for s in range(cfg.num_seeds)]
+  probs = [make_problem(cfg, s) for s in seeds]
+  a = np.stack([p[0] for p in probs])
+  b = np.stack([p[1] for p in probs])
+  sol = np.stack([p[2] for p in probs])
+  lr = cfg.learning_rate or 1.0 / max(p[3] for p in probs)
+  problem = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(sol))
+  variants = [(1, False)] + [(int(d), True) for d in cfg.redundancies]
+  results = {'variants': variants, 'lr': lr, 'runs': {}}
+  for f in cfg.byzantine:
+    for compressed in (False, True):
+      comp = make_compressor(cfg, compressed)
+      if compressed and comp is None:
+        continue
+      tag = 'com' if compressed else 'plain'
+      for rule in cfg.rules:
+        t0 = time.time()
+        errs, loads, bits = run_sweep(
+          cfg, problem, rule=rule, f=f, compressor=comp, variants=variants, lr=lr
+        )
+        results['runs'][(f, tag, rule)] = (errs, loads, bits)
+        print(
+          f'f={f:2d} {tag:5s} {rule:18s} {time.time() - t0:6.1f}s  final err by variant:',
+          ' '.join(f'{e:.2e}' for e in np.median(errs[:, :, -1], axis=0)),
+          flush=True,
+        )
+      if cfg.draco:
+        t0 = time.time()
+        errs, loads, bits = run_sweep(
+          cfg, problem, rule=None, f=f, compressor=comp, variants=[(1, False)], lr=lr, draco=True
+        )
+        results['runs'][(f, tag, 'draco')] = (errs, loads, bits)
+        print(
+          f'f={f:2d} {tag:5s} {"draco":18s} {time.time() - t0:6.1f}s  final err:',
+          f'{np.median(errs[:, 0, -1]):.2e}  load {loads[0]:.1f}',
+          flush=True,
+        )
+  return results
+
+
+def summarize(cfg, results) -> list[dict]:
+  """One row per (f, compression, method, variant): median and quartiles of the final error."""
+  rows = []
+  for (f, tag, rule), (errs, loads, bits) in results['runs'].items():
+    names = (
+      [('DRACO', 0)]
+      if rule == 'draco'
+      else [
+        (f'{RULE_LABELS.get(rule, rule)}' if i == 0 else f'LAD-{RULE_LABELS.get(rule, rule)}', i)
+        for i in range(len(results['variants']))
+      ]
+    )
+    for name, i in names:
+      final = errs[:, i, -1]
+      d = results['variants'][i][0] if rule != 'draco' else None
+      rows.append(
+        {
+          'f': f,
+          'compressed': tag == 'com',
+          'method': name,
+          'rule': rule,
+          'd': d,
+          'subsets_per_worker': float(loads[i]),
+          'bits_per_step': bits,
+          'final_error_median': float(np.median(final)),
+          'final_error_q25': float(np.quantile(final, 0.25)),
+          'final_error_q75': float(np.quantile(final, 0.75)),
+        }
+      )
+  return rows
+
+
+def markdown_table(cfg, rows) -> str:
+  """Final relative error (median over seeds) per method, columns f; plain and compressed."""
+  fs = list(cfg.byzantine)
+  out = []
+  for compressed in (False, True):
+    sub = [r for r in rows if r['compressed'] == compressed]
+    if not sub:
+      continue
+    bits = sub[0]['bits_per_step']
+    title = 'compressed (Com-LAD, ' + cfg.compressor + ')' if compressed else 'uncompressed'
+    out.append(f'**{title}**, {bits / 1e3:.1f} kbit per step (all n workers)\n')
+    out.append(
+      '| method | d | subsets / worker / step | ' + ' | '.join(f'f = {f}' for f in fs) + ' |'
+    )
+    out.append('|---|---|---|' + '---|' * len(fs))
+    keys = []
+    for r in sub:
+      k = (r['method'], r['d'])
+      if k not in keys:
+        keys.append(k)
+    for method, d in keys:
+      cells, loads = [], []
+      for f in fs:
+        match = [r for r in sub if r['f'] == f and r['method'] == method and r['d'] == d]
+        if match:
+          cells.append(f'{match[0]["final_error_median"]:.2e}')
+          loads.append(match[0]['subsets_per_worker'])
+        else:
+          cells.append('–')
+      load = ' / '.join(sorted({f'{x:g}' for x in loads}, key=float)) if loads else '–'
+      dd = '–' if d is None else (f'{d}' if method.startswith('LAD') else '1 (fixed)')
+      out.append(f'| {method} | {dd} | {load} | ' + ' | '.join(cells) + ' |')
+    out.append('')
+  return '\n'.join(out)
+
+
+def make_figures(cfg, results, outdir: str) -> list[str]:
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  os.makedirs(outdir, exist_ok=True)
+  runs = results['runs']
+  variants = results['variants']
+  fs = list(cfg.byzantine)
+  ds = [v[0] for v in variants[1:]]
+  steps = np.arange(1, cfg.num_steps + 1)
+  colors = {'mean': 'tab:gray', 'trimmed_mean': 'tab:blue', 'nnm+trimmed_mean': 'tab:green'}
+  paths = []
+
+  def med(x):
+    return np.median(x, axis=0)
+
+  # 1. error vs iterations
+  fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+  axes = np.atleast_1d(axes)
+  show_d = [d for d in (5, 20) if d in ds]
+  for ax, f in zip(axes, fs):
+    for rule in cfg.rules:
+      errs = runs[(f, 'plain', rule)][0]
+      lab = RULE_LABELS.get(rule, rule)
+      ax.plot(steps, med(errs[:, 0]), color=colors.get(rule), ls=':', label=f'{lab} (no coding)')
+      if rule == 'mean':
+        continue
+      for d, ls in zip(show_d, ('--', '-')):
+        i = variants.index((d, True))
+        ax.plot(steps, med(errs[:, i]), color=colors.get(rule), ls=ls, label=f'LAD-{lab}, d={d}')
+    if (f, 'plain', 'draco') in runs:
+      errs, loads, _ = runs[(f, 'plain', 'draco')]
+      ax.plot(steps, med(errs[:, 0]), color='tab:red', lw=2, label=f'DRACO ({loads[0]:g} subsets)')
+    ax.set_yscale('log')
+    ax.set_xlabel('iteration')
+    ax.set_title(f'n = {cfg.num_workers}, f = {f}, attack: {cfg.attack}')
+    ax.grid(alpha=0.3, which='both')
+  axes[0].set_ylabel('relative error ‖w − w*‖² / ‖w*‖² (median of seeds)')
+  axes[-1].legend(fontsize=7, loc='upper right')
+  fig.tight_layout()
+  p = os.path.join(outdir, 'gradient_coding_iterations.png')
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  paths.append(p)
+
+  # 2. final error vs d (= subsets per worker per step), plain and compressed
+  fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+  axes = np.atleast_1d(axes)
+  for ax, f in zip(axes, fs):
+    for tag, ls, mk in (('plain', '-', 'o'), ('com', '--', 's')):
+      for rule in cfg.rules:
+        if (f, tag, rule) not in runs:
+          continue
+        errs = runs[(f, tag, rule)][0]
+        lab = RULE_LABELS.get(rule, rule) + (' (compressed)' if tag == 'com' else '')
+        y = [np.median(errs[:, variants.index((d, True)), -1]) for d in ds]
+        ax.plot(ds, y, color=colors.get(rule), ls=ls, marker=mk, ms=4, label=f'LAD-{lab}')
+      if (f, tag, 'draco') in runs:
+        errs, loads, _ = runs[(f, tag, 'draco')]
+        ax.plot(
+          [loads[0]],
+          [np.median(errs[:, 0, -1])],
+          color='tab:red',
+          marker='*',
+          ms=14,
+          ls='none',
+          mfc='tab:red' if tag == 'plain' else 'white',
+          label='DRACO' + (' (compressed)' if tag == 'com' else ''),
+        )
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('redundancy d = subsets computed per worker per step')
+    ax.set_title(f'final error after {cfg.num_steps} steps, f = {f}')
+    ax.grid(alpha=0.3, which='both')
+  axes[0].set_ylabel('relative error (median of seeds)')
+  axes[-1].legend(fontsize=7)
+  fig.tight_layout()
+  p = os.path.join(outdir, 'gradient_coding_redundancy.png')
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  paths.append(p)
+
+  # 3. error vs computation spent (cumulative subsets per worker)
+  fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+  axes = np.atleast_1d(axes)
+  cmap = plt.get_cmap('viridis')
+  for ax, f in zip(axes, fs):
+    rule = 'nnm+trimmed_mean' if 'nnm+trimmed_mean' in cfg.rules else cfg.rules[-1]
+    errs, loads, _ = runs[(f, 'plain', rule)]
+    for j, d in enumerate(ds):
+      i = variants.index((d, True))
+      ax.plot(
+        steps * loads[i],
+        med(errs[:, i]),
+        color=cmap(j / max(1, len(ds) - 1)),
+        label=f'LAD-{RULE_LABELS.get(rule, rule)}, d={d}',
+      )
+    if (f, 'plain', 'draco') in runs:
+      e2, l2, _ = runs[(f, 'plain', 'draco')]
+      ax.plot(steps * l2[0], med(e2[:, 0]), color='tab:red', lw=2, label=f'DRACO ({l2[0]:g})')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('computation: subset gradients per worker, cumulative')
+    ax.set_title(f'f = {f}')
+    ax.grid(alpha=0.3, which='both')
+  axes[0].set_ylabel('relative error (median of seeds)')
+  axes[-1].legend(fontsize=7)
+  fig.tight_layout()
+  p = os.path.join(outdir, 'gradient_coding_computation.png')
+  fig.savefig(p, dpi=110)
+  plt.close(fig)
+  paths.append(p)
+
+  # 4. communication: error vs cumulative bits, plain vs compressed
+  if any(k[1] == 'com' for k in runs):
+    fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+    axes = np.atleast_1d(axes)
+    rule = 'nnm+trimmed_mean' if 'nnm+trimmed_mean' in cfg.rules else cfg.rules[-1]
+    for ax, f in zip(axes, fs):
+      for tag, ls in (('plain', '-'), ('com', '--')):
+        errs, _, bits = runs[(f, tag, rule)]
+        for d, c in ((1, 'tab:gray'), (20, 'tab:green'), (50, 'tab:olive')):
+          if (d, True) not in variants:
+            continue
+          i = variants.index((d, True))
+          ax.plot(
+            steps * bits / cfg.num_workers,
+            med(errs[:, i]),
+            color=c,
+            ls=ls,
+            label=f'LAD-{RULE_LABELS.get(rule, rule)} d={d}' + (' Com' if tag == 'com' else ''),
+          )
+        if (f, tag, 'draco') in runs:
+          e2, _, b2 = runs[(f, tag, 'draco')]
+          ax.plot(
+            steps * b2 / cfg.num_workers,
+            med(e2[:, 0]),
+            color='tab:red',
+            ls=ls,
+            label='DRACO' + (' Com' if tag == 'com' else ''),
+          )
+      ax.set_xscale('log')
+      ax.set_yscale('log')
+      ax.set_xlabel('bits sent per worker, cumulative')
+      ax.set_title(f'f = {f}; dashed: compressed ({cfg.compressor})')
+      ax.grid(alpha=0.3, which='both')
+    axes[0].set_ylabel('relative error (median of seeds)')
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    p = os.path.join(outdir, 'gradient_coding_communication.png')
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
+  return paths
+
+
+def update_doc(path: str, table: str) -> None:
+  start, end = '<!-- results -->', '<!-- /results -->'
+  with open(path) as fh:
+    text = fh.read()
+  if start not in text or end not in text:
+    raise ValueError(f'{path}: needs the markers {start} and {end}')
+  head, rest = text.split(start, 1)
+  _, tail = rest.split(end, 1)
+  with open(path, 'w') as fh:
+    fh.write(head + start + '\n' + table + '\n' + end + tail)
+
+
+def main(argv):
+  del argv
+  cfg = _CONFIG.value
+  workdir = _WORKDIR.value
+  os.makedirs(workdir, exist_ok=True)
+  t0 = time.time()
+  results = run(cfg)
+  rows = summarize(cfg, results)
+  table = markdown_table(cfg, rows)
+  print(table)
+  print(f'total {time.time() - t0:.1f} s on {jax.device_count()} {jax.default_backend()} device(s)')
+  np.savez_compressed(
+    os.path.join(workdir, 'results.npz'),
+    **{f'{f}_{tag}_{rule}': v[0] for (f, tag, rule), v in results['runs'].items()},
+  )
+  with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
+    json.dump(
+      {'lr': results['lr'], 'rows': rows, 'config': cfg.to_dict()}, fh, indent=1, default=str
+    )
+  if cfg.make_figures:
+    for p in make_figures(cfg, results, cfg.figures_dir):
+      print('wrote', p)
+  if cfg.update_doc:
+    update_doc(cfg.doc, table)
+    print('updated', cfg.doc)
+
+
+if __name__ == '__main__':
+  app.run(main)
