@@ -182,7 +182,6 @@ def bucketing(stack, *, f: int = 0, key, s: int = 2):
 
 
 @register('clipping')
-@functools.partial(jax.jit, static_argnames=('f',))
 def clipping(stack, *, f: int = 0, c):
   """Static clipping: x_i · min(1, c / ‖x_i‖).
 
@@ -207,6 +206,11 @@ def clipping(stack, *, f: int = 0, c):
   check_f('clipping', n, f)
   if isinstance(c, bool) or (isinstance(c, (int, float)) and not c > 0):
     raise ValueError(f'clipping: c must be > 0; got c={c!r}')
+  return _clipping(stack, c)
+
+
+@jax.jit
+def _clipping(stack, c):
   return _clip_to(stack, jnp.asarray(c, jnp.float32))
 
 

@@ -175,7 +175,6 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
 
 
 @register('centered_clipping')
-@functools.partial(jax.jit, static_argnames=('f', 'iters'))
 def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 1):
   """Centered clipping: v ← v + (1/n) Σ_i (x_i − v) · min(1, τ / ‖x_i − v‖), `iters` times.
 
@@ -223,6 +222,13 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
   check_f(rule, n, f)
   check_positive_int(rule, 'iters', iters)
   _check_positive(rule, 'tau', tau)
+  return _centered_clipping(stack, center, tau, f=f, iters=iters)
+
+
+@functools.partial(jax.jit, static_argnames=('f', 'iters'))
+def _centered_clipping(stack, center, tau, *, f, iters):
+  rule = 'centered_clipping'
+  n = num_workers(stack, rule)
   leaves, treedef = jax.tree.flatten(stack)
   if center is None:
     v = [jnp.zeros(x.shape[1:], x.dtype) for x in leaves]
@@ -344,10 +350,14 @@ def caf(stack, *, f: int, power_iters: int | None = None):
     best_lam = jnp.where(better, lam, best_lam)
     proj = k @ (sp * u)
     tau = proj * proj
-    tau_max = jnp.max(jnp.where(c > 0, tau, 0.0))
+    active_tau = jnp.where(c > 0, tau, 0.0)
+    top = jnp.argmax(active_tau)
+    tau_max = active_tau[top]
     done = ~(tau_max > 0)
-    c = jnp.where(done, c, c * (1.0 - jnp.where(c > 0, tau, 0.0) / jnp.where(done, 1.0, tau_max)))
-    c = jnp.maximum(c, 0.0)
+    ratio = active_tau / jnp.where(done, 1.0, tau_max)
+    # The argmax gets exactly 0 (rounding in 1 − τ/τ_max must not leave it slightly active).
+    c_new = jnp.where(jnp.arange(n) == top, 0.0, jnp.maximum(c * (1.0 - ratio), 0.0))
+    c = jnp.where(done, c, c_new)
     return c, best_p, best_lam, done, it + 1
 
   p0 = c0 / jnp.sum(c0)

@@ -1,0 +1,294 @@
+"""Tests for the iterative aggregators: geometric_median, centered_clipping, caf."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robustjax import aggregators
+from robustjax.aggregators import caf, centered_clipping, geometric_median
+from robustjax.stack import flatten
+
+N, F, D = 11, 3, 6
+
+
+def _data(seed=0, n=N, d=D, outliers=F, scale=20.0):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d))
+  x[:outliers] += scale * rng.normal(size=(outliers, d))
+  return x
+
+
+# ---- float64 NumPy references, written from the formulas ----------------------------------------
+
+
+def ref_small_norm_mean(x):
+  n = len(x)
+  idx = np.argsort(np.linalg.norm(x, axis=1), kind='stable')[: (n + 1) // 2]
+  return x[idx].mean(0)
+
+
+def ref_weiszfeld(x, z, nu, iters):
+  for _ in range(iters):
+    dist = np.linalg.norm(x - z, axis=1)
+    beta = 1.0 / np.maximum(nu, dist)
+    z = (beta[:, None] * x).sum(0) / beta.sum()
+  return z
+
+
+def ref_cc(x, v, tau, iters):
+  n = len(x)
+  for _ in range(iters):
+    diff = x - v
+    dist = np.linalg.norm(diff, axis=1)
+    clip = np.minimum(1.0, tau / dist)
+    v = v + (diff * clip[:, None]).sum(0) / n
+  return v
+
+
+def ref_caf(x, f):
+  """CAF with the covariance formed explicitly in d-space (float64, exact eigenpairs)."""
+  n = len(x)
+  c = np.ones(n)
+  best, best_lam = x.mean(0), np.inf
+  while c.sum() > n - 2 * f:
+    mu = (c[:, None] * x).sum(0) / c.sum()
+    y = x - mu
+    cov = (c[:, None] * y).T @ y / c.sum()
+    lam, vec = np.linalg.eigh(cov)
+    if lam[-1] < best_lam:
+      best, best_lam = mu, lam[-1]
+    tau = (y @ vec[:, -1]) ** 2
+    tau_max = tau[c > 0].max()
+    c = np.maximum(c * (1 - np.where(c > 0, tau, 0) / tau_max), 0)
+  return best
+
+
+def objective(x, z):
+  return np.linalg.norm(x - z, axis=1).sum()
+
+
+# ---- geometric median ----------------------------------------------------------------------------
+
+
+def test_gm_matches_weiszfeld_reference():
+  x = _data(0)
+  out = geometric_median(jnp.asarray(x, jnp.float32), f=F, nu=1e-6, iters=7, tol=0.0)
+  ref = ref_weiszfeld(x, ref_small_norm_mean(x), 1e-6, 7)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gm_given_init_and_large_nu():
+  x = _data(1)
+  z0 = x[F:].mean(0) + 0.3
+  out = geometric_median(jnp.asarray(x, jnp.float32), f=F, nu=2.0, iters=5, tol=0.0, init=z0)
+  np.testing.assert_allclose(np.asarray(out), ref_weiszfeld(x, z0, 2.0, 5), rtol=1e-4, atol=1e-4)
+
+
+def test_gm_objective_not_worse_than_mean_and_median():
+  x = _data(2)
+  out = np.asarray(geometric_median(jnp.asarray(x, jnp.float32), f=F), np.float64)
+  assert objective(x, out) <= objective(x, x.mean(0)) + 1e-4
+  assert objective(x, out) <= objective(x, np.median(x, 0)) + 1e-4
+  # and close to the optimum (a long float64 run)
+  opt = ref_weiszfeld(x, x.mean(0), 1e-9, 2000)
+  assert objective(x, out) <= objective(x, opt) * (1 + 1e-5)
+
+
+@pytest.mark.parametrize('init', [None, 'median', 'mean'])
+def test_gm_starts_converge_to_the_same_point(init):
+  x = _data(3)
+  out = geometric_median(jnp.asarray(x, jnp.float32), f=F, init=init, tol=1e-7, iters=500)
+  opt = ref_weiszfeld(x, x.mean(0), 1e-9, 3000)
+  np.testing.assert_allclose(np.asarray(out), opt, atol=2e-3)
+
+
+def test_gm_early_stop_takes_fewer_iterations():
+  x = jnp.asarray(_data(4), jnp.float32)
+  loose = geometric_median(x, f=F, tol=1e-2, iters=500)
+  capped = geometric_median(x, f=F, tol=0.0, iters=2)
+  full = geometric_median(x, f=F, tol=0.0, iters=500)
+  assert not np.allclose(np.asarray(capped), np.asarray(full), atol=1e-5)
+  assert (
+    np.linalg.norm(np.asarray(loose) - np.asarray(full))
+    < np.linalg.norm(np.asarray(capped) - np.asarray(full)) + 0.05
+  )
+
+
+def test_gm_permutation_and_translation():
+  x = _data(5)
+  perm = np.random.default_rng(0).permutation(N)
+  shift = np.linspace(-50, 50, D)
+  kw = dict(f=F, tol=1e-8, iters=400)
+  base = np.asarray(geometric_median(jnp.asarray(x, jnp.float32), **kw))
+  permd = np.asarray(geometric_median(jnp.asarray(x[perm], jnp.float32), **kw))
+  moved = np.asarray(geometric_median(jnp.asarray(x + shift, jnp.float32), **kw))
+  np.testing.assert_allclose(permd, base, atol=1e-4)
+  np.testing.assert_allclose(moved - shift, base, atol=2e-3)
+
+
+# ---- centered clipping ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('iters', [1, 3])
+def test_cc_matches_reference(iters):
+  x = _data(6)
+  v0 = np.full(D, 0.5)
+  out = centered_clipping(jnp.asarray(x, jnp.float32), f=F, center=v0, tau=1.5, iters=iters)
+  np.testing.assert_allclose(np.asarray(out), ref_cc(x, v0, 1.5, iters), rtol=1e-5, atol=1e-5)
+
+
+def test_cc_default_center_is_zero():
+  x = _data(7)
+  out = centered_clipping(jnp.asarray(x, jnp.float32), f=F, tau=2.0)
+  np.testing.assert_allclose(np.asarray(out), ref_cc(x, np.zeros(D), 2.0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_cc_permutation_and_translation_with_shifted_center():
+  x = _data(8)
+  v0 = np.ones(D)
+  perm = np.random.default_rng(1).permutation(N)
+  shift = np.linspace(-10, 30, D)
+  base = np.asarray(centered_clipping(jnp.asarray(x, jnp.float32), f=F, center=v0, iters=2))
+  p = np.asarray(centered_clipping(jnp.asarray(x[perm], jnp.float32), f=F, center=v0, iters=2))
+  t = centered_clipping(jnp.asarray(x + shift, jnp.float32), f=F, center=v0 + shift, iters=2)
+  np.testing.assert_allclose(p, base, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(t) - shift, base, atol=1e-4)
+
+
+# ---- CAF -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('seed,f', [(9, 3), (10, 2), (11, 5)])
+def test_caf_matches_reference(seed, f):
+  x = _data(seed, outliers=f, scale=8.0)
+  out = caf(jnp.asarray(x, jnp.float32), f=f)
+  np.testing.assert_allclose(np.asarray(out), ref_caf(x, f), rtol=1e-4, atol=1e-4)
+
+
+def test_caf_power_iteration_close_to_exact():
+  x = _data(12, scale=8.0)
+  exact = np.asarray(caf(jnp.asarray(x, jnp.float32), f=F))
+  power = np.asarray(caf(jnp.asarray(x, jnp.float32), f=F, power_iters=200))
+  np.testing.assert_allclose(power, exact, atol=1e-3)
+
+
+def test_caf_f0_is_mean_and_removes_outliers():
+  x = _data(13)
+  np.testing.assert_allclose(
+    np.asarray(caf(jnp.asarray(x, jnp.float32), f=0)), x.mean(0), atol=1e-5
+  )
+  out = np.asarray(caf(jnp.asarray(x, jnp.float32), f=F))
+  assert np.linalg.norm(out - x[F:].mean(0)) < 0.2 * np.linalg.norm(x.mean(0) - x[F:].mean(0))
+
+
+def test_caf_permutation_and_translation():
+  x = _data(14, scale=8.0)
+  perm = np.random.default_rng(2).permutation(N)
+  shift = np.linspace(-5, 5, D)
+  base = np.asarray(caf(jnp.asarray(x, jnp.float32), f=F))
+  np.testing.assert_allclose(
+    np.asarray(caf(jnp.asarray(x[perm], jnp.float32), f=F)), base, atol=1e-4
+  )
+  moved = np.asarray(caf(jnp.asarray(x + shift, jnp.float32), f=F))
+  np.testing.assert_allclose(moved - shift, base, atol=1e-4)
+
+
+# ---- shared properties ---------------------------------------------------------------------------
+
+RULES = {
+  'geometric_median': dict(),
+  'centered_clipping': dict(tau=1.0, iters=3, center=np.full(D, 0.2, np.float32)),
+  'caf': dict(),
+}
+
+
+@pytest.mark.parametrize('name', sorted(RULES))
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 1e38])
+def test_nonfinite_byzantine_slices_keep_output_finite(name, bad):
+  x = _data(15).astype(np.float32)
+  x[:F] = bad
+  x[1, 2] = 0.0  # a partly finite slice
+  out = np.asarray(aggregators.get(name)(jnp.asarray(x), f=F, **RULES[name]))
+  assert np.all(np.isfinite(out)), (name, bad, out)
+  assert np.all(np.abs(out) < 100.0)
+
+
+@pytest.mark.parametrize('name', sorted(RULES))
+def test_pytree_matches_flattened(name):
+  rng = np.random.default_rng(16)
+  tree = {'a': rng.normal(size=(N, 2, 2)).astype(np.float32), 'b': rng.normal(size=(N, 2))}
+  tree['b'] = tree['b'].astype(np.float32)
+  tree['a'][:F] += 10.0
+  params = dict(RULES[name])
+  flat = flatten(tree)
+  out_flat = aggregators.get(name)(flat, f=F, **params)
+  if 'center' in params:
+    c = params['center']
+    params['center'] = {'a': c[:4].reshape(2, 2), 'b': c[4:]}
+  out_tree = aggregators.get(name)(tree, f=F, **params)
+  got = np.concatenate([np.ravel(out_tree['a']), np.ravel(out_tree['b'])])
+  np.testing.assert_allclose(got, np.asarray(out_flat), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', sorted(RULES))
+def test_bfloat16_close_to_float32(name):
+  x = _data(17, scale=5.0).astype(np.float32)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  out = aggregators.get(name)(xb, f=F, **RULES[name])
+  assert out.dtype == jnp.bfloat16
+  ref = aggregators.get(name)(xb.astype(jnp.float32), f=F, **RULES[name])
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref), rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize('name', sorted(RULES))
+def test_jit_and_no_jit_agree(name):
+  x = jnp.asarray(_data(18), jnp.float32)
+  fn = aggregators.get(name)
+  jitted = jax.jit(lambda s: fn(s, f=F, **RULES[name]))(x)
+  with jax.disable_jit():
+    eager = fn(x, f=F, **RULES[name])
+  np.testing.assert_allclose(np.asarray(eager), np.asarray(jitted), rtol=1e-4, atol=1e-4)
+
+
+def test_center_can_be_traced_and_tau_traced():
+  x = jnp.asarray(_data(19), jnp.float32)
+  step = jax.jit(lambda s, v, t: centered_clipping(s, f=F, center=v, tau=t))
+  out = step(x, jnp.ones(D), 1.0)
+  ref = ref_cc(np.asarray(x, np.float64), np.ones(D), 1.0, 1)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- validation ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  'name,kwargs,match',
+  [
+    ('geometric_median', dict(f=-1), 'f must be >= 0'),
+    ('geometric_median', dict(f=6), 'n > 2f'),
+    ('geometric_median', dict(f=1, iters=0), 'iters'),
+    ('geometric_median', dict(f=1, nu=0.0), 'nu'),
+    ('geometric_median', dict(f=1, tol=-1.0), 'tol'),
+    ('geometric_median', dict(f=1, init='zeros'), 'init'),
+    ('centered_clipping', dict(f=6), 'n > 2f'),
+    ('centered_clipping', dict(f=1, tau=0.0), 'tau'),
+    ('centered_clipping', dict(f=1, iters=0), 'iters'),
+    ('caf', dict(f=-1), 'f must be >= 0'),
+    ('caf', dict(f=6), 'n > 2f'),
+    ('caf', dict(f=1, power_iters=0), 'power_iters'),
+  ],
+)
+def test_value_errors_name_the_rule(name, kwargs, match):
+  x = jnp.ones((N, D))
+  with pytest.raises(ValueError, match=name) as e:
+    aggregators.get(name)(x, **kwargs)
+  assert match in str(e.value)
+
+
+@pytest.mark.parametrize('name', sorted(RULES))
+def test_empty_and_mismatched_stacks(name):
+  with pytest.raises(ValueError, match=name):
+    aggregators.get(name)({'a': jnp.ones((3, 2)), 'b': jnp.ones((4,))}, f=1)
+  with pytest.raises(ValueError, match=name):
+    aggregators.get(name)({}, f=0)
