@@ -1,3 +1,270 @@
-"""(in progress)"""
+"""Coordinate-wise aggregators: mean, median, trimmed mean, MeaMed.
 
-__all__ = []
+Each rule works coordinate by coordinate over the worker axis. The order statistics are exact and
+computed with compare-exchange networks built at trace time over the n worker slices
+(`robustjax._sorting`): on XLA:CPU the whole rule is one fused elementwise loop over the
+coordinates, about 100× faster than `jnp.sort` / `jnp.median` along the worker axis. A pytree stack
+with several leaves is first flattened into one (n, D) matrix (so the network is compiled once,
+whatever the number of leaves) and the result is unflattened.
+
+Non-finite inputs: NaN is mapped to +inf before selecting, so with at most f non-finite
+(NaN / ±Inf) values per coordinate, `median`, `trimmed_mean` and `meamed` only ever combine finite
+values. `mean` is the non-robust baseline and propagates them.
+
+Numerics: computations run in float32 (float64 for float64 leaves); the result has each leaf's
+dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from robustjax import _sorting
+from robustjax import stack as stk
+from robustjax._checks import check_f, check_positive_int
+from robustjax.aggregators._base import register
+
+__all__ = ['mean', 'median', 'trimmed_mean', 'meamed', 'mean_closest_to_median']
+
+
+def _columnwise(fn, stack):
+  """Applies `fn` ((n, D) matrix -> (D,) vector) to the stack, leaf dtypes preserved."""
+  leaves = jax.tree.leaves(stack)
+  if len(leaves) == 1:
+    leaf = jnp.asarray(leaves[0])
+    out = fn(stk.as_matrix(leaf))
+    return jax.tree.unflatten(
+      jax.tree.structure(stack), [out.reshape(leaf.shape[1:]).astype(leaf.dtype)]
+    )
+  return stk.unflatten(fn(stk.flatten(stack)), stack)
+
+
+def _rows(x: jax.Array) -> list[jax.Array]:
+  """The n worker rows of x, NaN mapped to +inf (fused into the network's loop)."""
+  return [jnp.where(jnp.isnan(x[i]), jnp.inf, x[i]) for i in range(x.shape[0])]
+
+
+def _median_rows(rows):
+  n = len(rows)
+  if n % 2:
+    (m,) = _sorting.select(rows, [n // 2])
+    return m
+  a, b = _sorting.select(rows, [n // 2 - 1, n // 2], symmetric=True)
+  return 0.5 * a + 0.5 * b
+
+
+def _mean_closest(rows, med, keep: int):
+  """Per coordinate, the mean of the `keep` values closest to `med` (ties: lower values first)."""
+  n = len(rows)
+  if keep == n:
+    return med + sum(r - med for r in rows) / n
+  s = [r - med for r in rows]  # signed distances; +-inf for non-finite inputs
+  dist = [jnp.abs(v) for v in s]
+  (radius,) = _sorting.select(dist, [keep - 1])  # the keep-th smallest distance
+  zero = jnp.zeros_like(med)
+  sum_lt, cnt_lt = zero, zero
+  sum_lo, cnt_lo = zero, zero
+  sum_hi, cnt_hi = zero, zero
+  for v, dv in zip(s, dist):
+    lt = dv < radius
+    tie = dv == radius
+    lo = tie & (v < 0)
+    hi = tie & (v >= 0)
+    sum_lt += jnp.where(lt, v, 0.0)
+    cnt_lt += lt
+    sum_lo += jnp.where(lo, v, 0.0)
+    cnt_lo += lo
+    sum_hi += jnp.where(hi, v, 0.0)
+    cnt_hi += hi
+  need = keep - cnt_lt  # >= 1: how many values at distance exactly `radius` to take
+  take_lo = jnp.minimum(cnt_lo, need)
+  take_hi = need - take_lo
+  total = (
+    sum_lt
+    + jnp.where(take_lo > 0, take_lo * sum_lo / jnp.maximum(cnt_lo, 1.0), 0.0)
+    + jnp.where(take_hi > 0, take_hi * sum_hi / jnp.maximum(cnt_hi, 1.0), 0.0)
+  )
+  return med + total / keep
+
+
+def mean_closest_to_median(stack, *, keep: int):
+  """Per coordinate, the mean of the `keep` values closest to the coordinate median.
+
+  Internal helper (no validation, not jitted) shared by `meamed` (keep = n − f) and Bulyan's
+  last step (keep = β). Values at exactly the cut-off distance are taken lower values first.
+
+  Args:
+    stack: a pytree with leading worker axis n.
+    keep: 1 <= keep <= n.
+
+  Returns:
+    A tree with the stack's structure, the worker axis removed.
+  """
+
+  def fn(x):
+    rows = _rows(x)
+    return _mean_closest(rows, _median_rows(rows), keep)
+
+  return _columnwise(fn, stack)
+
+
+@register('mean')
+@functools.partial(jax.jit, static_argnames=('f',))
+def mean(stack, *, f: int = 0):
+  """The plain average (1/n) Σ_i x_i: the non-robust baseline.
+
+  One matvec `(ones(n) / n) @ x` per leaf (`weighted_sum` with `ignore_nonfinite=False`): a single
+  streaming pass over the stack. On XLA:CPU, `x.mean(0)` is about 100× slower than this matvec.
+
+  .. warning::
+    Not robust: a single NaN, ±Inf or huge Byzantine slice makes the output non-finite or
+    arbitrary. That is its point, as a baseline.
+
+  Args:
+    stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
+    f: the declared number of Byzantine workers; only validated (0 <= f, 2f < n).
+
+  Returns:
+    A tree with the stack's structure and dtypes, the worker axis removed.
+
+  Raises:
+    ValueError: for an empty stack, mismatched leading axes, f < 0 or 2f >= n.
+
+  Examples:
+    >>> mean(jnp.array([[1.0, 2.0], [3.0, 6.0]]))
+    Array([2., 4.], dtype=float32)
+  """
+  n = stk.num_workers(stack, 'mean')
+  check_f('mean', n, f)
+  return stk.weighted_sum(jnp.full((n,), 1.0 / n), stack, ignore_nonfinite=False)
+
+
+@register('median')
+@functools.partial(jax.jit, static_argnames=('f',))
+def median(stack, *, f: int = 0):
+  """Coordinate-wise median (CWMed).
+
+  Per coordinate, the median of the n values; for even n the mean of the two middle values (the
+  NumPy / `jnp.median` convention; some codes return the lower middle value instead).
+
+  Robustness: (f, κ)-robust with κ <= 4(1 + f/(n − 2f))² (Allouah et al., 2023), for any f < n/2.
+  NaN is treated as +inf, so with fewer than n/2 non-finite values in a coordinate the result is
+  finite and lies within the range of the finite values.
+
+  Cost: a pruned Batcher selection network over the n worker slices (≈ 440 compare-exchanges for
+  n = 64), fused by XLA into one elementwise pass; `jnp.sort` along the worker axis beyond
+  n = `robustjax._sorting.NETWORK_MAX_N`.
+
+  Args:
+    stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
+    f: the declared number of Byzantine workers; only validated (0 <= f, 2f < n).
+
+  Returns:
+    A tree with the stack's structure and dtypes, the worker axis removed.
+
+  Raises:
+    ValueError: for an empty stack, mismatched leading axes, f < 0 or 2f >= n.
+
+  Examples:
+    >>> median(jnp.array([[1.0], [5.0], [2.0], [100.0]]), f=1)
+    Array([3.5], dtype=float32)
+
+  References:
+    D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-robust distributed learning: towards
+    optimal statistical rates", ICML 2018.
+  """
+  n = stk.num_workers(stack, 'median')
+  check_f('median', n, f)
+  return _columnwise(lambda x: _median_rows(_rows(x)), stack)
+
+
+@register('trimmed_mean')
+@functools.partial(jax.jit, static_argnames=('f',))
+def trimmed_mean(stack, *, f: int):
+  """Coordinate-wise trimmed mean (CWTM_f).
+
+  Per coordinate, drop the f largest and the f smallest values and average the n − 2f others.
+  Computed without sorting every value: with lo and hi the (f+1)-th smallest and (f+1)-th largest
+  values, Σ_{middle} x = Σ_i clip(x_i, lo, hi) − f·lo − f·hi (written around lo for precision).
+
+  Robustness: (f, κ)-robust with κ <= (6f/(n − 2f))(1 + f/(n − 2f)) (Allouah et al., 2023). With
+  at most f non-finite values per coordinate (NaN counts as +inf) the result is finite.
+
+  Cost: one selection network for the two order statistics, and one more elementwise pass, fused
+  into the same loop.
+
+  Args:
+    stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
+    f: the number of values trimmed at each end; needs n > 2f.
+
+  Returns:
+    A tree with the stack's structure and dtypes, the worker axis removed.
+
+  Raises:
+    ValueError: for an empty stack, mismatched leading axes, f < 0 or 2f >= n.
+
+  Examples:
+    >>> trimmed_mean(jnp.array([[1.0], [5.0], [2.0], [100.0]]), f=1)
+    Array([3.5], dtype=float32)
+
+  References:
+    D. Yin, Y. Chen, K. Ramchandran, P. Bartlett, "Byzantine-robust distributed learning: towards
+    optimal statistical rates", ICML 2018.
+  """
+  n = stk.num_workers(stack, 'trimmed_mean')
+  check_f('trimmed_mean', n, f)
+
+  def fn(x):
+    rows = _rows(x)
+    if f == 0:
+      return sum(rows) / n
+    lo, hi = _sorting.select(rows, [f, n - f - 1])
+    inner = sum(jnp.clip(r, lo, hi) - lo for r in rows) - f * (hi - lo)
+    return lo + inner / (n - 2 * f)
+
+  return _columnwise(fn, stack)
+
+
+@register('meamed')
+@functools.partial(jax.jit, static_argnames=('f',))
+def meamed(stack, *, f: int):
+  """Mean around the median (MeaMed_f).
+
+  Per coordinate, the average of the n − f values closest to the coordinate median (the median as
+  in `median`: mean of the two middle values for even n).
+
+  .. warning::
+    Ties at the cut-off distance (values at exactly the same distance on both sides of the median)
+    are broken towards the lower values here; ByzFL breaks them in `argpartition` order. The result
+    differs only when such exact ties straddle the cut-off.
+
+  Robustness: with at most f non-finite values per coordinate (NaN counts as +inf) the result is
+  finite: the n − f closest values are finite.
+
+  Cost: two selection networks (the median, then the (n − f)-th smallest distance to it) and a few
+  elementwise passes, all fused into one loop.
+
+  Args:
+    stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
+    f: the declared number of Byzantine workers; needs n > 2f.
+
+  Returns:
+    A tree with the stack's structure and dtypes, the worker axis removed.
+
+  Raises:
+    ValueError: for an empty stack, mismatched leading axes, f < 0 or 2f >= n.
+
+  Examples:
+    >>> meamed(jnp.array([[1.0], [5.0], [2.0], [100.0]]), f=1)
+    Array([2.6666667], dtype=float32)
+
+  References:
+    C. Xie, O. Koyejo, I. Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116, 2018.
+  """
+  n = stk.num_workers(stack, 'meamed')
+  check_f('meamed', n, f)
+  check_positive_int('meamed', 'n - f', n - f)
+  return mean_closest_to_median(stack, keep=n - f)

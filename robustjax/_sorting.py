@@ -1,0 +1,118 @@
+"""Exact order statistics along the worker axis with compare-exchange networks.
+
+On XLA:CPU, `jnp.sort(x, axis=0)` / `jnp.median(x, axis=0)` over an (n, d) stack is a sort of d
+short columns with a generic comparator, and costs about 1000× a streaming pass (≈ 10 s for a
+(64, 10⁶) float32 stack). A *sorting network* is a fixed, data-independent list of
+compare-exchange operations (i, j): `w_i, w_j = min(w_i, w_j), max(w_i, w_j)`. Built at trace time
+over the n row slices of the stack, it is a graph of elementwise `minimum` / `maximum` ops that
+XLA fuses into one loop over the coordinates: exact, branch-free, vectorised.
+
+The network is Batcher's odd–even merge sort (n log² n / 4 comparators), generated for the next
+power of two and restricted to the first n wires (the missing wires act as +inf, so every
+comparator touching them is a no-op). It is then *pruned* for the statistic actually needed:
+walking the network backwards, a comparator whose two output wires are interchangeable for the
+rest of the computation (both unused, or both summed with the same weight) is dropped; XLA's
+dead-code elimination then removes the `min` or `max` halves whose outputs are never read.
+
+Beyond `NETWORK_MAX_N` workers the network's size (and compile time) grows too much and
+`select` falls back to `jnp.sort` along the worker axis.
+
+References:
+  K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
+  D. E. Knuth, The Art of Computer Programming, vol. 3, §5.3.4 (networks for sorting).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+# Largest n sorted by a network (measured compile times: BENCHMARKS.md, `aggregators`).
+NETWORK_MAX_N = 128
+
+
+@functools.cache
+def batcher_network(n: int) -> tuple[tuple[int, int], ...]:
+  """Comparators (i, j), i < j, of Batcher's odd–even merge sort on n wires (ascending)."""
+  size = 1
+  while size < n:
+    size *= 2
+  comps = []
+  p = 1
+  while p < size:
+    k = p
+    while k >= 1:
+      for j in range(k % p, size - k, 2 * k):
+        for i in range(min(k, size - j - k)):
+          a, b = i + j, i + j + k
+          if a // (2 * p) == b // (2 * p) and b < n:
+            comps.append((a, b))
+      k //= 2
+    p *= 2
+  return tuple(comps)
+
+
+@functools.cache
+def pruned_network(n: int, labels: tuple) -> tuple[tuple[int, int], ...]:
+  """The comparators of `batcher_network(n)` that matter for a symmetric use of the outputs.
+
+  Args:
+    n: the number of wires.
+    labels: one hashable label per output wire; the final computation must be symmetric under any
+      permutation of the wires sharing a label (e.g. 'sum' for the wires summed together, None for
+      the wires never read).
+
+  Returns:
+    The pruned comparator list, in network order.
+  """
+  lab = list(labels)
+  fresh = 0
+  kept = []
+  for i, j in reversed(batcher_network(n)):
+    if lab[i] == lab[j]:
+      continue  # the rest of the computation cannot tell the two outputs apart
+    kept.append((i, j))
+    # A comparator's outputs are a symmetric function of its inputs: upstream, i and j are
+    # interchangeable with each other (and, conservatively, with nothing else).
+    fresh += 1
+    lab[i] = lab[j] = ('cmp', fresh)
+  return tuple(reversed(kept))
+
+
+def apply_network(rows: Sequence[jax.Array], comps) -> list[jax.Array]:
+  """Runs compare-exchanges over a list of equally shaped arrays (one per wire)."""
+  w = list(rows)
+  for i, j in comps:
+    a, b = w[i], w[j]
+    w[i] = jnp.minimum(a, b)
+    w[j] = jnp.maximum(a, b)
+  return w
+
+
+def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bool = False):
+  """Order statistics of a list of n equally shaped arrays, elementwise.
+
+  Args:
+    rows: n arrays (the worker slices); must not contain NaN (map it to +inf first).
+    positions: the 0-based ranks wanted (0 is the smallest).
+    symmetric: the caller only uses the returned values through a symmetric function (e.g. their
+      sum), which allows a smaller network.
+
+  Returns:
+    A list with the order statistic of each position, in the order of `positions`.
+  """
+  n = len(rows)
+  positions = [int(p) for p in positions]
+  if not all(0 <= p < n for p in positions):
+    raise ValueError(f'select: positions {positions} out of range for n={n}')
+  if n > NETWORK_MAX_N:
+    s = jnp.sort(jnp.stack(rows), axis=0)
+    return [s[p] for p in positions]
+  labels = [None] * n
+  for p in positions:
+    labels[p] = 'wanted' if symmetric else ('rank', p)
+  w = apply_network(rows, pruned_network(n, tuple(labels)))
+  return [w[p] for p in positions]

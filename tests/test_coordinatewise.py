@@ -1,0 +1,234 @@
+"""Coordinate-wise aggregators against float64 NumPy references written from the formulas."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robustjax import aggregators
+from robustjax import stack as stk
+from robustjax._sorting import batcher_network, pruned_network, select
+from robustjax.aggregators import _coordinatewise as cw
+
+# --- float64 references, written from ALGORITHMS.md §2 ---------------------------------------
+
+
+def ref_mean(x, f):
+  return x.mean(0)
+
+
+def ref_median(x, f):
+  s = np.sort(x, axis=0)
+  n = len(x)
+  return s[n // 2] if n % 2 else 0.5 * (s[n // 2 - 1] + s[n // 2])
+
+
+def ref_trimmed_mean(x, f):
+  s = np.sort(x, axis=0)
+  return s[f : len(x) - f].mean(0)
+
+
+def ref_mean_closest(x, keep):
+  med = ref_median(x, 0)
+  out = np.empty(x.shape[1:])
+  for j in np.ndindex(*x.shape[1:]):
+    col = x[(slice(None),) + j]
+    order = np.lexsort((col, np.abs(col - med[j])))  # by distance, ties: lower value first
+    out[j] = col[order[:keep]].mean()
+  return out
+
+
+def ref_meamed(x, f):
+  return ref_mean_closest(x, len(x) - f)
+
+
+RULES = {
+  'mean': ref_mean,
+  'median': ref_median,
+  'trimmed_mean': ref_trimmed_mean,
+  'meamed': ref_meamed,
+}
+ROBUST = ['median', 'trimmed_mean', 'meamed']
+CASES = [(1, 0), (2, 0), (5, 2), (6, 1), (8, 3), (11, 4), (16, 3)]
+
+
+def _data(n, d=7, seed=0, dtype=np.float32):
+  return np.random.default_rng(seed).normal(size=(n, d)).astype(dtype)
+
+
+# --- the network itself -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('n', [1, 2, 3, 5, 8, 13, 16, 17, 31])
+def test_batcher_network_sorts(n):
+  """0-1 principle: a comparator network sorts everything iff it sorts every 0-1 input."""
+  rng = np.random.default_rng(n)
+  vals = rng.integers(0, 2, size=(400, n)) if n > 12 else None
+  if vals is None:
+    vals = (np.arange(2**n)[:, None] >> np.arange(n)) & 1
+  w = vals.T.copy()
+  for i, j in batcher_network(n):
+    lo, hi = np.minimum(w[i], w[j]), np.maximum(w[i], w[j])
+    w[i], w[j] = lo, hi
+  np.testing.assert_array_equal(w.T, np.sort(vals, axis=1))
+
+
+def test_pruned_network_is_smaller_and_exact():
+  n = 20
+  labels = tuple('s' if 4 <= i < 16 else None for i in range(n))
+  assert len(pruned_network(n, labels)) < len(batcher_network(n))
+  x = _data(n, 50).astype(np.float64)
+  got = select([jnp.asarray(r) for r in x], [3, 10, 19])
+  s = np.sort(x, axis=0)
+  for g, p in zip(got, [3, 10, 19]):
+    np.testing.assert_allclose(np.asarray(g), s[p], rtol=1e-6)
+
+
+def test_select_sort_fallback(monkeypatch):
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
+  x = _data(9, 5)
+  got = sorting.select([jnp.asarray(r) for r in x], [0, 4, 8])
+  np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 4, 8]])
+
+
+# --- the rules --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', list(RULES))
+@pytest.mark.parametrize('n,f', CASES)
+def test_against_reference(name, n, f):
+  x = _data(n, seed=n + f)
+  # A few duplicated values exercise ties at the cut-off.
+  if n >= 5:
+    x[1] = x[0]
+    x[2, :3] = x[0, :3]
+  got = np.asarray(aggregators.get(name)(jnp.asarray(x), f=f))
+  want = RULES[name](x.astype(np.float64), f)
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize('keep', [1, 3, 7, 9])
+def test_mean_closest_to_median(keep):
+  x = _data(9, seed=keep)
+  got = np.asarray(cw.mean_closest_to_median(jnp.asarray(x), keep=keep))
+  np.testing.assert_allclose(
+    got, ref_mean_closest(x.astype(np.float64), keep), rtol=2e-5, atol=2e-6
+  )
+
+
+def test_meamed_ties_on_both_sides():
+  # median 0; values -1 and +1 at the same distance: lower ones are taken first.
+  x = np.array([[-1.0], [0.0], [1.0], [0.0], [5.0]], np.float32)
+  got = np.asarray(cw.meamed(jnp.asarray(x), f=2))  # keep 3: 0, 0, -1
+  np.testing.assert_allclose(got, [-1.0 / 3])
+  np.testing.assert_allclose(got, ref_meamed(x.astype(np.float64), 2))
+
+
+@pytest.mark.parametrize('name', list(RULES))
+def test_permutation_invariance(name):
+  x = _data(9, seed=3)
+  perm = np.random.default_rng(1).permutation(9)
+  rule = aggregators.get(name)
+  np.testing.assert_allclose(rule(x, f=2), rule(x[perm], f=2), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', list(RULES))
+def test_translation_equivariance(name):
+  x = _data(9, seed=4)
+  shift = np.random.default_rng(5).normal(size=(1, 7)).astype(np.float32) * 10
+  rule = aggregators.get(name)
+  np.testing.assert_allclose(rule(x + shift, f=2), rule(x, f=2) + shift[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ROBUST)
+def test_output_within_honest_range(name):
+  n, f = 10, 3
+  x = _data(n, seed=6)
+  x[:f] = 1e6 * np.sign(np.random.default_rng(7).normal(size=(f, 7)))  # Byzantine extremes
+  out = np.asarray(aggregators.get(name)(x, f=f))
+  honest = x[f:]
+  assert np.all(out >= honest.min(0) - 1e-6) and np.all(out <= honest.max(0) + 1e-6)
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 1e38])
+@pytest.mark.parametrize('name', list(RULES))
+def test_nonfinite_byzantine(name, bad):
+  n, f = 9, 3
+  x = _data(n, seed=8)
+  x[[0, 4, 8]] = bad
+  out = np.asarray(aggregators.get(name)(x, f=f))
+  if name == 'mean':
+    assert not np.all(np.abs(out) < 1e3)  # the mean breaks: that is the point
+  else:
+    assert np.all(np.isfinite(out))
+    honest = np.delete(x, [0, 4, 8], axis=0)
+    assert np.all(out >= honest.min(0) - 1e-6) and np.all(out <= honest.max(0) + 1e-6)
+
+
+def test_mixed_nonfinite_per_coordinate():
+  n, f = 9, 3
+  x = _data(n, seed=9)
+  x[0, 0], x[1, 0], x[2, 0] = np.nan, -np.inf, np.inf
+  x[3, 1], x[4, 1], x[5, 1] = -np.inf, -np.inf, np.nan
+  for name in ROBUST:
+    assert np.all(np.isfinite(np.asarray(aggregators.get(name)(x, f=f)))), name
+
+
+@pytest.mark.parametrize('name', list(RULES))
+def test_pytree_equals_flat(name):
+  rng = np.random.default_rng(10)
+  n = 7
+  tree = {
+    'w': rng.normal(size=(n, 3, 2)).astype(np.float32),
+    'b': rng.normal(size=(n, 4)).astype(np.float32),
+    'c': {'s': rng.normal(size=(n, 1)).astype(np.float32)},
+  }
+  rule = aggregators.get(name)
+  out = rule(tree, f=2)
+  flat = rule(stk.flatten(tree), f=2)
+  np.testing.assert_allclose(stk.flatten(jax.tree.map(lambda a: a[None], out))[0], flat, rtol=1e-6)
+  assert jax.tree.structure(out) == jax.tree.structure(jax.tree.map(lambda a: a[0], tree))
+  assert out['w'].shape == (3, 2)
+
+
+@pytest.mark.parametrize('name', list(RULES))
+def test_bfloat16(name):
+  x = _data(7, seed=11)
+  xb = jnp.asarray(x, jnp.bfloat16)
+  out = aggregators.get(name)(xb, f=2)
+  assert out.dtype == jnp.bfloat16
+  want = RULES[name](np.asarray(xb.astype(jnp.float32), np.float64), 2)
+  np.testing.assert_allclose(np.asarray(out, np.float32), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize('name', list(RULES))
+def test_without_jit_matches(name):
+  x = _data(6, seed=12)
+  rule = aggregators.get(name)
+  with jax.disable_jit():
+    eager = rule(x, f=1)
+  np.testing.assert_allclose(eager, rule(x, f=1), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(jax.jit(lambda s: rule(s, f=1))(x), eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', list(RULES))
+def test_value_errors(name):
+  rule = aggregators.get(name)
+  x = _data(5)
+  with pytest.raises(ValueError, match=f'{name}.*f must be >= 0'):
+    rule(x, f=-1)
+  with pytest.raises(ValueError, match=f'{name}.*n > 2f'):
+    rule(x, f=3)
+  with pytest.raises(ValueError, match=f'{name}.*leading'):
+    rule({'a': x, 'b': x[:4]}, f=1)
+  with pytest.raises(ValueError, match=f'{name}.*empty'):
+    rule({}, f=0)
+  with pytest.raises(ValueError, match=f'{name}.*empty'):
+    rule(np.zeros((0, 3), np.float32), f=0)
+
+
+def test_registered():
+  for name in RULES:
+    assert name in aggregators.names()
