@@ -1,0 +1,244 @@
+"""Krum, MultiKrum, Bulyan, MoNNA against float64 NumPy references written from the papers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robustjax import aggregators
+from robustjax.aggregators import _krum
+
+N, F, D = 11, 2, 6  # n >= 4f + 3 so that every rule here (Bulyan included) accepts it
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def ref_sq_dists(x):
+  """Exact float64 squared distances; a non-finite input (or 1e38) is at +inf."""
+  x = np.asarray(x, np.float64)
+  bad = ~np.all(np.isfinite(x), axis=1) | (np.abs(x).max(axis=1) > 1e30)
+  with np.errstate(invalid='ignore', over='ignore'):
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+  d[bad, :] = np.inf
+  d[:, bad] = np.inf
+  np.fill_diagonal(d, 0.0)
+  return d
+
+
+def ref_scores(x, k):
+  d = ref_sq_dists(x)
+  n = len(d)
+  return np.array([np.sort(np.delete(d[i], i))[:k].sum() for i in range(n)])
+
+
+def ref_multikrum_index(x, f, m=None, k=None):
+  n = len(x)
+  k = n - f - 2 if k is None else k
+  m = n - f if m is None else m
+  return np.argsort(ref_scores(x, k), kind='stable')[:m]
+
+
+def ref_multikrum(x, f, m=None, k=None):
+  return np.asarray(x, np.float64)[ref_multikrum_index(x, f, m, k)].mean(0)
+
+
+def ref_bulyan(x, f, k=None):
+  x = np.asarray(x, np.float64)
+  n = len(x)
+  k0 = n - f - 2 if k is None else k
+  d = ref_sq_dists(x)
+  pool = list(range(n))
+  chosen = []
+  for t in range(n - 2 * f):
+    kt = k0 - t
+    scores = [np.sort([d[i, j] for j in pool if j != i])[: max(kt, 0)].sum() for i in pool]
+    win = pool[int(np.argmin(scores))]
+    chosen.append(win)
+    pool.remove(win)
+  sel = x[chosen]
+  beta = len(chosen) - 2 * f
+  med = np.median(sel, axis=0)
+  order = np.argsort(np.abs(sel - med), axis=0, kind='stable')[:beta]
+  return np.take_along_axis(sel, order, axis=0).mean(0)
+
+
+def ref_monna(x, f, t=0):
+  x = np.asarray(x, np.float64)
+  d = ref_sq_dists(x)[t]
+  return x[np.argsort(d, kind='stable')[: len(x) - f]].mean(0)
+
+
+CASES = [
+  ('krum', {}, lambda x: ref_multikrum(x, F, m=1)),
+  ('krum', {'num_neighbors': N - F - 1}, lambda x: ref_multikrum(x, F, m=1, k=N - F - 1)),
+  ('multikrum', {}, lambda x: ref_multikrum(x, F, m=N - F)),
+  ('multikrum', {'m': 3}, lambda x: ref_multikrum(x, F, m=3)),
+  ('multikrum', {'m': 4, 'num_neighbors': 2}, lambda x: ref_multikrum(x, F, m=4, k=2)),
+  ('bulyan', {}, lambda x: ref_bulyan(x, F)),
+  ('bulyan', {'num_neighbors': N - F - 1}, lambda x: ref_bulyan(x, F, k=N - F - 1)),
+  ('monna', {}, lambda x: ref_monna(x, F)),
+  ('monna', {'trusted_index': 3}, lambda x: ref_monna(x, F, 3)),
+]
+IDS = [f'{name}-{"-".join(f"{k}={v}" for k, v in p.items()) or "default"}' for name, p, _ in CASES]
+
+
+def make_stack(seed, n=N, d=D, outliers=F):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d))
+  x[:outliers] += rng.normal(size=(outliers, d)) * 4.0 + 3.0
+  return x[rng.permutation(n)].astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+@pytest.mark.parametrize('name,params,ref', CASES, ids=IDS)
+def test_matches_float64_reference(name, params, ref):
+  rule = aggregators.get(name)
+  for seed in range(3):
+    x = make_stack(seed)
+    np.testing.assert_allclose(rule(x, f=F, **params), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_neighbour_convention_and_default_m_matter():
+  """The defaults are n − f − 2 neighbours and m = n − f, and the conventions give other outputs."""
+  rng = np.random.default_rng(7)
+  found_k = found_m = False
+  for _ in range(20):
+    x = rng.normal(size=(N, D)).astype(np.float32)
+    paper = ref_multikrum_index(x, F, m=1)
+    byzfl = ref_multikrum_index(x, F, m=1, k=N - F - 1)
+    if paper[0] != byzfl[0]:
+      found_k = True
+      np.testing.assert_allclose(_krum.krum(x, f=F), x[paper[0]], atol=1e-6)
+      np.testing.assert_allclose(
+        _krum.krum(x, f=F, num_neighbors=N - F - 1), x[byzfl[0]], atol=1e-6
+      )
+    out = _krum.multikrum(x, f=F)
+    np.testing.assert_allclose(out, ref_multikrum(x, F, m=N - F), atol=1e-5)
+    if not np.allclose(out, ref_multikrum(x, F, m=N - F - 1), atol=1e-4):
+      found_m = True
+  assert found_k and found_m
+
+
+def test_scores_match_reference():
+  x = make_stack(0)
+  np.testing.assert_allclose(_krum.krum_scores(x, f=F), ref_scores(x, N - F - 2), rtol=1e-5)
+
+
+@pytest.mark.parametrize('name,params,ref', CASES[::2], ids=IDS[::2])
+def test_permutation_invariance(name, params, ref):
+  if name == 'monna':
+    params = {'trusted_index': 0}
+  rule = aggregators.get(name)
+  x = make_stack(1)
+  perm = np.random.default_rng(1).permutation(N)
+  if name == 'monna':  # the trusted input must stay the trusted input
+    perm = np.concatenate([[0], perm[perm != 0]])
+  np.testing.assert_allclose(rule(x[perm], f=F, **params), rule(x, f=F, **params), atol=1e-5)
+
+
+@pytest.mark.parametrize('name', ['krum', 'multikrum', 'bulyan', 'monna'])
+def test_translation_equivariance(name):
+  rule = aggregators.get(name)
+  x = make_stack(2)
+  c = np.random.default_rng(2).normal(size=(D,)).astype(np.float32) * 10
+  np.testing.assert_allclose(rule(x + c, f=F), np.asarray(rule(x, f=F)) + c, atol=1e-4)
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 1e38])
+@pytest.mark.parametrize('name', ['krum', 'multikrum', 'bulyan', 'monna'])
+def test_nonfinite_byzantine_inputs(name, bad):
+  rule = aggregators.get(name)
+  rng = np.random.default_rng(3)
+  x = make_stack(3, outliers=0)
+  where = rng.choice(np.arange(1, N), size=F, replace=False)  # MoNNA's trusted input 0 is honest
+  x[where[0]] = bad
+  x[where[1], rng.integers(D)] = bad  # one bad coordinate is enough
+  out = np.asarray(rule(x, f=F))
+  assert np.all(np.isfinite(out))
+  if name in ('krum', 'multikrum'):
+    idx = ref_multikrum_index(x, F, m=1 if name == 'krum' else None)
+    assert not set(where) & set(idx.tolist())
+    np.testing.assert_allclose(out, x[idx].astype(np.float64).mean(0), atol=1e-5)
+  honest = np.delete(x, where, axis=0)
+  assert np.all(out <= honest.max(0) + 1e-5) and np.all(out >= honest.min(0) - 1e-5)
+
+
+@pytest.mark.parametrize(
+  'name,n,f,match',
+  [
+    ('krum', 6, 2, 'n > 2f \\+ 2'),
+    ('multikrum', 4, 1, 'n > 2f \\+ 2'),
+    ('bulyan', 10, 2, 'n >= 4f \\+ 3'),
+    ('monna', 4, 2, 'n > 2f'),
+    ('krum', 5, -1, 'f must be >= 0'),
+    ('bulyan', 5, -1, 'f must be >= 0'),
+  ],
+)
+def test_invalid_counts(name, n, f, match):
+  with pytest.raises(ValueError, match=f'{name}: .*{match}'):
+    aggregators.get(name)(jnp.zeros((n, 3)), f=f)
+
+
+@pytest.mark.parametrize('name', ['krum', 'multikrum', 'bulyan', 'monna'])
+def test_invalid_stacks(name):
+  rule = aggregators.get(name)
+  with pytest.raises(ValueError, match=f'{name}: .*empty'):
+    rule({}, f=1)
+  with pytest.raises(ValueError, match=f'{name}: .*leading'):
+    rule({'a': jnp.zeros((N, 3)), 'b': jnp.zeros((N - 1, 2))}, f=1)
+
+
+def test_invalid_params():
+  x = jnp.zeros((N, 3))
+  with pytest.raises(ValueError, match='multikrum: m'):
+    _krum.multikrum(x, f=F, m=N + 1)
+  with pytest.raises(ValueError, match='multikrum: m'):
+    _krum.multikrum(x, f=F, m=0)
+  with pytest.raises(ValueError, match='krum: num_neighbors'):
+    _krum.krum(x, f=F, num_neighbors=N)
+  with pytest.raises(ValueError, match='monna: trusted_index'):
+    _krum.monna(x, f=F, trusted_index=N)
+
+
+@pytest.mark.parametrize('name', ['krum', 'multikrum', 'bulyan', 'monna'])
+def test_pytree_equals_flat_and_jit_equals_eager(name):
+  rule = aggregators.get(name)
+  x = make_stack(4)
+  tree = {'w': x[:, :4].reshape(N, 2, 2), 'b': x[:, 4:]}
+  out = rule(tree, f=F)
+  assert out['w'].shape == (2, 2) and out['b'].shape == (2,)
+  flat = np.concatenate([np.asarray(out['b']), np.asarray(out['w']).ravel()])
+  expected = np.asarray(rule(np.concatenate([x[:, 4:], x[:, :4]], axis=1), f=F))
+  np.testing.assert_allclose(flat, expected, atol=1e-5)
+  with jax.disable_jit():
+    eager = rule(tree, f=F)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out, eager)
+
+
+@pytest.mark.parametrize('name,params,ref', CASES[::2], ids=IDS[::2])
+def test_bfloat16_leaves(name, params, ref):
+  rule = aggregators.get(name)
+  x = make_stack(5).astype(jnp.bfloat16)
+  out = rule({'a': jnp.asarray(x)}, f=F, **params)['a']
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref(np.asarray(x, np.float32)), atol=0.05)
+
+
+def test_centred_distances_keep_the_float64_selection():
+  """Inputs sharing a large common component: the selection must match float64's."""
+  rng = np.random.default_rng(6)
+  d = 2000
+  common = rng.normal(size=(d,)) * 100.0
+  x64 = common + rng.normal(size=(N, d)) * 1e-2 * rng.uniform(0.5, 2.0, size=(N, 1))
+  x = x64.astype(np.float32)
+  x64 = x.astype(np.float64)  # the reference sees exactly the float32 inputs
+  for m in (1, 3, N - F):
+    idx = ref_multikrum_index(x64, F, m=m)
+    out = np.asarray(_krum.multikrum(x, f=F, m=m), np.float64)
+    np.testing.assert_allclose(out - common, x64[idx].mean(0) - common, atol=2e-3)
+    if m == 1:
+      dist = ((x64 - out) ** 2).sum(1)
+      assert int(np.argmin(dist)) == idx[0]
