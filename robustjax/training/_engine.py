@@ -41,6 +41,7 @@ from flax import nnx, struct
 from robustjax import stack as stk
 
 __all__ = [
+  'STATEFUL_ATTACKS',
   'TrainSpec',
   'TrainState',
   'Problem',
@@ -54,7 +55,9 @@ __all__ = [
 ]
 
 # Attacks that act on the data, not on the updates (the Byzantine rows keep what they compute).
-LABEL_FLIP_ATTACKS = ('label_flip', 'label_flipping', 'labelflip')
+LABEL_FLIP_ATTACKS = ('label_flip', 'label_flipping')
+# Stateful attacks (outside the attack registry): name -> (init, step) in `robustjax.attacks`.
+STATEFUL_ATTACKS = ('mimic_heuristic',)
 # Aggregators whose `center=` runtime argument is the previous aggregate (state across steps).
 STATEFUL_CENTER_AGGREGATORS = ('centered_clipping', 'centered_clip', 'cc')
 
@@ -130,6 +133,10 @@ class TrainSpec:
   def update_attack(self) -> bool:
     """Whether an attack replaces the Byzantine rows after the worker computation."""
     return self.num_byzantine > 0 and self.attack != 'none' and not self.label_flip
+
+  @property
+  def stateful_attack(self) -> bool:
+    return self.update_attack and self.attack in STATEFUL_ATTACKS
 
   @property
   def stateful_center(self) -> bool:
@@ -208,6 +215,13 @@ def init_state(spec: TrainSpec, problem: Problem, params, model_state, seed: int
   agg_state = {}
   if spec.stateful_center:
     agg_state = {'center': jax.tree.map(jnp.zeros_like, params)}
+  attack_state = {}
+  if spec.stateful_attack:
+    from robustjax import attacks
+
+    honest_like = jax.tree.map(lambda p: jnp.zeros((spec.num_honest,) + p.shape, p.dtype), params)
+    key = jax.random.fold_in(jax.random.key(seed), 1)
+    attack_state = {'mimic': attacks.mimic_heuristic_init(honest_like, key=key)}
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
@@ -215,13 +229,15 @@ def init_state(spec: TrainSpec, problem: Problem, params, model_state, seed: int
     opt_state=problem.tx.init(params),
     momentum=momentum,
     agg_state=agg_state,
-    attack_state={},
+    attack_state=attack_state,
     key=jax.random.key_data(jax.random.key(seed)),
   )
 
 
 def _flip(y, num_classes):
-  return num_classes - 1 - y
+  from robustjax import attacks
+
+  return attacks.flip_labels(y, num_classes)
 
 
 def _sample(key, data, part, batch_size):
@@ -293,14 +309,29 @@ def _call_attack(spec: TrainSpec, honest, key):
   return fn(honest, f=spec.num_byzantine, key=key, **params)
 
 
-def byzantine_stack(spec: TrainSpec, momentum, key):
-  """The stack the server receives: honest rows, then the attack's f rows (if it replaces them)."""
+def byzantine_stack(spec: TrainSpec, momentum, key, attack_state):
+  """The stack the server receives: honest rows, then the attack's f rows (if it replaces them).
+
+  Returns:
+    ``(received stack, new attack state)``.
+  """
   if not spec.update_attack:
-    return momentum
+    return momentum, attack_state
   nh = spec.num_honest
   honest = jax.tree.map(lambda x: x[:nh], momentum)
-  byz = _call_attack(spec, honest, key)
-  return jax.tree.map(lambda h, b: jnp.concatenate([h, b.astype(h.dtype)], 0), honest, byz)
+  if spec.stateful_attack:
+    from robustjax import attacks
+
+    params = dict(spec.attack_params)
+    params.setdefault('warmup', 10)
+    byz, mstate = attacks.mimic_heuristic(
+      honest, attack_state['mimic'], f=spec.num_byzantine, **params
+    )
+    attack_state = {'mimic': mstate}
+  else:
+    byz = _call_attack(spec, honest, key)
+  stack_ = jax.tree.map(lambda h, b: jnp.concatenate([h, b.astype(h.dtype)], 0), honest, byz)
+  return stack_, attack_state
 
 
 def server_update(

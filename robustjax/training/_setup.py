@@ -85,13 +85,14 @@ def make_pipeline(rule: str, f: int):
 def _attack_names() -> list[str]:
   from robustjax import attacks
 
-  return sorted(set(attacks.names()) | {'none'} | {eng.LABEL_FLIP_ATTACKS[0]})
+  extra = {'none', eng.LABEL_FLIP_ATTACKS[0], *eng.STATEFUL_ATTACKS}
+  return sorted(set(attacks.names()) | extra)
 
 
 def check_attack(name: str) -> None:
   from robustjax import attacks
 
-  if name == 'none' or name in eng.LABEL_FLIP_ATTACKS:
+  if name == 'none' or name in eng.LABEL_FLIP_ATTACKS or name in eng.STATEFUL_ATTACKS:
     return
   if name not in attacks.names():
     raise ValueError(f'unknown attack {name!r}; known attacks: {", ".join(_attack_names())}')
@@ -154,7 +155,7 @@ def _validate(spec, dim=3):
     )
   except ValueError as e:
     raise ValueError(f'rule {spec.pipeline.name!r} cannot run with n={n}, f={f}: {e}') from None
-  if spec.update_attack:
+  if spec.update_attack and not spec.stateful_attack:
     try:
       jax.eval_shape(
         lambda h: eng._call_attack(spec, h, key), jax.ShapeDtypeStruct((nh, dim), jnp.float32)

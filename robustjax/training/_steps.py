@@ -42,7 +42,9 @@ BACKENDS = ('vmap', 'shard_map', 'pmap')
 COORDINATEWISE = ('mean', 'median', 'trimmed_mean', 'meamed', 'coordinate_median', 'cwmed', 'cwtm')
 
 
-def _finish(spec, problem, state, mom_new, losses, received, key, k_agg, aggregate=None):
+def _finish(
+  spec, problem, state, mom_new, losses, received, attack_state, key, k_agg, aggregate=None
+):
   params, opt_state, agg_state, agg = eng.server_update(
     spec, problem, state, received, k_agg, aggregate=aggregate
   )
@@ -53,6 +55,7 @@ def _finish(spec, problem, state, mom_new, losses, received, key, k_agg, aggrega
     opt_state=opt_state,
     momentum=mom_new,
     agg_state=agg_state,
+    attack_state=attack_state,
     key=key,
   )
   return new, metrics
@@ -68,8 +71,8 @@ def _vmap_step(spec, problem):
     mom_new, losses = eng.worker_updates(
       spec, problem, state.params, state.model_state, state.momentum, wids, k_work, data
     )
-    received = eng.byzantine_stack(spec, mom_new, k_att)
-    return _finish(spec, problem, state, mom_new, losses, received, key, k_agg)
+    received, att = eng.byzantine_stack(spec, mom_new, k_att, state.attack_state)
+    return _finish(spec, problem, state, mom_new, losses, received, att, key, k_agg)
 
   return step
 
@@ -136,9 +139,9 @@ def _shard_map_step(spec, problem, mesh):
     )
     full = jax.sharding.reshard(mom_new, rep)
     losses = jax.sharding.reshard(losses, rep)
-    received = eng.byzantine_stack(spec, full, k_att)
+    received, att = eng.byzantine_stack(spec, full, k_att, state.attack_state)
     new, metrics = _finish(
-      spec, problem, state, full, losses, received, key, k_agg, aggregate=aggregate
+      spec, problem, state, full, losses, received, att, key, k_agg, aggregate=aggregate
     )
     return new.replace(momentum=mom_new), metrics
 
@@ -156,8 +159,8 @@ def _pmap_step(spec, problem, num_devices):
     )
     full = jax.lax.all_gather(mom_new, AXIS, tiled=True)
     losses = jax.lax.all_gather(losses, AXIS, tiled=True)
-    received = eng.byzantine_stack(spec, full, k_att)
-    new, metrics = _finish(spec, problem, state, full, losses, received, key, k_agg)
+    received, att = eng.byzantine_stack(spec, full, k_att, state.attack_state)
+    new, metrics = _finish(spec, problem, state, full, losses, received, att, key, k_agg)
     return new.replace(momentum=None), mom_new, metrics
 
   pbody = jax.pmap(
