@@ -1,0 +1,153 @@
+"""The stack primitives against float64 NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robustjax import stack as stk
+
+
+def _tree(n, seed=0, scale=1.0, offset=0.0):
+  rng = np.random.default_rng(seed)
+  return {
+    'w': (offset + scale * rng.normal(size=(n, 3, 4))).astype(np.float32),
+    'b': (offset + scale * rng.normal(size=(n, 5))).astype(np.float32),
+    'z': {'s': (offset + scale * rng.normal(size=(n, 1))).astype(np.float32)},
+  }
+
+
+def _flat64(tree):
+  return np.concatenate(
+    [np.asarray(x, np.float64).reshape(x.shape[0], -1) for x in jax.tree.leaves(tree)], axis=1
+  )
+
+
+def _ref_dists(flat):
+  diff = flat[:, None, :] - flat[None, :, :]
+  return np.sum(diff * diff, axis=-1)
+
+
+@pytest.mark.parametrize('n', [1, 2, 7])
+def test_pairwise_sq_dists_matches_float64(n):
+  tree = _tree(n, seed=n)
+  got = np.asarray(stk.pairwise_sq_dists(tree))
+  want = _ref_dists(_flat64(tree))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  assert np.all(np.diag(got) == 0)
+  np.testing.assert_allclose(got, got.T)
+
+
+def test_pairwise_sq_dists_explicit_center():
+  tree = _tree(5, seed=3)
+  center = jax.tree.map(lambda x: x.mean(0), tree)
+  got = np.asarray(stk.pairwise_sq_dists(tree, center=center))
+  np.testing.assert_allclose(got, _ref_dists(_flat64(tree)), rtol=1e-5, atol=1e-5)
+
+
+def test_pairwise_sq_dists_precision_with_large_common_component():
+  # A common component ~3000x larger than the spread between workers (model weights look so).
+  n, d = 8, 4096
+  rng = np.random.default_rng(0)
+  common = rng.normal(size=(1, d)) * 30.0
+  x64 = common + 0.01 * rng.normal(size=(n, d))
+  x = x64.astype(np.float32)
+  want = _ref_dists(x.astype(np.float64))  # exact distances of the float32 inputs
+  off = ~np.eye(n, dtype=bool)
+  got = np.asarray(stk.pairwise_sq_dists(x))
+  assert np.max(np.abs(got - want)[off] / want[off]) < 1e-3
+  # The naive uncentred formula in float32 is far off (this is why the primitive centres).
+  sq = np.sum(x * x, axis=1, dtype=np.float32)
+  naive = sq[:, None] + sq[None, :] - 2.0 * (x @ x.T)
+  assert np.max(np.abs(naive - want)[off] / want[off]) > 1e-2
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 1e38])
+def test_pairwise_sq_dists_nonfinite_worker(bad):
+  x = np.random.default_rng(1).normal(size=(6, 10)).astype(np.float32)
+  want = _ref_dists(x.astype(np.float64))
+  x[2, 3] = bad
+  got = np.asarray(stk.pairwise_sq_dists(x))
+  others = [0, 1, 3, 4, 5]
+  assert np.all(np.isinf(np.delete(got[2], 2))) and np.all(np.isinf(np.delete(got[:, 2], 2)))
+  assert got[2, 2] == 0
+  np.testing.assert_allclose(got[np.ix_(others, others)], want[np.ix_(others, others)], rtol=1e-5)
+
+
+def test_weighted_sum_vector_and_matrix_weights():
+  tree = _tree(6, seed=4)
+  flat = _flat64(tree)
+  rng = np.random.default_rng(5)
+  w = rng.normal(size=6).astype(np.float32)
+  out = stk.weighted_sum(w, tree)
+  np.testing.assert_allclose(
+    stk.flatten(jax.tree.map(lambda a: a[None], out))[0], w @ flat, rtol=1e-5
+  )
+  assert out['w'].shape == (3, 4)
+  wk = rng.normal(size=(3, 6)).astype(np.float32)
+  outk = stk.weighted_sum(wk, tree)
+  assert outk['w'].shape == (3, 3, 4)
+  np.testing.assert_allclose(stk.flatten(outk), wk @ flat, rtol=1e-5, atol=1e-5)
+
+
+def test_weighted_sum_ignore_nonfinite():
+  x = np.ones((4, 3), np.float32)
+  x[1] = np.nan
+  x[2, 0] = np.inf
+  w = np.array([0.5, 0.0, 0.0, 0.5], np.float32)
+  np.testing.assert_allclose(stk.weighted_sum(w, x), [1.0, 1.0, 1.0])
+  assert not np.all(np.isfinite(np.asarray(stk.weighted_sum(w, x, ignore_nonfinite=False))))
+
+
+def test_weighted_sum_keeps_dtype():
+  x = jnp.ones((4, 3), jnp.bfloat16)
+  out = stk.weighted_sum(jnp.full(4, 0.25), x)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), 1.0)
+
+
+def test_norms_and_dists_to():
+  tree = _tree(5, seed=6)
+  flat = _flat64(tree)
+  np.testing.assert_allclose(stk.sq_norms(tree), np.sum(flat**2, 1), rtol=1e-5)
+  np.testing.assert_allclose(stk.norms(tree), np.linalg.norm(flat, axis=1), rtol=1e-5)
+  point = jax.tree.map(lambda a: a[0], tree)
+  np.testing.assert_allclose(
+    stk.sq_dists_to(tree, point), np.sum((flat - flat[0]) ** 2, 1), rtol=1e-5, atol=1e-6
+  )
+
+
+def test_worker_finite():
+  x = np.zeros((4, 3), np.float32)
+  x[2, 1] = np.nan
+  np.testing.assert_array_equal(stk.worker_finite({'a': x, 'b': x[:, :1]}), [1, 1, 0, 1])
+
+
+def test_flatten_unflatten_round_trip():
+  tree = _tree(4, seed=7)
+  flat = stk.flatten(tree)
+  assert flat.shape == (4, 12 + 5 + 1)
+  back = stk.unflatten(flat, tree)
+  jax.tree.map(np.testing.assert_array_equal, back, tree)
+  one = stk.unflatten(flat[1], tree)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[1]), one, tree)
+  with pytest.raises(ValueError, match='unflatten'):
+    stk.unflatten(jnp.concatenate([flat, flat[:, :1]], axis=1), tree)
+
+
+def test_tree_index():
+  tree = _tree(5, seed=8)
+  sub = stk.tree_index(tree, np.array([4, 1]))
+  np.testing.assert_array_equal(sub['b'], tree['b'][[4, 1]])
+
+
+def test_num_workers_errors():
+  assert stk.num_workers(_tree(3), 'rule') == 3
+  with pytest.raises(ValueError, match='myrule.*empty'):
+    stk.num_workers({}, 'myrule')
+  with pytest.raises(ValueError, match='myrule.*empty'):
+    stk.num_workers(np.zeros((0, 2)), 'myrule')
+  with pytest.raises(ValueError, match='myrule.*same leading'):
+    stk.num_workers({'a': np.zeros((3, 2)), 'b': np.zeros((4,))}, 'myrule')
+  with pytest.raises(ValueError, match='myrule.*scalar'):
+    stk.num_workers({'a': np.zeros((3, 2)), 'b': np.float32(1.0)}, 'myrule')
