@@ -1,0 +1,360 @@
+r"""Times every registered aggregator (and pre-aggregator) on one (n, d) stack.
+
+Prints one table: rule, n, d, f, compile time, median run time, the ratio to the floor (one
+streaming pass over the stack: the jitted matvec `ones(n) @ x`), for distance-based rules the
+ratio to one n × n Gram product (`x @ x.T`), and with `--byzfl` the speed-up over ByzFL 0.0.11
+(torch, CPU) on the same input.
+
+Iterative rules (geometric_median, centered_clipping) run a fixed number of iterations (`--iters`,
+no early stop); their ratio to the floor is per iteration, measured as
+(t(iters) − t(1)) / (iters − 1).
+
+Examples:
+  python experiments/benchmark_aggregators.py --n=16 --d=100000 --f=3
+  python experiments/benchmark_aggregators.py --n=64 --d=1000000 --f=8 --byzfl \
+      --json_out=/tmp/agg.json
+  python experiments/benchmark_aggregators.py --compile_only --n=256 --d=1000 --f=8 \
+      --rules=median,trimmed_mean,meamed
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from robustjax import aggregators
+
+try:  # pre-aggregators may not exist yet
+  from robustjax import preaggregators
+except ImportError:  # pragma: no cover
+  preaggregators = None
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer('n', 16, 'number of workers')
+flags.DEFINE_integer('d', 100_000, 'dimension of each worker slice')
+flags.DEFINE_integer('f', 3, 'declared number of Byzantine workers')
+flags.DEFINE_list(
+  'rules', [], 'rules to time (default: every registered aggregator and pre-aggregator)'
+)
+flags.DEFINE_bool('preaggregators', True, 'also time the pre-aggregators (when --rules is empty)')
+flags.DEFINE_integer('repeats', 5, 'timed runs per rule (the median is reported)')
+flags.DEFINE_integer('warmup', 1, 'untimed runs after compilation')
+flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float64'], 'stack dtype')
+flags.DEFINE_integer('iters', 5, 'iterations for geometric_median / centered_clipping')
+flags.DEFINE_integer('seed', 0, 'seed of the random stack')
+flags.DEFINE_bool('compile_only', False, 'only measure compile times')
+flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
+flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
+flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
+flags.DEFINE_integer('byzfl_small_d', 100_000, 'd for ByzFL rules too slow / too big at full size')
+flags.DEFINE_integer('byzfl_small_n', 16, 'n for ByzFL rules that enumerate subsets (mda, smea)')
+flags.DEFINE_integer('byzfl_small_f', 3, 'f for ByzFL rules that enumerate subsets (mda, smea)')
+
+# Rules whose cost is dominated by the n × n Gram product: also reported against it.
+DISTANCE_RULES = {'krum', 'multikrum', 'bulyan', 'mda', 'smea', 'monna', 'nnm', 'arc'}
+ITERATIVE = {'geometric_median': 'iters', 'centered_clipping': 'iters'}
+
+
+def _params(name: str, n: int, f: int, iters: int) -> dict:
+  """Sensible parameters for each rule at (n, f)."""
+  if name == 'multikrum':
+    return {'m': n - f}
+  if name == 'geometric_median':
+    return {'iters': iters, 'tol': 0.0}  # fixed iteration count: no early stop
+  if name == 'centered_clipping':
+    return {'iters': iters, 'tau': 10.0}
+  if name == 'clipping':
+    return {'c': 1.0}
+  if name == 'bucketing':
+    return {'s': 2}
+  return {}
+
+
+def _time(fn, *args, repeats: int, warmup: int) -> tuple[float, float]:
+  """(compile seconds, median run seconds) of a jitted fn."""
+  t0 = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return compile_s, statistics.median(times)
+
+
+def _make_fn(kind: str, name: str, f: int, params: dict):
+  """A jitted function of (stack, key) calling the rule."""
+  if kind == 'aggregator':
+    rule = aggregators.get(name)
+  else:
+    rule = preaggregators.get(name)
+  if kind == 'preaggregator' and name == 'bucketing':
+    return jax.jit(lambda x, key: rule(x, f=f, key=key, **params))
+  return jax.jit(lambda x, key: rule(x, f=f, **params))
+
+
+def _all_rules():
+  rules = [('aggregator', r) for r in aggregators.names()]
+  if preaggregators is not None and FLAGS.preaggregators:
+    rules += [('preaggregator', r) for r in preaggregators.names()]
+  return rules
+
+
+def _requested_rules():
+  if not FLAGS.rules:
+    return _all_rules()
+  out = []
+  pre_names = preaggregators.names() if preaggregators is not None else []
+  for r in FLAGS.rules:
+    if r in aggregators.names():
+      out.append(('aggregator', r))
+    elif r in pre_names:
+      out.append(('preaggregator', r))
+    else:
+      out.append(('missing', r))
+  return out
+
+
+def _stack(n, d, seed, dtype):
+  x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+  return x, jnp.asarray(x, dtype=dtype)
+
+
+def time_robustjax(kind, name, x, f, *, repeats, warmup, iters, compile_only=False):
+  """Dict with compile_s and time_s (and per_iter_s for iterative rules)."""
+  n = x.shape[0]
+  key = jax.random.key(0)
+  params = _params(name, n, f, iters)
+  fn = _make_fn(kind, name, f, params)
+  reps = 0 if compile_only else repeats
+  compile_s, t = _time(fn, x, key, repeats=max(reps, 1), warmup=0 if compile_only else warmup)
+  row = {'compile_s': compile_s, 'time_s': t}
+  if name in ITERATIVE and not compile_only and iters > 1:
+    fn1 = _make_fn(kind, name, f, {**params, ITERATIVE[name]: 1})
+    _, t1 = _time(fn1, x, key, repeats=repeats, warmup=warmup)
+    row['time_1iter_s'] = t1
+    row['per_iter_s'] = max(t - t1, 0.0) / (iters - 1)
+  return row
+
+
+# --- ByzFL (optional) -----------------------------------------------------------------------------
+
+
+def _import_byzfl():
+  """Imports ByzFL's aggregator modules without its package __init__ (which needs torchvision)."""
+  import importlib
+  import importlib.util
+  import types
+
+  try:
+    import byzfl  # noqa: F401
+
+    return importlib.import_module('byzfl.aggregators')
+  except ImportError:
+    spec = importlib.util.find_spec('byzfl')
+    if spec is None or not spec.submodule_search_locations:
+      raise
+    for mod in [m for m in sys.modules if m == 'byzfl' or m.startswith('byzfl.')]:
+      del sys.modules[mod]
+    pkg = types.ModuleType('byzfl')
+    pkg.__path__ = list(spec.submodule_search_locations)
+    sys.modules['byzfl'] = pkg
+    return importlib.import_module('byzfl.aggregators')
+
+
+def _byzfl_rule(bz, name, n, f):
+  """(callable on a torch (n, d) tensor, note) for our rule `name`, or None if ByzFL lacks it."""
+  table = {
+    'mean': lambda: bz.Average(),
+    'median': lambda: bz.Median(),
+    'trimmed_mean': lambda: bz.TrMean(f=f),
+    'meamed': lambda: bz.Meamed(f=f),
+    'geometric_median': lambda: bz.GeometricMedian(nu=0.1, T=FLAGS.iters),
+    'krum': lambda: bz.Krum(f=f),
+    'multikrum': lambda: bz.MultiKrum(f=f),
+    'centered_clipping': lambda: bz.CenteredClipping(L=FLAGS.iters, tau=10.0),
+    'mda': lambda: bz.MDA(f=f),
+    'smea': lambda: bz.SMEA(f=f),
+    'monna': lambda: bz.MoNNA(f=f),
+    'caf': lambda: bz.CAF(f=f),
+    'nnm': lambda: bz.NNM(f=f),
+    'bucketing': lambda: bz.Bucketing(s=2),
+    'clipping': lambda: bz.Clipping(c=1.0),
+    'arc': lambda: bz.ARC(f=f),
+  }
+  if name not in table:
+    return None
+  # Fresh object per call: CenteredClipping keeps its centre as state.
+  return lambda v: table[name]()(v)
+
+
+def _byzfl_config(name, n, d, f):
+  """Where ByzFL cannot run at the full size, the (n, d, f) it is compared at, and why."""
+  if name in ('mda', 'smea') and math.comb(n, f) > 5000:
+    return (FLAGS.byzfl_small_n, min(d, FLAGS.byzfl_small_d), FLAGS.byzfl_small_f), (
+      f'ByzFL enumerates all C(n, f) = {math.comb(n, f):.2g} subsets'
+    )
+  if name == 'nnm' and n * (n - f) * d * 4 > 2e9:
+    return (n, min(d, FLAGS.byzfl_small_d), f), 'ByzFL builds an n × (n − f) × d tensor'
+  return None, ''
+
+
+def time_byzfl(fn, xt, repeats):
+  import torch
+
+  times = []
+  for _ in range(repeats):
+    v = xt.clone()  # some ByzFL pre-aggregators write into their input
+    t0 = time.perf_counter()
+    out = fn(v)
+    if isinstance(out, torch.Tensor):
+      out.sum().item()
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def _fmt(v, spec):
+  return '-' if v is None else format(v, spec)
+
+
+def main(argv):
+  del argv
+  n, d, f = FLAGS.n, FLAGS.d, FLAGS.f
+  dtype = jnp.dtype(FLAGS.dtype)
+  x_np, x = _stack(n, d, FLAGS.seed, dtype)
+  info = {
+    'jax': jax.__version__,
+    'backend': jax.default_backend(),
+    'device': str(jax.devices()[0].device_kind),
+    'cpu': platform.processor() or platform.machine(),
+    'n': n,
+    'd': d,
+    'f': f,
+    'dtype': FLAGS.dtype,
+  }
+  print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
+
+  floor_fn = jax.jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
+  gram_fn = jax.jit(lambda x: x @ x.T)
+  _, floor = _time(floor_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
+  _, gram = _time(gram_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
+  print(f'# floor (ones(n) @ x): {floor * 1e3:.2f} ms; Gram (x @ x.T): {gram * 1e3:.2f} ms')
+  info.update(floor_s=floor, gram_s=gram)
+
+  bz = xt = None
+  if FLAGS.byzfl:
+    import torch
+
+    bz = _import_byzfl()
+    xt = torch.from_numpy(x_np.copy())
+    info['torch'] = torch.__version__
+    info['torch_threads'] = torch.get_num_threads()
+
+  rows = []
+  for kind, name in _requested_rules():
+    row = {'rule': name, 'kind': kind, 'n': n, 'd': d, 'f': f}
+    if kind == 'missing':
+      row['note'] = 'not registered'
+      rows.append(row)
+      _print_row(row, header=len(rows) == 1)
+      continue
+    try:
+      row.update(
+        time_robustjax(
+          kind,
+          name,
+          x,
+          f,
+          repeats=FLAGS.repeats,
+          warmup=FLAGS.warmup,
+          iters=FLAGS.iters,
+          compile_only=FLAGS.compile_only,
+        )
+      )
+    except Exception as e:  # noqa: BLE001  (report and go on)
+      row['note'] = f'error: {type(e).__name__}: {str(e)[:80]}'
+      rows.append(row)
+      _print_row(row, header=len(rows) == 1)
+      continue
+    if not FLAGS.compile_only:
+      t = row.get('per_iter_s', row['time_s'])
+      row['vs_floor'] = t / floor
+      if name in DISTANCE_RULES:
+        row['vs_gram'] = row['time_s'] / gram
+    if bz is not None and not FLAGS.compile_only:
+      fn = _byzfl_rule(bz, name, n, f)
+      if fn is None:
+        row['note'] = 'not in ByzFL'
+      else:
+        small, why = _byzfl_config(name, n, d, f)
+        try:
+          if small is None:
+            tb = time_byzfl(fn, xt, FLAGS.byzfl_repeats)
+            row['byzfl_s'] = tb
+            row['speedup_vs_byzfl'] = tb / row['time_s']
+          else:
+            sn, sd, sf = small
+            sx_np, sx = _stack(sn, sd, FLAGS.seed, dtype)
+            fn_small = _byzfl_rule(bz, name, sn, sf)
+            import torch
+
+            tb = time_byzfl(fn_small, torch.from_numpy(sx_np), 1)
+            ours = time_robustjax(
+              kind, name, sx, sf, repeats=FLAGS.repeats, warmup=FLAGS.warmup, iters=FLAGS.iters
+            )
+            row['byzfl_s'] = tb
+            row['speedup_vs_byzfl'] = tb / ours['time_s']
+            row['note'] = f'ByzFL compared at n={sn}, d={sd}, f={sf}: {why}'
+        except Exception as e:  # noqa: BLE001
+          row['note'] = f'ByzFL error: {type(e).__name__}: {str(e)[:60]}'
+    rows.append(row)
+    _print_row(row, header=len(rows) == 1)
+  if FLAGS.json_out:
+    with open(FLAGS.json_out, 'w') as fh:
+      json.dump({'info': info, 'rows': rows}, fh, indent=1)
+    print(f'# wrote {FLAGS.json_out}')
+
+
+_HEADER = (
+  f'{"rule":<18} {"n":>4} {"d":>9} {"f":>3} {"compile s":>9} {"time ms":>10} '
+  f'{"×floor":>8} {"×gram":>7} {"ByzFL ms":>10} {"speed-up":>9}  note'
+)
+
+
+def _line(r):
+  t = r.get('time_s')
+  per = r.get('per_iter_s')
+  time_txt = _fmt(t and t * 1e3, '.1f')
+  if per is not None:
+    time_txt = f'{per * 1e3:.1f}/it'
+  return (
+    f'{r["rule"]:<18} {r["n"]:>4} {r["d"]:>9} {r["f"]:>3} {_fmt(r.get("compile_s"), ".2f"):>9} '
+    f'{time_txt:>10} {_fmt(r.get("vs_floor"), ".2f"):>8} {_fmt(r.get("vs_gram"), ".2f"):>7} '
+    f'{_fmt(r.get("byzfl_s") and r["byzfl_s"] * 1e3, ".0f"):>10} '
+    f'{_fmt(r.get("speedup_vs_byzfl"), ".0f"):>9}  {r.get("note", "")}'
+  )
+
+
+def _print_row(r, header=False):
+  if header:
+    print(_HEADER)
+  print(_line(r), flush=True)
+
+
+if __name__ == '__main__':
+  app.run(main)
