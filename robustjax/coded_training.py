@@ -74,12 +74,10 @@ class DracoRule:
   Attributes:
     groups: the repetition groups (`coding.draco_groups(n, f)`).
     f: the number of Byzantine workers tolerated.
-    rtol: the vote's relative tolerance.
   """
 
   groups: tuple
   f: int
-  rtol: float = 1e-4
 
   @classmethod
   def make(cls, n: int, f: int, *, r: int | None = None) -> DracoRule:
@@ -90,14 +88,15 @@ class DracoRule:
     return 'draco'
 
   def __call__(self, stack, key=None):
-    return coding.draco_decode(stack, groups=self.groups, f=self.f, rtol=self.rtol)
+    return coding.draco_decode(stack, groups=self.groups, f=self.f)
 
 
 def resolve_rule(rule, f: int) -> Callable:
   """A server rule `(stack, key) -> tree`.
 
   Names, `(name, params)` pairs, Pipelines and registered aggregator functions go through
-  `robustjax.preaggregators.as_rule` ('nnm+trimmed_mean' composes pre-aggregators and a rule); `DracoRule` and other callables `(stack, key)` pass through.
+  `robustjax.preaggregators.as_rule` ('nnm+trimmed_mean' composes pre-aggregators and a rule);
+  `DracoRule` and other callables `(stack, key)` pass through.
   """
   if isinstance(rule, DracoRule):
     return rule

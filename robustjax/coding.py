@@ -252,26 +252,31 @@ def draco(n: int, f: int, *, r: int | None = None, dtype=jnp.float32) -> jax.Arr
   return jnp.asarray(b, dtype)
 
 
-@functools.partial(jax.jit, static_argnames=('groups', 'f', 'rtol'))
-def draco_decode(stack, *, groups: tuple[int, ...], f: int, rtol: float = 1e-4):
+@functools.partial(jax.jit, static_argnames=('groups', 'f'))
+def draco_decode(stack, *, groups: tuple[int, ...], f: int):
   """DRACO's decoder: a majority vote inside each repetition group, then the weighted group mean.
 
-  Inside group k, worker a's vote count is the number of group members b with
-  ‖x_a − x_b‖² <= rtol² · max(‖x_a‖², median_i ‖x_i‖²) (itself included); the member with the
-  most votes (lowest index on ties) is the group's decoded vector v_k, and the output is
-  Σ_k (n_k / n) v_k, the full gradient. With at most f Byzantine workers and every group of size
-  >= 2f + 1, the honest members of a group (identical vectors) always out-vote the Byzantine
-  ones, so the recovery is exact; a Byzantine vector can only win by agreeing with the honest one
-  to within rtol.
+  The vote, group by group: the honest members of group k send identical vectors and hold a strict
+  majority (group size >= 2f + 1, at most f Byzantine workers), so in every coordinate the lower
+  median of the group's values *is* the honest value (a block of more than half of equal values in
+  a sorted list always covers the median position). The decoded vector v_k is the group member
+  closest (exact squared distances, no Gram expansion) to that coordinate-wise median: a received
+  message, the honest one (or a Byzantine copy of it). The output is Σ_k (n_k / n) v_k, the full
+  gradient. Exact with up to f Byzantine workers placed anywhere, whatever they send.
 
-  Non-finite inputs are at distance +inf from every other worker, so they never win a vote.
+  .. warning::
+     DRACO votes on whole messages; comparing float32 messages by their pairwise distances
+     (a Gram expansion) cannot tell rounding from disagreement, so the vote is done through the
+     coordinate-wise median, which selects the majority's value exactly. Honest copies that differ
+     in their last bits (float32 encodings of identical rows) are all within rounding of v_k.
+
+  Non-finite inputs are mapped to +inf before the median and are at infinite distance from it, so
+  they never win.
 
   Args:
     stack: the n received vectors (a stack).
     groups: the group id of every worker, from `draco_groups` (static).
     f: the declared number of Byzantine workers (checked against the group sizes).
-    rtol: the relative tolerance under which two messages count as equal (honest copies are
-      bit-identical in exact arithmetic; float32 encodings may differ in the last bits).
 
   Returns:
     One tree: the decoded full gradient.
@@ -279,7 +284,7 @@ def draco_decode(stack, *, groups: tuple[int, ...], f: int, rtol: float = 1e-4):
   Raises:
     ValueError: if the groups do not match the stack, or a group is smaller than 2f + 1.
 
-  Cost: one n × n Gram product (`pairwise_sq_dists`) and one weighted sum.
+  Cost: a sort of g × n × p values (g groups; non-members masked) and one weighted sum.
   """
   n = num_workers(stack, 'draco_decode')
   if len(groups) != n:
@@ -292,20 +297,22 @@ def draco_decode(stack, *, groups: tuple[int, ...], f: int, rtol: float = 1e-4):
     raise ValueError(
       f'draco_decode: every group needs >= 2f + 1 = {2 * f + 1} workers; smallest has {sizes.min()}'
     )
-  dist = _stack.pairwise_sq_dists(stack)
-  sq = _stack.sq_norms(stack)
-  sq = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
-  # tolerance scale: the larger of the worker's own squared norm and the median one (the median is
-  # an honest scale with fewer than n/2 Byzantine workers; it absorbs the float32 rounding of the
-  # centred Gram expansion in `pairwise_sq_dists`)
-  scale = jnp.maximum(jnp.where(jnp.isfinite(sq), sq, 0.0), jnp.sort(sq)[(n - 1) // 2])
-  same = jnp.asarray(g_np[:, None] == g_np[None, :])
-  agree = same & (dist <= (rtol**2) * scale[:, None])
-  votes = jnp.sum(agree, axis=1)
-  # winner per group: the most votes, lowest index on ties; one-hot over workers
-  score = votes * (n + 1) - jnp.arange(n)
-  best = jnp.max(jnp.where(same, score[None, :], -jnp.inf), axis=1)  # (n,) best score in i's group
-  winner = score == best
+  member = jnp.asarray(g_np[None, :] == np.arange(sizes.size)[:, None])  # (g, n)
+  mid = jnp.asarray((sizes - 1) // 2)  # lower-median position inside each group
+
+  dist = 0.0
+  for leaf in jax.tree.leaves(stack):
+    x = _stack.as_matrix(leaf)  # (n, p)
+    x = jnp.where(jnp.isfinite(x), x, jnp.inf)
+    masked = jnp.where(member[:, :, None], x[None], jnp.inf)  # (g, n, p), non-members last
+    med = jnp.take_along_axis(jnp.sort(masked, axis=1), mid[:, None, None], axis=1)[:, 0]  # (g, p)
+    diff = x - med[g_np]
+    dist = dist + jnp.sum(diff * diff, axis=1)
+  dist = jnp.where(jnp.isfinite(dist), dist, jnp.inf)
+  # winner per group: the member closest to the median, lowest index on ties
+  best = jnp.min(jnp.where(member, dist[None, :], jnp.inf), axis=1)  # (g,)
+  first = jnp.argmax(member & (dist[None, :] == best[:, None]), axis=1)  # (g,) winning worker
+  winner = jnp.zeros((n,), bool).at[first].set(True)
   weights = jnp.where(winner, jnp.asarray(sizes[g_np] / n, jnp.float32), 0.0)
   return _stack.weighted_sum(weights, stack)
 
