@@ -641,21 +641,33 @@ def _map(fn, xs, batch_size):
 def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
   """Grid search then refinement rounds, every round's candidates evaluated together.
 
-  All evaluated (scale, value) pairs are kept sorted; each round places `num_refine` points
-  strictly between the best scale's two sorted neighbours. Returns (best scale, best value).
+  All evaluated (scale, value) pairs are kept; each round places `num_refine` points strictly
+  between the best scale's two nearest evaluated neighbours. The rounds run in a `fori_loop`
+  (the defender is traced twice, whatever the number of rounds). Returns (best scale, value).
   """
-  pts = scales
-  vals = _map(evaluate, pts, batch_size)
-  for _ in range(refine_rounds):
-    order = jnp.argsort(pts)
-    pts, vals = pts[order], vals[order]
-    b = jnp.argmax(vals)
-    k = pts.shape[0]
-    lo = pts[jnp.maximum(b - 1, 0)]
-    hi = pts[jnp.minimum(b + 1, k - 1)]
-    new = lo + (hi - lo) * jnp.arange(1, num_refine + 1, dtype=pts.dtype) / (num_refine + 1)
-    pts = jnp.concatenate([pts, new])
-    vals = jnp.concatenate([vals, _map(evaluate, new, batch_size)])
+  k0 = scales.shape[0]
+  total = k0 + refine_rounds * num_refine
+  vals0 = _map(evaluate, scales, batch_size)
+  pts = jnp.full((total,), jnp.inf, scales.dtype).at[:k0].set(scales)
+  vals = jnp.full((total,), -jnp.inf, vals0.dtype).at[:k0].set(vals0)
+  frac = jnp.arange(1, num_refine + 1, dtype=scales.dtype) / (num_refine + 1)
+
+  def round_(r, carry):
+    pts, vals = carry
+    count = k0 + r * num_refine
+    order = jnp.argsort(pts)  # unfilled slots (+inf) sort last
+    sp, sv = pts[order], vals[order]
+    b = jnp.argmax(sv)
+    lo = sp[jnp.maximum(b - 1, 0)]
+    hi = sp[jnp.minimum(b + 1, count - 1)]
+    new = lo + (hi - lo) * frac
+    new_vals = _map(evaluate, new, batch_size)
+    pts = jax.lax.dynamic_update_slice(pts, new, (count,))
+    vals = jax.lax.dynamic_update_slice(vals, new_vals, (count,))
+    return pts, vals
+
+  if refine_rounds:
+    pts, vals = jax.lax.fori_loop(0, refine_rounds, round_, (pts, vals))
   b = jnp.argmax(vals)
   return pts[b], vals[b]
 
