@@ -56,38 +56,33 @@ def _median_rows(rows):
   return 0.5 * a + 0.5 * b
 
 
-def _mean_closest(rows, med, keep: int):
-  """Per coordinate, the mean of the `keep` values closest to `med` (ties: lower values first)."""
+def _mean_closest(rows, keep: int):
+  """Per coordinate, the mean of the `keep` values closest to the median (ties: lower first).
+
+  In sorted order w_0 <= ... <= w_{n-1} the `keep` values closest to the median m are a window
+  [s, s + keep − 1], s in [0, e] with e = n − keep. Moving the window up by one swaps w_j for
+  w_{j+keep}, which is better iff w_{j+keep} − m < m − w_j; that difference grows with j, so s is
+  the number of j < e for which it holds. Only the e + 1 lowest and e + 1 highest order statistics
+  and the median are selected (one pruned network); the window sum then comes from one clipped
+  pass: Σ_window w = Σ_i clip(x_i, lo, hi) − s·lo − (e − s)·hi with lo = w_s, hi = w_{s+keep−1}.
+  """
   n = len(rows)
-  if keep == n:
-    return med + sum(r - med for r in rows) / n
-  s = [r - med for r in rows]  # signed distances; +-inf for non-finite inputs
-  dist = [jnp.abs(v) for v in s]
-  (radius,) = _sorting.select(dist, [keep - 1])  # the keep-th smallest distance
-  zero = jnp.zeros_like(med)
-  sum_lt, cnt_lt = zero, zero
-  sum_lo, cnt_lo = zero, zero
-  sum_hi, cnt_hi = zero, zero
-  for v, dv in zip(s, dist):
-    lt = dv < radius
-    tie = dv == radius
-    lo = tie & (v < 0)
-    hi = tie & (v >= 0)
-    sum_lt += jnp.where(lt, v, 0.0)
-    cnt_lt += lt
-    sum_lo += jnp.where(lo, v, 0.0)
-    cnt_lo += lo
-    sum_hi += jnp.where(hi, v, 0.0)
-    cnt_hi += hi
-  need = keep - cnt_lt  # >= 1: how many values at distance exactly `radius` to take
-  take_lo = jnp.minimum(cnt_lo, need)
-  take_hi = need - take_lo
-  total = (
-    sum_lt
-    + jnp.where(take_lo > 0, take_lo * sum_lo / jnp.maximum(cnt_lo, 1.0), 0.0)
-    + jnp.where(take_hi > 0, take_hi * sum_hi / jnp.maximum(cnt_hi, 1.0), 0.0)
-  )
-  return med + total / keep
+  e = n - keep
+  if e == 0:
+    return sum(rows) / n
+  mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+  outer = list(range(e + 1)) + list(range(keep - 1, n))
+  positions = sorted(set(outer) | set(mid))
+  w = dict(zip(positions, _sorting.select(rows, positions)))
+  med = w[mid[0]] if len(mid) == 1 else 0.5 * w[mid[0]] + 0.5 * w[mid[1]]
+  lo, hi, start = w[0], w[keep - 1], jnp.zeros_like(med)
+  for j in range(e):
+    up = (w[j + keep] - med) < (med - w[j])  # strict: ties keep the lower window
+    lo = jnp.where(up, w[j + 1], lo)
+    hi = jnp.where(up, w[j + keep], hi)
+    start = jnp.where(up, float(j + 1), start)
+  inner = sum(jnp.clip(r, lo, hi) - lo for r in rows) - (e - start) * (hi - lo)
+  return lo + inner / keep
 
 
 def mean_closest_to_median(stack, *, keep: int):
@@ -105,8 +100,7 @@ def mean_closest_to_median(stack, *, keep: int):
   """
 
   def fn(x):
-    rows = _rows(x)
-    return _mean_closest(rows, _median_rows(rows), keep)
+    return _mean_closest(_rows(x), keep)
 
   return _columnwise(fn, stack)
 
@@ -244,8 +238,9 @@ def meamed(stack, *, f: int):
   Robustness: with at most f non-finite values per coordinate (NaN counts as +inf) the result is
   finite: the n − f closest values are finite.
 
-  Cost: two selection networks (the median, then the (n − f)-th smallest distance to it) and a few
-  elementwise passes, all fused into one loop.
+  Cost: one pruned selection network (the median and the f + 1 lowest and highest order
+  statistics: in sorted order the n − f closest values form a window, see `_mean_closest`) and one
+  clipped pass, fused into one loop: about the cost of `trimmed_mean`.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
