@@ -1,0 +1,128 @@
+"""The sharded (shard_map) and pmap steps equal the single-device vmapped step (8 CPU devices)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from ml_collections import config_dict
+
+from robustjax import training
+from robustjax.training import _engine as eng
+
+N, F = 8, 2
+
+
+def _config(rule='trimmed_mean', backend='vmap', attack='sign_flip'):
+  c = config_dict.ConfigDict()
+  c.update(
+    seed=3,
+    dataset='digits',
+    model='logistic',
+    split='dirichlet',
+    alpha=0.5,
+    gamma=0.5,
+    num_workers=N,
+    num_byzantine=F,
+    attack=attack,
+    rule=rule,
+    algorithm='dsgd',
+    local_steps=1,
+    local_lr=0.1,
+    batch_size=4,
+    momentum=0.9,
+    optimizer='sgd',
+    learning_rate=0.5,
+    lr_schedule='constant',
+    server_momentum=0.0,
+    weight_decay=1e-4,
+    num_steps=2,
+    backend=backend,
+    num_devices=None,
+    eval_chunk=512,
+  )
+  return c
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
+
+
+@functools.cache
+def _cached(rule, backend):
+  return _run(_config(rule, backend))
+
+
+def _run(config, steps=2):
+  exp = training.build(config)
+  state = exp.init_state()
+  for _ in range(steps):
+    state, metrics = exp.step(state)
+  return exp, state, metrics
+
+
+def test_eight_devices():
+  assert len(jax.devices()) == 8
+
+
+def test_per_worker_grads_equal_on_1_and_8_devices_pcast_trap():
+  exp = training.build(_config())
+  spec = eng.TrainSpec(**{**exp.spec.__dict__, 'momentum': 0.0})
+  params, ms = exp.params0, exp.model_state0
+  mom = jax.tree.map(lambda p: jnp.zeros((N,) + p.shape, p.dtype), params)
+  wids = jnp.arange(N, dtype=jnp.int32)
+  key = jax.random.key(7)
+  data = jax.tree.map(jnp.asarray, exp.problem.data)
+  ref, ref_loss = jax.jit(
+    lambda p, m, w, d: eng.worker_updates(spec, exp.problem, p, ms, m, w, key, d)
+  )(params, mom, wids, data)
+  ref = _flat(ref)
+  mesh = training.make_mesh(8)
+  rep, wk = training.replicated(mesh), training.worker_sharded(mesh)
+  args = (
+    training.put(params, rep),
+    training.put(ms, rep),
+    training.put(mom, wk),
+    training.put(np.arange(N, dtype=np.int32), wk),
+    training.put(np.asarray(jax.random.key_data(key)), rep),
+    training.put(exp.problem.data, rep),
+  )
+  for pcast in (True, False):
+    fn = jax.jit(training.sharded_worker_grads(spec, exp.problem, mesh, pcast=pcast))
+    g, loss = fn(*args)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(ref_loss), rtol=1e-6)
+    if pcast:
+      np.testing.assert_allclose(_flat(g), ref, rtol=1e-5, atol=1e-7)
+    else:  # the trap: grad of a replicated parameter sums the gradients across devices
+      assert np.max(np.abs(_flat(g) - ref)) > 1e-3
+
+
+@pytest.mark.parametrize('rule', ['mean', 'trimmed_mean', 'krum', 'nnm+trimmed_mean'])
+def test_sharded_step_equals_single_device(rule):
+  _, s1, m1 = _cached(rule, 'vmap')
+  exp8, s8, m8 = _cached(rule, 'shard_map')
+  assert exp8.backend == 'shard_map' and exp8.mesh.size == 8
+  for leaf in jax.tree.leaves(s8.momentum):  # the momentums stay sharded over the workers
+    assert leaf.sharding.spec[0] == training.AXIS
+    assert leaf.addressable_shards[0].data.shape[0] == N // 8
+  assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(s8.params))
+  np.testing.assert_allclose(_flat(s8.params), _flat(s1.params), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(_flat(s8.momentum), _flat(s1.momentum), rtol=2e-5, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(s8.key), np.asarray(s1.key))
+  np.testing.assert_allclose(float(m8['train_loss']), float(m1['train_loss']), rtol=1e-5)
+
+
+def test_pmap_backend_agrees():
+  _, s1, _ = _cached('nnm+trimmed_mean', 'vmap')
+  exp, sp, _ = _run(_config('nnm+trimmed_mean', 'pmap'))
+  assert exp.backend == 'pmap'
+  np.testing.assert_allclose(_flat(sp.params), _flat(s1.params), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(_flat(sp.momentum), _flat(s1.momentum), rtol=2e-5, atol=1e-6)
+
+
+def test_workers_must_divide_devices():
+  c = _config('mean', 'shard_map')
+  c.num_workers = 10
+  with pytest.raises(ValueError, match='multiple of the number of devices'):
+    training.build(c)

@@ -1,0 +1,207 @@
+"""The training engine: reproducibility, worker computation, attacks wiring, state, errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from ml_collections import config_dict
+
+from robustjax import attacks, training
+from robustjax.training import _engine as eng
+
+
+def _config(**kw):
+  c = config_dict.ConfigDict()
+  c.update(
+    seed=0,
+    dataset='digits',
+    model='logistic',
+    split='iid',
+    alpha=1.0,
+    gamma=0.5,
+    num_workers=6,
+    num_byzantine=1,
+    attack='sign_flip',
+    rule='trimmed_mean',
+    algorithm='dsgd',
+    local_steps=2,
+    local_lr=0.1,
+    batch_size=4,
+    momentum=0.5,
+    optimizer='sgd',
+    learning_rate=0.5,
+    lr_schedule='constant',
+    server_momentum=0.0,
+    weight_decay=0.0,
+    num_steps=3,
+    backend='vmap',
+    num_devices=None,
+    eval_chunk=256,
+  )
+  c.update(kw)
+  return c
+
+
+def _flat(tree):
+  return np.concatenate([np.ravel(x) for x in jax.tree.leaves(jax.device_get(tree))])
+
+
+def _steps(exp, k, state=None):
+  state = exp.init_state() if state is None else state
+  for _ in range(k):
+    state, m = exp.step(state)
+  return state, m
+
+
+@pytest.fixture(scope='module')
+def exp():
+  return training.build(_config())
+
+
+def test_bitwise_reproducible_for_a_seed(exp):
+  a, _ = _steps(exp, 3)
+  b, _ = _steps(training.build(_config()), 3)  # a fresh build: a fresh compilation
+  np.testing.assert_array_equal(_flat(a), _flat(b))
+  assert int(a.step) == 3
+
+
+def test_seed_changes_the_run(exp):
+  a, _ = _steps(exp, 1)
+  b, _ = _steps(training.build(_config(seed=1)), 1)
+  assert not np.array_equal(_flat(a.params), _flat(b.params))
+
+
+def _manual_worker_grad(exp, params, key, wid, flip=False):
+  """Float64 NumPy reference of one worker's gradient (logistic regression, softmax CE)."""
+  spec, d = exp.spec, exp.problem.data
+  nh = spec.num_honest
+  k = jax.random.fold_in(key, wid)
+  part = wid if wid < nh else (wid - nh) % nh
+  pos = np.asarray(jax.random.randint(k, (spec.batch_size,), 0, d['sizes'][part]))
+  ex = d['idx'][part, pos]
+  x = d['x_train'][ex].reshape(len(ex), -1).astype(np.float64)
+  y = d['y_train'][ex]
+  if flip:
+    y = spec.num_classes - 1 - y
+  w = np.asarray(params['dense']['kernel'][...], np.float64)
+  b = np.asarray(params['dense']['bias'][...], np.float64)
+  z = x @ w + b
+  p = np.exp(z - z.max(1, keepdims=True))
+  p /= p.sum(1, keepdims=True)
+  p[np.arange(len(y)), y] -= 1.0
+  p /= len(y)
+  return {'kernel': x.T @ p, 'bias': p.sum(0)}
+
+
+@pytest.mark.parametrize('attack', ['sign_flip', 'label_flip'])
+def test_worker_gradients_and_momentum_against_numpy(exp, attack):
+  spec = dataclasses.replace(exp.spec, attack=attack)
+  params = exp.params0
+  n = spec.num_workers
+  mom0 = jax.tree.map(
+    lambda p: jax.random.normal(jax.random.key(1), (n,) + p.shape, p.dtype), params
+  )
+  key = jax.random.key(5)
+  data = jax.tree.map(jnp.asarray, exp.problem.data)
+  mom, _ = eng.worker_updates(
+    spec, exp.problem, params, exp.model_state0, mom0, jnp.arange(n), key, data
+  )
+  beta = spec.momentum
+  for wid in range(n):
+    flip = attack == 'label_flip' and wid >= spec.num_honest
+    g = _manual_worker_grad(exp, params, key, wid, flip)
+    for name in ('kernel', 'bias'):
+      want = beta * np.asarray(mom0['dense'][name][...][wid]) + (1 - beta) * g[name]
+      got = np.asarray(mom['dense'][name][...][wid])
+      np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6)
+
+
+def test_byzantine_rows_come_from_the_attack_on_honest_momentums(exp):
+  spec = exp.spec
+  stack = jax.random.normal(jax.random.key(2), (spec.num_workers, 5))
+  received, _ = eng.byzantine_stack(spec, stack, jax.random.key(0), {})
+  nh = spec.num_honest
+  np.testing.assert_array_equal(np.asarray(received[:nh]), np.asarray(stack[:nh]))
+  want = attacks.get('sign_flip')(stack[:nh], f=spec.num_byzantine)
+  np.testing.assert_allclose(np.asarray(received[nh:]), np.asarray(want), rtol=1e-6)
+  flip = dataclasses.replace(spec, attack='label_flip')
+  kept, _ = eng.byzantine_stack(flip, stack, jax.random.key(0), {})
+  np.testing.assert_array_equal(np.asarray(kept), np.asarray(stack))
+
+
+def test_centered_clipping_centre_is_the_previous_aggregate():
+  exp = training.build(_config(rule='centered_clipping(tau=0.1)', momentum=0.0))
+  s0 = exp.init_state()
+  assert set(s0.agg_state) == {'center'}
+  s1, _ = exp.step(s0)
+  s2, _ = exp.step(s1)
+  lr = 0.5  # sgd, no weight decay: params_{t+1} = params_t - lr * aggregate_t
+  agg = jax.tree.map(lambda a, b: (a - b) / lr, s1.params, s2.params)
+  np.testing.assert_allclose(_flat(s2.agg_state['center']), _flat(agg), rtol=1e-3, atol=1e-6)
+
+
+def test_mimic_heuristic_state_is_carried():
+  exp = training.build(_config(attack='mimic_heuristic(warmup=2)'))
+  s, _ = _steps(exp, 3)
+  assert int(s.attack_state['mimic'].step) == 3
+
+
+def test_local_steps_train_and_evaluate():
+  exp = training.build(_config(algorithm='local', learning_rate=1.0, momentum=0.0))
+  before = exp.evaluate(exp.init_state())
+  s, m = _steps(exp, 3)
+  after = exp.evaluate(s)
+  assert after['train_loss'] < before['train_loss']
+  assert np.isfinite(float(m['agg_error']))
+
+
+def test_honest_objective_against_numpy(exp):
+  s = exp.init_state()
+  out = exp.evaluate(s)
+  d = exp.problem.data
+  logits = np.asarray(exp.problem.apply(s.params, s.model_state, d['x_train']), np.float64)
+  lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+  loss = lse - logits[np.arange(len(logits)), d['y_train']]
+  per_worker = [loss[d['idx'][i, : d['sizes'][i]]].mean() for i in range(len(d['sizes']))]
+  np.testing.assert_allclose(out['train_loss'], np.mean(per_worker), rtol=1e-5)
+  acc = np.mean(logits.argmax(1) == d['y_train'])
+  np.testing.assert_allclose(out['train_accuracy'], acc, rtol=1e-6)
+
+
+def test_optimizer_from_config():
+  tx = training.make_optimizer(_config(optimizer='adamw', weight_decay=0.1))
+  assert isinstance(tx, optax.GradientTransformation)
+  with pytest.raises(ValueError, match='known optimizers'):
+    training.make_optimizer(_config(optimizer='lion'))
+
+
+def test_parse_specs():
+  assert training.parse_spec('alie(z=1.5)') == ('alie', {'z': 1.5})
+  assert training.parse_spec('mlp(hidden=(64, 32))') == ('mlp', {'hidden': (64, 32)})
+  pre, agg, params = training.parse_rule('bucketing(s=2)+nnm+krum(m=3)')
+  assert pre == (('bucketing', {'s': 2}), 'nnm') and agg == 'krum' and params == {'m': 3}
+  with pytest.raises(ValueError, match='cannot parse'):
+    training.parse_spec('alie(1.5')
+
+
+@pytest.mark.parametrize(
+  'kw, match',
+  [
+    ({'rule': 'krumm'}, 'unknown aggregator .*known aggregators: .*krum'),
+    ({'rule': 'nnmm+mean'}, 'unknown pre-aggregator .*nnm'),
+    ({'attack': 'alie2'}, 'unknown attack .*known attacks: .*alie.*label_flip'),
+    ({'rule': 'krum', 'num_workers': 6, 'num_byzantine': 2}, "rule 'krum' cannot run.*n=6, f=2"),
+    ({'rule': 'trimmed_mean', 'num_workers': 6, 'num_byzantine': 3}, 'n=6, f=3'),
+    ({'num_byzantine': 6}, 'at least one honest worker'),
+    ({'model': 'transformer'}, 'known'),
+    ({'split': 'weird'}, 'known'),
+    ({'backend': 'tpu'}, 'known backends'),
+    ({'algorithm': 'admm'}, 'known algorithms'),
+  ],
+)
+def test_clear_errors(kw, match):
+  with pytest.raises(ValueError, match=match):
+    training.build(_config(**kw))
