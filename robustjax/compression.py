@@ -297,6 +297,10 @@ class ErrorFeedback:
   Σ_t sent_t = Σ_t c_t − e_T (the telescoping identity the tests check). With a δ-contractive C
   the memory stays bounded (‖e‖² = O(‖c‖²/δ²)), which is what makes biased compressors converge.
 
+  .. warning::
+     The compressor must be contractive (`TopK`, `ScaledSign`). Unbiased compressors scaled up
+     (`RandK` multiplies by D/k, ω > 1) are not, and error feedback around them diverges.
+
   Example:
     >>> ef = ErrorFeedback(TopK(k=10))
     >>> e = ef.init(c)
