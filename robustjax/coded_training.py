@@ -131,19 +131,16 @@ def subset_gradients(loss_fn: Callable, params, subsets, *, mesh=None):
   """vmap(grad(loss_fn)) over the leading (subset) axis of `subsets`: a stack of m gradients.
 
   With a mesh (axis 'workers'), each device computes its m/k subsets inside a `jax.shard_map`
-  (parameters marked varying first) and the result is all-gathered (replicated).
+  (parameters marked varying first); the result stays sharded over 'workers'.
   """
   grad = jax.vmap(jax.grad(loss_fn), in_axes=(None, 0))
   if mesh is None:
     return grad(params, subsets)
 
-  @functools.partial(
-    jax.shard_map, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(), check_vma=True
-  )
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P(AXIS))
   def body(p, s):
     p = jax.lax.pcast(p, AXIS, to='varying')
-    g = grad(p, s)
-    return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, tiled=True), g)
+    return grad(p, s)
 
   return body(params, subsets)
 
