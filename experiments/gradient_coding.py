@@ -17,7 +17,7 @@ Usage:
 
 Writes ``results.npz`` and ``summary.json`` in the workdir, the figures
 ``docs/figures/gradient_coding_*.png`` (``make_figures``), and, with ``update_doc``, the results
-table between the ``<!-- results -->`` markers of docs/gradient_coding.md.
+table between the ``<!-- results:ATTACK -->`` markers of docs/gradient_coding.md.
 """
 
 from __future__ import annotations
@@ -231,11 +231,12 @@ def markdown_table(cfg, rows) -> str:
       for f in fs:
         match = [r for r in sub if r['f'] == f and r['method'] == method and r['d'] == d]
         if match:
-          cells.append(f'{match[0]["final_error_median"]:.2e}')
+          v = match[0]['final_error_median']
+          cells.append(f'{v:.2e}' if np.isfinite(v) and v < 1e3 else 'diverged')
           loads.append(match[0]['subsets_per_worker'])
         else:
           cells.append('–')
-      load = ' / '.join(sorted({f'{x:g}' for x in loads}, key=float)) if loads else '–'
+      load = ' / '.join(f'{x:.3g}' for x in loads) if loads else '–'
       dd = '–' if d is None else (f'{d}' if method.startswith('LAD') else '1 (fixed)')
       out.append(f'| {method} | {dd} | {load} | ' + ' | '.join(cells) + ' |')
     out.append('')
@@ -257,8 +258,15 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
   colors = {'mean': 'tab:gray', 'trimmed_mean': 'tab:blue', 'nnm+trimmed_mean': 'tab:green'}
   paths = []
 
+  top = 1e2  # diverged runs (CWTM at f = 20 without enough redundancy) leave through the top
+
   def med(x):
-    return np.median(x, axis=0)
+    m = np.median(x, axis=0)
+    return np.where(np.isfinite(m), np.minimum(m, 10 * top), 10 * top)
+
+  def finish(ax):
+    ax.set_ylim(top=top)
+    ax.grid(alpha=0.3, which='both')
 
   # 1. error vs iterations
   fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
@@ -280,11 +288,11 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_yscale('log')
     ax.set_xlabel('iteration')
     ax.set_title(f'n = {cfg.num_workers}, f = {f}, attack: {cfg.attack}')
-    ax.grid(alpha=0.3, which='both')
+    finish(ax)
   axes[0].set_ylabel('relative error ‖w − w*‖² / ‖w*‖² (median of seeds)')
   axes[-1].legend(fontsize=7, loc='upper right')
   fig.tight_layout()
-  p = os.path.join(outdir, 'gradient_coding_iterations.png')
+  p = os.path.join(outdir, f'{cfg.figure_prefix}_iterations.png')
   fig.savefig(p, dpi=110)
   plt.close(fig)
   paths.append(p)
@@ -299,7 +307,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
           continue
         errs = runs[(f, tag, rule)][0]
         lab = RULE_LABELS.get(rule, rule) + (' (compressed)' if tag == 'com' else '')
-        y = [np.median(errs[:, variants.index((d, True)), -1]) for d in ds]
+        y = [med(errs[:, variants.index((d, True)), -1:])[0] for d in ds]
         ax.plot(ds, y, color=colors.get(rule), ls=ls, marker=mk, ms=4, label=f'LAD-{lab}')
       if (f, tag, 'draco') in runs:
         errs, loads, _ = runs[(f, tag, 'draco')]
@@ -316,12 +324,12 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel('redundancy d = subsets computed per worker per step')
-    ax.set_title(f'final error after {cfg.num_steps} steps, f = {f}')
-    ax.grid(alpha=0.3, which='both')
+    ax.set_title(f'final error after {cfg.num_steps} steps, f = {f}, {cfg.attack}')
+    finish(ax)
   axes[0].set_ylabel('relative error (median of seeds)')
   axes[-1].legend(fontsize=7)
   fig.tight_layout()
-  p = os.path.join(outdir, 'gradient_coding_redundancy.png')
+  p = os.path.join(outdir, f'{cfg.figure_prefix}_redundancy.png')
   fig.savefig(p, dpi=110)
   plt.close(fig)
   paths.append(p)
@@ -347,12 +355,12 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel('computation: subset gradients per worker, cumulative')
-    ax.set_title(f'f = {f}')
-    ax.grid(alpha=0.3, which='both')
+    ax.set_title(f'f = {f}, {cfg.attack}')
+    finish(ax)
   axes[0].set_ylabel('relative error (median of seeds)')
   axes[-1].legend(fontsize=7)
   fig.tight_layout()
-  p = os.path.join(outdir, 'gradient_coding_computation.png')
+  p = os.path.join(outdir, f'{cfg.figure_prefix}_computation.png')
   fig.savefig(p, dpi=110)
   plt.close(fig)
   paths.append(p)
@@ -388,20 +396,20 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
       ax.set_xscale('log')
       ax.set_yscale('log')
       ax.set_xlabel('bits sent per worker, cumulative')
-      ax.set_title(f'f = {f}; dashed: compressed ({cfg.compressor})')
-      ax.grid(alpha=0.3, which='both')
+      ax.set_title(f'f = {f}, {cfg.attack}; dashed: compressed ({cfg.compressor})')
+      finish(ax)
     axes[0].set_ylabel('relative error (median of seeds)')
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
-    p = os.path.join(outdir, 'gradient_coding_communication.png')
+    p = os.path.join(outdir, f'{cfg.figure_prefix}_communication.png')
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
   return paths
 
 
-def update_doc(path: str, table: str) -> None:
-  start, end = '<!-- results -->', '<!-- /results -->'
+def update_doc(path: str, table: str, tag: str) -> None:
+  start, end = f'<!-- results:{tag} -->', f'<!-- /results:{tag} -->'
   with open(path) as fh:
     text = fh.read()
   if start not in text or end not in text:
@@ -435,7 +443,7 @@ def main(argv):
     for p in make_figures(cfg, results, cfg.figures_dir):
       print('wrote', p)
   if cfg.update_doc:
-    update_doc(cfg.doc, table)
+    update_doc(cfg.doc, table, cfg.attack)
     print('updated', cfg.doc)
 
 

@@ -6,7 +6,8 @@ a small ridge so that the subset gradients disagree at the optimum), n = 100 wor
 NNM + CWTM, each with plain assignment (d = 1, fixed) and LAD (re-drawn cyclic code,
 d in {1, 2, 5, 10, 20, 50}); DRACO (r = 2f + 1); every method also compressed (QSGD, Com-LAD).
 
-Variants: ``--config=experiments/configs/lad.py:smoke`` (tiny, seconds; what the tests run).
+Variants: ``--config=experiments/configs/lad.py:smoke`` (tiny, seconds; what the tests run),
+``:sign_flip`` (the same sweep under the sign-flipping attack).
 """
 
 from ml_collections import config_dict
@@ -38,10 +39,14 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c.seed = 0
   # Outputs.
   c.figures_dir = 'docs/figures'
+  c.figure_prefix = 'gradient_coding'  # figures: <figures_dir>/<prefix>_{iterations,...}.png
   c.doc = 'docs/gradient_coding.md'  # its results block is rewritten when update_doc is set
   c.update_doc = False
   c.make_figures = True
-  if variant == 'smoke':
+  if variant == 'sign_flip':
+    c.attack = 'sign_flip'
+    c.figure_prefix = 'gradient_coding_sign_flip'
+  elif variant == 'smoke':
     c.num_samples = 16
     c.dim = 8
     c.num_workers = 16
@@ -51,5 +56,5 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
     c.num_seeds = 2
     c.make_figures = False
   elif variant:
-    raise ValueError(f'lad config: unknown variant {variant!r} (known: smoke)')
+    raise ValueError(f'lad config: unknown variant {variant!r} (known: smoke, sign_flip)')
   return c
