@@ -207,8 +207,8 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
 
   Edge cases: a slice whose distance to v is not finite (NaN / ±Inf entries, or an overflowing
   square such as 1e38 in float32) gets clipping weight 0 (it is treated as if it had been clipped
-  to v), so with a finite τ up to f such slices leave the output finite. With τ = +inf the rule
-  is the mean of the slices at a finite distance.
+  to v), so with a finite τ up to f such slices leave the output finite. With τ = +inf and
+  finite inputs one iteration is the mean.
 
   Cost: per iteration one pass for the distances (`sq_dists_to`) and one for the weighted
   combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
