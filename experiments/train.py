@@ -4,7 +4,7 @@ Examples:
   python experiments/train.py --workdir=/tmp/rj --config=experiments/configs/default.py
   python experiments/train.py --workdir=/tmp/rj --config=experiments/configs/default.py:smoke
   python experiments/train.py --workdir=/tmp/rj --config=experiments/configs/default.py \
-      --config.rule='nnm+krum' --config.attack='alie(z=1.5)' --config.num_workers=32
+      --config.rule='nnm+krum' --config.attack='ipm(eps=0.5)' --config.num_workers=32
 
 Multi-host: pass --coordinator_address / --num_processes / --process_id (or set
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); every process runs the same

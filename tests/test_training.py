@@ -179,7 +179,7 @@ def test_optimizer_from_config():
 
 
 def test_parse_specs():
-  assert training.parse_spec('alie(z=1.5)') == ('alie', {'z': 1.5})
+  assert training.parse_spec('ipm(eps=0.5)') == ('ipm', {'eps': 0.5})
   assert training.parse_spec('mlp(hidden=(64, 32))') == ('mlp', {'hidden': (64, 32)})
   pre, agg, params = training.parse_rule('bucketing(s=2)+nnm+krum(m=3)')
   assert pre == (('bucketing', {'s': 2}), 'nnm') and agg == 'krum' and params == {'m': 3}
@@ -195,6 +195,7 @@ def test_parse_specs():
     ({'attack': 'alie2'}, 'unknown attack .*known attacks: .*alie.*label_flip'),
     ({'rule': 'krum', 'num_workers': 6, 'num_byzantine': 2}, "rule 'krum' cannot run.*n=6, f=2"),
     ({'rule': 'trimmed_mean', 'num_workers': 6, 'num_byzantine': 3}, 'n=6, f=3'),
+    ({'attack': 'alie(z=1.5)'}, "attack 'alie' cannot run.*z"),
     ({'num_byzantine': 6}, 'at least one honest worker'),
     ({'model': 'transformer'}, 'known'),
     ({'split': 'weird'}, 'known'),

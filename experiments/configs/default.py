@@ -2,11 +2,11 @@
 
 Variants: ``--config=experiments/configs/default.py:smoke`` (a few steps, tiny sizes, for tests).
 Every field can be overridden on the command line, e.g. ``--config.rule='nnm+krum'
---config.attack='alie(z=1.5)' --config.num_workers=32``.
+--config.attack='ipm(eps=0.5)' --config.num_workers=32``.
 
 Spec strings: ``rule`` is pre-aggregators then the aggregator joined by ``+``, each optionally
 with keyword parameters (``'bucketing(s=2)+krum(m=3)'``); ``attack`` and ``model`` likewise
-(``'alie(z=1.5)'``, ``'mlp(hidden=(64,))'``). ``attack='none'`` makes the f Byzantine workers
+(``'ipm(eps=0.5)'``, ``'mlp(hidden=(64,))'``). ``attack='none'`` makes the f Byzantine workers
 behave honestly (a baseline where the rule still assumes f); ``'label_flip'`` makes them compute
 honest gradients on flipped labels.
 """

@@ -3,7 +3,7 @@
 Rules, attacks and models are named by *spec strings*, convenient on a command line:
 ``'nnm+krum'`` (pre-aggregators then the aggregator, joined by ``+``, the same spelling as
 `Pipeline.name`), with keyword parameters in parentheses: ``'bucketing(s=2)+krum(m=3)'``,
-``'alie(z=1.5)'``, ``'mlp(hidden=(64,))'``. Values are Python literals.
+``'ipm(eps=0.5)'``, ``'mlp(hidden=(64,))'``. Values are Python literals.
 """
 
 from __future__ import annotations
@@ -153,14 +153,14 @@ def _validate(spec, dim=3):
     jax.eval_shape(
       lambda s: spec.pipeline(s, key=key, **runtime), jax.ShapeDtypeStruct((n, dim), jnp.float32)
     )
-  except ValueError as e:
+  except (TypeError, ValueError) as e:
     raise ValueError(f'rule {spec.pipeline.name!r} cannot run with n={n}, f={f}: {e}') from None
   if spec.update_attack and not spec.stateful_attack:
     try:
       jax.eval_shape(
         lambda h: eng._call_attack(spec, h, key), jax.ShapeDtypeStruct((nh, dim), jnp.float32)
       )
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
       raise ValueError(f'attack {spec.attack!r} cannot run with n={n}, f={f}: {e}') from None
 
 
