@@ -1,0 +1,166 @@
+r"""Training-step throughput: workers as a vmapped array axis vs a Python loop over workers.
+
+For each n, one robust D-SGD step (MLP on the embedded digits data, batch 32 per worker, worker
+momentum, aggregation, optax update) is timed two ways, in the same run:
+
+* ``vmap``: the library's step, one jitted function with `jax.vmap` over the worker axis;
+* ``loop``: the structure existing simulators use: a jitted per-worker gradient (the same
+  function, batch sampling included) called in a Python loop over the workers, the results
+  stacked (`jnp.stack`), then the same jitted aggregation + update.
+
+Throughput is worker-steps per second (n × steps / seconds), best of `--repeats` timings of at
+least `--min_time` seconds each, after a warm-up step (compilation excluded). The loop runs only
+up to ``--loop_max_n`` workers (its time grows linearly with n).
+
+  python experiments/benchmark_training.py
+  python experiments/benchmark_training.py --ns=8,128 --rule=trimmed_mean --f=2 --attack=alie
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list('ns', ['8', '32', '128', '512', '1024'], 'Numbers of workers.')
+flags.DEFINE_integer('loop_max_n', 512, 'Largest n for the Python-loop baseline.')
+flags.DEFINE_string('rule', 'mean', 'Rule spec (pre+...+aggregator).')
+flags.DEFINE_integer('f', 0, 'Byzantine workers.')
+flags.DEFINE_string('attack', 'none', 'Attack spec.')
+flags.DEFINE_string('model', 'mlp', 'Model spec (default: MLP 64-64).')
+flags.DEFINE_integer('batch_size', 32, 'Examples per worker per step.')
+flags.DEFINE_float('min_time', 1.0, 'Minimum seconds per timing.')
+flags.DEFINE_integer('repeats', 3, 'Timings per measurement (best is kept).')
+
+
+def _config(n):
+  import importlib.util
+
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'default.py')
+  spec = importlib.util.spec_from_file_location('default_config', path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  c = mod.get_config()
+  c.num_workers, c.num_byzantine = n, FLAGS.f
+  c.rule, c.attack, c.model = FLAGS.rule, FLAGS.attack, FLAGS.model
+  c.batch_size, c.backend = FLAGS.batch_size, 'vmap'
+  return c
+
+
+def _loop_step(exp):
+  """The per-worker-loop step: a jitted one-worker update called n times, stacked, aggregated."""
+  import jax
+  import jax.numpy as jnp
+
+  from robustjax.training import _engine as eng
+  from robustjax.training import _steps
+
+  spec, problem = exp.spec, exp.problem
+
+  @jax.jit
+  def one(params, model_state, m, wid, key, data):
+    m1, loss = eng.worker_updates(
+      spec,
+      problem,
+      params,
+      model_state,
+      jax.tree.map(lambda x: x[None], m),
+      wid[None],
+      key,
+      data,
+    )
+    return jax.tree.map(lambda x: x[0], m1), loss[0]
+
+  @jax.jit
+  def server(state, mom_new, losses, key, k_att, k_agg):
+    received, att = eng.byzantine_stack(spec, mom_new, k_att, state.attack_state)
+    return _steps._finish(spec, problem, state, mom_new, losses, received, att, key, k_agg)
+
+  split = jax.jit(eng.split_step_key)
+  wids = [jnp.asarray(i, jnp.int32) for i in range(spec.num_workers)]
+
+  def step(state):
+    key, k_work, k_att, k_agg = split(state)
+    outs = [
+      one(
+        state.params,
+        state.model_state,
+        jax.tree.map(lambda x, i=i: x[i], state.momentum),
+        wids[i],
+        k_work,
+        exp.data,
+      )
+      for i in range(spec.num_workers)
+    ]
+    mom_new = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outs])
+    losses = jnp.stack([o[1] for o in outs])
+    return server(state, mom_new, losses, key, k_att, k_agg)
+
+  return step
+
+
+def _time(step, state):
+  import jax
+
+  state, _ = step(state)  # warm-up / compile
+  jax.block_until_ready(state)
+  best = float('inf')
+  for _ in range(FLAGS.repeats):
+    k, t0 = 0, time.perf_counter()
+    while True:
+      state, m = step(state)
+      k += 1
+      jax.block_until_ready((state, m))
+      dt = time.perf_counter() - t0
+      if dt >= FLAGS.min_time:
+        break
+    best = min(best, dt / k)
+  return best, state
+
+
+def main(argv):
+  del argv
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  import jax
+
+  from robustjax import training
+
+  dev = jax.devices()[0]
+  print(
+    f'jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), '
+    f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
+    f'rule={FLAGS.rule}, f={FLAGS.f}, attack={FLAGS.attack}, model={FLAGS.model}, '
+    f'batch {FLAGS.batch_size}/worker',
+    flush=True,
+  )
+  rows = []
+  for n in [int(v) for v in FLAGS.ns]:
+    exp = training.build(_config(n))
+    t_vmap, _ = _time(exp.step, exp.init_state())
+    t_loop = None
+    if n <= FLAGS.loop_max_n:
+      t_loop, _ = _time(_loop_step(exp), exp.init_state())
+    rows.append((n, t_vmap, t_loop))
+    loop = f'{n / t_loop:10.0f}' if t_loop else '         -'
+    ratio = f'{t_loop / t_vmap:6.1f}x' if t_loop else '     -'
+    print(
+      f'n={n:5d}  vmap {n / t_vmap:10.0f} worker-steps/s ({t_vmap * 1e3:8.2f} ms/step)   '
+      f'loop {loop} worker-steps/s   vmap/loop {ratio}',
+      flush=True,
+    )
+  print(
+    '\n| n | vmap step (ms) | vmap worker-steps/s | loop step (ms) | loop worker-steps/s | '
+    'vmap / loop |'
+  )
+  print('|---:|---:|---:|---:|---:|---:|')
+  for n, tv, tl in rows:
+    loop = f'{tl * 1e3:.1f} | {n / tl:,.0f} | {tl / tv:.1f}×' if tl else '- | - | -'
+    print(f'| {n} | {tv * 1e3:.2f} | {n / tv:,.0f} | {loop} |')
+
+
+if __name__ == '__main__':
+  app.run(main)
