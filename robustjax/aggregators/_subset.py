@@ -14,7 +14,7 @@ Exact search enumerates the C(n, f) subsets (as the f inputs left out, a static 
 at trace time) and evaluates them all, vectorised in bounded blocks (`lax.map` with a batch size).
 When C(n, f) exceeds `max_subsets` (by default: 1e5 subsets, or a work budget of about a second
 on CPU, see `is_exact`), a local search replaces it (see `mda`), with a Python warning at trace
-time: the exponential search is never run silently.
+time, i.e. once per compilation): the exponential search is never run silently.
 
 References:
   El Mhamdi, Guerraoui, Guirguis, Hoang, Rouault, "Genuinely Distributed Byzantine Machine
@@ -190,6 +190,14 @@ def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates):
 
 
 def _subset_rule(rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates):
+  keep = _subset_mask_rule(
+    rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates
+  )
+  n = keep.shape[0]
+  return st.weighted_sum(keep.astype(jnp.float32) / (n - f), stack)
+
+
+def _subset_mask_rule(rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates):
   n = num_workers(stack, rule)
   check_f(rule, n, f)
   if max_subsets is not None:
@@ -197,28 +205,25 @@ def _subset_rule(rule, stack, f, max_subsets, local_search_rounds, objective, ou
   rounds = n if local_search_rounds is None else local_search_rounds
   check_positive_int(rule, 'local_search_rounds', rounds)
   if f == 0:
-    return st.weighted_sum(jnp.full((n,), 1.0 / n), stack)
+    return jnp.ones((n,), bool)
   d = st.pairwise_sq_dists(stack)
-  keep = _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates)
-  return st.weighted_sum(keep.astype(d.dtype) / (n - f), stack)
+  return _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates)
 
 
+@functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
 def mda_mask(stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None):
-  """(n,) bool: the subset `mda` averages (for analysis and tests)."""
-  n = num_workers(stack, 'mda')
-  check_f('mda', n, f)
-  rounds = n if local_search_rounds is None else local_search_rounds
-  d = st.pairwise_sq_dists(stack)
-  return _subset_mask('mda', d, f, max_subsets, rounds, _diameter, _diameter_out_candidates)
+  """(n,) bool: the subset `mda` averages, same arguments (for analysis and tests)."""
+  return _subset_mask_rule(
+    'mda', stack, f, max_subsets, local_search_rounds, _diameter, _diameter_out_candidates
+  )
 
 
+@functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
 def smea_mask(stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None):
-  """(n,) bool: the subset `smea` averages (for analysis and tests)."""
-  n = num_workers(stack, 'smea')
-  check_f('smea', n, f)
-  rounds = n if local_search_rounds is None else local_search_rounds
-  d = st.pairwise_sq_dists(stack)
-  return _subset_mask('smea', d, f, max_subsets, rounds, _top_eig, _eig_out_candidates)
+  """(n,) bool: the subset `smea` averages, same arguments (for analysis and tests)."""
+  return _subset_mask_rule(
+    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates
+  )
 
 
 @register('mda')
