@@ -5,8 +5,9 @@ momentum, aggregation, optax update) is timed two ways, in the same run:
 
 * ``vmap``: the library's step, one jitted function with `jax.vmap` over the worker axis;
 * ``loop``: the structure existing simulators use: a jitted per-worker gradient (the same
-  function, batch sampling included) called in a Python loop over the workers, the results
-  stacked (`jnp.stack`), then the same jitted aggregation + update.
+  function, batch sampling and momentum included) called in a Python loop over the workers, each
+  worker's momentum kept as its own arrays, the results stacked (`jnp.stack`), then the same
+  jitted attack + aggregation + update.
 
 Throughput is worker-steps per second (n × steps / seconds), best of `--repeats` timings of at
 least `--min_time` seconds each, after a warm-up step (compilation excluded). The loop runs only
@@ -80,22 +81,19 @@ def _loop_step(exp):
     return _steps._finish(spec, problem, state, mom_new, losses, received, att, key, k_agg)
 
   split = jax.jit(eng.split_step_key)
-  wids = [jnp.asarray(i, jnp.int32) for i in range(spec.num_workers)]
+  n = spec.num_workers
+  wids = [jnp.asarray(i, jnp.int32) for i in range(n)]
+  moms = []  # per-worker momentum trees, kept as separate arrays as a simulator's workers do
 
   def step(state):
+    if not moms:
+      moms.extend(jax.tree.map(lambda x, i=i: x[i], state.momentum) for i in range(n))
     key, k_work, k_att, k_agg = split(state)
     outs = [
-      one(
-        state.params,
-        state.model_state,
-        jax.tree.map(lambda x, i=i: x[i], state.momentum),
-        wids[i],
-        k_work,
-        exp.data,
-      )
-      for i in range(spec.num_workers)
+      one(state.params, state.model_state, moms[i], wids[i], k_work, exp.data) for i in range(n)
     ]
-    mom_new = jax.tree.map(lambda *xs: jnp.stack(xs), *[o[0] for o in outs])
+    moms[:] = [o[0] for o in outs]
+    mom_new = jax.tree.map(lambda *xs: jnp.stack(xs), *moms)
     losses = jnp.stack([o[1] for o in outs])
     return server(state, mom_new, losses, key, k_att, k_agg)
 
