@@ -14,8 +14,9 @@ walking the network backwards, a comparator whose two output wires are interchan
 rest of the computation (both unused, or both summed with the same weight) is dropped; XLA's
 dead-code elimination then removes the `min` or `max` halves whose outputs are never read.
 
-Beyond `NETWORK_MAX_N` workers the network's size (and compile time) grows too much and
-`select` falls back to `jnp.sort` along the worker axis.
+Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much and
+`select` runs the same network layer by layer in a loop over column blocks (`select_layered`);
+`jnp.sort` along the worker axis is slower still.
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # Largest n sorted by a network (measured compile times: BENCHMARKS.md, `aggregators`).
 NETWORK_MAX_N = 128
@@ -82,6 +84,66 @@ def pruned_network(n: int, labels: tuple) -> tuple[tuple[int, int], ...]:
   return tuple(reversed(kept))
 
 
+@functools.cache
+def network_layers(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """Batcher's network as layers: (partner, is_low), two (depth, n) arrays.
+
+  In layer l, wire i is compared with wire partner[l, i] (itself if idle) and keeps the minimum
+  if is_low[l, i], else the maximum.
+  """
+  depth = [0] * n
+  layers: list[list[tuple[int, int]]] = []
+  for i, j in batcher_network(n):
+    level = max(depth[i], depth[j])
+    if level == len(layers):
+      layers.append([])
+    layers[level].append((i, j))
+    depth[i] = depth[j] = level + 1
+  partner = np.tile(np.arange(n, dtype=np.int32), (max(len(layers), 1), 1))
+  is_low = np.ones((max(len(layers), 1), n), dtype=bool)
+  for level, comps in enumerate(layers):
+    for i, j in comps:
+      partner[level, i], partner[level, j] = j, i
+      is_low[level, j] = False
+  return partner, is_low
+
+
+def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048) -> list[jax.Array]:
+  """Order statistics along axis 0 of an (n, D) matrix, for large n: the network run layer by layer.
+
+  A `lax.fori_loop` over blocks of `chunk` columns (kept in cache) and, inside, over the network's
+  layers (a row gather, a minimum, a maximum and a select per layer): the compiled program stays
+  small whatever n, and the run costs about depth × (a few passes over a cached block), where
+  `jnp.sort` along the worker axis is one to two orders of magnitude slower on XLA:CPU.
+  """
+  n, total = x.shape
+  partner, is_low = network_layers(n)
+  partner, is_low = jnp.asarray(partner), jnp.asarray(is_low)
+  pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
+
+  def sort_block(b):
+    def layer(level, b):
+      y = jnp.take(b, partner[level], axis=0)
+      return jnp.where(is_low[level][:, None], jnp.minimum(b, y), jnp.maximum(b, y))
+
+    return jnp.take(jax.lax.fori_loop(0, partner.shape[0], layer, b), pos, axis=0)
+
+  blocks = total // chunk
+  parts = []
+  if blocks:
+
+    def body(k, out):
+      b = jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=1)
+      return jax.lax.dynamic_update_slice_in_dim(out, sort_block(b), k * chunk, axis=1)
+
+    init = jnp.zeros((len(positions), blocks * chunk), x.dtype)
+    parts.append(jax.lax.fori_loop(0, blocks, body, init))
+  if total % chunk:
+    parts.append(sort_block(x[:, blocks * chunk :]))
+  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  return [out[k] for k in range(len(positions))]
+
+
 def apply_network(rows: Sequence[jax.Array], comps) -> list[jax.Array]:
   """Runs compare-exchanges over a list of equally shaped arrays (one per wire)."""
   w = list(rows)
@@ -109,8 +171,7 @@ def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bo
   if not all(0 <= p < n for p in positions):
     raise ValueError(f'select: positions {positions} out of range for n={n}')
   if n > NETWORK_MAX_N:
-    s = jnp.sort(jnp.stack(rows), axis=0)
-    return [s[p] for p in positions]
+    return select_layered(jnp.stack(rows), positions)
   labels = [None] * n
   for p in positions:
     labels[p] = 'wanted' if symmetric else ('rank', p)

@@ -84,13 +84,31 @@ def test_pruned_network_is_smaller_and_exact():
     np.testing.assert_allclose(np.asarray(g), s[p], rtol=1e-6)
 
 
-def test_select_sort_fallback(monkeypatch):
+def test_select_layered_fallback(monkeypatch):
   import robustjax._sorting as sorting
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
   x = _data(9, 5)
   got = sorting.select([jnp.asarray(r) for r in x], [0, 4, 8])
   np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 4, 8]])
+  # Several column blocks plus a remainder.
+  x = _data(11, 37, seed=2)
+  got = sorting.select_layered(jnp.asarray(x), [0, 3, 10], chunk=8)
+  np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 3, 10]])
+
+
+@pytest.mark.parametrize('name', ROBUST)
+def test_rules_beyond_network_max_n(monkeypatch, name):
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
+  x = _data(9, 13, seed=21)  # a shape no other test uses: a fresh trace
+  x[0, :2] = np.nan
+  x[0, 3] = -np.inf
+  out = np.asarray(aggregators.get(name)(jnp.asarray(x), f=2))
+  assert np.all(np.isfinite(out))
+  want = RULES[name](np.where(np.isnan(x), np.inf, x).astype(np.float64), 2)
+  np.testing.assert_allclose(out[4:], want[4:], rtol=2e-5, atol=2e-6)
 
 
 # --- the rules --------------------------------------------------------------------------------
