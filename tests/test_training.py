@@ -206,3 +206,17 @@ def test_parse_specs():
 def test_clear_errors(kw, match):
   with pytest.raises(ValueError, match=match):
     training.build(_config(**kw))
+
+
+def test_distributed_initialization_only_when_asked(monkeypatch):
+  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+    monkeypatch.delenv(var, raising=False)
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
+  monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
+  assert not training.maybe_initialize_distributed()
+  assert calls == []
+  monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
+  monkeypatch.setenv('JAX_PROCESS_ID', '1')
+  assert training.maybe_initialize_distributed(coordinator_address='localhost:1234')
+  assert calls == [{'coordinator_address': 'localhost:1234', 'num_processes': 2, 'process_id': 1}]
