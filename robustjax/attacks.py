@@ -52,7 +52,7 @@ import numpy as np
 from robustjax import preaggregators
 from robustjax._checks import check_positive_int, num_workers
 from robustjax._registry import Registry
-from robustjax.stack import pairwise_sq_dists, sq_dists_to, tree_index, weighted_sum
+from robustjax.stack import flatten, pairwise_sq_dists, sq_dists_to, tree_index, weighted_sum
 
 __all__ = [
   'REGISTRY',
@@ -74,6 +74,7 @@ __all__ = [
   'min_sum',
   'optimal_alie',
   'optimal_ipm',
+  'orthogonally_equivariant',
   'flip_labels',
   'label_permutation',
   'permute_labels',
@@ -632,6 +633,47 @@ def _line_evaluator(honest, base, direction, rule, f, key):
   return evaluate
 
 
+def _span_coordinates(honest, base, direction):
+  """Exact coordinates of the honest inputs, base and direction in an orthonormal basis of
+  their span (k = n_h + 2 columns): the R factor of a QR decomposition of [x_1 … x_{n_h}, b, v].
+
+  Returns plain arrays (n_h, k), (k,), (k,). Distances, norms and inner products are those of the
+  original vectors (up to float32 rounding), so an orthogonally equivariant rule evaluated on them
+  gives the same error ‖F − μ‖. Cost: one QR of a D × k matrix (about one Gram product).
+  """
+  one = lambda t: flatten(jax.tree.map(lambda x: jnp.asarray(x)[None], t))
+  a = jnp.concatenate([flatten(honest), one(base), one(direction)], axis=0)
+  r = jnp.linalg.qr(a.T, mode='r')
+  n_h = a.shape[0] - 2
+  return r[:, :n_h].T, r[:, n_h], r[:, n_h + 1]
+
+
+# Registered rules with F(Qx) = Q F(x) for every orthogonal Q (distances, norms and weighted
+# means of the inputs only): the rules `subspace=None` reduces automatically.
+_ORTHOGONAL_EQUIVARIANT = frozenset({'mean', 'krum', 'multikrum', 'nnm', 'bucketing', 'clipping'})
+
+
+def orthogonally_equivariant(rule) -> bool:
+  """Whether `rule` is known to satisfy F(Qx) = Q F(x) for every orthogonal Q.
+
+  True for a `Pipeline` made only of the registered mean, krum, multikrum, nnm, bucketing and
+  clipping (rules that use only distances, norms and weighted means of their inputs); False for
+  anything else, including user callables (which may still be equivariant: pass
+  ``subspace=True`` to the optimal attacks yourself).
+  """
+  if not isinstance(rule, preaggregators.Pipeline):
+    return False
+  from robustjax import aggregators
+
+  for stage in rule.stages:
+    reg = preaggregators.REGISTRY if stage is not rule.stages[-1] else aggregators.REGISTRY
+    if stage.name not in _ORTHOGONAL_EQUIVARIANT or stage.name not in reg:
+      return False
+    if reg.get(stage.name) is not stage.fn:
+      return False
+  return True
+
+
 def _map(fn, xs, batch_size):
   if batch_size is None:
     return jax.vmap(fn)(xs)
@@ -641,16 +683,19 @@ def _map(fn, xs, batch_size):
 def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
   """Grid search then refinement rounds, every round's candidates evaluated together.
 
-  All evaluated (scale, value) pairs are kept; each round places `num_refine` points strictly
-  between the best scale's two nearest evaluated neighbours. The rounds run in a `fori_loop`
-  (the defender is traced twice, whatever the number of rounds). Returns (best scale, value).
+  All evaluated (scale, value) pairs are kept. Each round places `num_refine` points strictly
+  between the best scale's two nearest evaluated neighbours or, when the best is the largest
+  scale evaluated so far, extends the search geometrically (largest · 2^j, j = 1..num_refine),
+  like the expansion phase of a line search. The rounds run in a `fori_loop` (the defender is
+  traced twice, whatever the number of rounds). Returns (best scale, its value).
   """
   k0 = scales.shape[0]
   total = k0 + refine_rounds * num_refine
   vals0 = _map(evaluate, scales, batch_size)
   pts = jnp.full((total,), jnp.inf, scales.dtype).at[:k0].set(scales)
   vals = jnp.full((total,), -jnp.inf, vals0.dtype).at[:k0].set(vals0)
-  frac = jnp.arange(1, num_refine + 1, dtype=scales.dtype) / (num_refine + 1)
+  steps = jnp.arange(1, num_refine + 1, dtype=scales.dtype)
+  frac = steps / (num_refine + 1)
 
   def round_(r, carry):
     pts, vals = carry
@@ -660,7 +705,9 @@ def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
     b = jnp.argmax(sv)
     lo = sp[jnp.maximum(b - 1, 0)]
     hi = sp[jnp.minimum(b + 1, count - 1)]
-    new = lo + (hi - lo) * frac
+    top = sp[count - 1]
+    expand = (b == count - 1) & (top > 0)
+    new = jnp.where(expand, top * 2.0**steps, lo + (hi - lo) * frac)
     new_vals = _map(evaluate, new, batch_size)
     pts = jax.lax.dynamic_update_slice(pts, new, (count,))
     vals = jax.lax.dynamic_update_slice(vals, new_vals, (count,))
@@ -684,6 +731,7 @@ def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
     'batch_size',
     'return_scale',
     'ddof',
+    'subspace',
   ),
 )
 def _optimal_jit(
@@ -701,6 +749,7 @@ def _optimal_jit(
   batch_size,
   return_scale,
   ddof,
+  subspace,
 ):
   if isinstance(rule, preaggregators.Pipeline):
     defender = lambda s, k: rule(s, k)
@@ -713,7 +762,10 @@ def _optimal_jit(
     base, direction = jax.tree.map(jnp.zeros_like, mu), jax.tree.map(jnp.negative, mu)
   if scales is None:
     scales = jnp.linspace(0.0, 1.0, num_scales, dtype=jnp.float32) * max_scale
-  evaluate = _line_evaluator(honest, base, direction, defender, f, key)
+  if subspace:
+    evaluate = _line_evaluator(*_span_coordinates(honest, base, direction), defender, f, key)
+  else:
+    evaluate = _line_evaluator(honest, base, direction, defender, f, key)
   tau, _ = _search(evaluate, scales, num_refine, refine_rounds, batch_size)
   out = _repeat(_axpy(tau, direction, base), f, honest)
   return (out, tau) if return_scale else out
@@ -733,6 +785,7 @@ def _optimal(
   batch_size,
   return_scale,
   defender_f,
+  subspace,
   ddof=0,
 ):
   n_h = _check_attack(name, honest, f)
@@ -751,6 +804,11 @@ def _optimal(
     pipeline = rule
   else:
     pipeline = preaggregators.as_rule(rule, f if defender_f is None else defender_f)
+  dim = sum(int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(honest))
+  if subspace is None:
+    subspace = dim > n_h + 2 and orthogonally_equivariant(pipeline)
+  elif subspace not in (True, False):
+    raise ValueError(f'{name}: subspace must be None, True or False; got {subspace!r}')
   if scales is None:
     _check_float(name, 'max_scale', max_scale, positive=True)
   else:
@@ -774,6 +832,7 @@ def _optimal(
     batch_size=batch_size,
     return_scale=return_scale,
     ddof=ddof,
+    subspace=bool(subspace),
   )
 
 
@@ -785,13 +844,19 @@ _OPT_DOC = """
   counts as +inf). The candidate scales are evaluated together (`vmap`, or `lax.map` in batches
   of `batch_size` to bound memory): first the grid `scales` (default `num_scales` points in
   [0, max_scale]), then `refine_rounds` rounds of `num_refine` points strictly between the best
-  scale's two evaluated neighbours. Evaluations: num_scales + refine_rounds · num_refine (32 by
-  default). Everything is jittable and deterministic given `key`.
+  scale's two evaluated neighbours, or, when the best is the largest scale evaluated so far,
+  at that scale times 2, 4, …, 2^num_refine (an expansion, since the error can keep growing past
+  the grid). Evaluations: num_scales + refine_rounds · num_refine (32 by default). Everything is
+  jittable and deterministic given `key`. Cost: the evaluations, each one defender call on an
+  (n_h + f)-slice stack, or far less with `subspace`.
 
   .. warning::
     Published code (ByzFL, after Allouah et al. 2023) runs a sequential expansion / contraction
-    line search of ~20 evaluations from τ = 0. A grid cannot go beyond `max_scale`; against the
-    mean (whose error grows without bound in τ) the result is the grid's end.
+    line search (~20 evaluations from τ = 0, step 10 doubling, then shrinking by 0.8). Both are
+    heuristics for a non-concave objective (often a sawtooth: a rule stops selecting the
+    Byzantine inputs past a threshold), so neither is guaranteed to find the global maximum;
+    `experiments/benchmark_attacks.py` compares the two. Against the mean, whose error grows
+    without bound, the result is simply the largest scale evaluated.
 
   Args:
     honest: the honest stack (n_h slices, n_h > f).
@@ -808,6 +873,14 @@ _OPT_DOC = """
     batch_size: evaluate candidates in batches (`jax.lax.map`) instead of all at once.
     return_scale: also return the chosen scale τ.
     defender_f: the f the defender is told (default: a Pipeline's own f, else f).
+    subspace: evaluate the candidates on exact coordinates in the (n_h + 2)-dimensional span of
+      the honest inputs, μ and the attack direction (one QR, then every candidate costs
+      O(n² (n_h + 2)) instead of a pass over d coordinates). Exact only for orthogonally
+      equivariant defenders (F(Qx) = Q F(x): mean, Krum, MultiKrum, NNM, bucketing, static
+      clipping, ...; *not* coordinate-wise rules such as median or trimmed mean). None (default)
+      turns it on for a Pipeline made only of the registered rules
+      mean / krum / multikrum / nnm / bucketing / clipping, and when d > n_h + 2; True forces it
+      (your responsibility), False turns it off.
 
   Returns:
     A stack of f identical slices (and τ if `return_scale`).
@@ -827,12 +900,13 @@ def optimal_alie(
   scales=None,
   max_scale=10.0,
   num_scales: int = 16,
-  num_refine: int = 8,
-  refine_rounds: int = 2,
+  num_refine: int = 4,
+  refine_rounds: int = 4,
   batch_size: int | None = None,
   ddof: int = 0,
   return_scale: bool = False,
   defender_f: int | None = None,
+  subspace: bool | None = None,
 ):
   if ddof not in (0, 1):
     raise ValueError(f'optimal_alie: ddof must be 0 or 1; got {ddof!r}')
@@ -851,6 +925,7 @@ def optimal_alie(
     batch_size,
     return_scale,
     defender_f,
+    subspace,
     ddof,
   )
 
@@ -877,11 +952,12 @@ def optimal_ipm(
   scales=None,
   max_scale=10.0,
   num_scales: int = 16,
-  num_refine: int = 8,
-  refine_rounds: int = 2,
+  num_refine: int = 4,
+  refine_rounds: int = 4,
   batch_size: int | None = None,
   return_scale: bool = False,
   defender_f: int | None = None,
+  subspace: bool | None = None,
 ):
   return _optimal(
     'optimal_ipm',
@@ -897,6 +973,7 @@ def optimal_ipm(
     batch_size,
     return_scale,
     defender_f,
+    subspace,
   )
 
 
