@@ -39,6 +39,7 @@ flags.DEFINE_integer('dim', 8, 'Dimension of the inputs.')
 flags.DEFINE_integer('budget', 6000, 'Configurations evaluated per (rule, n, f).')
 flags.DEFINE_integer('seed', 0, 'PRNG seed.')
 flags.DEFINE_integer('batch', 512, 'Configurations per compiled call.')
+flags.DEFINE_float('local_fraction', 0.3, 'Share of the budget spent in local search (0: none).')
 flags.DEFINE_integer('local_batch', 64, 'Configurations refined in parallel by the local search.')
 flags.DEFINE_list('f_step', [], 'n:step, a stride over f for that n (default: every feasible f).')
 flags.DEFINE_integer(
@@ -101,6 +102,7 @@ def measure(results, rule, pre, n, f, params=None, *, budget=None):
       budget or FLAGS.budget,
       batch=FLAGS.batch,
       local_batch=FLAGS.local_batch,
+      local_fraction=FLAGS.local_fraction,
       trusted=TRUSTED.get(rule, ()),
     )
   except ValueError as err:

@@ -437,6 +437,15 @@ def _generate(key, *, n, f, dim, batch, max_scale):
   return jax.vmap(lambda k: _one_config(k, n, f, dim, max_scale))(keys)
 
 
+@functools.lru_cache(maxsize=256)
+def _batched_attack(name: str, f: int):
+  """The attack, vmapped over honest sets and jitted once per (name, f) (shapes cached by jit)."""
+  from robustjax import attacks
+
+  atk = attacks.get(name)
+  return jax.jit(jax.vmap(lambda hs, k: atk(hs, f=f, key=k)))
+
+
 def _attack_configs(key, n, f, dim, batch, scales):
   """Configurations from the attacks of `robustjax.attacks` at a grid of scales.
 
@@ -465,10 +474,9 @@ def _attack_configs(key, n, f, dim, batch, scales):
   for name in attacks.names():
     if name.startswith('optimal') or name in ('inf', 'nan', 'label_flip', 'label_flipping'):
       continue
-    atk = attacks.get(name)
     try:
       keys = jax.random.split(jax.random.fold_in(k_a, zlib.crc32(name.encode()) % (2**31)), bh)
-      byz = jax.jit(jax.vmap(lambda hs, k, atk=atk: atk(hs, f=f, key=k)))(honest, keys)
+      byz = _batched_attack(name, f)(honest, keys)
       byz = jnp.asarray(byz)
       if byz.shape != (bh, f, dim) or not bool(jnp.all(jnp.isfinite(byz))):
         continue
@@ -488,6 +496,24 @@ def _attack_configs(key, n, f, dim, batch, scales):
       mask = jnp.concatenate([mask, jnp.repeat(mask[:1], pad, axis=0)])
     out.append((name, x, mask))
   return out
+
+
+@functools.partial(jax.jit, static_argnames=('trusted',))
+def _force_trusted(x, mask, trusted):
+  """Swaps rows so that the positions `trusted` hold honest inputs (x: (B, n, d), mask: (B, n))."""
+
+  def one(x, m):
+    for t in trusted:
+      # The first honest position that is not itself trusted, swapped with t if t is Byzantine.
+      cand = m & ~jnp.isin(jnp.arange(m.shape[0]), jnp.asarray(trusted))
+      j = jnp.argmax(cand)
+      swap = ~m[t] & cand[j]
+      perm = jnp.arange(m.shape[0])
+      perm = jnp.where(swap, perm.at[t].set(j).at[j].set(t), perm)
+      x, m = x[perm], m[perm]
+    return x, m
+
+  return jax.vmap(one)(x, mask)
 
 
 def _make_local_search(fn, steps: int, lr: float, sigma0: float, use_grad: bool):
@@ -566,8 +592,9 @@ def estimate_kappa(
   attacks: bool = True,
   max_scale: float = 1e3,
   lr: float = 0.05,
-  differentiable: bool | str = 'auto',
+  differentiable: bool | str = True,
   top_k: int = 8,
+  trusted: tuple[int, ...] = (),
 ) -> KappaEstimate:
   """Searches for inputs maximising the (f, κ) ratio: a certified lower bound on κ⋆.
 
@@ -604,8 +631,11 @@ def estimate_kappa(
     attacks: whether to include part 2.
     max_scale: the largest Byzantine distance tried in part 1, in honest spreads.
     lr: adam's learning rate in part 3 (in normalised units).
-    differentiable: True, False or 'auto' (test `jax.grad` on a few inputs).
+    differentiable: True (gradient steps; non-finite gradients count as 0), False (hill climbing
+      only) or 'auto' (test `jax.grad` on a few inputs first: one more compilation).
     top_k: candidates re-evaluated exactly at the end.
+    trusted: positions that must be honest (e.g. `(0,)` for MoNNA, whose guarantee assumes its
+      trusted input is honest); the adversary chooses every other position.
 
   Returns:
     A `KappaEstimate` (kappa, witness, evaluated, seconds, per_family).
@@ -648,6 +678,8 @@ def estimate_kappa(
     x, m, hf, bf = _generate(
       jax.random.fold_in(k_gen, c), n=n, f=f, dim=dim, batch=batch, max_scale=float(max_scale)
     )
+    if trusted:
+      x, m = _force_trusted(x, m, tuple(trusted))
     r = evaluate(x, m)
     hf, bf = np.asarray(hf), np.asarray(bf)
     fams = [f'{_HONEST_FAMILIES[a]}/{_BYZ_FAMILIES[b]}' for a, b in zip(hf, bf)]
@@ -657,6 +689,8 @@ def estimate_kappa(
   # Part 2: the attacks of robustjax.attacks at a grid of scales.
   if attacks:
     for name, x, m in _attack_configs(k_att, n, f, dim, batch, _ATTACK_SCALES):
+      if trusted:
+        x, m = _force_trusted(x, m, tuple(trusted))
       r = evaluate(x, m)
       keep(x, m, r, [f'attack:{name}'] * x.shape[0])
       evaluated += batch
