@@ -236,7 +236,8 @@ def markdown_table(cfg, rows) -> str:
           loads.append(match[0]['subsets_per_worker'])
         else:
           cells.append('–')
-      load = ' / '.join(f'{x:.3g}' for x in loads) if loads else '–'
+      uniq = list(dict.fromkeys(f'{x:.3g}' for x in loads))
+      load = ' / '.join(uniq) if loads else '–'  # one value, or one per f (DRACO)
       dd = '–' if d is None else (f'{d}' if method.startswith('LAD') else '1 (fixed)')
       out.append(f'| {method} | {dd} | {load} | ' + ' | '.join(cells) + ' |')
     out.append('')
@@ -258,18 +259,25 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
   colors = {'mean': 'tab:gray', 'trimmed_mean': 'tab:blue', 'nnm+trimmed_mean': 'tab:green'}
   paths = []
 
-  top = 1e2  # diverged runs (CWTM at f = 20 without enough redundancy) leave through the top
+  # diverged runs (CWTM at f = 20 without enough redundancy) leave through the top; exact DRACO
+  # (error ~1e-14, optimisation only) through the bottom, drawn there as a downward triangle
+  top, bottom = 1e2, 1e-6
 
   def med(x):
     m = np.median(x, axis=0)
     return np.where(np.isfinite(m), np.minimum(m, 10 * top), 10 * top)
 
   def finish(ax):
-    ax.set_ylim(top=top)
+    ax.set_ylim(bottom, top)
     ax.grid(alpha=0.3, which='both')
 
+  def legend(fig, axes):
+    handles, labels = axes[-1].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0, 0.85, 1))
+    fig.legend(handles, labels, loc='center right', fontsize=8, frameon=False)
+
   # 1. error vs iterations
-  fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+  fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
   axes = np.atleast_1d(axes)
   show_d = [d for d in (5, 20) if d in ds]
   for ax, f in zip(axes, fs):
@@ -290,15 +298,14 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_title(f'n = {cfg.num_workers}, f = {f}, attack: {cfg.attack}')
     finish(ax)
   axes[0].set_ylabel('relative error ‖w − w*‖² / ‖w*‖² (median of seeds)')
-  axes[-1].legend(fontsize=7, loc='upper right')
-  fig.tight_layout()
+  legend(fig, axes)
   p = os.path.join(outdir, f'{cfg.figure_prefix}_iterations.png')
   fig.savefig(p, dpi=110)
   plt.close(fig)
   paths.append(p)
 
   # 2. final error vs d (= subsets per worker per step), plain and compressed
-  fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+  fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
   axes = np.atleast_1d(axes)
   for ax, f in zip(axes, fs):
     for tag, ls, mk in (('plain', '-', 'o'), ('com', '--', 's')):
@@ -311,31 +318,46 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
         ax.plot(ds, y, color=colors.get(rule), ls=ls, marker=mk, ms=4, label=f'LAD-{lab}')
       if (f, tag, 'draco') in runs:
         errs, loads, _ = runs[(f, tag, 'draco')]
+        y = med(errs[:, 0, -1:])[0]
+        exact = y < bottom
+        lab = (
+          ' (compressed)' if tag == 'com' else (f' (exact: {y:.0e}, off-scale)' if exact else '')
+        )
         ax.plot(
           [loads[0]],
-          [np.median(errs[:, 0, -1])],
+          [max(y, bottom * 1.6)],
           color='tab:red',
-          marker='*',
-          ms=14,
+          marker='v' if exact else '*',
+          ms=12,
           ls='none',
           mfc='tab:red' if tag == 'plain' else 'white',
-          label='DRACO' + (' (compressed)' if tag == 'com' else ''),
+          label='DRACO' + lab,
         )
+    for rule in cfg.rules:  # no coding, fixed assignment: a cross at d = 1
+      errs = runs[(f, 'plain', rule)][0]
+      ax.plot(
+        [1],
+        [med(errs[:, 0, -1:])[0]],
+        color=colors.get(rule),
+        marker='x',
+        ms=9,
+        ls='none',
+        label=f'{RULE_LABELS.get(rule, rule)} (no coding)',
+      )
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel('redundancy d = subsets computed per worker per step')
     ax.set_title(f'final error after {cfg.num_steps} steps, f = {f}, {cfg.attack}')
     finish(ax)
   axes[0].set_ylabel('relative error (median of seeds)')
-  axes[-1].legend(fontsize=7)
-  fig.tight_layout()
+  legend(fig, axes)
   p = os.path.join(outdir, f'{cfg.figure_prefix}_redundancy.png')
   fig.savefig(p, dpi=110)
   plt.close(fig)
   paths.append(p)
 
   # 3. error vs computation spent (cumulative subsets per worker)
-  fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+  fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
   axes = np.atleast_1d(axes)
   cmap = plt.get_cmap('viridis')
   for ax, f in zip(axes, fs):
@@ -358,8 +380,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_title(f'f = {f}, {cfg.attack}')
     finish(ax)
   axes[0].set_ylabel('relative error (median of seeds)')
-  axes[-1].legend(fontsize=7)
-  fig.tight_layout()
+  legend(fig, axes)
   p = os.path.join(outdir, f'{cfg.figure_prefix}_computation.png')
   fig.savefig(p, dpi=110)
   plt.close(fig)
@@ -367,7 +388,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
 
   # 4. communication: error vs cumulative bits, plain vs compressed
   if any(k[1] == 'com' for k in runs):
-    fig, axes = plt.subplots(1, len(fs), figsize=(5.2 * len(fs), 4.2), sharey=True)
+    fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
     axes = np.atleast_1d(axes)
     rule = 'nnm+trimmed_mean' if 'nnm+trimmed_mean' in cfg.rules else cfg.rules[-1]
     for ax, f in zip(axes, fs):
@@ -399,13 +420,31 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
       ax.set_title(f'f = {f}, {cfg.attack}; dashed: compressed ({cfg.compressor})')
       finish(ax)
     axes[0].set_ylabel('relative error (median of seeds)')
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
+    legend(fig, axes)
     p = os.path.join(outdir, f'{cfg.figure_prefix}_communication.png')
     fig.savefig(p, dpi=110)
     plt.close(fig)
     paths.append(p)
   return paths
+
+
+def load_results(cfg, workdir: str) -> dict:
+  """The `run` results back from a workdir's results.npz and summary.json (to redraw figures)."""
+  with open(os.path.join(workdir, 'summary.json')) as fh:
+    summary = json.load(fh)
+  arrays = np.load(os.path.join(workdir, 'results.npz'))
+  variants = [(1, False)] + [(int(d), True) for d in cfg.redundancies]
+  runs = {}
+  for name in arrays.files:
+    f, tag, rule = name.split('_', 2)
+    rows = [
+      r
+      for r in summary['rows']
+      if r['f'] == int(f) and r['rule'] == rule and r['compressed'] == (tag == 'com')
+    ]
+    loads = np.array([r['subsets_per_worker'] for r in rows])
+    runs[(int(f), tag, rule)] = (arrays[name], loads, rows[0]['bits_per_step'])
+  return {'variants': variants, 'lr': summary['lr'], 'runs': runs}
 
 
 def update_doc(path: str, table: str, tag: str) -> None:
@@ -426,7 +465,7 @@ def main(argv):
   workdir = _WORKDIR.value
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
-  results = run(cfg)
+  results = load_results(cfg, cfg.replot_from) if cfg.replot_from else run(cfg)
   rows = summarize(cfg, results)
   table = markdown_table(cfg, rows)
   print(table)

@@ -43,6 +43,7 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c.doc = 'docs/gradient_coding.md'  # its results block is rewritten when update_doc is set
   c.update_doc = False
   c.make_figures = True
+  c.replot_from = ''  # a workdir of an earlier run: redraw its figures and table without rerunning
   if variant == 'sign_flip':
     c.attack = 'sign_flip'
     c.figure_prefix = 'gradient_coding_sign_flip'
