@@ -48,8 +48,7 @@ import jax.numpy as jnp
 from robustjax import aggregators
 from robustjax._checks import check_f, check_positive_int, num_workers
 from robustjax._registry import Registry
-from robustjax.aggregators._iterative import finite_weighted_sum
-from robustjax.stack import norms, pairwise_sq_dists
+from robustjax.stack import norms, pairwise_sq_dists, weighted_sum
 
 __all__ = [
   'REGISTRY',
@@ -130,7 +129,7 @@ def nnm(stack, *, f: int):
   k = n - f
   _, idx = jax.lax.top_k(-d2, k)
   w = jnp.zeros((n, n), d2.dtype).at[jnp.arange(n)[:, None], idx].set(1.0 / k)
-  return finite_weighted_sum(w, stack)
+  return weighted_sum(w, stack)
 
 
 @register('bucketing')
@@ -179,7 +178,7 @@ def bucketing(stack, *, f: int = 0, key, s: int = 2):
   bucket = pos // s
   size = jnp.minimum(s, n - bucket * s).astype(jnp.float32)
   w = jnp.zeros((nb, n), jnp.float32).at[bucket, perm].set(1.0 / size)
-  return finite_weighted_sum(w, stack)
+  return weighted_sum(w, stack)
 
 
 @register('clipping')
