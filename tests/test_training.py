@@ -106,9 +106,11 @@ def test_worker_gradients_and_momentum_against_numpy(exp, attack):
   )
   key = jax.random.key(5)
   data = jax.tree.map(jnp.asarray, exp.problem.data)
-  mom, _ = eng.worker_updates(
-    spec, exp.problem, params, exp.model_state0, mom0, jnp.arange(n), key, data
-  )
+  mom, _ = jax.jit(
+    lambda p, m, d: eng.worker_updates(
+      spec, exp.problem, p, exp.model_state0, m, jnp.arange(n), key, d
+    )
+  )(params, mom0, data)
   beta = spec.momentum
   for wid in range(n):
     flip = attack == 'label_flip' and wid >= spec.num_honest
