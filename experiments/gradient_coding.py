@@ -34,8 +34,15 @@ from ml_collections import config_flags
 
 from robustjax import coded_training, coding, compression, data
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/configs/lad.py')
-_WORKDIR = flags.DEFINE_string('workdir', '/tmp/robustjax_lad', 'where results are written')
+_FLAGS = {}
+
+
+def _define_flags():
+  # Defined only when run as a script, so that importing this module (the smoke test) does not
+  # clash with other entry points' absl flags in the same process.
+  _FLAGS['config'] = config_flags.DEFINE_config_file('config', 'experiments/configs/lad.py')
+  _FLAGS['workdir'] = flags.DEFINE_string('workdir', '/tmp/robustjax_lad', 'results directory')
+
 
 RULE_LABELS = {'mean': 'averaging', 'trimmed_mean': 'CWTM', 'nnm+trimmed_mean': 'NNM+CWTM'}
 
@@ -461,8 +468,8 @@ def update_doc(path: str, table: str, tag: str) -> None:
 
 def main(argv):
   del argv
-  cfg = _CONFIG.value
-  workdir = _WORKDIR.value
+  cfg = _FLAGS['config'].value
+  workdir = _FLAGS['workdir'].value
   os.makedirs(workdir, exist_ok=True)
   t0 = time.time()
   results = load_results(cfg, cfg.replot_from) if cfg.replot_from else run(cfg)
@@ -487,4 +494,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _define_flags()
   app.run(main)

@@ -200,3 +200,27 @@ def test_validation_errors():
       ct.coded_messages(_loss, w, (a12, b12), coding.cyclic(12, 2), mesh=mesh)
   with pytest.raises(ValueError, match='unknown aggregator'):
     ct.resolve_rule('no_such_rule', 1)
+
+
+def test_experiment_smoke():
+  # the experiment's entry points on its smoke config, one rule, no figures
+  import importlib.util
+  import pathlib
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  spec = importlib.util.spec_from_file_location('gc_exp', root / 'experiments/gradient_coding.py')
+  exp = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(exp)
+  cfg_spec = importlib.util.spec_from_file_location('lad_cfg', root / 'experiments/configs/lad.py')
+  cfg_mod = importlib.util.module_from_spec(cfg_spec)
+  cfg_spec.loader.exec_module(cfg_mod)
+  cfg = cfg_mod.get_config('smoke')
+  cfg.rules = ('trimmed_mean',)
+  cfg.compressor = 'none'
+  cfg.draco = False
+  cfg.num_steps = 3
+  results = exp.run(cfg)
+  rows = exp.summarize(cfg, results)
+  assert {r['d'] for r in rows} == {1, 2, 4}
+  assert all(np.isfinite(r['final_error_median']) for r in rows)
+  assert 'LAD-CWTM' in exp.markdown_table(cfg, rows)
