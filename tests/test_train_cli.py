@@ -84,3 +84,11 @@ def test_main_cli(tmp_path, capsys, monkeypatch):
   assert out['step'] == 2 and out['rule'] == 'nnm+krum'
   with open(os.path.join(tmp_path, 'summary.json')) as fh:
     assert json.load(fh)['config']['attack'] == 'ipm(eps=0.5)'
+
+
+def test_configs_share_the_default_fields(smoke):
+  cifar = _load('experiments/configs/cifar10_resnet20.py', 'cifar_config').get_config()
+  assert set(cifar.keys()) == set(smoke.keys())
+  assert cifar.model == 'resnet20' and cifar.dataset == 'cifar10'
+  with pytest.raises(ValueError, match='variant'):
+    _load('experiments/configs/default.py', 'default_config2').get_config('huge')

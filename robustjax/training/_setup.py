@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import nnx
 
 from robustjax.training import _engine as eng
@@ -124,6 +125,12 @@ def choose_backend(config) -> tuple[str, Any]:
   k = config.num_devices or len(jax.devices())
   if backend == 'auto':
     backend = 'shard_map' if k > 1 and config.num_workers % k == 0 else 'vmap'
+    if k > 1 and backend == 'vmap':
+      logging.warning(
+        'backend=auto: num_workers=%d is not a multiple of the %d devices; running on one device',
+        config.num_workers,
+        k,
+      )
   if backend not in _steps.BACKENDS:
     raise ValueError(
       f'unknown backend {backend!r}; known backends: auto, {", ".join(_steps.BACKENDS)}'
