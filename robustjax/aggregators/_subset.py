@@ -88,21 +88,44 @@ def _top_eig(d: jax.Array, kept: jax.Array) -> jax.Array:
   return jnp.where(jnp.all(ok), jnp.linalg.eigvalsh(g)[-1], jnp.inf)
 
 
-def _diameter_out_candidates(d: jax.Array, kept: jax.Array) -> jax.Array:
+def _diameter_out_candidates(d: jax.Array, kept: jax.Array):
   """Positions (in `kept`) of the two ends of the subset's diameter: the only useful swaps out."""
   ds = _sub(d, kept)
   flat = jnp.argmax(ds)
   m = kept.shape[0]
-  return jnp.stack([flat // m, flat % m])
+  return jnp.stack([flat // m, flat % m]), None
 
 
-def _eig_out_candidates(d: jax.Array, kept: jax.Array) -> jax.Array:
-  """Positions of the two inputs with the largest weight along the top principal direction."""
+def _eig_out_candidates(d: jax.Array, kept: jax.Array):
+  """Positions of the two inputs with the largest weight along the top principal direction, and
+  that direction (in sample space: the top eigenvector of the centred Gram matrix)."""
   ds = _sub(d, kept)
   ok = jnp.isfinite(ds)
   _, vecs = jnp.linalg.eigh(_centred_gram(jnp.where(ok, ds, 0.0)))
-  weight = jnp.where(jnp.all(ok, axis=1), jnp.abs(vecs[:, -1]), jnp.inf)
-  return jax.lax.top_k(weight, 2)[1]
+  top = vecs[:, -1]
+  weight = jnp.where(jnp.all(ok, axis=1), jnp.abs(top), jnp.inf)
+  return jax.lax.top_k(weight, 2)[1], top
+
+
+_POWER_STEPS = 20
+
+
+def _eig_screen(d: jax.Array, cands: jax.Array, warm: jax.Array) -> jax.Array:
+  """Estimates of the candidates' top eigenvalues: power iteration warm-started from `warm`."""
+
+  def one(kept, v):
+    ds = _sub(d, kept)
+    ok = jnp.isfinite(ds)
+    g = _centred_gram(jnp.where(ok, ds, 0.0))
+
+    def step(_, v):
+      w = g @ v
+      return w / jnp.maximum(jnp.linalg.norm(w), 1e-30)
+
+    v = jax.lax.fori_loop(0, _POWER_STEPS, step, v / jnp.maximum(jnp.linalg.norm(v), 1e-30))
+    return jnp.where(jnp.all(ok), v @ (g @ v), jnp.inf)
+
+  return jax.vmap(one)(cands, warm)
 
 
 def _exact_mask(d: jax.Array, f: int, objective) -> jax.Array:
@@ -118,13 +141,18 @@ def _exact_mask(d: jax.Array, f: int, objective) -> jax.Array:
   return ~jnp.any(jnp.arange(n)[:, None] == out[None, :], axis=1)
 
 
-def _local_search_mask(d: jax.Array, f: int, objective, out_candidates, rounds: int) -> jax.Array:
+def _local_search_mask(
+  d: jax.Array, f: int, objective, out_candidates, rounds: int, screen=None
+) -> jax.Array:
   """(n,) bool mask of an (n − f)-subset found by swap local search (an approximation).
 
   Start: the n − f inputs nearest the medoid (the input whose n − f nearest, itself included, have
   the smallest summed squared distance). Each round tries every swap of one of the two inputs
   named by `out_candidates` with one of the f inputs left out, and keeps the best swap if it lowers
   the objective; it stops at the first round without improvement, or after `rounds` rounds.
+  With `screen` (cheap estimates of the candidates' objectives, warm-started from the auxiliary
+  vector `out_candidates` returns), the best-screened swap is then checked with the exact
+  objective, so the objective decreases strictly from round to round.
   """
   n = d.shape[0]
   m = n - f
@@ -148,15 +176,24 @@ def _local_search_mask(d: jax.Array, f: int, objective, out_candidates, rounds: 
     it, keep, val, _ = carry
     kept = kept_of(keep)
     outside = jnp.argsort(keep, stable=True)[:f]
-    pos = out_candidates(d, kept)
-    cands = jnp.broadcast_to(kept, (pos.shape[0], f, m))
-    cands = cands.at[jnp.arange(pos.shape[0])[:, None], :, pos[:, None]].set(outside[None, :])
+    pos, warm = out_candidates(d, kept)
+    k = pos.shape[0]
+    cands = jnp.broadcast_to(kept, (k, f, m))
+    cands = cands.at[jnp.arange(k)[:, None], :, pos[:, None]].set(outside[None, :])
     cands = cands.reshape(-1, m)
-    vals = jax.vmap(value)(cands)
-    b = jnp.argmin(vals)
-    better = vals[b] < val
+    if screen is None:
+      vals = jax.vmap(value)(cands)
+      b = jnp.argmin(vals)
+      best = vals[b]
+    else:
+      starts = jnp.broadcast_to(warm, (k, f, m))
+      starts = starts.at[jnp.arange(k)[:, None], :, pos[:, None]].set(0.0).reshape(-1, m)
+      est = screen(d, cands, starts)
+      b = jnp.argmin(jnp.where(jnp.isnan(est), jnp.inf, est))
+      best = value(cands[b])
+    better = best < val
     new_keep = jnp.zeros((n,), bool).at[cands[b]].set(True)
-    return it + 1, jnp.where(better, new_keep, keep), jnp.minimum(vals[b], val), better
+    return it + 1, jnp.where(better, new_keep, keep), jnp.minimum(best, val), better
 
   init = (jnp.int32(0), keep0, value(kept_of(keep0)), jnp.bool_(True))
   _, keep, _, _ = jax.lax.while_loop(cond, body, init)
@@ -172,7 +209,7 @@ def is_exact(rule: str, n: int, f: int, max_subsets: int | None = None) -> bool:
   return count <= DEFAULT_MAX_SUBSETS and count * (n - f) ** power <= budget
 
 
-def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates):
+def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates, screen=None):
   n = d.shape[0]
   if is_exact(rule, n, f, max_subsets):
     return _exact_mask(d, f, objective)
@@ -186,18 +223,22 @@ def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates):
     f'using a local-search approximation (the result is approximate, not the exact {rule})',
     stacklevel=3,
   )
-  return _local_search_mask(d, f, objective, out_candidates, rounds)
+  return _local_search_mask(d, f, objective, out_candidates, rounds, screen)
 
 
-def _subset_rule(rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates):
+def _subset_rule(
+  rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates, screen=None
+):
   keep = _subset_mask_rule(
-    rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates
+    rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates, screen
   )
   n = keep.shape[0]
   return st.weighted_sum(keep.astype(jnp.float32) / (n - f), stack)
 
 
-def _subset_mask_rule(rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates):
+def _subset_mask_rule(
+  rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates, screen=None
+):
   n = num_workers(stack, rule)
   check_f(rule, n, f)
   if max_subsets is not None:
@@ -207,7 +248,7 @@ def _subset_mask_rule(rule, stack, f, max_subsets, local_search_rounds, objectiv
   if f == 0:
     return jnp.ones((n,), bool)
   d = st.pairwise_sq_dists(stack)
-  return _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates)
+  return _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates, screen)
 
 
 @functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
@@ -222,7 +263,7 @@ def mda_mask(stack, *, f: int, max_subsets: int | None = None, local_search_roun
 def smea_mask(stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None):
   """(n,) bool: the subset `smea` averages, same arguments (for analysis and tests)."""
   return _subset_mask_rule(
-    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates
+    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates, _eig_screen
   )
 
 
@@ -300,13 +341,17 @@ def smea(
 
   Exact when C(n, f) ≤ `max_subsets` (default: C(n, f) ≤ 1e5 and C(n, f) · (n − f)³ ≤ 3e8, about
   a second on a 2-core CPU). Beyond, an approximation (a Python warning says so at trace
-  time): local search from the n − f inputs nearest the medoid, swapping one of the two inputs
-  with the largest weight in the top principal direction with one of the f inputs left out while
-  the top eigenvalue decreases, at most `local_search_rounds` rounds. The result is a local
-  minimum, never below the exact optimum.
+  time): local search from the n − f inputs nearest the medoid. Each round considers swapping one
+  of the two inputs with the largest weight in the top principal direction with one of the f
+  inputs left out; the 2f candidates are ranked by 20 steps of power iteration warm-started from
+  the current top eigenvector, and the best one is accepted only if its exact top eigenvalue is
+  lower; at most `local_search_rounds` rounds, stopping at the first round without improvement.
+  The result is a local minimum, never below the exact optimum.
 
   Cost: one n × n × d Gram product and one weighted pass; plus, exact, C(n, f) eigenvalue problems
-  of size n − f (O((n − f)³) each); the approximation costs O(f (n − f)³) per round.
+  of size n − f (O((n − f)³) each); the approximation costs two (n − f)-sized eigenproblems and
+  O(f (n − f)²) per round (measured: n = 256, f = 8 in 3 s and f = 100 in 7 s on a busy 2-core
+  CPU, versus about 0.1 s and 1.7 s for MDA's approximation).
 
   Args:
     stack: a pytree stack (leading worker axis n) or an (n, d) array.
@@ -327,5 +372,5 @@ def smea(
     AISTATS 2023.
   """
   return _subset_rule(
-    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates
+    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates, _eig_screen
   )
