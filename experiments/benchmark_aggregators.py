@@ -140,6 +140,8 @@ def time_robustjax(kind, name, x, f, *, repeats, warmup, iters, compile_only=Fal
   fn = _make_fn(kind, name, f, params)
   reps = 0 if compile_only else repeats
   compile_s, t = _time(fn, x, key, repeats=max(reps, 1), warmup=0 if compile_only else warmup)
+  if compile_only:
+    return {'compile_s': compile_s}
   row = {'compile_s': compile_s, 'time_s': t}
   if name in ITERATIVE and not compile_only and iters > 1:
     fn1 = _make_fn(kind, name, f, {**params, ITERATIVE[name]: 1})
