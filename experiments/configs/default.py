@@ -29,7 +29,9 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c.attack = 'alie'
   c.rule = 'nnm+trimmed_mean'
   # Algorithm.
-  c.algorithm = 'dsgd'  # dsgd | local (FedAvg-style local steps, robust aggregation of deltas)
+  # dsgd | local (FedAvg-style: K local SGD steps, robust aggregation of the model deltas; the
+  # server applies the aggregate delta times learning_rate, so learning_rate=1.0 is FedAvg).
+  c.algorithm = 'dsgd'
   c.local_steps = 1
   c.local_lr = 0.05
   c.batch_size = 32  # per worker per (local) step

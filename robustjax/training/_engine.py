@@ -284,7 +284,7 @@ def worker_updates(
 
       p_end, losses = jax.lax.scan(local, params, jax.random.split(k, spec.local_steps))
       g = jax.tree.map(lambda a, b: a - b, params, p_end)
-      loss = losses[0]
+      loss = losses[0]  # the loss at the shared starting point
     if spec.momentum:
       b = spec.momentum
       m = jax.tree.map(lambda mm, gg: b * mm + (1.0 - b) * gg, m, g)
