@@ -196,3 +196,11 @@ def test_centred_distances_keep_the_float64_selection(kind):
   keep, _ = ref_subset(x.astype(np.float64), F, kind)
   got = np.nonzero(np.asarray(_mask(kind)(x, f=F)))[0]
   np.testing.assert_array_equal(got, keep)
+
+
+@pytest.mark.parametrize('kind', RULES)
+def test_blocked_enumeration_with_a_remainder(kind, monkeypatch):
+  """Blocks of 5 subsets over C(9, 3) = 84 (a last partial block) give the brute-force answer."""
+  monkeypatch.setattr(_subset, '_BLOCK_ELEMENTS', 5 * (N - F) ** 2)
+  x = make_stack(8, d=3)  # a new shape: compiled afresh with the small blocks
+  np.testing.assert_allclose(aggregators.get(kind)(x, f=F), ref_rule(x, F, kind), atol=1e-5)
