@@ -260,9 +260,15 @@ def main(argv):
 
   bz = xt = None
   if FLAGS.byzfl:
-    import torch
+    try:
+      import torch
 
-    bz = _import_byzfl()
+      bz = _import_byzfl()
+    except ImportError as e:
+      raise app.UsageError(
+        f'--byzfl needs torch (CPU) and byzfl: `pip install torch` then '
+        f'`pip install --no-deps byzfl==0.0.11` ({e})'
+      ) from e
     xt = torch.from_numpy(x_np.copy())
     info['torch'] = torch.__version__
     info['torch_threads'] = torch.get_num_threads()
