@@ -685,7 +685,7 @@ def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
 
   All evaluated (scale, value) pairs are kept. Each round places `num_refine` points strictly
   between the best scale's two nearest evaluated neighbours or, when the best is the largest
-  scale evaluated so far, extends the search geometrically (largest · 2^j, j = 1..num_refine),
+  scale evaluated so far, extends the search geometrically (largest · 4^j, j = 1..num_refine),
   like the expansion phase of a line search. The rounds run in a `fori_loop` (the defender is
   traced twice, whatever the number of rounds). Returns (best scale, its value).
   """
@@ -707,7 +707,7 @@ def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
     hi = sp[jnp.minimum(b + 1, count - 1)]
     top = sp[count - 1]
     expand = (b == count - 1) & (top > 0)
-    new = jnp.where(expand, top * 2.0**steps, lo + (hi - lo) * frac)
+    new = jnp.where(expand, top * 4.0**steps, lo + (hi - lo) * frac)
     new_vals = _map(evaluate, new, batch_size)
     pts = jax.lax.dynamic_update_slice(pts, new, (count,))
     vals = jax.lax.dynamic_update_slice(vals, new_vals, (count,))
@@ -845,9 +845,10 @@ _OPT_DOC = """
   of `batch_size` to bound memory): first the grid `scales` (default `num_scales` points in
   [0, max_scale]), then `refine_rounds` rounds of `num_refine` points strictly between the best
   scale's two evaluated neighbours, or, when the best is the largest scale evaluated so far,
-  at that scale times 2, 4, …, 2^num_refine (an expansion, since the error can keep growing past
-  the grid). Evaluations: num_scales + refine_rounds · num_refine (32 by default). Everything is
-  jittable and deterministic given `key`. Cost: the evaluations, each one defender call on an
+  at that scale times 4, 16, …, 4^num_refine (an expansion, since the error can keep growing past
+  the grid; it reaches farther than a doubling line search of as many evaluations).
+  Evaluations: num_scales + refine_rounds · num_refine (32 by default). Everything is jittable
+  and deterministic given `key`. Cost: the evaluations, each one defender call on an
   (n_h + f)-slice stack, or far less with `subspace`.
 
   .. warning::
