@@ -278,6 +278,9 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_ylim(bottom, top)
     ax.grid(alpha=0.3, which='both')
 
+  draco_loads = [runs[(f, 'plain', 'draco')][1][0] for f in fs if (f, 'plain', 'draco') in runs]
+  draco_label = 'DRACO (' + ' / '.join(f'{x:.3g}' for x in draco_loads) + ' subsets)'
+
   def legend(fig, axes):
     handles, labels = axes[-1].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0, 0.85, 1))
@@ -299,7 +302,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
         ax.plot(steps, med(errs[:, i]), color=colors.get(rule), ls=ls, label=f'LAD-{lab}, d={d}')
     if (f, 'plain', 'draco') in runs:
       errs, loads, _ = runs[(f, 'plain', 'draco')]
-      ax.plot(steps, med(errs[:, 0]), color='tab:red', lw=2, label=f'DRACO ({loads[0]:g} subsets)')
+      ax.plot(steps, med(errs[:, 0]), color='tab:red', lw=2, label=draco_label)
     ax.set_yscale('log')
     ax.set_xlabel('iteration')
     ax.set_title(f'n = {cfg.num_workers}, f = {f}, attack: {cfg.attack}')
@@ -380,7 +383,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
       )
     if (f, 'plain', 'draco') in runs:
       e2, l2, _ = runs[(f, 'plain', 'draco')]
-      ax.plot(steps * l2[0], med(e2[:, 0]), color='tab:red', lw=2, label=f'DRACO ({l2[0]:g})')
+      ax.plot(steps * l2[0], med(e2[:, 0]), color='tab:red', lw=2, label=draco_label)
     ax.set_xscale('log')
     ax.set_yscale('log')
     ax.set_xlabel('computation: subset gradients per worker, cumulative')
