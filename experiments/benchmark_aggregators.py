@@ -1,8 +1,9 @@
 r"""Times every registered aggregator (and pre-aggregator) on one (n, d) stack.
 
 Prints one table: rule, n, d, f, compile time, median run time, the ratio to the floor (one
-streaming pass over the stack: the jitted matvec `ones(n) @ x`), for distance-based rules the
-ratio to one n × n Gram product (`x @ x.T`), and with `--byzfl` the speed-up over ByzFL 0.0.11
+streaming pass over the stack: the jitted matvec `ones(n) @ x`, re-timed next to each rule since
+the load of a shared machine drifts), for distance-based rules the ratio to one n × n Gram product
+(`x @ x.T`, also re-timed), and with `--byzfl` the speed-up over ByzFL 0.0.11
 (torch, CPU) on the same input.
 
 Iterative rules (geometric_median, centered_clipping) run a fixed number of iterations (`--iters`,
@@ -300,10 +301,13 @@ def main(argv):
       _print_row(row, header=len(rows) == 1)
       continue
     if not FLAGS.compile_only:
+      # The references are re-timed next to each rule: on a shared machine the load drifts.
+      _, row['floor_s'] = _time(floor_fn, x, repeats=max(FLAGS.repeats, 3), warmup=0)
       t = row.get('per_iter_s', row['time_s'])
-      row['vs_floor'] = t / floor
+      row['vs_floor'] = t / row['floor_s']
       if name in DISTANCE_RULES:
-        row['vs_gram'] = row['time_s'] / gram
+        _, row['gram_s'] = _time(gram_fn, x, repeats=max(FLAGS.repeats, 3), warmup=0)
+        row['vs_gram'] = row['time_s'] / row['gram_s']
     if bz is not None and not FLAGS.compile_only:
       fn = _byzfl_rule(bz, name, n, f)
       if fn is None:
