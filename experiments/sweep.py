@@ -74,6 +74,11 @@ def main(argv=None):
     help='test_accuracy (final) or max_test_accuracy (best evaluation)',
   )
   a.add_argument('--title', default=None)
+  rp = sub.add_parser('report', help='the docs/reproductions.md tables and docs/figures/repro_*')
+  rp.add_argument('--kind', required=True, choices=['byzfl', 'bucketing'])
+  rp.add_argument('--out', required=True, help='the sweep directory')
+  rp.add_argument('--figures', default=os.path.join(ROOT, 'docs', 'figures'))
+  rp.add_argument('--baseline', default=None, help='sweep directory of the no-attack runs')
   args = p.parse_args(argv)
 
   if args.cmd == 'run':
@@ -94,12 +99,185 @@ def main(argv=None):
       name=sweep.get('name', 'sweep'),
     )
     print(summary)
-  else:
+  elif args.cmd == 'analyse':
     from robustjax import analysis
 
     paths = analysis.analyse(args.out, metric=args.metric, title=args.title)
     for k, v in paths.items():
       print(f'{k}: {v}')
+  else:
+    report = report_byzfl if args.kind == 'byzfl' else report_bucketing
+    print(report(args.out, args.figures, args.baseline))
+
+
+# ------------------------------------------------------------------------------------------------
+# Reports for docs/reproductions.md.
+
+_SHORT = {
+  'geometric_median': 'GM',
+  'trimmed_mean': 'TM',
+  'krum': 'Krum',
+  'median': 'CM',
+  'centered_clipping': 'CClip',
+}
+
+
+def _short_rule(rule: str) -> str:
+  from robustjax.training import parse_rule
+
+  pre, agg, _ = parse_rule(rule)
+  name = _SHORT.get(agg, agg)
+  pres = [p if isinstance(p, str) else p[0] for p in pre]
+  if 'bucketing' in pres:
+    name += ' + bucketing'
+  return name
+
+
+def _short_attack(attack: str) -> str:
+  from robustjax.training import parse_spec
+
+  name, params = parse_spec(attack)
+  if name == 'sign_flip' and params.get('variant') == 'negate':
+    return 'bit flip'
+  return {
+    'sign_flip': 'sign flip',
+    'optimal_ipm': 'optimal IPM',
+    'optimal_alie': 'optimal ALIE',
+    'alie': 'ALIE',
+    'ipm': 'IPM',
+    'label_flip': 'label flip',
+    'mimic_heuristic': 'mimic',
+  }.get(name, name)
+
+
+def _wall(records) -> float:
+  groups = {}
+  for r in records:
+    groups[(r['group_wall_s'], r['group_size'])] = r['group_wall_s']
+  return sum(groups.values())
+
+
+def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
+  from robustjax import analysis, sweeps
+
+  sys.path.insert(0, ROOT)
+  from experiments.configs.sweep_byzfl import PUBLISHED
+
+  records = sweeps.load_results(out)
+  rows = analysis.tidy(records)
+  for r in rows:
+    r['rule'] = _short_rule(r['rule'])
+    r['attack'] = _short_attack(r['attack'])
+  cells = analysis.worst_case(rows)
+  analysis.plot_heatmaps(
+    cells,
+    os.path.join(figures, 'repro_byzfl_heatmap.png'),
+    title='ByzFL setting on digits: worst case over {sign flip, optimal IPM, optimal ALIE}',
+  )
+  g0 = [r for r in records if float(r['config']['gamma']) == 0.0]
+  analysis.plot_curves(
+    g0,
+    os.path.join(figures, 'repro_byzfl_curves.png'),
+    panel_key=lambda r: f'{_short_rule(r["config"]["rule"])}, f={r["config"]["num_byzantine"]}',
+    hue_key=lambda r: _short_attack(r['config']['attack']),
+    title='ByzFL setting on digits, γ = 0: test accuracy per attack',
+  )
+  lines = []
+  gammas = analysis._sorted_labels(c['heterogeneity'] for c in cells)
+  for rule, key in (('GM', 'geometric_median'), ('TM', 'trimmed_mean')):
+    sub = {(c['num_byzantine'], c['heterogeneity']): c for c in cells if c['rule'] == rule}
+    head = ['f'] + [f'{g} ours' for g in gammas] + ['γ=1 ByzFL', 'γ=0 ByzFL', 'worst attack γ=0']
+    lines.append(f'**{rule}** (clipping c = 2 + NNM + {rule})\n')
+    lines.append('| ' + ' | '.join(head) + ' |')
+    lines.append('|' + '---|' * len(head))
+    for f in sorted({k[0] for k in sub}):
+      vals = [sub.get((f, g)) for g in gammas]
+      cellstr = [
+        'n/a' if v is None else f'{v["worst_case"]:.2f}' + ('' if v['complete'] else '*')
+        for v in vals
+      ]
+      pub1 = PUBLISHED[(key, 1.0)][f - 1]
+      pub0 = PUBLISHED[(key, 0.0)][f - 1]
+      worst0 = sub.get((f, 'γ=0'))
+      lines.append(
+        f'| {f} | ' + ' | '.join(cellstr) + f' | {pub1:.2f} | {pub0:.2f} | '
+        f'{worst0["worst_attack"] if worst0 else "n/a"} |'
+      )
+    lines.append('')
+  lines.append(f'runs: {len(records)}; summed group wall time: {_wall(records) / 60:.1f} min')
+  if baseline:
+    base = analysis.tidy(sweeps.load_results(baseline))
+    lines.append('\nno attack (f = 0, mean):')
+    for r in base:
+      lines.append(f'  {r["heterogeneity"]}: {r["test_accuracy"]:.3f}')
+  return '\n'.join(lines)
+
+
+def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str:
+  from robustjax import analysis, sweeps
+
+  records = sweeps.load_results(out)
+  rows = analysis.tidy(records)
+  order = [
+    'Krum',
+    'Krum + bucketing',
+    'CM',
+    'CM + bucketing',
+    'RFA',
+    'RFA + bucketing',
+    'CClip',
+    'CClip + bucketing',
+  ]
+  attacks = ['ALIE', 'bit flip', 'IPM', 'label flip', 'mimic']
+  cells = []
+  for r in rows:
+    name = _short_rule(r['rule']).replace('GM', 'RFA')
+    cells.append(
+      {
+        'momentum': f'worker momentum β = {r["momentum"]:g}',
+        'rule': name,
+        'attack': _short_attack(r['attack']),
+        'test_accuracy': r['test_accuracy'],
+      }
+    )
+  analysis.plot_heatmaps(
+    cells,
+    os.path.join(figures, 'repro_bucketing.png'),
+    panel_key='momentum',
+    row_key='rule',
+    col_key='attack',
+    value='test_accuracy',
+    row_label='',
+    col_label='attack',
+    row_order=order,
+    col_order=attacks,
+    panel_order=['worker momentum β = 0', 'worker momentum β = 0.9'],
+    title='Bucketing study on digits (n = 25, f = 5, label-sorted): final test accuracy',
+  )
+  lines = []
+  for beta in sorted({r['momentum'] for r in rows}, reverse=True):
+    lines.append(f'**worker momentum β = {beta:g}**\n')
+    lines.append('| aggregator | ' + ' | '.join(attacks) + ' | worst |')
+    lines.append('|---|' + '---|' * (len(attacks) + 1))
+    for name in order:
+      accs = {}
+      for r in rows:
+        if r['momentum'] == beta and _short_rule(r['rule']).replace('GM', 'RFA') == name:
+          accs[_short_attack(r['attack'])] = r['test_accuracy']
+      if not accs:
+        continue
+      vals = [f'{accs[a]:.2f}' if a in accs else 'n/a' for a in attacks]
+      lines.append(f'| {name} | ' + ' | '.join(vals) + f' | {min(accs.values()):.2f} |')
+    lines.append('')
+  lines.append(f'runs: {len(records)}; summed group wall time: {_wall(records) / 60:.1f} min')
+  if baseline:
+    base = analysis.tidy(sweeps.load_results(baseline))
+    lines.append('\nno attack (mean):')
+    for r in base:
+      lines.append(
+        f'  {r["rule"]} β={r["momentum"]} {r["heterogeneity"]}: {r["test_accuracy"]:.3f}'
+      )
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':

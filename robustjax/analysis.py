@@ -232,14 +232,32 @@ def _lt(a, b) -> bool:
     return str(a) < str(b)
 
 
-def pivot(cells: Sequence[Mapping], row_key: str, col_key: str, value: str = 'worst_case'):
-  """``(row labels, col labels, 2-D array)`` of `value` (NaN where a cell is missing)."""
-  rlabels = _sorted_labels(c[row_key] for c in cells)
-  clabels = _sorted_labels(c[col_key] for c in cells)
+def pivot(
+  cells: Sequence[Mapping],
+  row_key: str,
+  col_key: str,
+  value: str = 'worst_case',
+  *,
+  row_order: Sequence | None = None,
+  col_order: Sequence | None = None,
+):
+  """``(row labels, col labels, 2-D array)`` of `value` (NaN where a cell is missing).
+
+  Labels are sorted (γ / α labels from the most homogeneous), or in `row_order` / `col_order`
+  (labels not present are dropped)."""
+  rlabels = _ordered(row_order, [c[row_key] for c in cells])
+  clabels = _ordered(col_order, [c[col_key] for c in cells])
   table = np.full((len(rlabels), len(clabels)), np.nan)
   for c in cells:
     table[rlabels.index(c[row_key]), clabels.index(c[col_key])] = c[value]
   return rlabels, clabels, table
+
+
+def _ordered(order, values) -> list:
+  if order is None:
+    return _sorted_labels(values)
+  present = set(values)
+  return [v for v in order if v in present]
 
 
 def _sorted_labels(values) -> list:
@@ -277,21 +295,29 @@ def plot_heatmaps(
   title: str | None = None,
   row_label: str = 'f',
   col_label: str = 'heterogeneity',
+  row_order: Sequence | None = None,
+  col_order: Sequence | None = None,
+  panel_order: Sequence | None = None,
 ) -> str:
-  """One heatmap per `panel_key` value: rows `row_key` × columns `col_key`, annotated; PNG."""
+  """One heatmap per `panel_key` value: rows `row_key` × columns `col_key`, annotated; PNG.
+
+  Cells are dicts (e.g. `worst_case` output or tidy rows); colour scale [0, 1]."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
   panels = list(dict.fromkeys(c[panel_key] for c in cells))
+  if panel_order is not None:
+    panels = [p for p in panel_order if p in panels]
+  width = max(5.0, 1.2 + 3.6 * len(panels))
   fig, axes = plt.subplots(
-    1, len(panels), figsize=(0.9 + 3.4 * len(panels), 3.2), squeeze=False, constrained_layout=True
+    1, len(panels), figsize=(width, 3.4), squeeze=False, layout='constrained'
   )
   im = None
   for ax, p in zip(axes[0], panels):
     sub = [c for c in cells if c[panel_key] == p]
-    rl, cl, t = pivot(sub, row_key, col_key, value)
+    rl, cl, t = pivot(sub, row_key, col_key, value, row_order=row_order, col_order=col_order)
     im = ax.imshow(t, vmin=0.0, vmax=1.0, cmap='RdYlGn', aspect='auto')
     for i in range(t.shape[0]):
       for j in range(t.shape[1]):
@@ -304,7 +330,7 @@ def plot_heatmaps(
     ax.set_title(str(p), fontsize=8)
   fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label=value.replace('_', ' '))
   if title:
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -337,7 +363,7 @@ def plot_curves(
   ncols = min(ncols, len(names))
   nrows = -(-len(names) // ncols)
   fig, axes = plt.subplots(
-    nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows), squeeze=False, constrained_layout=True
+    nrows, ncols, figsize=(3.3 * ncols, 2.6 * nrows + 0.6), squeeze=False, layout='constrained'
   )
   for ax in axes.flat[len(names) :]:
     ax.axis('off')
@@ -355,7 +381,7 @@ def plot_curves(
   handles, labels = axes.flat[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc='outside lower center', ncols=min(6, len(labels)), fontsize=7)
   if title:
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(title, fontsize=9, wrap=True)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)

@@ -21,7 +21,7 @@ Mapping to robustjax spec strings:
 
 Variants: ``''`` (600 steps, the default CNN), ``'fast'`` (what docs/reproductions.md ran on 2
 shared CPU cores: 300 steps, an MLP with one hidden layer of 64 units instead of the CNN),
-``'smoke'`` (tests).
+``'fast_baseline'`` (the same without attack, and the plain mean), ``'smoke'`` (tests).
 """
 
 from experiments.configs import default
@@ -64,6 +64,14 @@ def get_config(variant: str = ''):
     base.eval_every = 25
     base.model = 'mlp(hidden=(64,))'
     name = 'bucketing_fast'
+  elif variant == 'fast_baseline':
+    # No attack (the f Byzantine workers behave honestly; the rules still assume f = 5), plus the
+    # plain mean: what each rule loses to heterogeneity alone.
+    base.num_steps = 300
+    base.eval_every = 25
+    base.model = 'mlp(hidden=(64,))'
+    grid = dict(grid, rule=['mean', *AGGREGATORS], attack=['none'])
+    name = 'bucketing_fast_baseline'
   elif variant == 'smoke':
     base.num_steps = 4
     base.eval_every = 2
@@ -72,5 +80,5 @@ def get_config(variant: str = ''):
     grid = {'rule': ['median'], 'pre': ['', 'bucketing(s=2)'], 'attack': ['label_flip']}
     name = 'bucketing_smoke'
   elif variant:
-    raise ValueError(f'unknown variant {variant!r}; known: fast, smoke')
+    raise ValueError(f'unknown variant {variant!r}; known: fast, fast_baseline, smoke')
   return {'name': name, 'base': base, 'grid': grid}

@@ -13,6 +13,7 @@ Variants (``experiments/configs/sweep_byzfl.py:<variant>``):
     optimisation settings (800 steps, one seed) with a one-hidden-layer MLP (64 units) instead
     of the CNN, ByzFL's geometric-median budget (ν = 0.1, 3 Weiszfeld iterations) and a coarser
     optimal-attack search (see the docstring of `get_config`).
+  ``'fast_baseline'``: the no-attack reference of ``'fast'`` (f = 0, the mean).
   ``'smoke'``: a few steps on a tiny grid (tests).
 """
 
@@ -67,6 +68,11 @@ def get_config(variant: str = ''):
     attacks = ['sign_flip', f'optimal_ipm({search})', f'optimal_alie({search})']
     rules = [r.replace('geometric_median', 'geometric_median(nu=0.1, iters=3)') for r in rules]
     name = 'byzfl_fast'
+  elif variant == 'fast_baseline':
+    # The no-attack reference: 10 honest workers, f = 0, the plain mean, same settings as 'fast'.
+    base.model = 'mlp(hidden=(64,))'
+    rules, attacks, fs = ['mean'], ['none'], [0]
+    name = 'byzfl_fast_baseline'
   elif variant == 'smoke':
     base.num_steps = 4
     base.eval_every = 2
@@ -77,7 +83,7 @@ def get_config(variant: str = ''):
     attacks = ['sign_flip', 'optimal_ipm(num_scales=4, refine_rounds=0)']
     name = 'byzfl_smoke'
   elif variant:
-    raise ValueError(f'unknown variant {variant!r}; known: mnist, fast, smoke')
+    raise ValueError(f'unknown variant {variant!r}; known: mnist, fast, fast_baseline, smoke')
   grid = {
     'rule': rules,
     'workers': [{'num_workers': NUM_HONEST + f, 'num_byzantine': f} for f in fs],
