@@ -214,8 +214,8 @@ def test_pytree_equals_flat_and_jit_equals_eager(name):
   expected = np.asarray(rule(np.concatenate([x[:, 4:], x[:, :4]], axis=1), f=F))
   np.testing.assert_allclose(flat, expected, atol=1e-5)
   with jax.disable_jit():
-    eager = rule(tree, f=F)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out, eager)
+    eager = rule(x, f=F)
+  np.testing.assert_allclose(rule(x, f=F), eager, atol=1e-5)
 
 
 @pytest.mark.parametrize('name,params,ref', CASES[::2], ids=IDS[::2])

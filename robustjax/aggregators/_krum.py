@@ -66,6 +66,7 @@ def _lowest_weights(scores: jax.Array, m: int) -> jax.Array:
   return jnp.zeros((n,), scores.dtype).at[idx].set(1.0 / m)
 
 
+@functools.partial(jax.jit, static_argnames=('f', 'num_neighbors'))
 def krum_scores(stack, *, f: int, num_neighbors: int | None = None) -> jax.Array:
   """(n,) Krum scores: score(i) = Σ of squared distances from x_i to its nearest other inputs.
 
