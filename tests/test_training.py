@@ -222,3 +222,21 @@ def test_distributed_initialization_only_when_asked(monkeypatch):
   monkeypatch.setenv('JAX_PROCESS_ID', '1')
   assert training.maybe_initialize_distributed(coordinator_address='localhost:1234')
   assert calls == [{'coordinator_address': 'localhost:1234', 'num_processes': 2, 'process_id': 1}]
+
+
+def test_worker_chunks_give_the_same_updates(exp):
+  n = exp.spec.num_workers
+  data = jax.tree.map(jnp.asarray, exp.problem.data)
+  mom = jax.tree.map(lambda p: jnp.ones((n,) + p.shape, p.dtype), exp.params0)
+  out = []
+  for chunk in (0, 4):  # 4: chunks of 3 workers (the largest divisor of 6 not above 4)
+    spec = dataclasses.replace(exp.spec, worker_chunk=chunk)
+    fn = jax.jit(
+      lambda p, m, d, spec=spec: eng.worker_updates(
+        spec, exp.problem, p, exp.model_state0, m, jnp.arange(n), jax.random.key(3), d
+      )
+    )
+    out.append(fn(exp.params0, mom, data))
+  np.testing.assert_allclose(_flat(out[1]), _flat(out[0]), rtol=1e-6, atol=1e-7)
+  assert eng._chunk_size(6, 4) == 3 and eng._chunk_size(1024, 256) == 256
+  assert eng._chunk_size(8, 0) == 8

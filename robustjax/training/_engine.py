@@ -106,6 +106,10 @@ class TrainSpec:
     attack_params: the attack's keyword parameters, as a sorted tuple of (name, value) pairs.
     num_classes: number of labels (label flipping maps y to ``num_classes − 1 − y``).
     eval_chunk: examples per chunk in `evaluate`.
+    worker_chunk: vmap at most this many workers at once (a `lax.map` over chunks of them; the
+      largest divisor of the local worker count not above it); 0 vmaps them all at once. On a
+      loaded 2-core XLA:CPU machine, chunks of 256 made the n = 1024 MLP step faster (fastest of
+      12 interleaved runs: 60 ms vs 97 ms; no change at n = 512); results are the same.
   """
 
   num_workers: int
@@ -120,6 +124,7 @@ class TrainSpec:
   attack_params: tuple
   num_classes: int
   eval_chunk: int = 1024
+  worker_chunk: int = 0
 
   @property
   def num_honest(self) -> int:
@@ -292,7 +297,20 @@ def worker_updates(
       m = g
     return m, loss
 
-  return jax.vmap(one)(momentum, wids)
+  k = wids.shape[0]
+  c = _chunk_size(k, spec.worker_chunk)
+  if c >= k:
+    return jax.vmap(one)(momentum, wids)
+  split = lambda x: x.reshape((k // c, c) + x.shape[1:])
+  m, losses = jax.lax.map(lambda a: jax.vmap(one)(*a), (jax.tree.map(split, momentum), split(wids)))
+  return jax.tree.map(lambda x: x.reshape((k,) + x.shape[2:]), m), losses.reshape(k)
+
+
+def _chunk_size(k: int, chunk: int) -> int:
+  """The largest divisor of k that is at most `chunk` (k when chunk is 0 or >= k)."""
+  if not chunk or chunk >= k:
+    return k
+  return max(d for d in range(1, chunk + 1) if k % d == 0)
 
 
 def _call_attack(spec: TrainSpec, honest, key):

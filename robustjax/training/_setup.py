@@ -142,6 +142,16 @@ def choose_backend(config) -> tuple[str, Any]:
   return backend, par.make_mesh(k)
 
 
+def _worker_chunk(config) -> int:
+  """``config.worker_chunk``, or when unset 256 on CPU (faster there) and 0 (no chunking) else."""
+  chunk = config.get('worker_chunk')
+  if chunk is None:
+    return 256 if jax.devices()[0].platform == 'cpu' else 0
+  if chunk < 0:
+    raise ValueError(f'worker_chunk must be >= 0; got {chunk}')
+  return int(chunk)
+
+
 def _check_counts(n, f):
   if not isinstance(n, int) or n < 1:
     raise ValueError(f'num_workers must be an int >= 1; got {n!r}')
@@ -280,6 +290,7 @@ def build(config) -> Experiment:
     attack_params=tuple(sorted(attack_params.items())),
     num_classes=ds.num_classes,
     eval_chunk=int(config.eval_chunk),
+    worker_chunk=_worker_chunk(config),
   )
   _validate(spec)
   backend, mesh = choose_backend(config)
