@@ -48,9 +48,9 @@ flags.DEFINE_list(
   'defenders: aggregator names, optionally prefixed by pre-aggregators joined with +',
 )
 flags.DEFINE_list('attacks', ['optimal_alie', 'optimal_ipm'], 'optimal attacks to time')
-flags.DEFINE_integer('num_scales', 16, 'first-round grid size')
+flags.DEFINE_integer('num_scales', 12, 'first-round grid size')
 flags.DEFINE_integer('num_refine', 4, 'points per refinement round')
-flags.DEFINE_integer('refine_rounds', 4, 'refinement rounds')
+flags.DEFINE_integer('refine_rounds', 5, 'refinement rounds')
 flags.DEFINE_float('max_scale', 10.0, 'the grid covers [0, max_scale]')
 flags.DEFINE_integer('batch_size', 8, 'candidates per vmapped batch (lax.map); 0: all at once')
 flags.DEFINE_enum('subspace', 'auto', ['auto', 'true', 'false'], 'span reduction (see attacks)')
