@@ -156,7 +156,11 @@ def main(argv):
     for kind in FLAGS.attacks:
       attack = attacks.get(kind)
       if subspace is None:
-        used_span = d > n_h + 2 and attacks.orthogonally_equivariant(rule)
+        used_span = (
+          d > n_h + 2
+          and attacks.orthogonally_equivariant(rule)
+          and any(s.name in ('krum', 'multikrum', 'nnm') for s in rule.stages)
+        )
       else:
         used_span = subspace
 
