@@ -70,7 +70,8 @@ def test_bitwise_reproducible_for_a_seed(exp):
 
 def test_seed_changes_the_run(exp):
   a, _ = _steps(exp, 1)
-  b, _ = _steps(training.build(_config(seed=1)), 1)
+  s1 = eng.init_state(exp.spec, exp.problem, exp.params0, exp.model_state0, seed=1)
+  b, _ = _steps(exp, 1, exp.place(s1))  # same compiled step, another key
   assert not np.array_equal(_flat(a.params), _flat(b.params))
 
 
@@ -145,10 +146,21 @@ def test_centered_clipping_centre_is_the_previous_aggregate():
   np.testing.assert_allclose(_flat(s2.agg_state['center']), _flat(agg), rtol=1e-3, atol=1e-6)
 
 
-def test_mimic_heuristic_state_is_carried():
-  exp = training.build(_config(attack='mimic_heuristic(warmup=2)'))
-  s, _ = _steps(exp, 3)
-  assert int(s.attack_state['mimic'].step) == 3
+def test_mimic_heuristic_state_is_carried(exp):
+  spec = dataclasses.replace(exp.spec, attack='mimic_heuristic', attack_params=(('warmup', 2),))
+  state = eng.init_state(spec, exp.problem, exp.params0, exp.model_state0, seed=0)
+  stack = jax.tree.map(
+    lambda p: jax.random.normal(jax.random.key(4), (spec.num_workers,) + p.shape), exp.params0
+  )
+  step = jax.jit(lambda st: eng.byzantine_stack(spec, stack, None, st))
+  att = state.attack_state
+  for _ in range(3):
+    received, att = step(att)
+  assert int(att['mimic'].step) == 3
+  target = int(att['mimic'].target)
+  nh = spec.num_honest
+  for leaf, full in zip(jax.tree.leaves(received), jax.tree.leaves(stack)):
+    np.testing.assert_array_equal(np.asarray(leaf[nh:]), np.asarray(full[target])[None])
 
 
 def test_local_steps_train_and_evaluate():

@@ -191,7 +191,8 @@ def make_step(spec, problem, *, backend: str = 'vmap', mesh=None):
     spec: the `TrainSpec`.
     problem: the `Problem`.
     backend: ``'vmap'`` (one device), ``'shard_map'`` (the worker axis over `mesh`), ``'pmap'``
-      (legacy, over the first ``mesh.size`` local devices).
+      (legacy, over the first ``mesh.size`` local devices of this host: single-host only; use
+      ``'shard_map'`` across hosts).
     mesh: the ``('workers',)`` mesh for ``'shard_map'`` / ``'pmap'``.
 
   Returns:
