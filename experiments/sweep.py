@@ -147,6 +147,7 @@ def _short_attack(attack: str) -> str:
     'ipm': 'IPM',
     'label_flip': 'label flip',
     'mimic_heuristic': 'mimic',
+    'none': 'no attack',
   }.get(name, name)
 
 
@@ -206,10 +207,12 @@ def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
     lines.append('')
   lines.append(f'runs: {len(records)}; summed group wall time: {_wall(records) / 60:.1f} min')
   if baseline:
-    base = analysis.tidy(sweeps.load_results(baseline))
-    lines.append('\nno attack (f = 0, mean):')
-    for r in base:
-      lines.append(f'  {r["heterogeneity"]}: {r["test_accuracy"]:.3f}')
+    base = {r['heterogeneity']: r for r in analysis.tidy(sweeps.load_results(baseline))}
+    lines.append('')
+    lines.append('| no attack, f = 0, mean | ' + ' | '.join(gammas) + ' |')
+    lines.append('|---|' + '---|' * len(gammas))
+    vals = [f'{base[g]["test_accuracy"]:.2f}' if g in base else 'n/a' for g in gammas]
+    lines.append('| test accuracy | ' + ' | '.join(vals) + ' |')
   return '\n'.join(lines)
 
 
@@ -217,29 +220,26 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
   from robustjax import analysis, sweeps
 
   records = sweeps.load_results(out)
-  rows = analysis.tidy(records)
-  order = [
-    'Krum',
-    'Krum + bucketing',
-    'CM',
-    'CM + bucketing',
-    'RFA',
-    'RFA + bucketing',
-    'CClip',
-    'CClip + bucketing',
-  ]
   attacks = ['ALIE', 'bit flip', 'IPM', 'label flip', 'mimic']
-  cells = []
+  order = ['Krum', 'Krum + bucketing', 'CM', 'CM + bucketing', 'RFA', 'RFA + bucketing']
+  order += ['CClip', 'CClip + bucketing']
+  if baseline:
+    records = records + sweeps.load_results(baseline)
+    attacks = ['no attack', *attacks]
+    order = ['mean', 'mean + bucketing', *order]
+  rows = analysis.tidy(records)
   for r in rows:
-    name = _short_rule(r['rule']).replace('GM', 'RFA')
-    cells.append(
-      {
-        'momentum': f'worker momentum β = {r["momentum"]:g}',
-        'rule': name,
-        'attack': _short_attack(r['attack']),
-        'test_accuracy': r['test_accuracy'],
-      }
-    )
+    r['name'] = _short_rule(r['rule']).replace('GM', 'RFA')
+    r['attack_name'] = _short_attack(r['attack'])
+  cells = [
+    {
+      'momentum': f'worker momentum β = {r["momentum"]:g}',
+      'rule': r['name'],
+      'attack': r['attack_name'],
+      'test_accuracy': r['test_accuracy'],
+    }
+    for r in rows
+  ]
   analysis.plot_heatmaps(
     cells,
     os.path.join(figures, 'repro_bucketing.png'),
@@ -257,26 +257,26 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
   lines = []
   for beta in sorted({r['momentum'] for r in rows}, reverse=True):
     lines.append(f'**worker momentum β = {beta:g}**\n')
-    lines.append('| aggregator | ' + ' | '.join(attacks) + ' | worst |')
+    lines.append('| aggregator | ' + ' | '.join(attacks) + ' | worst attack |')
     lines.append('|---|' + '---|' * (len(attacks) + 1))
     for name in order:
-      accs = {}
-      for r in rows:
-        if r['momentum'] == beta and _short_rule(r['rule']).replace('GM', 'RFA') == name:
-          accs[_short_attack(r['attack'])] = r['test_accuracy']
+      accs = {
+        r['attack_name']: r['test_accuracy']
+        for r in rows
+        if r['momentum'] == beta and r['name'] == name
+      }
       if not accs:
         continue
-      vals = [f'{accs[a]:.2f}' if a in accs else 'n/a' for a in attacks]
-      lines.append(f'| {name} | ' + ' | '.join(vals) + f' | {min(accs.values()):.2f} |')
+      vals = [f'{accs[a]:.2f}' if a in accs else '' for a in attacks]
+      attacked = [v for a, v in accs.items() if a != 'no attack']
+      worst = f'{min(attacked):.2f}' if attacked else ''
+      lines.append(f'| {name} | ' + ' | '.join(vals) + f' | {worst} |')
     lines.append('')
-  lines.append(f'runs: {len(records)}; summed group wall time: {_wall(records) / 60:.1f} min')
+  ours = sweeps.load_results(out)
+  lines.append(f'runs: {len(ours)}; summed group wall time: {_wall(ours) / 60:.1f} min')
   if baseline:
-    base = analysis.tidy(sweeps.load_results(baseline))
-    lines.append('\nno attack (mean):')
-    for r in base:
-      lines.append(
-        f'  {r["rule"]} β={r["momentum"]} {r["heterogeneity"]}: {r["test_accuracy"]:.3f}'
-      )
+    b = sweeps.load_results(baseline)
+    lines.append(f'baseline runs: {len(b)}; summed group wall time: {_wall(b) / 60:.1f} min')
   return '\n'.join(lines)
 
 

@@ -249,7 +249,8 @@ def pivot(
   clabels = _ordered(col_order, [c[col_key] for c in cells])
   table = np.full((len(rlabels), len(clabels)), np.nan)
   for c in cells:
-    table[rlabels.index(c[row_key]), clabels.index(c[col_key])] = c[value]
+    if c[row_key] in rlabels and c[col_key] in clabels:
+      table[rlabels.index(c[row_key]), clabels.index(c[col_key])] = c[value]
   return rlabels, clabels, table
 
 
