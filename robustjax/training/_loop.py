@@ -111,13 +111,13 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
   last_eval = {}
   t0, steps_run = time.perf_counter(), 0
   step = start
+  postfix = {}
   try:
     while step < stop:
       state, m = exp.step(state)
       step += 1
       steps_run += 1
       records = []
-      postfix = {}
       if config.log_every and (step % config.log_every == 0 or step == total):
         m = {k: float(v) for k, v in jax.device_get(m).items()}
         records.append({'step': step, 'kind': 'train', **m})
@@ -131,7 +131,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
         _write_jsonl(metrics_path, records)
       if bar is not None:
         bar.update(1)
-        if postfix:
+        if records and postfix:
           bar.set_postfix(postfix, refresh=False)
       if ckpt is not None and (step % config.checkpoint_every == 0 or step == stop):
         ckpt.save(step, state)
