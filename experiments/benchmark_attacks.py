@@ -16,7 +16,8 @@ attack (`optimal_alie`, `optimal_ipm`), on one random honest stack of n − f wo
 
 Both reported deviations ‖F(honest ∪ Byzantine) − μ‖ are recomputed by the same jitted evaluator.
 Prints a table (defender, attack, evaluations, vmapped time, sequential time, speed-up, deviation
-reached by each). Times are medians over `--repeats` runs after one compile / warm-up run.
+reached by each). Times are the minimum over `--repeats` (`--seq_repeats`) runs after one compile /
+warm-up run (the minimum, since on a shared machine other jobs only ever add time).
 
 Examples:
   python experiments/benchmark_attacks.py
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import json
 import platform
-import statistics
 import time
 
 import jax
@@ -57,8 +57,8 @@ flags.DEFINE_enum('subspace', 'auto', ['auto', 'true', 'false'], 'span reduction
 flags.DEFINE_float('start', 0.0, 'line search: first scale (ByzFL default 0.0)')
 flags.DEFINE_float('delta', 10.0, 'line search: first step (ByzFL default 10.0)')
 flags.DEFINE_float('ratio', 0.8, 'line search: contraction ratio (ByzFL default 0.8)')
-flags.DEFINE_integer('repeats', 3, 'timed runs of the vmapped attack (median reported)')
-flags.DEFINE_integer('seq_repeats', 1, 'timed runs of the sequential search (median reported)')
+flags.DEFINE_integer('repeats', 5, 'timed runs of the vmapped attack (minimum reported)')
+flags.DEFINE_integer('seq_repeats', 3, 'timed runs of the sequential search (minimum reported)')
 flags.DEFINE_integer('seed', 0, 'seed of the honest stack')
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 
@@ -123,7 +123,7 @@ def _time(fn, repeats):
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), out
+  return min(times), out
 
 
 def main(argv):
