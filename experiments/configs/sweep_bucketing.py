@@ -63,6 +63,7 @@ def get_config(variant: str = ''):
     base.num_steps = 300
     base.eval_every = 25
     base.model = 'mlp(hidden=(64,))'
+    grid['seed'] = [0, 1]
     name = 'bucketing_fast'
   elif variant == 'fast_baseline':
     # No attack (the f Byzantine workers behave honestly; the rules still assume f = 5), plus the
@@ -70,7 +71,7 @@ def get_config(variant: str = ''):
     base.num_steps = 300
     base.eval_every = 25
     base.model = 'mlp(hidden=(64,))'
-    grid = dict(grid, rule=['mean', *AGGREGATORS], attack=['none'])
+    grid = dict(grid, rule=['mean', *AGGREGATORS], attack=['none'], seed=[0, 1])
     name = 'bucketing_fast_baseline'
   elif variant == 'smoke':
     base.num_steps = 4
