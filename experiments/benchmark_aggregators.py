@@ -52,6 +52,12 @@ flags.DEFINE_integer('warmup', 1, 'untimed runs after compilation')
 flags.DEFINE_enum('dtype', 'float32', ['float32', 'bfloat16', 'float64'], 'stack dtype')
 flags.DEFINE_integer('iters', 5, 'iterations for geometric_median / centered_clipping')
 flags.DEFINE_integer('seed', 0, 'seed of the random stack')
+flags.DEFINE_integer(
+  'xla_cpu_vector_width',
+  512,
+  'on CPU, compiler option xla_cpu_prefer_vector_width for every timed function (0: XLA default '
+  '256); the coordinate-wise rules set 512 themselves when called outside a jit',
+)
 flags.DEFINE_bool('compile_only', False, 'only measure compile times')
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
@@ -102,8 +108,16 @@ def _make_fn(kind: str, name: str, f: int, params: dict):
   else:
     rule = preaggregators.get(name)
   if kind == 'preaggregator' and name == 'bucketing':
-    return jax.jit(lambda x, key: rule(x, f=f, key=key, **params))
-  return jax.jit(lambda x, key: rule(x, f=f, **params))
+    return _jit(lambda x, key: rule(x, f=f, key=key, **params))
+  return _jit(lambda x, key: rule(x, f=f, **params))
+
+
+def _jit(fn):
+  """jax.jit with the benchmark's compiler options (the same for every rule and reference)."""
+  if FLAGS.xla_cpu_vector_width and jax.default_backend() == 'cpu':
+    opts = {'xla_cpu_prefer_vector_width': str(FLAGS.xla_cpu_vector_width)}
+    return jax.jit(fn, compiler_options=opts)
+  return jax.jit(fn)
 
 
 def _all_rules():
@@ -251,9 +265,10 @@ def main(argv):
     'dtype': FLAGS.dtype,
   }
   print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
+  info['xla_cpu_vector_width'] = FLAGS.xla_cpu_vector_width
 
-  floor_fn = jax.jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
-  gram_fn = jax.jit(lambda x: x @ x.T)
+  floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
+  gram_fn = _jit(lambda x: x @ x.T)
   _, floor = _time(floor_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
   _, gram = _time(gram_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
   print(f'# floor (ones(n) @ x): {floor * 1e3:.2f} ms; Gram (x @ x.T): {gram * 1e3:.2f} ms')
