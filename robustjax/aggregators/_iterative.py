@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from robustjax._checks import check_f, check_positive_int, num_workers
 from robustjax.aggregators._base import REGISTRY, register
-from robustjax.stack import pairwise_sq_dists, sq_dists_to, sq_norms, weighted_sum
+from robustjax.stack import pairwise_sq_dists, sq_distance, sq_dists_to, sq_norms, weighted_sum
 
 __all__ = ['geometric_median', 'centered_clipping', 'caf']
 
@@ -82,12 +82,7 @@ def _geometric_median(stack, init, *, f, nu, iters, tol, start):
     ok = jnp.isfinite(dist)
     beta = jnp.where(ok, 1.0 / jnp.maximum(nu, jnp.where(ok, dist, 1.0)), 0.0)
     z_new = weighted_sum(beta / jnp.sum(beta), stack)
-    step = jnp.sqrt(
-      sum(
-        jnp.sum(jnp.square(a.astype(acc) - b.astype(acc)))
-        for a, b in zip(jax.tree.leaves(z_new), jax.tree.leaves(z))
-      )
-    )
+    step = jnp.sqrt(sq_distance(z_new, z)).astype(acc)
     scale = jnp.sum(jnp.where(ok, dist, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
     return z_new, step, it + 1, step <= tol * scale
 
@@ -248,7 +243,9 @@ def _centered_clipping(stack, center, tau, *, f, iters):
     keep = 1.0 - jnp.sum(w)
     return jax.tree.map(lambda c, m: _axpy(keep, c, m), v, moved)
 
-  return jax.lax.fori_loop(0, iters, step, v)
+  # The first step outside the loop gives the carry the stack's type (also when the stack is a
+  # per-device slice inside `jax.shard_map` and the centre is replicated).
+  return jax.lax.fori_loop(1, iters, step, step(0, v))
 
 
 def _axpy(a, c, m):
