@@ -98,7 +98,9 @@ def test_per_worker_grads_equal_on_1_and_8_devices_pcast_trap():
       assert np.max(np.abs(_flat(g) - ref)) > 1e-3
 
 
-@pytest.mark.parametrize('rule', ['mean', 'trimmed_mean', 'krum', 'nnm+trimmed_mean'])
+@pytest.mark.parametrize(
+  'rule', ['mean', 'trimmed_mean', 'krum', 'nnm+trimmed_mean', 'centered_clipping(tau=1.0)']
+)
 def test_sharded_step_equals_single_device(rule):
   _, s1, m1 = _cached(rule, 'vmap')
   exp8, s8, m8 = _cached(rule, 'shard_map')

@@ -15,13 +15,13 @@ Sharded layout (``backend='shard_map'``):
 * the received stack is then all-gathered once (n · d floats: 40 MB for n = 1024 workers and a
   10k-parameter MLP). It has to be: the attack is omniscient (it reads the honest statistics) and
   the stack is small next to the per-worker gradient work, which is what the mesh parallelises;
-* aggregation follows DESIGN.md's accelerator-parallel aggregation for the coordinate-wise rules
-  (mean, median, trimmed mean, MeaMed without pre-aggregators): the flattened (n, D) stack is
-  resharded to ``P(None, 'workers')``, every device aggregates its D / k coordinates inside a
-  `jax.shard_map` (no sort along a sharded axis), and the (D,) result is gathered. Distance-based
-  rules and pipelines with pre-aggregators run replicated on the gathered stack: their API takes a
-  stack, not a Gram matrix, and at n · d this small the n × n Gram is cheap next to the gradients
-  (a `psum` of per-device partial Grams would pay off only for much larger models).
+* aggregation follows DESIGN.md's accelerator-parallel aggregation, for every pipeline: the
+  flattened (n, D) stack is resharded to ``P(None, 'workers')`` (coordinates split over the
+  devices) and the pipeline runs inside a `jax.shard_map` under
+  `robustjax.stack.sharded_coordinates`, so each device works on its D / k coordinates:
+  coordinate-wise rules need no communication (no sort along a sharded axis), and distance-based
+  rules exchange only n × n partial Gram matrices (a `psum`), never the stack. Runtime state such
+  as centered clipping's centre is flattened and sharded the same way.
 """
 
 from __future__ import annotations
@@ -35,11 +35,9 @@ from robustjax import stack as stk
 from robustjax.training import _engine as eng
 from robustjax.training._parallel import AXIS
 
-__all__ = ['BACKENDS', 'COORDINATEWISE', 'make_step', 'make_eval', 'sharded_worker_grads']
+__all__ = ['BACKENDS', 'make_step', 'make_eval', 'sharded_worker_grads']
 
 BACKENDS = ('vmap', 'shard_map', 'pmap')
-# Aggregators that work coordinate by coordinate (aggregated on a model-axis resharding).
-COORDINATEWISE = ('mean', 'median', 'trimmed_mean', 'meamed', 'coordinate_median', 'cwmed', 'cwtm')
 
 
 def _finish(
@@ -77,27 +75,36 @@ def _vmap_step(spec, problem):
   return step
 
 
-def _is_coordinatewise(pipeline) -> bool:
-  name = str(getattr(pipeline, 'name', ''))
-  return '+' not in name and name in COORDINATEWISE
-
-
-def _coordinate_aggregate(spec, mesh):
+def _sharded_aggregate(spec, mesh):
+  """``aggregate(received, key, runtime)`` with the coordinates sharded over the mesh."""
   k = mesh.shape[AXIS]
+  by_coordinate = NamedSharding(mesh, P(None, AXIS))
+
+  def to_columns(flat):
+    pad = (-flat.shape[1]) % k
+    if pad:
+      flat = jnp.pad(flat, ((0, 0), (0, pad)))
+    return jax.sharding.reshard(flat, by_coordinate)
 
   def aggregate(received, key, runtime):
     flat = stk.flatten(received)
     d = flat.shape[1]
-    pad = (-d) % k
-    if pad:
-      flat = jnp.pad(flat, ((0, 0), (0, pad)))
-    flat = jax.sharding.reshard(flat, NamedSharding(mesh, P(None, AXIS)))
+    # Runtime trees (one slice, e.g. the centre) as (1, D) rows, sharded like the stack.
+    rows = {
+      name: to_columns(stk.flatten(jax.tree.map(lambda x: x[None], tree)))
+      for name, tree in runtime.items()
+    }
+
+    def body(local, local_rows, key):
+      with stk.sharded_coordinates(AXIS):
+        return spec.pipeline(local, key=key, **{nm: r[0] for nm, r in local_rows.items()})
+
     out = jax.shard_map(
-      lambda a: spec.pipeline(a, **runtime),
+      body,
       mesh=mesh,
-      in_specs=P(None, AXIS),
+      in_specs=(P(None, AXIS), P(None, AXIS), P()),
       out_specs=P(AXIS),
-    )(flat)
+    )(to_columns(flat), rows, key)
     out = jax.sharding.reshard(out, NamedSharding(mesh, P()))[:d]
     return stk.unflatten(out, received)
 
@@ -129,7 +136,7 @@ def sharded_worker_grads(spec, problem, mesh, *, pcast: bool = True):
 def _shard_map_step(spec, problem, mesh):
   workers = sharded_worker_grads(spec, problem, mesh)
   rep = NamedSharding(mesh, P())
-  aggregate = _coordinate_aggregate(spec, mesh) if _is_coordinatewise(spec.pipeline) else None
+  aggregate = _sharded_aggregate(spec, mesh)
 
   @jax.jit
   def step(state, data, wids):
