@@ -55,6 +55,7 @@ __all__ = [
   'run_id',
   'group_runs',
   'atomic_write_json',
+  'current_run_ids',
   'load_results',
   'run_group',
   'run_sweep',
@@ -98,10 +99,13 @@ def _plain(config) -> dict:
 def run_id(config: Mapping[str, Any]) -> str:
   """A stable 12-hex-digit id of a resolved training config.
 
-  The hash is over the sorted JSON of the config without `IGNORED_FIELDS`, so the order of the
-  grid, the order of the config's fields and logging options do not change it.
+  The hash is over the sorted JSON of the config without `IGNORED_FIELDS` and without fields set
+  to None, so the order of the grid, the order of the config's fields, logging options, and a
+  field added to the config later with a None default (an ml_collections placeholder: "unset")
+  do not change it. A new field with a non-None default does change every id (its value may
+  change the numbers), and the sweep then reruns.
   """
-  cfg = {k: v for k, v in _plain(config).items() if k not in IGNORED_FIELDS}
+  cfg = {k: v for k, v in _plain(config).items() if k not in IGNORED_FIELDS and v is not None}
   text = json.dumps(cfg, sort_keys=True, default=str, separators=(',', ':'))
   return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -197,14 +201,33 @@ def _result_path(out_dir: str, rid: str) -> str:
   return os.path.join(out_dir, 'runs', f'{rid}.json')
 
 
-def load_results(out_dir: str) -> list[dict]:
-  """Every finished run record under ``<out_dir>/runs`` (sorted by run id)."""
+def current_run_ids(out_dir: str) -> list[str] | None:
+  """The run ids of the sweep last launched in `out_dir` (from ``sweep.json``), or None."""
+  path = os.path.join(out_dir, 'sweep.json')
+  if not os.path.exists(path):
+    return None
+  with open(path) as fh:
+    return list(json.load(fh)['run_ids'])
+
+
+def load_results(out_dir: str, *, current_only: bool = True) -> list[dict]:
+  """The finished run records under ``<out_dir>/runs`` (sorted by run id).
+
+  Args:
+    out_dir: the sweep directory.
+    current_only: keep only the runs of the sweep last launched there (the ids in
+      ``sweep.json``), so records left by an earlier grid or config are not mixed in.
+  """
   d = os.path.join(out_dir, 'runs')
   if not os.path.isdir(d):
     return []
+  keep = current_run_ids(out_dir) if current_only else None
+  keep = None if keep is None else set(keep)
   out = []
   for name in sorted(os.listdir(d)):
     if name.endswith('.json') and not name.startswith('.'):
+      if keep is not None and name[: -len('.json')] not in keep:
+        continue
       with open(os.path.join(d, name)) as fh:
         out.append(json.load(fh))
   return out

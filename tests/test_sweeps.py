@@ -80,6 +80,8 @@ def test_run_ids_stable():
   assert sweeps.run_id(a) != sweeps.run_id({**a, 'seed': 4})
   # A literal: the id must not change across sessions (results on disk are found by it).
   assert sweeps.run_id({'rule': 'krum', 'seed': 3}) == 'cdaef1b5289d'
+  # A field added later with a None (unset placeholder) default keeps old ids valid.
+  assert sweeps.run_id({'rule': 'krum', 'seed': 3, 'new_field': None}) == 'cdaef1b5289d'
 
 
 def test_atomic_write_json_keeps_old_file_on_failure(tmp_path):
