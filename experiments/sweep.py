@@ -206,12 +206,15 @@ def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
       )
     lines.append('')
   lines.append(f'runs: {len(records)}; summed group wall time: {_wall(records) / 60:.1f} min')
+  lines.append(f'seeds per cell: {sorted({c["num_seeds"] for c in cells})}')
   if baseline:
-    base = {r['heterogeneity']: r for r in analysis.tidy(sweeps.load_results(baseline))}
+    base: dict = {}
+    for r in analysis.tidy(sweeps.load_results(baseline)):
+      base.setdefault(r['heterogeneity'], []).append(r['test_accuracy'])
     lines.append('')
     lines.append('| no attack, f = 0, mean | ' + ' | '.join(gammas) + ' |')
     lines.append('|---|' + '---|' * len(gammas))
-    vals = [f'{base[g]["test_accuracy"]:.2f}' if g in base else 'n/a' for g in gammas]
+    vals = [f'{sum(base[g]) / len(base[g]):.2f}' if g in base else 'n/a' for g in gammas]
     lines.append('| test accuracy | ' + ' | '.join(vals) + ' |')
   return '\n'.join(lines)
 
@@ -228,17 +231,15 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
     attacks = ['no attack', *attacks]
     order = ['mean', 'mean + bucketing', *order]
   rows = analysis.tidy(records)
-  for r in rows:
-    r['name'] = _short_rule(r['rule']).replace('GM', 'RFA')
-    r['attack_name'] = _short_attack(r['attack'])
+  acc: dict = {}
+  for r in rows:  # mean over seeds
+    key = (r['momentum'], _short_rule(r['rule']).replace('GM', 'RFA'), _short_attack(r['attack']))
+    acc.setdefault(key, []).append(r['test_accuracy'])
+  seeds = sorted({len(v) for v in acc.values()})
+  acc = {k: sum(v) / len(v) for k, v in acc.items()}
   cells = [
-    {
-      'momentum': f'worker momentum β = {r["momentum"]:g}',
-      'rule': r['name'],
-      'attack': r['attack_name'],
-      'test_accuracy': r['test_accuracy'],
-    }
-    for r in rows
+    {'momentum': f'worker momentum β = {b:g}', 'rule': n, 'attack': a, 'test_accuracy': v}
+    for (b, n, a), v in acc.items()
   ]
   analysis.plot_heatmaps(
     cells,
@@ -255,16 +256,12 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
     title='Bucketing study on digits (n = 25, f = 5, label-sorted): final test accuracy',
   )
   lines = []
-  for beta in sorted({r['momentum'] for r in rows}, reverse=True):
+  for beta in sorted({k[0] for k in acc}, reverse=True):
     lines.append(f'**worker momentum β = {beta:g}**\n')
     lines.append('| aggregator | ' + ' | '.join(attacks) + ' | worst attack |')
     lines.append('|---|' + '---|' * (len(attacks) + 1))
     for name in order:
-      accs = {
-        r['attack_name']: r['test_accuracy']
-        for r in rows
-        if r['momentum'] == beta and r['name'] == name
-      }
+      accs = {a: v for (b, n, a), v in acc.items() if b == beta and n == name}
       if not accs:
         continue
       vals = [f'{accs[a]:.2f}' if a in accs else '' for a in attacks]
@@ -272,6 +269,7 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
       worst = f'{min(attacked):.2f}' if attacked else ''
       lines.append(f'| {name} | ' + ' | '.join(vals) + f' | {worst} |')
     lines.append('')
+  lines.append(f'seeds per cell: {seeds}')
   ours = sweeps.load_results(out)
   lines.append(f'runs: {len(ours)}; summed group wall time: {_wall(ours) / 60:.1f} min')
   if baseline:
