@@ -27,16 +27,22 @@ Examples:
 
 from __future__ import annotations
 
-import json
-import platform
-import time
+import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from absl import app, flags
+# The span reduction's QR runs in LAPACK (OpenBLAS on CPU); OpenBLAS threads spinning next to
+# XLA's thread pool made single calls 10-30x slower on a shared 2-core machine. One thread: stable.
+os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
-from robustjax import attacks, preaggregators
+import json  # noqa: E402
+import platform  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from robustjax import attacks, preaggregators  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('n', 64, 'total number of workers (n − f honest)')
