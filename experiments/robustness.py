@@ -357,7 +357,7 @@ def plot_kappa(results, prefix):
     sub = [e for e in rows if e['pre'] == pre]
     if not sub:
       continue
-    fig, axes = plt.subplots(1, len(ns), figsize=(5.2 * len(ns), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(ns), figsize=(5.2 * len(ns), 5.0), squeeze=False)
     rules = sorted({e['base'] for e in sub})
     cmap = plt.get_cmap('tab20')
     for ax, n in zip(axes[0], ns):
@@ -380,11 +380,15 @@ def plot_kappa(results, prefix):
       ax.set_title(f'n = {n}' + (' (after NNM)' if pre else ''))
       ax.grid(alpha=0.3, which='both')
     axes[0][0].set_ylabel('measured κ̂ (lower bound on κ⋆)')
-    axes[0][-1].legend(fontsize=7, loc='upper left', ncol=2)
+    handles = {}
+    for ax in axes[0]:
+      for h, lab in zip(*ax.get_legend_handles_labels()):
+        handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc='lower center', ncol=8, fontsize=8)
     fig.suptitle(
       'Measured κ̂ ' + ('of F ∘ NNM ' if pre else '') + 'against f/n (huge values: not robust)'
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(f'{prefix}kappa{"_nnm" if pre else ""}.png', dpi=110)
     plt.close(fig)
 
