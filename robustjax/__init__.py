@@ -6,6 +6,7 @@ Modules:
   attacks         Byzantine attacks, `attacks.get(name)`, and `attacks.assemble`
   data            datasets (`data.load`) and heterogeneous splits (`data.split`)
   models          flax NNX models (`models.make`)
+  optax_adapter   `as_optax(rule)` / `robust_optimizer`: a robust rule inside an optax chain
   preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
 """
 
@@ -16,6 +17,7 @@ from robustjax import (
   compression,
   data,
   models,
+  optax_adapter,
   preaggregators,
   robustness,
   stack,
@@ -30,6 +32,7 @@ __all__ = [
   'compression',
   'data',
   'models',
+  'optax_adapter',
   'preaggregators',
   'robustness',
   'stack',
