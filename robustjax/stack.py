@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 
 import jax
 import jax.numpy as jnp
@@ -302,16 +303,17 @@ def unflatten(flat: jax.Array, like):
   The leading shape of `flat` replaces the worker axis: (D,) gives one tree, (k, D) a stack of k.
   """
   leaves, treedef = jax.tree.flatten(like)
+  total = sum(math.prod(jnp.shape(x)[1:]) for x in leaves)
+  if flat.shape[-1] != total:
+    raise ValueError(f'unflatten: expected {total} columns, got {flat.shape[-1]}')
   out, start = [], 0
   lead = flat.shape[:-1]
   for x in leaves:
     x = jnp.asarray(x)
-    size = int(x[0].size)
+    size = math.prod(x.shape[1:])
     piece = flat[..., start : start + size].reshape(lead + x.shape[1:]).astype(x.dtype)
     out.append(piece)
     start += size
-  if start != flat.shape[-1]:
-    raise ValueError(f'unflatten: expected {start} columns, got {flat.shape[-1]}')
   return jax.tree.unflatten(treedef, out)
 
 

@@ -136,6 +136,8 @@ def test_flatten_unflatten_round_trip():
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b[1]), one, tree)
   with pytest.raises(ValueError, match='unflatten'):
     stk.unflatten(jnp.concatenate([flat, flat[:, :1]], axis=1), tree)
+  with pytest.raises(ValueError, match='unflatten'):
+    stk.unflatten(flat[:, :-1], tree)
 
 
 def test_tree_index():

@@ -181,7 +181,8 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
   .. warning::
     The result depends on the start and on τ, which is in the units of the inputs. Karimireddy et
     al. use L = 1 iteration per step with worker momentum; τ = 10 here by default (tune it to the
-    gradient scale). ByzFL 0.0.11 has no centered clipping aggregator.
+    gradient scale). ByzFL 0.0.11's `CenteredClipping(m=None, L=1, tau=100.0)` is the same
+    iteration, started from zeros and keeping its previous output as the next centre (τ = 100).
 
   Edge cases: a slice whose distance to v is not finite (NaN / ±Inf entries, or an overflowing
   square such as 1e38 in float32) gets clipping weight 0 (it is treated as if it had been clipped
