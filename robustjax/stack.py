@@ -46,6 +46,7 @@ __all__ = [
   'norms',
   'sq_dists_to',
   'pairwise_sq_dists',
+  'centred_gram',
   'weighted_sum',
   'robust_center_index',
   'flatten',
@@ -212,17 +213,58 @@ def robust_center_index(stack) -> jax.Array:
   return jnp.argsort(sq)[(n - 1) // 2]
 
 
-def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
-  """(n, n) squared Euclidean distances ‖x_i − x_j‖², summed leaf by leaf over the pytree.
+def centred_gram(stack, *, center=None) -> tuple[jax.Array, jax.Array]:
+  """(n, n) Gram matrix ⟨x_i − c, x_j − c⟩ of the centred stack, and which workers are finite.
 
-  Each leaf is centred (by `center`, a tree without the worker axis, or by default by the input
-  of median norm, see `robust_center_index`) before the Gram product, so the expansion
-  ‖a‖² + ‖b‖² − 2⟨a, b⟩ runs on small numbers; the result is clamped at 0 and its diagonal set
-  to 0. A worker with a non-finite slice (or one whose squared norm overflows) is at distance
-  +inf from every other worker.
+  Summed leaf by leaf over the pytree. The centre c is `center` (a tree like one slice) or, by
+  default, the input of median norm (`robust_center_index`): a real input near the bulk, so the
+  entries are small when the inputs share a large common component. Rows and columns of workers
+  whose slice is non-finite (or whose centred squared norm overflows) are set to 0, and those
+  workers are flagged False in the second output.
+
+  Distances and projections follow from it without touching the stack again: for weights a, b
+  summing to one, ‖Σ a_i x_i − Σ b_j x_j‖² = (a − b)ᵀ G (a − b).
 
   Cost: one n × n × d Gram product. On CPU it runs over column blocks that stay in cache, the
   centring fused into each block (no centred copy of the stack is written).
+
+  Returns:
+    `(gram, finite)`: float32 (float64 for float64 leaves) (n, n), and bool (n,).
+  """
+  n = num_workers(stack, 'centred_gram')
+  leaves = jax.tree.leaves(stack)
+  if center is None:
+    k = robust_center_index(stack)
+    centers = [jnp.asarray(x)[k] for x in leaves]
+  else:
+    centers = jax.tree.leaves(center)
+    if len(centers) != len(leaves):
+      raise ValueError('centred_gram: center must have the same pytree structure as the stack')
+  gram = 0.0
+  for x, c in zip(leaves, centers):
+    xm = as_matrix(x)
+    cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
+
+    def block_gram(xb, cb):
+      xc = xb - cb
+      return jnp.matmul(xc, xc.T, precision=_HIGHEST)
+
+    gram = gram + _blocked_sum(block_gram, [xm, cm], _column_block(n, xm.shape[1]))
+  gram = _psum_coordinates(gram)
+  finite = jnp.isfinite(jnp.diagonal(gram))
+  gram = jnp.where(finite[:, None] & finite[None, :], gram, 0.0)
+  return gram, finite
+
+
+def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
+  """(n, n) squared Euclidean distances ‖x_i − x_j‖², summed leaf by leaf over the pytree.
+
+  From the centred Gram matrix (`centred_gram`: each leaf is centred before the Gram product, so
+  the expansion ‖a‖² + ‖b‖² − 2⟨a, b⟩ runs on small numbers); the result is clamped at 0 and its
+  diagonal set to 0. A worker with a non-finite slice (or one whose squared norm overflows) is at
+  distance +inf from every other worker.
+
+  Cost: one n × n × d Gram product (column-blocked on CPU, see `centred_gram`).
 
   Args:
     stack: a pytree of arrays with a common leading axis n, or an (n, d) array.
@@ -232,29 +274,9 @@ def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
     A float32 (float64 for float64 leaves) array of shape (n, n).
   """
   n = num_workers(stack, 'pairwise_sq_dists')
-  leaves = jax.tree.leaves(stack)
-  if center is None:
-    k = robust_center_index(stack)
-    centers = [jnp.asarray(x)[k] for x in leaves]
-  else:
-    centers = jax.tree.leaves(center)
-    if len(centers) != len(leaves):
-      raise ValueError('pairwise_sq_dists: center must have the same pytree structure as the stack')
-  gram = 0.0
-  for x, c in zip(leaves, centers):
-    xm = as_matrix(x)
-    cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
-
-    def centred_gram(xb, cb):
-      xc = xb - cb
-      return jnp.matmul(xc, xc.T, precision=_HIGHEST)
-
-    gram = gram + _blocked_sum(centred_gram, [xm, cm], _column_block(n, xm.shape[1]))
-  gram = _psum_coordinates(gram)
+  gram, ok = centred_gram(stack, center=center)
   sq = jnp.diagonal(gram)
-  d = sq[:, None] + sq[None, :] - 2.0 * gram
-  d = jnp.maximum(d, 0.0)
-  ok = jnp.isfinite(sq)
+  d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
   d = jnp.where(ok[:, None] & ok[None, :], d, jnp.inf)
   return jnp.where(jnp.eye(n, dtype=bool), 0.0, d)
 
