@@ -173,7 +173,10 @@ def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
   analysis.plot_heatmaps(
     cells,
     os.path.join(figures, 'repro_byzfl_heatmap.png'),
-    title='ByzFL setting on digits: worst case over {sign flip, optimal IPM, optimal ALIE}',
+    title=(
+      'ByzFL setting on digits, clipping (c = 2) + NNM + GM / TM: worst case over '
+      '{sign flip, optimal IPM, optimal ALIE}, mean of the seeds'
+    ),
   )
   g0 = [r for r in records if float(r['config']['gamma']) == 0.0]
   analysis.plot_curves(
@@ -181,7 +184,7 @@ def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
     os.path.join(figures, 'repro_byzfl_curves.png'),
     panel_key=lambda r: f'{_short_rule(r["config"]["rule"])}, f={r["config"]["num_byzantine"]}',
     hue_key=lambda r: _short_attack(r['config']['attack']),
-    title='ByzFL setting on digits, γ = 0: test accuracy per attack',
+    title='ByzFL setting on digits, γ = 0 (clipping + NNM + GM / TM): test accuracy per attack',
   )
   lines = []
   gammas = analysis._sorted_labels(c['heterogeneity'] for c in cells)

@@ -324,7 +324,14 @@ def plot_heatmaps(
       for j in range(t.shape[1]):
         if not np.isnan(t[i, j]):
           ax.text(j, i, f'{t[i, j]:.2f}', ha='center', va='center', fontsize=9)
-    ax.set_xticks(range(len(cl)), [str(c) for c in cl], fontsize=8)
+    long = max((len(str(c)) for c in cl), default=0) > 6
+    ax.set_xticks(
+      range(len(cl)),
+      [str(c) for c in cl],
+      fontsize=8,
+      rotation=30 if long else 0,
+      ha='right' if long else 'center',
+    )
     ax.set_yticks(range(len(rl)), [str(r) for r in rl])
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
@@ -349,7 +356,8 @@ def plot_curves(
   ncols: int = 4,
 ) -> str:
   """Accuracy curves: one panel per ``panel_key(record)``, one line per ``hue_key(record)``
-  (callables on a run record, or config field names); seeds of a line are averaged."""
+  (callables on a run record, or config field names); seeds of a line are averaged. Panels and
+  hues are sorted, and a hue has the same colour in every panel."""
   import matplotlib
 
   matplotlib.use('Agg')
@@ -360,7 +368,9 @@ def plot_curves(
   panels: dict = {}
   for r in records:
     panels.setdefault(pk(r), {}).setdefault(hk(r), []).append(r)
-  names = list(panels)
+  names = _sorted_labels(panels)
+  hues = _sorted_labels(hk(r) for r in records)
+  colors = {h: f'C{i % 10}' for i, h in enumerate(hues)}  # one colour per hue in every panel
   ncols = min(ncols, len(names))
   nrows = -(-len(names) // ncols)
   fig, axes = plt.subplots(
@@ -369,17 +379,23 @@ def plot_curves(
   for ax in axes.flat[len(names) :]:
     ax.axis('off')
   for ax, p in zip(axes.flat, names):
-    for h, recs in panels[p].items():
+    for h in hues:
+      recs = panels[p].get(h)
+      if not recs:
+        continue
       steps = recs[0]['curve']['step']
       ys = np.mean([r['curve'][metric] for r in recs], axis=0)
-      ax.plot(steps, ys, label=str(h), lw=1.3)
+      ax.plot(steps, ys, label=str(h), lw=1.3, color=colors[h])
     ax.set_title(str(p), fontsize=8)
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.set_xlabel('step', fontsize=8)
     ax.tick_params(labelsize=7)
   axes.flat[0].set_ylabel(metric.replace('_', ' '), fontsize=8)
-  handles, labels = axes.flat[0].get_legend_handles_labels()
+  from matplotlib.lines import Line2D
+
+  handles = [Line2D([], [], color=colors[h], lw=1.3) for h in hues]
+  labels = [str(h) for h in hues]
   fig.legend(handles, labels, loc='outside lower center', ncols=min(6, len(labels)), fontsize=7)
   if title:
     fig.suptitle(title, fontsize=9, wrap=True)
