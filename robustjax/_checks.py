@@ -22,7 +22,7 @@ def num_workers(stack, rule: str) -> int:
     sizes.add(shape[0])
   if len(sizes) != 1:
     raise ValueError(
-        f'{rule}: every leaf must have the same leading (worker) axis; got sizes {sorted(sizes)}'
+      f'{rule}: every leaf must have the same leading (worker) axis; got sizes {sorted(sizes)}'
     )
   n = sizes.pop()
   if n == 0:

@@ -43,7 +43,7 @@ class Registry:
       return self._fns[name]
     except KeyError:
       raise ValueError(
-          f'unknown {self.kind} {name!r}; known {self.kind}s: {", ".join(self.names())}'
+        f'unknown {self.kind} {name!r}; known {self.kind}s: {", ".join(self.names())}'
       ) from None
 
   def names(self) -> list[str]:
