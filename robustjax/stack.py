@@ -185,8 +185,12 @@ def sq_dists_to(stack, point) -> jax.Array:
   for x, p in zip(leaves, points):
     xm = as_matrix(x)
     pm = jnp.asarray(p).reshape(1, -1).astype(xm.dtype)
-    diff = xm - pm
-    total = total + jnp.sum(diff * diff, axis=1)
+
+    def block(xb, pb):
+      diff = xb - pb
+      return jnp.sum(diff * diff, axis=1)
+
+    total = total + _blocked_sum(block, [xm, pm], _column_block(*xm.shape))
   return _psum_coordinates(total)
 
 
