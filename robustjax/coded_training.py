@@ -95,16 +95,14 @@ def resolve_rule(rule, f: int) -> Callable:
   """A server rule `(stack, key) -> tree`.
 
   Names, `(name, params)` pairs, Pipelines and registered aggregator functions go through
-  `robustjax.preaggregators.as_rule` ('nnm+trimmed_mean' composes pre-aggregators and a rule);
+  `robustjax.preaggregators.as_rule` (spec strings such as 'nnm+trimmed_mean' compose
+  pre-aggregators and a rule);
   `DracoRule` and other callables `(stack, key)` pass through.
   """
   if isinstance(rule, DracoRule):
     return rule
   from robustjax import aggregators, preaggregators
 
-  if isinstance(rule, str) and '+' in rule:  # 'nnm+trimmed_mean': pre-aggregators, then the rule
-    *pre, agg = rule.split('+')
-    return preaggregators.compose(agg, pre=tuple(pre), f=f)
   if isinstance(rule, (str, tuple, preaggregators.Pipeline)):
     return preaggregators.as_rule(rule, f)
   if any(rule is fn for _, fn in aggregators.REGISTRY.items()):

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 from robustjax import aggregators
 from robustjax._checks import check_f, check_positive_int, num_workers
 from robustjax._registry import Registry
+from robustjax._spec import parse_rule
 from robustjax.stack import norms, pairwise_sq_dists, weighted_sum
 
 __all__ = [
@@ -445,7 +446,10 @@ def compose(aggregator, pre=(), *, f: int, **aggregator_params) -> Pipeline:
 
 
 def as_rule(x, f: int) -> Pipeline:
-  """Turns a name, a callable, a `(name, params)` pair or a Pipeline into a Pipeline.
+  """Turns a name, a spec string, a callable, a `(name, params)` pair or a Pipeline into a Pipeline.
+
+  A spec string names pre-aggregators then the aggregator, joined by '+', with optional keyword
+  parameters: `'clipping(c=2.0)+nnm+multikrum(m=3)'` (see `robustjax._spec`).
 
   A Pipeline is returned with its f replaced by `f` (same stages); anything else is
   `compose(x, f=f)`.
@@ -453,9 +457,14 @@ def as_rule(x, f: int) -> Pipeline:
   Examples:
     >>> as_rule('median', f=1).name
     'median'
+    >>> as_rule('nnm+multikrum(m=3)', f=1).name
+    'nnm+multikrum'
   """
   if isinstance(x, Pipeline):
     if not isinstance(f, int) or isinstance(f, bool) or f < 0:
       raise ValueError(f'as_rule: f must be a Python int >= 0; got f={f!r}')
     return x if x.f == f else dataclasses.replace(x, f=f)
+  if isinstance(x, str) and ('+' in x or '(' in x):
+    pre, agg, params = parse_rule(x)
+    return compose(agg, pre=pre, f=f, **params)
   return compose(x, f=f)

@@ -54,6 +54,7 @@ import numpy as np
 import optax
 
 from robustjax import stack as _stack
+from robustjax._spec import parse_rule
 
 __all__ = [
   'Witness',
@@ -120,11 +121,11 @@ def bind_rule(rule, f: int) -> Callable:
     isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
   ):
     name, params = (rule, {}) if isinstance(rule, str) else (rule[0], dict(rule[1]))
-    if '+' in name:
+    if '+' in name or '(' in name:
       from robustjax import preaggregators
 
-      *pre, agg = name.split('+')
-      pipe = preaggregators.compose((agg, params) if params else agg, pre=tuple(pre), f=f)
+      pre, agg, spec_params = parse_rule(name)
+      pipe = preaggregators.compose(agg, pre=pre, f=f, **{**spec_params, **params})
       return lambda x: pipe(x)
     from robustjax import aggregators
 
@@ -292,9 +293,10 @@ def upper_bound(rule, n: int, f: int, *, pre=(), **params) -> float | None:
     rule = rule.name
   if not isinstance(rule, str):
     return None
-  if '+' in rule:
-    *more_pre, rule = rule.split('+')
-    pre = tuple(more_pre) + tuple(pre)
+  if '+' in rule or '(' in rule:
+    more_pre, rule, more = parse_rule(rule)
+    pre = tuple(p if isinstance(p, str) else p[0] for p in more_pre) + tuple(pre)
+    params = {**more, **params}
   if 2 * f >= n:
     return None
   if rule not in UPPER_BOUNDS:

@@ -330,3 +330,15 @@ def test_as_rule():
   assert r.f == 3 and r.stages == q.stages
   assert as_rule(('trimmed_mean', {}), 2).name == 'trimmed_mean'
   assert as_rule(aggregators.get('krum'), 1).name == 'krum'
+
+
+def test_as_rule_parses_spec_strings():
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(9, 4)), jnp.float32)
+  pipe = preaggregators.as_rule('clipping(c=2.0)+nnm+multikrum(m=3)', 2)
+  assert pipe.name == 'clipping+nnm+multikrum'
+  ref = preaggregators.compose('multikrum', pre=[('clipping', {'c': 2.0}), 'nnm'], f=2, m=3)(x)
+  np.testing.assert_allclose(np.asarray(pipe(x)), np.asarray(ref), rtol=1e-6)
+  with pytest.raises(ValueError, match='unknown aggregator'):
+    preaggregators.as_rule('nnm+nope', 2)
+  with pytest.raises(ValueError, match='cannot parse'):
+    preaggregators.as_rule('nnm+krum(3)', 2)

@@ -8,9 +8,7 @@ Rules, attacks and models are named by *spec strings*, convenient on a command l
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import re
 from typing import Any
 
 import jax
@@ -20,67 +18,19 @@ import optax
 from absl import logging
 from flax import nnx
 
+from robustjax._spec import parse_rule, parse_spec
 from robustjax.training import _engine as eng
 from robustjax.training import _parallel as par
 from robustjax.training import _steps
 
 __all__ = ['Experiment', 'build', 'make_optimizer', 'make_pipeline', 'parse_spec', 'parse_rule']
 
-_SPEC = re.compile(r'^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$', re.S)
-
-
-def parse_spec(text: str) -> tuple[str, dict]:
-  """``'name(k=v, ...)'`` -> ``('name', {k: v})`` (values as Python literals).
-
-  Raises:
-    ValueError: for a malformed spec.
-  """
-  m = _SPEC.match(text or '')
-  if not m:
-    raise ValueError(f'cannot parse {text!r}; expected name or name(key=value, ...)')
-  name, args = m.group(1), m.group(2)
-  params = {}
-  if args and args.strip():
-    try:
-      call = ast.parse(f'f({args})', mode='eval').body
-      if call.args:
-        raise ValueError('positional arguments')
-      params = {kw.arg: ast.literal_eval(kw.value) for kw in call.keywords}
-    except (SyntaxError, ValueError) as e:
-      raise ValueError(f'cannot parse the parameters of {text!r}: {e}') from None
-  return name, params
-
-
-def _split_plus(text: str) -> list[str]:
-  parts, depth, cur = [], 0, ''
-  for ch in text:
-    depth += ch in '([{'
-    depth -= ch in ')]}'
-    if ch == '+' and depth == 0:
-      parts.append(cur)
-      cur = ''
-    else:
-      cur += ch
-  parts.append(cur)
-  return parts
-
-
-def parse_rule(text: str) -> tuple[tuple, str, dict]:
-  """``'pre1(..)+pre2+agg(..)'`` -> ``(pre entries, aggregator name, aggregator params)``."""
-  items = [parse_spec(p) for p in _split_plus(text)]
-  pre = tuple(name if not params else (name, params) for name, params in items[:-1])
-  return pre, items[-1][0], items[-1][1]
-
 
 def make_pipeline(rule: str, f: int):
   """A `robustjax.preaggregators.Pipeline` from a rule spec string; unknown names list the known."""
-  from robustjax import aggregators, preaggregators
+  from robustjax import preaggregators
 
-  pre, agg, params = parse_rule(rule)
-  aggregators.get(agg)  # raises ValueError listing the known aggregators
-  for p in pre:
-    preaggregators.get(p if isinstance(p, str) else p[0])
-  return preaggregators.compose(agg, pre=pre, f=f, **params)
+  return preaggregators.as_rule(rule, f)
 
 
 def _attack_names() -> list[str]:
