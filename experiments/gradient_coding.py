@@ -281,14 +281,23 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
   draco_loads = [runs[(f, 'plain', 'draco')][1][0] for f in fs if (f, 'plain', 'draco') in runs]
   draco_label = 'DRACO (' + ' / '.join(f'{x:.3g}' for x in draco_loads) + ' subsets)'
 
-  def legend(fig, axes):
+  def panels():
+    """One panel per f, sharing the y axis."""
+    fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
+    return fig, np.atleast_1d(axes)
+
+  def save(fig, axes, name):
+    """A shared legend on the right, then docs/figures/<prefix>_<name>.png."""
     handles, labels = axes[-1].get_legend_handles_labels()
     fig.tight_layout(rect=(0, 0, 0.85, 1))
     fig.legend(handles, labels, loc='center right', fontsize=8, frameon=False)
+    p = os.path.join(outdir, f'{cfg.figure_prefix}_{name}.png')
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    paths.append(p)
 
   # 1. error vs iterations
-  fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
-  axes = np.atleast_1d(axes)
+  fig, axes = panels()
   show_d = [d for d in (5, 20) if d in ds]
   for ax, f in zip(axes, fs):
     for rule in cfg.rules:
@@ -308,15 +317,10 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_title(f'n = {cfg.num_workers}, f = {f}, attack: {cfg.attack}')
     finish(ax)
   axes[0].set_ylabel('relative error ‖w − w*‖² / ‖w*‖² (median of seeds)')
-  legend(fig, axes)
-  p = os.path.join(outdir, f'{cfg.figure_prefix}_iterations.png')
-  fig.savefig(p, dpi=110)
-  plt.close(fig)
-  paths.append(p)
+  save(fig, axes, 'iterations')
 
   # 2. final error vs d (= subsets per worker per step), plain and compressed
-  fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
-  axes = np.atleast_1d(axes)
+  fig, axes = panels()
   for ax, f in zip(axes, fs):
     for tag, ls, mk in (('plain', '-', 'o'), ('com', '--', 's')):
       for rule in cfg.rules:
@@ -360,15 +364,10 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_title(f'final error after {cfg.num_steps} steps, f = {f}, {cfg.attack}')
     finish(ax)
   axes[0].set_ylabel('relative error (median of seeds)')
-  legend(fig, axes)
-  p = os.path.join(outdir, f'{cfg.figure_prefix}_redundancy.png')
-  fig.savefig(p, dpi=110)
-  plt.close(fig)
-  paths.append(p)
+  save(fig, axes, 'redundancy')
 
   # 3. error vs computation spent (cumulative subsets per worker)
-  fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
-  axes = np.atleast_1d(axes)
+  fig, axes = panels()
   cmap = plt.get_cmap('viridis')
   for ax, f in zip(axes, fs):
     rule = 'nnm+trimmed_mean' if 'nnm+trimmed_mean' in cfg.rules else cfg.rules[-1]
@@ -390,16 +389,11 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_title(f'f = {f}, {cfg.attack}')
     finish(ax)
   axes[0].set_ylabel('relative error (median of seeds)')
-  legend(fig, axes)
-  p = os.path.join(outdir, f'{cfg.figure_prefix}_computation.png')
-  fig.savefig(p, dpi=110)
-  plt.close(fig)
-  paths.append(p)
+  save(fig, axes, 'computation')
 
   # 4. communication: error vs cumulative bits, plain vs compressed
   if any(k[1] == 'com' for k in runs):
-    fig, axes = plt.subplots(1, len(fs), figsize=(5.0 * len(fs) + 2.2, 4.2), sharey=True)
-    axes = np.atleast_1d(axes)
+    fig, axes = panels()
     rule = 'nnm+trimmed_mean' if 'nnm+trimmed_mean' in cfg.rules else cfg.rules[-1]
     for ax, f in zip(axes, fs):
       for tag, ls in (('plain', '-'), ('com', '--')):
@@ -430,11 +424,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
       ax.set_title(f'f = {f}, {cfg.attack}; dashed: compressed ({cfg.compressor})')
       finish(ax)
     axes[0].set_ylabel('relative error (median of seeds)')
-    legend(fig, axes)
-    p = os.path.join(outdir, f'{cfg.figure_prefix}_communication.png')
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    save(fig, axes, 'communication')
   return paths
 
 
