@@ -28,7 +28,7 @@ import zlib
 import jax
 from absl import app, flags
 
-from robustjax import aggregators, robustness
+from robustjax import aggregators, pipeline, robustness
 
 FLAGS = flags.FLAGS
 flags.DEFINE_enum('study', 'all', ['all', 'kappa', 'multikrum', 'benchmark'], 'What to run.')
@@ -54,9 +54,6 @@ flags.DEFINE_string(
   'witness_store', '/tmp/robustness_witnesses', 'Every witness (.npz), for cross-evaluation.'
 )
 flags.DEFINE_bool('plot_only', False, 'Only rebuild the tables and figures from --results.')
-
-EXPONENTIAL = ('mda', 'smea')
-TRUSTED = {'monna': (0,)}  # MoNNA's guarantee assumes its trusted input is honest.
 
 
 def _load(path):
@@ -103,12 +100,11 @@ def measure(results, rule, pre, n, f, params=None, *, budget=None):
       batch=FLAGS.batch,
       local_batch=FLAGS.local_batch,
       local_fraction=FLAGS.local_fraction,
-      trusted=TRUSTED.get(rule, ()),
     )
   except ValueError as err:
     results[k] = {'infeasible': str(err).splitlines()[0]}
     return results[k]
-  ub = robustness.upper_bound(rule, n, f, pre=('nnm',) if pre else (), **params)
+  ub = robustness.upper_bound(spec, n, f)
   lb = robustness.lower_bound(n, f)
   entry = {
     'rule': ('nnm+' if pre else '') + rule,
@@ -206,7 +202,7 @@ def _coarse_first(fs):
 
 
 def run_kappa(results):
-  rules = FLAGS.rules or aggregators.names()
+  rules = FLAGS.rules or [r for r in aggregators.names() if not aggregators.properties(r).decodes]
   pres = (False, True) if FLAGS.with_nnm else (False,)
   t0 = time.time()
   # Coarse to fine over f (every n and rule at a few f first), so a run cut short is still usable.
@@ -220,7 +216,7 @@ def run_kappa(results):
         continue
       f = order[n][i]
       for rule in rules:
-        if rule in EXPONENTIAL and n > FLAGS.subset_max_n:
+        if pipeline.as_rule(rule, 0).exponential and n > FLAGS.subset_max_n:
           continue
         for pre in pres:
           jobs.append((rule, pre, n, f))

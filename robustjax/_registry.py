@@ -1,12 +1,18 @@
-"""A name -> function registry with a helpful error for unknown names."""
+"""A name -> function registry, with declared properties per entry and a helpful error for
+unknown names."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 
 
 class Registry:
   """A mapping from names to functions of one kind (aggregators, attacks, ...).
+
+  Each entry may carry a *properties* object (what consumers need to know about it: a robustness
+  bound, an equivariance, a state); consumers ask `properties(name_or_fn)` instead of listing
+  names.
 
   Example:
     >>> REGISTRY = Registry('aggregator')
@@ -16,17 +22,22 @@ class Registry:
     True
   """
 
-  def __init__(self, kind: str):
+  def __init__(self, kind: str, default_properties: Any = None):
     self.kind = kind
     self._fns: dict[str, Callable] = {}
+    self._props: dict[str, Any] = {}
+    self._names_by_id: dict[int, str] = {}
+    self._default = default_properties
 
-  def register(self, name: str, fn: Callable | None = None):
-    """Registers `fn` under `name`; usable as a decorator."""
+  def register(self, name: str, fn: Callable | None = None, *, properties: Any = None):
+    """Registers `fn` under `name` (with optional `properties`); usable as a decorator."""
 
     def _add(fn: Callable) -> Callable:
       if name in self._fns:
         raise ValueError(f'{self.kind} {name!r} is already registered')
       self._fns[name] = fn
+      self._props[name] = self._default if properties is None else properties
+      self._names_by_id.setdefault(id(fn), name)
       return fn
 
     return _add if fn is None else _add(fn)
@@ -41,10 +52,21 @@ class Registry:
       return name
     try:
       return self._fns[name]
-    except KeyError:
+    except (KeyError, TypeError):
       raise ValueError(
         f'unknown {self.kind} {name!r}; known {self.kind}s: {", ".join(self.names())}'
       ) from None
+
+  def name_of(self, fn: Callable) -> str | None:
+    """The name `fn` is registered under (by identity), or None."""
+    return self._names_by_id.get(id(fn))
+
+  def properties(self, name_or_fn) -> Any:
+    """The declared properties of a registered name or function (the default for others)."""
+    name = name_or_fn if isinstance(name_or_fn, str) else self.name_of(name_or_fn)
+    if isinstance(name_or_fn, str) and name not in self._fns:
+      self.get(name)  # raises, listing the known names
+    return self._props.get(name, self._default)
 
   def names(self) -> list[str]:
     """The registered names, sorted."""

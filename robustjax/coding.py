@@ -7,7 +7,8 @@ support of row i of an **encoding matrix** B (n workers × m subsets) and sends 
     c_i = Σ_j B_ij g_j,        i.e.  c = encode(B, g) = einsum('ij,j...->i...', B, g).
 
 Every scheme here is a plain array B, so any scheme, or a hand-made one, plugs into the same
-`encode` and the same coded training step (`robustjax.coded_training`):
+`encode` and the same training step (`robustjax.training`, ``config.coding``; `make` turns a spec
+string into a `Code`, the encoding stage):
 
 =======================  =================================  ====================  ==================
 scheme                   B (n × m)                          subsets per worker    server side
@@ -41,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
@@ -52,6 +54,8 @@ from robustjax import stack as _stack
 from robustjax._checks import check_positive_int, num_workers
 
 __all__ = [
+  'Code',
+  'make',
   'cyclic',
   'fractional_repetition',
   'draco_groups',
@@ -448,3 +452,93 @@ def loads(b) -> jax.Array:
 def coverage(b) -> jax.Array:
   """(m,) how many workers hold each subset: the number of nonzeros in each column of B."""
   return jnp.sum(jnp.asarray(b) != 0, axis=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Codes as a training stage.
+
+_CODES = ('identity', 'cyclic', 'fractional_repetition', 'draco', 'cyclic_mds')
+
+
+@dataclasses.dataclass(frozen=True)
+class Code:
+  """The encoding stage of the training step: which matrix B the workers apply, step by step.
+
+  Hashable (a static argument of the jitted step). Build it with `make`.
+
+  Attributes:
+    name: one of ``identity``, ``cyclic``, ``fractional_repetition``, ``draco``, ``cyclic_mds``.
+    params: the scheme's parameters, a sorted tuple of (name, value) pairs (``d``, ``r``, ``s``;
+      ``redraw`` for cyclic: re-draw π every step, LAD's default).
+    n: workers = subsets.
+    f: Byzantine workers (DRACO sizes its groups with it).
+  """
+
+  name: str
+  params: tuple
+  n: int
+  f: int
+
+  @property
+  def identity(self) -> bool:
+    """No encoding: worker i sends its own gradient (the default)."""
+    return self.name == 'identity'
+
+  @property
+  def spec(self) -> str:
+    if not self.params:
+      return self.name
+    return f'{self.name}({", ".join(f"{k}={v!r}" for k, v in self.params)})'
+
+  @property
+  def key_ids(self) -> tuple | None:
+    """Per-worker ids for shared compression randomness (DRACO's groups), or None."""
+    if self.name == 'draco':
+      return draco_groups(self.n, self.f, r=dict(self.params).get('r'))
+    return None
+
+  def matrix(self, key: jax.Array) -> jax.Array:
+    """B (n × n) for one step; `key` re-draws LAD's permutation (ignored by fixed codes)."""
+    p = dict(self.params)
+    n = self.n
+    if self.name == 'cyclic':
+      redraw = p.get('redraw', True)
+      return cyclic(n, p['d'], key=key if redraw else None, coef=p.get('coef'))
+    if self.name == 'fractional_repetition':
+      return fractional_repetition(n, p['d'])
+    if self.name == 'draco':
+      return draco(n, self.f, r=p.get('r'))
+    if self.name == 'cyclic_mds':
+      return jnp.asarray(cyclic_mds(n, p['s'], seed=p.get('seed', 0)), jnp.float32)
+    return jnp.eye(n, dtype=jnp.float32)
+
+
+def make(spec, *, n: int, f: int) -> Code:
+  """A `Code` from a spec string: ``'identity'`` (default), ``'cyclic(d=20)'`` (LAD, π re-drawn
+  every step; ``redraw=False`` fixes it), ``'fractional_repetition(d=4)'``, ``'draco'``
+  (``r=2f + 1`` by default), ``'cyclic_mds(s=2)'``.
+
+  The matrix is built once here for validation, so a bad ``d`` or an impossible DRACO fails at
+  build time.
+
+  Raises:
+    ValueError: for an unknown scheme (listing the known ones) or bad parameters.
+  """
+  from robustjax._spec import parse_spec
+
+  if isinstance(spec, Code):
+    return spec
+  name, params = parse_spec(spec or 'identity')
+  if name in ('none', ''):
+    name = 'identity'
+  if name not in _CODES:
+    raise ValueError(f'unknown coding {name!r}; known codings: {", ".join(_CODES)}')
+  required = {'cyclic': 'd', 'fractional_repetition': 'd', 'cyclic_mds': 's'}.get(name)
+  if required and required not in params:
+    raise ValueError(f'coding {name!r} needs {required}=..., e.g. {name}({required}=2)')
+  code = Code(name, tuple(sorted(params.items())), int(n), int(f))
+  try:
+    code.matrix(jax.random.key(0))
+  except TypeError as e:
+    raise ValueError(f'coding {spec!r}: {e}') from None
+  return code

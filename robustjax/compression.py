@@ -15,7 +15,7 @@ Two families, two constants (D is the message's total number of coordinates):
   C(e + c) (Seide et al. 2014; Karimireddy et al. 2019, EF-SignSGD; Stich et al. 2018).
 
 `bits(D)` counts the bits of one message with a plain encoding (32-bit floats, ⌈log₂ D⌉-bit
-indices, no entropy coding), the communication metric of `robustjax.coded_training`.
+indices, no entropy coding), the communication metric of the training engine (`robustjax.training`).
 
 Every source of randomness is an explicit `jax.random` key.
 
@@ -50,6 +50,7 @@ __all__ = [
   'ScaledSign',
   'ErrorFeedback',
   'compress_stack',
+  'make',
   'message_size',
   'get',
   'names',
@@ -59,6 +60,28 @@ __all__ = [
 REGISTRY = Registry('compressor')
 get = REGISTRY.get
 names = REGISTRY.names
+
+
+def make(spec):
+  """A compressor from a spec string: ``'rand_k(fraction=0.1)'``, ``'qsgd(levels=2)'``,
+  ``'ef+top_k(k=10)'`` (error feedback around a compressor), ``'none'``; a `Compressor` or an
+  `ErrorFeedback` is returned as is.
+
+  Raises:
+    ValueError: for an unknown name (listing the known ones) or bad parameters.
+  """
+  from robustjax._spec import parse_spec
+
+  if not isinstance(spec, str):
+    return spec
+  if spec.startswith('ef+'):
+    return ErrorFeedback(make(spec[3:]))
+  name, params = parse_spec(spec)
+  try:
+    return get(name)(**params)
+  except TypeError as e:
+    raise ValueError(f'compressor {name!r}: {e}') from None
+
 
 _FLOAT_BITS = 32
 
@@ -93,6 +116,16 @@ class Compressor:
   """
 
   unbiased: bool = True
+  stochastic: bool = False
+
+  def init(self, like):
+    """The state carried across steps: none (``()``) for a plain compressor."""
+    del like
+    return ()
+
+  def update(self, tree, state, key: jax.Array | None = None):
+    """``(sent, state)``: the state protocol shared with `ErrorFeedback`."""
+    return self(tree, key), state
 
   def __call__(self, tree, key: jax.Array | None = None):
     flat, unravel = ravel_pytree(tree)
@@ -153,6 +186,8 @@ class RandK(Compressor):
   Cost: one uniform draw and a top-k over D coordinates; message k floats + k indices.
   """
 
+  stochastic = True  # needs a key (a class constant, not a field)
+
   k: int | None = None
   fraction: float | None = None
   unbiased: bool = dataclasses.field(default=True, init=False, repr=False)
@@ -191,6 +226,8 @@ class QSGD(Compressor):
 
   Cost: one pass; message 32 bits (the norm) + D (1 + ⌈log₂(s + 1)⌉) bits (plain, no Elias code).
   """
+
+  stochastic = True  # needs a key (a class constant, not a field)
 
   levels: int = 16
   unbiased: bool = dataclasses.field(default=True, init=False, repr=False)
@@ -304,7 +341,7 @@ class ErrorFeedback:
   Example:
     >>> ef = ErrorFeedback(TopK(k=10))
     >>> e = ef.init(c)
-    >>> sent, e = ef(c, e, key)
+    >>> sent, e = ef.update(c, e, key)
 
   Args:
     compressor: a `Compressor`.
@@ -316,10 +353,15 @@ class ErrorFeedback:
     """Zero memory shaped like one message (or like a stack: a memory per worker)."""
     return jax.tree.map(jnp.zeros_like, like)
 
-  def __call__(self, tree, state, key: jax.Array | None = None):
+  def update(self, tree, state, key: jax.Array | None = None):
+    """``(sent, new memory)``: send C(e + c), keep e + c − C(e + c)."""
     p = jax.tree.map(jnp.add, state, tree)
     sent = self.compressor(p, key)
     return sent, jax.tree.map(jnp.subtract, p, sent)
+
+  @property
+  def stochastic(self) -> bool:
+    return self.compressor.stochastic
 
   def bits(self, dim: int) -> int:
     return self.compressor.bits(dim)
@@ -329,33 +371,32 @@ class ErrorFeedback:
     return f'ef+{self.compressor.name}'
 
 
-def compress_stack(compressor, stack, key: jax.Array | None, *, key_ids=None, state=None):
+def compress_stack(compressor, stack, state, key: jax.Array | None, *, key_ids=None):
   """Applies `compressor` to every worker's message of a stack (vmap over the worker axis).
 
+  Every compressor follows one state protocol: ``state = compressor.init(stack)`` (``()``, or the
+  error-feedback memories: one per worker), then ``sent, state = compress_stack(...)``.
+
   Args:
-    compressor: a `Compressor`, or an `ErrorFeedback` (then `state`, a stack of memories, is
-      required and the new state is returned too).
+    compressor: a `Compressor` or an `ErrorFeedback`.
     stack: the messages, leading axis n.
+    state: from ``compressor.init(stack)`` or the previous call.
     key: one key; worker i uses `fold_in(key, key_ids[i])`.
     key_ids: (n,) ints; default arange(n) (independent randomness). Workers with equal ids share
       their randomness, e.g. the members of a DRACO group, whose identical messages must stay
       identical after compression for the majority vote.
-    state: the error-feedback memories (with `ErrorFeedback`).
 
   Returns:
-    The compressed stack, or (compressed stack, new state) with `ErrorFeedback`.
+    ``(compressed stack, new state)``.
   """
   n = num_workers(stack, 'compress_stack')
   ids = jnp.arange(n) if key_ids is None else jnp.asarray(key_ids)
   if key is None:
-    key = jax.random.key(0)  # deterministic compressors ignore it; stochastic ones need a real one
-    if isinstance(compressor, (RandK, QSGD)) or (
-      isinstance(compressor, ErrorFeedback) and isinstance(compressor.compressor, (RandK, QSGD))
-    ):
+    if compressor.stochastic:
       raise ValueError(f'compress_stack: {compressor.name} needs an explicit PRNG key')
+    key = jax.random.key(0)  # deterministic compressors ignore it
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-  if isinstance(compressor, ErrorFeedback):
-    if state is None:
-      raise ValueError('compress_stack: ErrorFeedback needs its state (a stack of memories)')
-    return jax.vmap(compressor)(stack, state, keys)
-  return jax.vmap(compressor)(stack, keys)
+  if isinstance(state, tuple) and not state:
+    sent = jax.vmap(lambda x, k: compressor.update(x, (), k)[0])(stack, keys)
+    return sent, ()
+  return jax.vmap(compressor.update)(stack, state, keys)

@@ -2,21 +2,24 @@
 
 optax's `optax.experimental.aggregating` defines the protocol "per-worker gradients → one
 update": an `Aggregator` whose `update` takes a stack of per-element updates (leading axis n) and
-returns one update. `as_optax` wraps any robustjax rule (a registered name, a callable, or a
-`robustjax.preaggregators.Pipeline`) in that protocol, and `robust_optimizer` chains it with an
-ordinary optax optimiser:
+returns one update. `as_optax` wraps any robustjax rule (anything `robustjax.pipeline.as_rule`
+accepts: a name, a spec string, a Pipeline, a callable) in that protocol, and `robust_optimizer`
+chains it with an ordinary optax optimiser. The training engine's server update is this adapter
+(`robustjax.training`), so what users import is what the engine runs:
 
   >>> import jax, jax.numpy as jnp, optax
   >>> from robustjax.optax_adapter import robust_optimizer
-  >>> opt = robust_optimizer('trimmed_mean', optax.sgd(0.1), f=1, pre=('nnm',))
+  >>> opt = robust_optimizer('nnm+trimmed_mean', optax.sgd(0.1), f=1)
   >>> params = jnp.zeros(3)
   >>> state = opt.init(params)
   >>> worker_grads = jnp.ones((5, 3))  # e.g. jax.vmap(jax.grad(loss), (None, 0))(params, batches)
   >>> updates, state = opt.update(worker_grads, state, params)
 
 State: the aggregator carries a `jax.random` key (split each step, for stochastic
-pre-aggregators such as bucketing) and, for centered clipping, the previous aggregate (the centre
-of the next step), so the whole update stays a pure function.
+pre-aggregators such as bucketing) and the rule's own state (`Pipeline.init` / `update`: for
+centered clipping the previous aggregate, the centre of the next step), so the whole update stays
+a pure function. With a `mesh`, the rule runs with the coordinates sharded over the devices
+(`robustjax.parallel.sharded_update`).
 
 References:
   optax, `optax.experimental.aggregating` (the Aggregator protocol).
@@ -30,67 +33,54 @@ import jax
 import optax
 from optax.experimental import aggregating
 
-from robustjax import preaggregators
+from robustjax.parallel import sharded_update
+from robustjax.pipeline import as_rule
 
 __all__ = ['RobustAggregatorState', 'as_optax', 'robust_optimizer']
 
-_CENTERED = ('centered_clipping',)
-
 
 class RobustAggregatorState(NamedTuple):
-  """The state of `as_optax`: the step key and the previous aggregate (centered clipping)."""
+  """The state of `as_optax`: the step key and the rule's state (`Pipeline.init`)."""
 
   key: jax.Array
-  center: Any
+  rule: Any
 
 
-def _uses_center(pipeline) -> bool:
-  return pipeline.stages[-1].name in _CENTERED
-
-
-def as_optax(rule, *, f: int, pre=(), key=None, **params) -> aggregating.Aggregator:
+def as_optax(rule, *, f: int, key=None, mesh=None) -> aggregating.Aggregator:
   """Wraps a robust rule as an `optax.experimental.aggregating.Aggregator`.
 
   Args:
-    rule: a registered aggregator name, a callable `rule(stack, *, f, ...)`, or a `Pipeline`
-      (then `pre` and `params` must be empty).
+    rule: anything `robustjax.pipeline.as_rule` accepts (``'nnm+trimmed_mean'``,
+      ``('centered_clipping', {'tau': 1.0})``, a Pipeline, a callable).
     f: the number of Byzantine workers the rule tolerates.
-    pre: pre-aggregators applied before the rule (see `robustjax.preaggregators.compose`).
     key: the initial `jax.random` key for stochastic pre-aggregators (default `key(0)`).
-    **params: static parameters of the aggregator (e.g. `tau=1.0`).
+    mesh: optional ``('workers',)`` mesh: aggregate with the coordinates sharded over it.
 
   Returns:
     An `Aggregator` whose `update(worker_updates, state, params=None)` maps a stack of per-worker
     updates (leading axis n) to one update.
 
   Raises:
-    ValueError: for unknown names or bad parameters (from `compose`).
+    ValueError: for unknown names or bad parameters (from `as_rule`).
   """
-  if isinstance(rule, preaggregators.Pipeline):
-    if pre or params:
-      raise ValueError('as_optax: pass pre-aggregators and parameters inside the Pipeline')
-    pipeline = preaggregators.as_rule(rule, f)
-  else:
-    pipeline = preaggregators.compose(rule, pre=pre, f=f, **params)
+  pipeline = as_rule(rule, f)
   key0 = jax.random.key(0) if key is None else key
-  centered = _uses_center(pipeline)
+  apply = pipeline.update if mesh is None else sharded_update(pipeline, mesh)
 
   def init_fn(params):
-    center = jax.tree.map(lambda p: jax.numpy.zeros_like(p), params) if centered else ()
-    return RobustAggregatorState(key=key0, center=center)
+    return RobustAggregatorState(key=key0, rule=pipeline.init(params))
 
   def update_fn(worker_updates, state, params=None, **extra_args):
     del params, extra_args
     key, sub = jax.random.split(state.key)
-    runtime = {'center': state.center} if centered else {}
-    agg = pipeline(worker_updates, key=sub, **runtime)
-    return agg, RobustAggregatorState(key=key, center=agg if centered else ())
+    agg, rule_state = apply(worker_updates, state.rule, sub)
+    return agg, RobustAggregatorState(key=key, rule=rule_state)
 
   return aggregating.Aggregator(init=init_fn, update=update_fn)
 
 
 def robust_optimizer(
-  rule, optimizer: optax.GradientTransformation, *, f: int, pre=(), key=None, **params
+  rule, optimizer: optax.GradientTransformation, *, f: int, key=None, mesh=None
 ) -> optax.GradientTransformation:
   """An optax optimiser that first aggregates per-worker gradients with a robust rule.
 
@@ -101,8 +91,6 @@ def robust_optimizer(
   Args:
     rule: as in `as_optax`.
     optimizer: any optax gradient transformation (applied to the robust aggregate).
-    f, pre, key, **params: as in `as_optax`.
+    f, key, mesh: as in `as_optax`.
   """
-  return aggregating.process(
-    optax.identity(), as_optax(rule, f=f, pre=pre, key=key, **params), optimizer
-  )
+  return aggregating.process(optax.identity(), as_optax(rule, f=f, key=key, mesh=mesh), optimizer)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import math
 import time
 import zlib
@@ -54,91 +53,24 @@ import numpy as np
 import optax
 
 from robustjax import stack as _stack
-from robustjax._spec import parse_rule
+from robustjax.pipeline import as_rule
 
 __all__ = [
   'Witness',
   'KappaEstimate',
-  'bind_rule',
-  'rule_name',
   'ratio',
   'ratios',
   'estimate_kappa',
   'lower_bound',
   'upper_bound',
-  'UPPER_BOUNDS',
   'benchmark',
 ]
 
 
-# --------------------------------------------------------------------------------------------------
-# Rules: names, (name, params) pairs, pipelines and callables, bound to f.
-
-
-def _is_pipeline(rule) -> bool:
-  return (
-    callable(rule) and hasattr(rule, 'f') and hasattr(rule, 'name') and not inspect.isfunction(rule)
-  )
-
-
-def rule_name(rule) -> str:
-  """A readable name for a rule spec (a name, a (name, params) pair, a pipeline or a callable)."""
-  if isinstance(rule, str):
-    return rule
-  if isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str):
-    params = ','.join(f'{k}={v}' for k, v in sorted(dict(rule[1]).items()))
-    return f'{rule[0]}({params})' if params else rule[0]
-  if _is_pipeline(rule):
-    return str(rule.name)
-  return getattr(rule, '__name__', type(rule).__name__)
-
-
-def _accepts_f(fn) -> bool:
-  try:
-    sig = inspect.signature(fn)
-  except (TypeError, ValueError):
-    return True
-  for p in sig.parameters.values():
-    if p.kind == p.VAR_KEYWORD or p.name == 'f':
-      return True
-  return False
-
-
-def bind_rule(rule, f: int) -> Callable:
-  """Returns `fn(stack) -> tree`: the rule with its f (and parameters) bound.
-
-  Args:
-    rule: a registered aggregator name (`'median'`), a pipeline name (`'nnm+median'`, built with
-      `robustjax.preaggregators.compose`), a `(name, params)` pair (`('multikrum', {'m': 3})`), a
-      `Pipeline` (its own f must equal `f`), or a callable (called with `f=f` when its signature
-      accepts `f`, as is otherwise).
-    f: the number of Byzantine inputs (n − |S|).
-
-  Raises:
-    ValueError: for an unknown name or a pipeline built for another f.
-  """
-  if isinstance(rule, str) or (
-    isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[0], str)
-  ):
-    name, params = (rule, {}) if isinstance(rule, str) else (rule[0], dict(rule[1]))
-    if '+' in name or '(' in name:
-      from robustjax import preaggregators
-
-      pre, agg, spec_params = parse_rule(name)
-      pipe = preaggregators.compose(agg, pre=pre, f=f, **{**spec_params, **params})
-      return lambda x: pipe(x)
-    from robustjax import aggregators
-
-    return functools.partial(aggregators.get(name), f=f, **params)
-  if _is_pipeline(rule):
-    if rule.f != f:
-      raise ValueError(f'ratio: the pipeline {rule.name!r} was built for f={rule.f}, not f={f}')
-    return lambda x: rule(x)
-  if not callable(rule):
-    raise ValueError(
-      f'ratio: a rule must be a name, a (name, params) pair or a callable; got {rule!r}'
-    )
-  return functools.partial(rule, f=f) if _accepts_f(rule) else rule
+def _bind(rule, f: int) -> Callable:
+  """`fn(stack) -> tree`: the rule resolved once by `robustjax.pipeline.as_rule` with f bound."""
+  pipe = as_rule(rule, f)
+  return lambda x: pipe(x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +104,7 @@ def ratio(rule, stack, honest_index) -> float:
   honest mean of identical honest inputs); x/0 with x > 0 is +inf.
 
   Args:
-    rule: see `bind_rule`.
+    rule: anything `robustjax.pipeline.as_rule` accepts.
     stack: a stack (a pytree with a leading worker axis n, or an (n, d) array).
     honest_index: the indices of S (|S| = n − f), or a boolean mask of shape (n,).
 
@@ -185,7 +117,7 @@ def ratio(rule, stack, honest_index) -> float:
   n = _stack.num_workers(stack, 'ratio')
   mask = _honest_mask(honest_index, n)
   f = int(n - mask.sum())
-  fn = bind_rule(rule, f)
+  fn = _bind(rule, f)
   out = fn(stack)
   x = np.asarray(_stack.flatten(stack), dtype=np.float64)
   y = np.concatenate(
@@ -222,7 +154,7 @@ def ratios(rule, xs, masks, *, f: int | None = None) -> jax.Array:
   masks = jnp.asarray(masks)
   if f is None:
     f = int(masks.shape[1] - int(np.asarray(masks[0]).sum()))
-  fn = bind_rule(rule, f)
+  fn = _bind(rule, f)
   return jax.jit(jax.vmap(functools.partial(_ratio_core, fn)))(jnp.asarray(xs), masks)
 
 
@@ -244,74 +176,18 @@ def _r(n, f):
   return f / (n - 2 * f)
 
 
-# name -> (bound(n, f, **params) -> float | None, reference)
-UPPER_BOUNDS: dict[str, tuple[Callable[..., float | None], str]] = {
-  'trimmed_mean': (
-    lambda n, f, **_: (6 * f / (n - 2 * f)) * (1 + _r(n, f)),
-    'Allouah et al. 2023: CWTM is (f, κ)-robust with κ = (6f/(n−2f))(1 + f/(n−2f))',
-  ),
-  'krum': (
-    lambda n, f, **_: 6 * (1 + _r(n, f)),
-    'Allouah et al. 2023: Krum, κ = 6(1 + f/(n−2f))',
-  ),
-  'geometric_median': (
-    lambda n, f, **_: 4 * (1 + _r(n, f)) ** 2,
-    'Allouah et al. 2023: GM, κ = 4(1 + f/(n−2f))² (for the exact geometric median)',
-  ),
-  'median': (
-    lambda n, f, **_: 4 * (1 + _r(n, f)) ** 2,
-    'Allouah et al. 2023: CWMed, κ = 4(1 + f/(n−2f))²',
-  ),
-  'mean': (
-    lambda n, f, **_: 0.0 if f == 0 else None,
-    'the mean is the honest mean when f = 0, and not robust (κ⋆ = ∞) when f ≥ 1',
-  ),
-  'multikrum': (
-    lambda n, f, m=None, **_: (6 * (1 + _r(n, f))) if m == 1 else None,
-    'MultiKrum with m = 1 is Krum; for m > 1 the bound of arXiv:2602.03899 is not encoded',
-  ),
-}
+def upper_bound(rule, n: int, f: int) -> float | None:
+  """The proven upper bound on κ⋆ of a rule for n inputs, or None where no proof is known.
 
-
-def upper_bound(rule, n: int, f: int, *, pre=(), **params) -> float | None:
-  """The proven upper bound on κ⋆ of a rule (optionally after pre-aggregators), or None.
-
-  NNM ∘ F: if F is (f, κ)-robust, F ∘ NNM is (f, (8f/(n − f))(κ + 1))-robust (Allouah et al. 2023,
-  which needs n > 2f). Bounds are None where no proof is known to this module (see
-  `UPPER_BOUNDS` for the references), and for f with 2f ≥ n.
+  Composed from the bounds each stage declares (`robustjax.aggregators.Properties.kappa`, with
+  its reference): e.g. NNM ∘ F is (f, (8f/(n − f))(κ_F + 1))-robust (Allouah et al. 2023).
 
   Args:
-    rule: a registered aggregator name, `'nnm+<name>'`, or `(name, params)`.
+    rule: anything `robustjax.pipeline.as_rule` accepts (``'nnm+krum'``, ``('multikrum',
+      {'m': 1})``, a Pipeline).
     n, f: the numbers of inputs and of Byzantine inputs.
-    pre: pre-aggregator names applied before the rule (only `'nnm'` has a known effect).
-    **params: the rule's parameters (e.g. `m` for MultiKrum).
   """
-  if isinstance(rule, tuple):
-    rule, more = rule
-    params = {**dict(more), **params}
-  if _is_pipeline(rule):
-    rule = rule.name
-  if not isinstance(rule, str):
-    return None
-  if '+' in rule or '(' in rule:
-    more_pre, rule, more = parse_rule(rule)
-    pre = tuple(p if isinstance(p, str) else p[0] for p in more_pre) + tuple(pre)
-    params = {**more, **params}
-  if 2 * f >= n:
-    return None
-  if rule not in UPPER_BOUNDS:
-    return None
-  k = UPPER_BOUNDS[rule][0](n, f, **params)
-  for p in reversed(tuple(pre)):
-    if k is None:
-      return None
-    if p == 'nnm':
-      k = (8 * f / (n - f)) * (k + 1)
-    else:
-      return None
-  if k is None and f == 0 and not pre:
-    return None
-  return k
+  return as_rule(rule, f).kappa_bound(n)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,8 +349,8 @@ def _attack_configs(key, n, f, dim, batch, scales):
   honest = honest + offs[:, None, :]
   scales = jnp.asarray(scales, jnp.float32)
   perm = jax.vmap(lambda k: jax.random.permutation(k, n))(jax.random.split(k_p, bh))
-  for name in attacks.names():
-    if name.startswith('optimal') or name in ('inf', 'nan', 'label_flip', 'label_flipping'):
+  for name in attacks.names('update'):
+    if attacks.get(name).declared.needs_rule:  # non-finite attacks are skipped below
       continue
     try:
       keys = jax.random.split(jax.random.fold_in(k_a, zlib.crc32(name.encode()) % (2**31)), bh)
@@ -596,7 +472,7 @@ def estimate_kappa(
   lr: float = 0.05,
   differentiable: bool | str = True,
   top_k: int = 8,
-  trusted: tuple[int, ...] = (),
+  trusted: tuple[int, ...] | None = None,
 ) -> KappaEstimate:
   """Searches for inputs maximising the (f, κ) ratio: a certified lower bound on κ⋆.
 
@@ -621,7 +497,8 @@ def estimate_kappa(
   `kappa` exactly.
 
   Args:
-    rule: see `bind_rule` (a name, `'nnm+name'`, `(name, params)`, a Pipeline or a callable).
+    rule: anything `robustjax.pipeline.as_rule` accepts (a name, `'nnm+name'`, `(name, params)`,
+      a Pipeline or a callable).
     n: number of inputs.
     f: number of Byzantine inputs (|S| = n − f).
     dim: dimension of each input.
@@ -636,8 +513,9 @@ def estimate_kappa(
     differentiable: True (gradient steps; non-finite gradients count as 0), False (hill climbing
       only) or 'auto' (test `jax.grad` on a few inputs first: one more compilation).
     top_k: candidates re-evaluated exactly at the end.
-    trusted: positions that must be honest (e.g. `(0,)` for MoNNA, whose guarantee assumes its
-      trusted input is honest); the adversary chooses every other position.
+    trusted: positions that must be honest; default: what the rule declares
+      (`Pipeline.trusted_input`, `(0,)` for MoNNA, whose guarantee assumes its trusted input is
+      honest). The adversary chooses every other position.
 
   Returns:
     A `KappaEstimate` (kappa, witness, evaluated, seconds, per_family).
@@ -651,8 +529,10 @@ def estimate_kappa(
   t0 = time.perf_counter()
   if not (isinstance(n, int) and isinstance(f, int) and 0 <= f and n - f >= 1):
     raise ValueError(f'estimate_kappa: needs ints 0 <= f < n; got n={n}, f={f}')
-  fn = bind_rule(rule, f)
+  fn = _bind(rule, f)
   fn(jnp.zeros((n, dim), jnp.float32))  # trace-time validation (infeasible f raises here)
+  if trusted is None:
+    trusted = as_rule(rule, f).trusted_input
   evaluate = jax.jit(jax.vmap(functools.partial(_ratio_core, fn)))
   k_gen, k_att, k_loc = jax.random.split(key, 3)
 
@@ -749,7 +629,7 @@ def benchmark(rule, n: int = 20, f: int = 4, dim: int = 16, *, batch: int = 4096
   Returns:
     A dict: configs_per_s (best of `repeats`), eval_only_per_s, batch, n, f, dim.
   """
-  fn = bind_rule(rule, f)
+  fn = _bind(rule, f)
   evaluate = jax.jit(jax.vmap(functools.partial(_ratio_core, fn)))
 
   def once(key):
@@ -769,7 +649,7 @@ def benchmark(rule, n: int = 20, f: int = 4, dim: int = 16, *, batch: int = 4096
     evaluate(x, m).block_until_ready()
     best_eval = min(best_eval, time.perf_counter() - t)
   return {
-    'rule': rule_name(rule),
+    'rule': as_rule(rule, f).spec,
     'n': n,
     'f': f,
     'dim': dim,

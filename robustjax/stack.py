@@ -32,13 +32,17 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from robustjax._checks import num_workers
 
 __all__ = [
+  'Assembled',
+  'assemble',
   'num_workers',
   'as_matrix',
   'worker_finite',
@@ -346,3 +350,72 @@ def unflatten(flat: jax.Array, like):
 def tree_index(stack, idx):
   """The slice(s) `idx` of every leaf: an int gives one tree, an index array a smaller stack."""
   return jax.tree.map(lambda x: jnp.asarray(x)[idx], stack)
+
+
+class Assembled(NamedTuple):
+  """The output of `assemble`.
+
+  Attributes:
+    stack: the full stack of n = n_h + f slices.
+    positions: int32 (f,), where Byzantine slice j sits in `stack`.
+    honest_mask: bool (n,), True at honest slices.
+  """
+
+  stack: Any
+  positions: jax.Array
+  honest_mask: jax.Array
+
+
+def assemble(honest, byzantine, *, key=None, positions=None) -> Assembled:
+  """Interleaves honest and Byzantine slices into the stack the server sees.
+
+  Byzantine slice j goes to `positions[j]`; the honest slices fill the other positions in their
+  order. With `key` (and no `positions`) the positions are f distinct indices drawn uniformly;
+  with neither, the Byzantine slices come last. One gather over the stack; jittable (positions
+  may be traced; concrete positions are validated).
+
+  Args:
+    honest: a stack of n_h slices.
+    byzantine: a stack of f slices with the same structure (f may be 0).
+    key: draws random positions.
+    positions: f distinct ints in [0, n).
+
+  Returns:
+    An `Assembled(stack, positions, honest_mask)`.
+
+  Raises:
+    ValueError: mismatched structures, both key and positions, or invalid concrete positions.
+  """
+  n_h = num_workers(honest, 'assemble')
+  if jax.tree.structure(honest) != jax.tree.structure(byzantine):
+    raise ValueError('assemble: honest and byzantine stacks must have the same pytree structure')
+  leaves_b = jax.tree.leaves(byzantine)
+  f = int(leaves_b[0].shape[0]) if leaves_b and leaves_b[0].ndim else 0
+  if f:
+    num_workers(byzantine, 'assemble')
+  n = n_h + f
+  if key is not None and positions is not None:
+    raise ValueError('assemble: pass key or positions, not both')
+  if positions is None:
+    if key is None:
+      positions = jnp.arange(n_h, n, dtype=jnp.int32)
+    else:
+      positions = jnp.sort(jax.random.permutation(key, n)[:f]).astype(jnp.int32)
+  else:
+    if not isinstance(positions, jax.core.Tracer):
+      p = np.asarray(positions)
+      if p.shape != (f,):
+        raise ValueError(f'assemble: positions must have shape ({f},); got {p.shape}')
+      if f and (p.min() < 0 or p.max() >= n or len(np.unique(p)) != f):
+        raise ValueError(f'assemble: positions must be {f} distinct ints in [0, {n}); got {p}')
+    positions = jnp.asarray(positions, jnp.int32)
+  is_byz = jnp.zeros((n,), bool).at[positions].set(True)
+  slot = jnp.zeros((n,), jnp.int32).at[positions].set(jnp.arange(f, dtype=jnp.int32))
+  honest_rank = jnp.cumsum(~is_byz) - 1
+  src = jnp.where(is_byz, n_h + slot, honest_rank)
+  full = jax.tree.map(
+    lambda h, b: jnp.concatenate([jnp.asarray(h), jnp.asarray(b).astype(h.dtype)], axis=0)[src],
+    honest,
+    byzantine,
+  )
+  return Assembled(full, positions, ~is_byz)

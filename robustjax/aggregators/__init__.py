@@ -3,7 +3,8 @@
 Every rule takes a stack (a pytree whose leaves share a leading worker axis of size n, or an
 (n, d) array) and returns one tree with the worker axis removed. Counts (f, m, iteration counts)
 are static arguments; misuse raises a `ValueError` at trace time naming the rule and the violated
-condition. `get(name)` looks a rule up by name; `names()` lists them.
+condition. `get(name)` looks a rule up by name; `names()` lists them; `properties(name)` gives
+what the rule declares (its κ bound, equivariance, state; see `Properties`).
 
 Example:
   >>> import jax.numpy as jnp
@@ -12,11 +13,47 @@ Example:
   >>> aggregators.get('median')(x, f=1)
 """
 
-from robustjax.aggregators._base import REGISTRY
-from robustjax.aggregators._coordinatewise import *  # noqa: F403
-from robustjax.aggregators._iterative import *  # noqa: F403
-from robustjax.aggregators._krum import *  # noqa: F403
-from robustjax.aggregators._subset import *  # noqa: F403
+from robustjax.aggregators._base import REGISTRY, Properties, register
+from robustjax.aggregators._coding import draco
+from robustjax.aggregators._coordinatewise import (
+  meamed,
+  mean,
+  mean_closest_to_median,
+  median,
+  trimmed_mean,
+)
+from robustjax.aggregators._iterative import caf, centered_clipping, geometric_median
+from robustjax.aggregators._krum import bulyan, krum, krum_scores, monna, multikrum
+from robustjax.aggregators._subset import is_exact, mda, mda_mask, smea, smea_mask
 
 get = REGISTRY.get
 names = REGISTRY.names
+properties = REGISTRY.properties
+
+__all__ = [
+  'REGISTRY',
+  'Properties',
+  'bulyan',
+  'caf',
+  'centered_clipping',
+  'draco',
+  'geometric_median',
+  'get',
+  'is_exact',
+  'krum',
+  'krum_scores',
+  'mda',
+  'mda_mask',
+  'meamed',
+  'mean',
+  'mean_closest_to_median',
+  'median',
+  'monna',
+  'multikrum',
+  'names',
+  'properties',
+  'register',
+  'smea',
+  'smea_mask',
+  'trimmed_mean',
+]

@@ -1,6 +1,58 @@
-"""The aggregator registry: `get(name)` and `names()`."""
+"""The aggregator registry and the properties every rule declares next to its registration.
+
+Consumers (the engine, the attacks, the κ search, the optax adapter) ask a rule's properties
+through `robustjax.pipeline.Pipeline`; no module outside `aggregators/` lists rule names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
 
 from robustjax._registry import Registry
 
-REGISTRY = Registry('aggregator')
+__all__ = ['Properties', 'REGISTRY', 'register', 'lower_bound_ratio']
+
+
+def lower_bound_ratio(n: int, f: int) -> float:
+  """f / (n − 2f), the universal lower bound on κ (Allouah et al. 2023)."""
+  return f / (n - 2 * f)
+
+
+@dataclasses.dataclass(frozen=True)
+class Properties:
+  """What a consumer needs to know about a rule or a pre-aggregator.
+
+  Attributes:
+    kappa: for an aggregator, ``kappa(n, f, **params) -> float | None``, a proven upper bound on
+      its (f, κ)-robustness coefficient (None: no proof known to robustjax); for a
+      pre-aggregator, ``kappa(n, f, inner) -> float | None``, the bound of the composition given
+      the bound ``inner`` of what follows it.
+    kappa_reference: where the bound is proven.
+    orthogonal_equivariant: F(Qx) = Q F(x) for every orthogonal Q (the rule uses only distances,
+      norms and weighted means of its inputs), so it can be evaluated exactly on the span of the
+      inputs (the optimal attacks do).
+    distance_based: computes pairwise distances (a Gram product): reducing to the span pays.
+    coordinatewise: acts coordinate by coordinate (κ⋆ in d dimensions equals κ⋆ in one).
+    center_state: takes ``center=`` (the previous aggregate) as a state carried across steps.
+    exponential: its exact form enumerates subsets (cost exponential in n).
+    trusted_input: positions of inputs the rule assumes honest (MoNNA's trusted input).
+    stochastic: takes an explicit ``key`` (bucketing's permutation).
+    decodes: meaningful only on messages encoded by the matching gradient code (DRACO's vote);
+      rule-agnostic analyses (the κ search) leave such rules out.
+  """
+
+  kappa: Callable | None = None
+  kappa_reference: str = ''
+  orthogonal_equivariant: bool = False
+  distance_based: bool = False
+  coordinatewise: bool = False
+  center_state: bool = False
+  exponential: bool = False
+  trusted_input: tuple = ()
+  stochastic: bool = False
+  decodes: bool = False
+
+
+REGISTRY = Registry('aggregator', default_properties=Properties())
 register = REGISTRY.register

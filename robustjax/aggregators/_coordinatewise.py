@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from robustjax import _sorting
 from robustjax import stack as stk
 from robustjax._checks import check_f, check_positive_int
-from robustjax.aggregators._base import register
+from robustjax.aggregators._base import Properties, lower_bound_ratio, register
 
 __all__ = ['mean', 'median', 'trimmed_mean', 'meamed', 'mean_closest_to_median']
 
@@ -151,7 +151,15 @@ def mean_closest_to_median(stack, *, keep: int):
   return _columnwise(fn, stack)
 
 
-@register('mean')
+@register(
+  'mean',
+  properties=Properties(
+    kappa=lambda n, f, **_: 0.0 if f == 0 else None,
+    kappa_reference='the honest mean when f = 0; not robust (κ⋆ = ∞) when f ≥ 1',
+    orthogonal_equivariant=True,
+    coordinatewise=True,
+  ),
+)
 @functools.partial(jax.jit, static_argnames=('f',))
 def mean(stack, *, f: int = 0):
   """The plain average (1/n) Σ_i x_i: the non-robust baseline.
@@ -182,7 +190,14 @@ def mean(stack, *, f: int = 0):
   return stk.weighted_sum(jnp.full((n,), 1.0 / n), stack, ignore_nonfinite=False)
 
 
-@register('median')
+@register(
+  'median',
+  properties=Properties(
+    kappa=lambda n, f, **_: 4 * (1 + lower_bound_ratio(n, f)) ** 2,
+    kappa_reference='Allouah et al. 2023: CWMed, κ = 4(1 + f/(n−2f))²',
+    coordinatewise=True,
+  ),
+)
 @_jit_f
 def median(stack, *, f: int = 0):
   """Coordinate-wise median (CWMed).
@@ -221,7 +236,17 @@ def median(stack, *, f: int = 0):
   return _columnwise(_median, stack)
 
 
-@register('trimmed_mean')
+@register(
+  'trimmed_mean',
+  properties=Properties(
+    kappa=lambda n, f, **_: (6 * f / (n - 2 * f)) * (1 + lower_bound_ratio(n, f)),
+    kappa_reference=(
+      'Allouah et al. 2023: CWTM, κ = (6f/(n−2f))(1 + f/(n−2f)); '
+      'κ⋆ = f/(n−2f) exactly (docs/robustness.md)'
+    ),
+    coordinatewise=True,
+  ),
+)
 @_jit_f
 def trimmed_mean(stack, *, f: int):
   """Coordinate-wise trimmed mean (CWTM_f).
@@ -267,7 +292,10 @@ def trimmed_mean(stack, *, f: int):
   return _columnwise(fn, stack)
 
 
-@register('meamed')
+@register(
+  'meamed',
+  properties=Properties(coordinatewise=True),
+)
 @_jit_f
 def meamed(stack, *, f: int):
   """Mean around the median (MeaMed_f).

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from robustjax._checks import check_f, check_positive_int, num_workers
-from robustjax.aggregators._base import REGISTRY, register
+from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
   centred_gram,
   pairwise_sq_dists,
@@ -132,7 +132,14 @@ def _geometric_median(stack, init, *, f, nu, iters, tol, start):
   return z
 
 
-@register('geometric_median')
+@register(
+  'geometric_median',
+  properties=Properties(
+    kappa=lambda n, f, **_: 4 * (1 + lower_bound_ratio(n, f)) ** 2,
+    kappa_reference='Allouah et al. 2023: GM, κ = 4(1 + f/(n−2f))² (the exact geometric median)',
+    distance_based=True,
+  ),
+)
 def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, init=None):
   """Geometric median argmin_y Σ_i ‖y − x_i‖ by the smoothed Weiszfeld algorithm.
 
@@ -209,7 +216,10 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
   return _geometric_median(stack, init, f=f, nu=nu, iters=iters, tol=tol, start='given')
 
 
-@register('centered_clipping')
+@register(
+  'centered_clipping',
+  properties=Properties(center_state=True),
+)
 def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 1):
   """Centered clipping: v ← v + (1/n) Σ_i (x_i − v) · min(1, τ / ‖x_i − v‖), `iters` times.
 
@@ -310,7 +320,10 @@ def _caf_top_eig(m, power_iters):
   return u @ (m @ u), u
 
 
-@register('caf')
+@register(
+  'caf',
+  properties=Properties(distance_based=True),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'power_iters'))
 def caf(stack, *, f: int, power_iters: int | None = None):
   """CAF (covariance-bound agnostic filter): filter along the top principal direction.

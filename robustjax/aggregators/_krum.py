@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from robustjax import stack as st
 from robustjax._checks import check_f, check_positive_int, num_workers
-from robustjax.aggregators._base import register
+from robustjax.aggregators._base import Properties, lower_bound_ratio, register
 
 __all__ = ['krum', 'multikrum', 'bulyan', 'monna', 'krum_scores']
 
@@ -93,7 +93,15 @@ def _multikrum(rule, stack, f, m, num_neighbors):
   return st.weighted_sum(_lowest_weights(scores, m), stack)
 
 
-@register('krum')
+@register(
+  'krum',
+  properties=Properties(
+    kappa=lambda n, f, **_: 6 * (1 + lower_bound_ratio(n, f)),
+    kappa_reference='Allouah et al. 2023: Krum, κ = 6(1 + f/(n−2f))',
+    orthogonal_equivariant=True,
+    distance_based=True,
+  ),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'num_neighbors'))
 def krum(stack, *, f: int, num_neighbors: int | None = None):
   """Krum: the input with the smallest sum of squared distances to its nearest neighbours.
@@ -136,7 +144,15 @@ def krum(stack, *, f: int, num_neighbors: int | None = None):
   return _multikrum('krum', stack, f, 1, num_neighbors)
 
 
-@register('multikrum')
+@register(
+  'multikrum',
+  properties=Properties(
+    kappa=lambda n, f, m=None, **_: 6 * (1 + lower_bound_ratio(n, f)) if m == 1 else None,
+    kappa_reference='m = 1 is Krum; the m > 1 bound of arXiv:2602.03899 is not encoded',
+    orthogonal_equivariant=True,
+    distance_based=True,
+  ),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'm', 'num_neighbors'))
 def multikrum(stack, *, f: int, m: int | None = None, num_neighbors: int | None = None):
   """MultiKrum: the average of the m inputs of lowest Krum score (m = 1 is Krum).
@@ -207,7 +223,10 @@ def iterated_krum_selection(d: jax.Array, *, f: int, theta: int, num_neighbors: 
   return chosen
 
 
-@register('bulyan')
+@register(
+  'bulyan',
+  properties=Properties(distance_based=True),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'num_neighbors'))
 def bulyan(stack, *, f: int, num_neighbors: int | None = None):
   """Bulyan: iterated Krum selects θ = n − 2f inputs, then a coordinate-wise trimmed average.
@@ -251,7 +270,10 @@ def bulyan(stack, *, f: int, num_neighbors: int | None = None):
   return mean_closest_to_median(st.tree_index(stack, chosen), keep=theta - 2 * f)
 
 
-@register('monna')
+@register(
+  'monna',
+  properties=Properties(distance_based=True, trusted_input=(0,)),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'trusted_index'))
 def monna(stack, *, f: int, trusted_index: int = 0):
   """MoNNA: the mean of the n − f nearest neighbours of a trusted input (itself included).

@@ -36,7 +36,7 @@ import numpy as np
 
 from robustjax import stack as st
 from robustjax._checks import check_f, check_positive_int, num_workers
-from robustjax.aggregators._base import register
+from robustjax.aggregators._base import Properties, register
 
 __all__ = ['mda', 'smea']
 
@@ -267,7 +267,10 @@ def smea_mask(stack, *, f: int, max_subsets: int | None = None, local_search_rou
   )
 
 
-@register('mda')
+@register(
+  'mda',
+  properties=Properties(distance_based=True, exponential=True),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
 def mda(
   stack,
@@ -323,7 +326,10 @@ def mda(
   )
 
 
-@register('smea')
+@register(
+  'smea',
+  properties=Properties(distance_based=True, exponential=True),
+)
 @functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
 def smea(
   stack,

@@ -1,0 +1,337 @@
+"""The one resolver: anything that names a rule becomes a `Pipeline` here, and only here.
+
+A *rule* in robustjax is pre-aggregators (stack → stack) followed by an aggregator
+(stack → tree). Everything that accepts "a rule" — the training engine, the κ search, the optimal
+attacks, the optax adapter, sweeps — calls `as_rule(x, f)`, which accepts:
+
+* a registered aggregator name, ``'median'``;
+* a spec string, pre-aggregators then the aggregator joined by ``+``, with keyword parameters as
+  Python literals: ``'clipping(c=2.0)+nnm+multikrum(m=3)'`` (parsed once, here);
+* a ``(name_or_callable, {params})`` pair;
+* a registered function (``aggregators.krum``) or any callable ``rule(stack, *, f=..., key=...)``;
+* a `Pipeline` (returned with its f replaced).
+
+A `Pipeline` is frozen and hashable (a static argument of `jax.jit`), and answers what consumers
+need to know from the rules' declared properties (`robustjax.aggregators.Properties`): its proven
+κ bound, orthogonal equivariance, whether it carries a state across steps. It follows the one state
+protocol of robustjax, optax's init / update pair:
+
+  >>> import jax, jax.numpy as jnp
+  >>> from robustjax import pipeline
+  >>> rule = pipeline.as_rule('nnm+centered_clipping(tau=1.0)', f=1)
+  >>> state = rule.init(jnp.zeros(3))            # {'center': zeros}: the previous aggregate
+  >>> x = jax.random.normal(jax.random.key(0), (6, 3))
+  >>> agg, state = rule.update(x, state)          # state['center'] is now agg
+  >>> rule.orthogonally_equivariant, rule.kappa_bound(6)
+  (False, None)
+
+This module is the only place in robustjax that inspects signatures (to learn whether a stage
+takes ``f`` and ``key``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from robustjax import aggregators, preaggregators
+from robustjax._registry import Registry
+from robustjax._spec import parse_rule
+from robustjax.aggregators import Properties
+
+__all__ = ['Pipeline', 'Stage', 'compose', 'as_rule', 'accepts']
+
+
+def accepts(fn: Callable, name: str, *, var_keyword: bool = True) -> bool:
+  """Whether `fn` takes a keyword argument `name` (or ``**kwargs`` when `var_keyword`)."""
+  try:
+    ps = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  return name in ps or (var_keyword and any(p.kind is p.VAR_KEYWORD for p in ps.values()))
+
+
+def _hashable_params(owner: str, params: Mapping[str, Any] | None) -> tuple:
+  items = tuple(sorted((params or {}).items()))
+  for k, v in items:
+    try:
+      hash(v)
+    except TypeError:
+      raise ValueError(
+        f'{owner}: parameter {k}={v!r} is not hashable; a Pipeline stores its parameters so it '
+        'can be a static jit argument: pass arrays (e.g. a centre) as runtime kwargs instead'
+      ) from None
+  return items
+
+
+def _fn_name(fn: Callable) -> str:
+  return getattr(fn, '__name__', None) or type(fn).__name__
+
+
+def _format(name: str, params: tuple) -> str:
+  if not params:
+    return name
+  return f'{name}({", ".join(f"{k}={v!r}" for k, v in params)})'
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+  """One stage of a pipeline: a function, its static parameters, its declared properties."""
+
+  name: str
+  fn: Callable
+  params: tuple
+  properties: Properties = dataclasses.field(compare=False)
+  takes_f: bool = dataclasses.field(compare=False)
+  takes_key: bool = dataclasses.field(compare=False)
+
+  @property
+  def spec(self) -> str:
+    """The stage as a spec string, ``'multikrum(m=3)'``."""
+    return _format(self.name, self.params)
+
+  def __call__(self, stack, f, key, runtime):
+    kw = dict(self.params)
+    kw.update(runtime)
+    if self.takes_f:
+      kw['f'] = f
+    if self.takes_key:
+      kw['key'] = key
+    return self.fn(stack, **kw)
+
+
+def _stage(spec, registry: Registry, kind: str) -> Stage:
+  params: Mapping[str, Any] | None = None
+  if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[1], Mapping):
+    spec, params = spec
+  if isinstance(spec, str):
+    name, fn = spec, registry.get(spec)
+  elif callable(spec):
+    name, fn = registry.name_of(spec) or _fn_name(spec), spec
+  else:
+    raise ValueError(
+      f'compose: each {kind} must be a registered name, a callable or a (name, params) pair; '
+      f'got {spec!r}'
+    )
+  if params and 'f' in params:
+    raise ValueError(f'compose: pass f to compose(), not in the parameters of {name!r}')
+  return Stage(
+    name=name,
+    fn=fn,
+    params=_hashable_params(f'compose ({name})', params),
+    properties=registry.properties(fn),
+    takes_f=accepts(fn, 'f'),
+    takes_key=accepts(fn, 'key', var_keyword=False),
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """Pre-aggregators followed by an aggregator: one rule `pipeline(stack, key=None, **kw)`.
+
+  Frozen and hashable (functions compare by identity, parameters are stored as sorted tuples), so
+  it can be a static argument of `jax.jit`. Build it with `as_rule` or `compose`.
+
+  Attributes:
+    stages: the pre-aggregator stages then the aggregator stage.
+    f: the number of Byzantine inputs, passed to every stage that accepts `f`.
+    name: the stage names joined by '+', e.g. 'nnm+trimmed_mean'.
+  """
+
+  stages: tuple
+  f: int
+  name: str
+
+  # ---- what the stages are -------------------------------------------------------------------
+
+  @property
+  def aggregator(self) -> Callable:
+    """The aggregator function (the last stage)."""
+    return self.stages[-1].fn
+
+  @property
+  def pre(self) -> tuple:
+    """The pre-aggregator functions, in order."""
+    return tuple(s.fn for s in self.stages[:-1])
+
+  @property
+  def spec(self) -> str:
+    """The pipeline as a spec string with its parameters, ``'nnm+multikrum(m=3)'``."""
+    return '+'.join(s.spec for s in self.stages)
+
+  # ---- properties, from the stages' declarations --------------------------------------------
+
+  @property
+  def stochastic(self) -> bool:
+    """Whether some stage takes a `key` (then calling the pipeline needs one)."""
+    return any(s.takes_key for s in self.stages)
+
+  @property
+  def orthogonally_equivariant(self) -> bool:
+    """F(Qx) = Q F(x) for every orthogonal Q: every stage declares it."""
+    return all(s.properties.orthogonal_equivariant for s in self.stages)
+
+  @property
+  def distance_based(self) -> bool:
+    """Some stage computes pairwise distances."""
+    return any(s.properties.distance_based for s in self.stages)
+
+  @property
+  def coordinatewise(self) -> bool:
+    """Every stage acts coordinate by coordinate."""
+    return all(s.properties.coordinatewise for s in self.stages)
+
+  @property
+  def exponential(self) -> bool:
+    """Some stage's exact form enumerates subsets."""
+    return any(s.properties.exponential for s in self.stages)
+
+  @property
+  def trusted_input(self) -> tuple:
+    """Input positions the aggregator assumes honest (MoNNA's trusted input)."""
+    return self.stages[-1].properties.trusted_input
+
+  @property
+  def center_state(self) -> bool:
+    """The aggregator carries its previous output as ``center`` (centered clipping)."""
+    return self.stages[-1].properties.center_state
+
+  def kappa_bound(self, n: int) -> float | None:
+    """The proven upper bound on κ⋆ for n inputs, composed through the pre-aggregators.
+
+    None where no proof is known (see each rule's `Properties.kappa_reference`) or 2f ≥ n.
+    """
+    f = self.f
+    if 2 * f >= n:
+      return None
+    last = self.stages[-1]
+    k = last.properties.kappa(n, f, **dict(last.params)) if last.properties.kappa else None
+    for s in reversed(self.stages[:-1]):
+      if k is None or s.properties.kappa is None:
+        return None
+      k = s.properties.kappa(n, f, k)
+    return k
+
+  # ---- the state protocol --------------------------------------------------------------------
+
+  def init(self, like) -> dict:
+    """The state carried across steps: ``{'center': zeros like `like`}`` for a rule with a
+    centre (the previous aggregate), else ``{}``. `like` is one slice (no worker axis)."""
+    if self.center_state:
+      return {'center': jax.tree.map(jnp.zeros_like, like)}
+    return {}
+
+  def update(self, stack, state, key=None):
+    """``(aggregate, new state)``: the rule applied with its state (optax's update protocol)."""
+    out = self(stack, key, **state)
+    return out, ({'center': out} if self.center_state else {})
+
+  def __call__(self, stack, key=None, **runtime_kwargs):
+    """Applies the pre-aggregators in order, then the aggregator.
+
+    Args:
+      stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
+      key: a `jax.random` key, split into one subkey per stage that accepts `key` (in order);
+        required when such a stage exists.
+      **runtime_kwargs: traced arguments for the aggregator (e.g. `center=` for
+        centered clipping).
+
+    Returns:
+      The aggregate: a tree with the worker axis removed.
+
+    Raises:
+      ValueError: if a stage needs a key and none is given (plus the stages' own errors).
+    """
+    takers = [i for i, s in enumerate(self.stages) if s.takes_key]
+    keys = {}
+    if takers:
+      if key is None:
+        need = ', '.join(self.stages[i].name for i in takers)
+        raise ValueError(f'{self.name}: {need} needs a jax.random key: call pipeline(stack, key)')
+      sub = jax.random.split(key, len(takers))
+      keys = {i: sub[j] for j, i in enumerate(takers)}
+    for i, s in enumerate(self.stages[:-1]):
+      stack = s(stack, self.f, keys.get(i), {})
+    last = len(self.stages) - 1
+    return self.stages[-1](stack, self.f, keys.get(last), runtime_kwargs)
+
+
+def _check_f(owner: str, f) -> None:
+  if not isinstance(f, int) or isinstance(f, bool) or f < 0:
+    raise ValueError(f'{owner}: f must be a Python int >= 0 (a static argument); got f={f!r}')
+
+
+def compose(aggregator, pre=(), *, f: int, **aggregator_params) -> Pipeline:
+  """Composes pre-aggregators and an aggregator into one jittable, hashable rule.
+
+  Args:
+    aggregator: a registered aggregator name, a callable `rule(stack, *, f, ...)`, or a
+      `(name_or_callable, {params})` pair.
+    pre: a sequence of pre-aggregators, applied in order; each a registered pre-aggregator name,
+      a callable `fn(stack, *, f, ...) -> stack`, or a `(name_or_callable, {params})` pair. A
+      stage whose signature has a `key` parameter is stochastic.
+    f: the number of Byzantine inputs (a Python int ≥ 0), passed to every stage that accepts `f`.
+    **aggregator_params: static (hashable) parameters of the aggregator, e.g. `iters=3`.
+
+  Returns:
+    A `Pipeline`.
+
+  Raises:
+    ValueError: for an unknown name (listing the known ones), a malformed entry, f not an int
+      ≥ 0, or an unhashable parameter.
+
+  Examples:
+    >>> rule = compose('trimmed_mean', pre=[('clipping', {'c': 1.0}), 'nnm'], f=2)
+    >>> rule.name
+    'clipping+nnm+trimmed_mean'
+  """
+  _check_f('compose', f)
+  if isinstance(pre, str) or (
+    isinstance(pre, tuple) and len(pre) == 2 and isinstance(pre[1], Mapping)
+  ):
+    pre = [pre]
+  stages = [_stage(p, preaggregators.REGISTRY, 'pre-aggregator') for p in pre]
+  agg = _stage(aggregator, aggregators.REGISTRY, 'aggregator')
+  if aggregator_params:
+    merged = {**dict(agg.params), **aggregator_params}
+    agg = dataclasses.replace(agg, params=_hashable_params(f'compose ({agg.name})', merged))
+  stages.append(agg)
+  return Pipeline(stages=tuple(stages), f=f, name='+'.join(s.name for s in stages))
+
+
+def as_rule(x, f: int) -> Pipeline:
+  """Turns a name, a spec string, a callable, a `(name, params)` pair or a Pipeline into a Pipeline.
+
+  Examples:
+    >>> as_rule('median', f=1).name
+    'median'
+    >>> as_rule('nnm+multikrum(m=3)', f=1).spec
+    'nnm+multikrum(m=3)'
+  """
+  _check_f('as_rule', f)
+  if isinstance(x, Pipeline):
+    return x if x.f == f else dataclasses.replace(x, f=f)
+  if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and '+' in x[0]:
+    base = as_rule(x[0], f)  # a spec string with extra aggregator parameters
+    return dataclasses.replace(
+      base, stages=base.stages[:-1] + (_with_params(base.stages[-1], x[1]),)
+    )
+  if isinstance(x, str):
+    pre, agg, params = parse_rule(x)
+    return compose(agg, pre=pre, f=f, **params)
+  if callable(x) or isinstance(x, tuple):
+    return compose(x, f=f)
+  raise ValueError(
+    f'as_rule: expected a rule name, a spec string, a (name, params) pair, a callable or a '
+    f'Pipeline; got {x!r}'
+  )
+
+
+def _with_params(stage: Stage, params: Mapping) -> Stage:
+  merged = {**dict(stage.params), **dict(params)}
+  return dataclasses.replace(stage, params=_hashable_params(f'as_rule ({stage.name})', merged))
