@@ -40,7 +40,8 @@ __all__ = ['RobustAggregatorState', 'as_optax', 'robust_optimizer']
 
 
 class RobustAggregatorState(NamedTuple):
-  """The state of `as_optax`: the step key and the rule's state (`Pipeline.init`)."""
+  """The state of `as_optax`: the step key (raw `key_data`, so it checkpoints as an array) and
+  the rule's state (`Pipeline.init`)."""
 
   key: jax.Array
   rule: Any
@@ -68,13 +69,13 @@ def as_optax(rule, *, f: int, key=None, mesh=None) -> aggregating.Aggregator:
   apply = pipeline.update if mesh is None else sharded_update(pipeline, mesh)
 
   def init_fn(params):
-    return RobustAggregatorState(key=key0, rule=pipeline.init(params))
+    return RobustAggregatorState(key=jax.random.key_data(key0), rule=pipeline.init(params))
 
   def update_fn(worker_updates, state, params=None, **extra_args):
     del params, extra_args
-    key, sub = jax.random.split(state.key)
+    key, sub = jax.random.split(jax.random.wrap_key_data(state.key))
     agg, rule_state = apply(worker_updates, state.rule, sub)
-    return agg, RobustAggregatorState(key=key, rule=rule_state)
+    return agg, RobustAggregatorState(key=jax.random.key_data(key), rule=rule_state)
 
   return aggregating.Aggregator(init=init_fn, update=update_fn)
 

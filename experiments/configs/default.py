@@ -5,7 +5,7 @@ Every field can be overridden on the command line, e.g. ``--config.rule='nnm+kru
 --config.attack='ipm(eps=0.5)' --config.num_workers=32``.
 
 Spec strings: ``rule`` is pre-aggregators then the aggregator joined by ``+``, each optionally
-with keyword parameters (``'bucketing(s=2)+krum(m=3)'``); ``attack`` and ``model`` likewise
+with keyword parameters (``'bucketing(s=2)+multikrum(m=3)'``); ``attack`` and ``model`` likewise
 (``'ipm(eps=0.5)'``, ``'mlp(hidden=(64,))'``). ``attack='none'`` makes the f Byzantine workers
 behave honestly (a baseline where the rule still assumes f); ``'label_flip'`` makes them compute
 honest gradients on flipped labels.
@@ -28,6 +28,11 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c.num_byzantine = 3  # f: the last f workers
   c.attack = 'alie'
   c.rule = 'nnm+trimmed_mean'
+  # Gradient coding (a stage of the same step): identity | cyclic(d=4) (LAD) |
+  # fractional_repetition(d=4) | draco (with rule='draco') | cyclic_mds(s=2).
+  # Compression: none | rand_k(fraction=0.1) | qsgd(levels=2) | ef+top_k(fraction=0.1).
+  c.coding = 'identity'
+  c.compression = 'none'
   # Algorithm.
   # dsgd | local (FedAvg-style: K local SGD steps, robust aggregation of the model deltas; the
   # server applies the aggregate delta times learning_rate, so learning_rate=1.0 is FedAvg).

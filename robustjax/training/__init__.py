@@ -1,10 +1,11 @@
 """The simulation engine: robust training with workers as an array axis, on one device or many.
 
-A step is one jitted function of an explicit `TrainState` (params, optimiser state, worker
-momentums, aggregator state, attack state, RNG key): per-worker gradients by ``jax.vmap`` over the
-worker axis (``jax.shard_map`` across devices, each device vmapping over its workers), the attack
-on the last f rows, pre-aggregation + aggregation (a `robustjax.preaggregators.Pipeline`) and an
-optax update. See `_engine` for the algorithm and `_steps` for the multi-device layout.
+One staged step (`_engine`): gradients (per worker, or per data subset) → encoding
+(`robustjax.coding`, identity by default) → compression (+ error feedback) → worker momentum →
+attack → pre-aggregation + aggregation (through `robustjax.optax_adapter.as_optax`) → optax
+update; one step signature ``step(state, data) -> (state, metrics)`` for every backend
+(``vmap``, ``shard_map``, ``pmap``); one run loop (`make_advance` + `chunks`) shared by
+`train_and_evaluate` and `robustjax.sweeps`.
 
 Typical use (what ``experiments/train.py`` does):
 
@@ -21,19 +22,7 @@ Or step by step:
   >>> exp.evaluate(state)  # doctest: +SKIP
 """
 
-from robustjax.training._engine import (
-  LABEL_FLIP_ATTACKS,
-  STATEFUL_CENTER_AGGREGATORS,
-  Problem,
-  TrainSpec,
-  TrainState,
-  evaluate,
-  init_state,
-  make_problem,
-  worker_updates,
-)
-from robustjax.training._loop import Checkpointer, train_and_evaluate
-from robustjax.training._parallel import (
+from robustjax.parallel import (
   AXIS,
   make_mesh,
   maybe_initialize_distributed,
@@ -41,42 +30,43 @@ from robustjax.training._parallel import (
   replicated,
   worker_sharded,
 )
-from robustjax.training._setup import (
-  Experiment,
-  build,
-  make_optimizer,
-  make_pipeline,
-  parse_rule,
-  parse_spec,
+from robustjax.training._engine import (
+  BACKENDS,
+  Problem,
+  TrainSpec,
+  TrainState,
+  init_state,
+  least_squares_problem,
+  make_eval,
+  make_problem,
+  make_step,
+  sharded_worker_stage,
 )
-from robustjax.training._steps import BACKENDS, make_eval, make_step, sharded_worker_grads
+from robustjax.training._loop import Checkpointer, chunks, make_advance, train_and_evaluate
+from robustjax.training._setup import Experiment, build, make_optimizer
 
 __all__ = [
   'AXIS',
   'BACKENDS',
   'Checkpointer',
   'Experiment',
-  'LABEL_FLIP_ATTACKS',
   'Problem',
-  'STATEFUL_CENTER_AGGREGATORS',
   'TrainSpec',
   'TrainState',
   'build',
-  'evaluate',
+  'chunks',
   'init_state',
+  'least_squares_problem',
+  'make_advance',
   'make_eval',
   'make_mesh',
   'make_optimizer',
-  'make_pipeline',
   'make_problem',
   'make_step',
   'maybe_initialize_distributed',
-  'parse_rule',
-  'parse_spec',
   'put',
   'replicated',
-  'sharded_worker_grads',
+  'sharded_worker_stage',
   'train_and_evaluate',
   'worker_sharded',
-  'worker_updates',
 ]

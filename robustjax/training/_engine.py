@@ -1,34 +1,39 @@
-"""The robust training step: workers as an array axis, one jitted function with explicit state.
+"""The one staged training step: workers as an array axis, one jitted function, explicit state.
 
-A step of robust D-SGD (Allouah et al. 2023; Karimireddy, He, Jaggi 2021):
+Every step runs the same stages in order, each held by one module:
 
-1. every worker i (a row of the worker axis) samples a batch of its own data on device and
-   computes a gradient, ``jax.vmap(jax.value_and_grad(loss))`` over the worker axis (with
-   ``algorithm='local'``: K local SGD steps, and the model delta instead of the gradient);
-2. worker-side momentum ``m_i ← β m_i + (1 − β) g_i`` (``m_i = 0`` at the start; β = 0 is plain
-   D-SGD);
-3. the rows ``n − f .. n − 1`` are Byzantine: an omniscient attack replaces them with
-   ``attack(m_honest, f=f, key=...)`` computed from the honest momentums (rows ``0 .. n − f − 1``);
-   label flipping is data-level instead: the Byzantine rows compute honest gradients on flipped
-   labels, and the attack step keeps them;
-4. pre-aggregation and aggregation (a `robustjax.preaggregators.Pipeline`), with the aggregator's
-   state (centered clipping's centre: the previous aggregate) carried explicitly;
-5. an optax update with the aggregate in the place of the gradient.
+1. **gradients** (here): every row of the worker axis samples a batch of its partition on
+   device and computes ``jax.value_and_grad(loss)`` (``algorithm='local'``: K local SGD steps and
+   the model delta). Without coding, row i is worker i (Byzantine rows borrow an honest
+   partition, so the axis stays uniform and shards evenly); with coding, row j is data subset j;
+2. **encoding** (`robustjax.coding.Code`): worker i sends c_i = Σ_j B_ij g_j, B drawn for the
+   step (LAD re-draws its permutation); the identity code skips it;
+3. **compression** (`robustjax.compression`, with error-feedback memory as state);
+4. **worker momentum** m_i ← β m_i + (1 − β) c_i;
+5. **attack** (`robustjax.attacks.Attack`): the last f rows are Byzantine; an update attack
+   replaces their messages from the honest ones (the defender passed as ``rule``, here and only
+   here); a data-level attack (label flipping) alters their labels in stage 1 instead;
+6. **pre-aggregation + aggregation** (`robustjax.pipeline.Pipeline`) through
+   `robustjax.optax_adapter.as_optax`, which carries the rule's state (centered clipping's centre);
+7. the server's **optax update**.
 
-All randomness comes from the key in the state, split once per step and folded with the *global*
-worker index, so a run is bit-for-bit reproducible on CPU and the sharded step draws exactly the
-batches the single-device step draws.
+Randomness comes from the key in the state, split once per step and folded with the *global*
+row index, so every backend (``vmap``, ``shard_map``, ``pmap``) draws the same batches and gives
+the same result to float tolerance. The step has one signature, ``step(state, data) ->
+(state, metrics)``, whatever the backend.
 
-Byzantine rows borrow data: row ``n − f + j`` samples from honest worker ``j mod (n − f)``'s
-partition (only label flipping uses what it computes; other attacks overwrite the row). Computing
-all n rows keeps the worker axis uniform, so it shards evenly over devices; it costs f/n extra
-gradient work.
+Sharded layout (``shard_map`` / ``pmap``): stages 1–4 run per device on its n / k rows (the
+replicated parameters are marked varying with ``jax.lax.pcast(params, 'workers',
+to='varying')``: without it `jax.grad` of a replicated parameter transposes the implicit
+broadcast into a `psum`, silently *summing* the gradients of every device's workers). With
+coding the subset gradients are all-gathered once and each device encodes its own workers' rows
+of B. The messages are then all-gathered (the attack is omniscient), and with ``shard_map`` the
+aggregation runs with the coordinates sharded (`robustjax.parallel.sharded_update`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -37,29 +42,28 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx, struct
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from robustjax import coding, compression
 from robustjax import stack as stk
+from robustjax.optax_adapter import as_optax
+from robustjax.parallel import AXIS
 
 __all__ = [
-  'STATEFUL_ATTACKS',
+  'BACKENDS',
   'TrainSpec',
   'TrainState',
   'Problem',
-  'LABEL_FLIP_ATTACKS',
-  'STATEFUL_CENTER_AGGREGATORS',
   'make_problem',
+  'least_squares_problem',
   'init_state',
-  'worker_updates',
-  'server_update',
-  'evaluate',
+  'make_step',
+  'make_eval',
+  'sharded_worker_stage',
 ]
 
-# Attacks that act on the data, not on the updates (the Byzantine rows keep what they compute).
-LABEL_FLIP_ATTACKS = ('label_flip', 'label_flipping')
-# Stateful attacks (outside the attack registry): name -> (init, step) in `robustjax.attacks`.
-STATEFUL_ATTACKS = ('mimic_heuristic',)
-# Aggregators whose `center=` runtime argument is the previous aggregate (state across steps).
-STATEFUL_CENTER_AGGREGATORS = ('centered_clipping', 'centered_clip', 'cc')
+BACKENDS = ('vmap', 'shard_map', 'pmap')
 
 
 @struct.dataclass
@@ -68,13 +72,13 @@ class TrainState:
 
   Attributes:
     step: int32 scalar, the number of steps taken.
-    params: the model parameters (an `nnx.State` of `nnx.Param`s).
+    params: the model parameters.
     model_state: the model's other variables (constant during training).
     opt_state: the server optimiser's optax state.
-    momentum: the worker momentums, a stack with leading axis n (rows n − f .. are Byzantine).
-    agg_state: the aggregator's state, e.g. ``{'center': previous aggregate}`` for centered
-      clipping, else ``{}``.
-    attack_state: the attack's state (``{}`` for stateless attacks).
+    workers: per-worker state, a dict of stacks with leading axis n: ``momentum`` and
+      ``compression`` (error-feedback memories, or ``()``).
+    aggregator: the `as_optax` state (its key and the rule's state, e.g. the centre).
+    attack_state: the attack's state (``()`` for stateless attacks).
     key: uint32 raw key data (`jax.random.key_data`), split once per step.
   """
 
@@ -82,8 +86,8 @@ class TrainState:
   params: Any
   model_state: Any
   opt_state: Any
-  momentum: Any
-  agg_state: Any
+  workers: Any
+  aggregator: Any
   attack_state: Any
   key: jax.Array
 
@@ -95,21 +99,21 @@ class TrainSpec:
   Attributes:
     num_workers: n, all workers (honest and Byzantine).
     num_byzantine: f, the last f rows of the worker axis.
-    batch_size: examples per worker per (local) step, sampled with replacement from its partition.
+    batch_size: examples per row per (local) step, sampled with replacement from its partition;
+      0 means the whole partition (full-batch gradient descent; partitions of equal size).
     momentum: β of the worker-side momentum (0 disables it).
     algorithm: ``'dsgd'`` (one gradient per step) or ``'local'`` (K local SGD steps; the workers
-      send the model delta ``params − local_params``, and the server treats it as a gradient).
+      send the model delta ``params − local_params``, treated as a gradient).
     local_steps: K for ``algorithm='local'``.
     local_lr: the workers' SGD step size for ``algorithm='local'``.
-    pipeline: the `robustjax.preaggregators.Pipeline` (pre-aggregators + aggregator, f fixed).
-    attack: the attack's registered name, or ``'none'`` (the Byzantine rows behave honestly).
-    attack_params: the attack's keyword parameters, as a sorted tuple of (name, value) pairs.
+    pipeline: the `robustjax.pipeline.Pipeline` (its f is the declared f).
+    attack: the `robustjax.attacks.Attack`.
+    code: the `robustjax.coding.Code` (identity: no encoding).
+    compressor: a `robustjax.compression` compressor or `ErrorFeedback`, or None.
     num_classes: number of labels (label flipping maps y to ``num_classes − 1 − y``).
-    eval_chunk: examples per chunk in `evaluate`.
-    worker_chunk: vmap at most this many workers at once (a `lax.map` over chunks of them; the
-      largest divisor of the local worker count not above it); 0 vmaps them all at once. On a
-      loaded 2-core XLA:CPU machine, chunks of 256 made the n = 1024 MLP step faster (fastest of
-      12 interleaved runs: 60 ms vs 97 ms; no change at n = 512); results are the same.
+    eval_chunk: examples per chunk in the evaluation.
+    worker_chunk: vmap at most this many rows at once (a `lax.map` over chunks of them; the
+      largest divisor of the local row count not above it); 0 vmaps them all at once.
   """
 
   num_workers: int
@@ -120,9 +124,10 @@ class TrainSpec:
   local_steps: int
   local_lr: float
   pipeline: Any
-  attack: str
-  attack_params: tuple
-  num_classes: int
+  attack: Any
+  code: Any
+  compressor: Any = None
+  num_classes: int = 0
   eval_chunk: int = 1024
   worker_chunk: int = 0
 
@@ -131,27 +136,18 @@ class TrainSpec:
     return self.num_workers - self.num_byzantine
 
   @property
-  def label_flip(self) -> bool:
-    return self.attack in LABEL_FLIP_ATTACKS
+  def num_partitions(self) -> int:
+    """Data partitions: n subsets with coding, else one per honest worker."""
+    return self.num_workers if not self.code.identity else self.num_honest
 
   @property
-  def update_attack(self) -> bool:
-    """Whether an attack replaces the Byzantine rows after the worker computation."""
-    return self.num_byzantine > 0 and self.attack != 'none' and not self.label_flip
+  def replaces_messages(self) -> bool:
+    """Whether an attack replaces the Byzantine rows after the worker stages."""
+    return self.num_byzantine > 0 and self.attack.replaces_messages
 
   @property
-  def stateful_attack(self) -> bool:
-    return self.update_attack and self.attack in STATEFUL_ATTACKS
-
-  @property
-  def stateful_center(self) -> bool:
-    name = _aggregator_name(self.pipeline)
-    return name in STATEFUL_CENTER_AGGREGATORS
-
-
-def _aggregator_name(pipeline) -> str:
-  name = getattr(pipeline, 'name', '')
-  return str(name).split('+')[-1]
+  def flips_labels(self) -> bool:
+    return self.num_byzantine > 0 and self.attack.data_level
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -159,22 +155,17 @@ class Problem:
   """The model and the data, as arrays and pure functions.
 
   Attributes:
-    graphdef: the model's `nnx.GraphDef`.
+    loss: ``loss(params, model_state, x, y) -> scalar`` (the mean loss of a batch).
+    evaluate: ``evaluate(params, model_state, data, chunk) -> dict`` of scalars.
     tx: the server's optax optimiser.
-    data: a dict of arrays: ``x_train``, ``y_train``, ``x_test``, ``y_test``, ``idx`` ((n − f, L)
-      int32 indices of each honest worker's examples, padded) and ``sizes`` ((n − f,) int32).
+    data: a dict of arrays: ``x_train``, ``y_train``, ``x_test``, ``y_test``, ``idx`` ((P, L)
+      int32 indices of each partition's examples, padded) and ``sizes`` ((P,) int32).
   """
 
-  graphdef: Any
+  loss: Callable
+  evaluate: Callable
   tx: optax.GradientTransformation
   data: dict
-
-  def apply(self, params, model_state, x):
-    return nnx.merge(self.graphdef, params, model_state)(x)
-
-  def loss(self, params, model_state, x, y):
-    logits = self.apply(params, model_state, x)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   # Identity hashing: a Problem is a static argument of the jitted steps.
   def __hash__(self):
@@ -184,126 +175,129 @@ class Problem:
     return self is other
 
 
-def make_problem(model: nnx.Module, tx, dataset, parts) -> tuple[Problem, Any, Any]:
-  """Splits `model` functionally and packs the data.
-
-  Args:
-    model: an `nnx.Module` (e.g. from `robustjax.models.make`).
-    tx: the server's optax optimiser.
-    dataset: an object with ``x_train, y_train, x_test, y_test`` (NumPy).
-    parts: the honest workers' index arrays (e.g. from `robustjax.data.split`).
-
-  Returns:
-    ``(problem, params, model_state)``; the data stay host NumPy arrays until placed.
-  """
+def _pack(dataset, parts, y_dtype) -> dict:
   from robustjax import data as rdata
 
-  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   idx, sizes = rdata.pad_indices(parts)
   data = {
     'x_train': np.asarray(dataset.x_train, np.float32),
-    'y_train': np.asarray(dataset.y_train, np.int32),
+    'y_train': np.asarray(dataset.y_train, y_dtype),
     'x_test': np.asarray(dataset.x_test, np.float32),
-    'y_test': np.asarray(dataset.y_test, np.int32),
+    'y_test': np.asarray(dataset.y_test, y_dtype),
     'idx': np.asarray(idx, np.int32),
     'sizes': np.asarray(sizes, np.int32),
   }
   if np.any(data['sizes'] <= 0):
-    raise ValueError('every honest worker needs at least one example; got an empty partition')
-  return Problem(graphdef=graphdef, tx=tx, data=data), params, model_state
+    raise ValueError('every data partition needs at least one example; got an empty partition')
+  return data
+
+
+def _chunked(fn, x, y, chunk):
+  """``fn(x_chunk, y_chunk) -> per-example arrays`` over chunks of `chunk` examples (lax.map)."""
+  n = x.shape[0]
+  pad = (-n) % chunk
+  xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
+  yp = jnp.concatenate([y, jnp.zeros((pad,) + y.shape[1:], y.dtype)]) if pad else y
+  out = jax.lax.map(
+    lambda a: fn(*a), (xp.reshape((-1, chunk) + x.shape[1:]), yp.reshape((-1, chunk) + y.shape[1:]))
+  )
+  return jax.tree.map(lambda o: o.reshape((-1,) + o.shape[2:])[:n], out)
+
+
+def _per_partition_mean(per_example, data):
+  idx, sizes = data['idx'], data['sizes']
+  mask = jnp.arange(idx.shape[1])[None, :] < sizes[:, None]
+  return jnp.mean(jnp.sum(jnp.where(mask, per_example[idx], 0.0), 1) / sizes)
+
+
+def make_problem(model: nnx.Module, tx, dataset, parts) -> tuple[Problem, Any, Any]:
+  """A classification problem: softmax cross-entropy of an `nnx.Module`, split functionally.
+
+  Evaluation: ``train_loss`` is (1/P) Σ_p L_p with L_p the mean loss over partition p (the
+  objective robust training minimises), ``train_accuracy`` is pooled over the training set,
+  ``test_loss`` / ``test_accuracy`` over the test set.
+
+  Returns:
+    ``(problem, params, model_state)``; the data stay host NumPy arrays until placed.
+  """
+  graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+
+  def apply(params, model_state, x):
+    return nnx.merge(graphdef, params, model_state)(x)
+
+  def loss(params, model_state, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(apply(params, model_state, x), y).mean()
+
+  def evaluate(params, model_state, data, chunk):
+    def per_example(x, y):
+      logits = apply(params, model_state, x)
+      l = optax.softmax_cross_entropy_with_integer_labels(logits, y)
+      return l, (jnp.argmax(logits, -1) == y).astype(jnp.float32)
+
+    c_tr = min(chunk, data['x_train'].shape[0])
+    c_te = min(chunk, data['x_test'].shape[0])
+    loss_tr, corr_tr = _chunked(per_example, data['x_train'], data['y_train'], c_tr)
+    loss_te, corr_te = _chunked(per_example, data['x_test'], data['y_test'], c_te)
+    return {
+      'train_loss': _per_partition_mean(loss_tr, data),
+      'train_accuracy': jnp.mean(corr_tr),
+      'test_loss': jnp.mean(loss_te),
+      'test_accuracy': jnp.mean(corr_te),
+    }
+
+  data = _pack(dataset, parts, np.int32)
+  return Problem(loss=loss, evaluate=evaluate, tx=tx, data=data), params, model_state
+
+
+def least_squares_problem(dataset, parts, tx, *, ridge: float = 0.0, solution=None) -> Problem:
+  """Linear least squares F(w) = (1/N) Σ_j ½(⟨a_j, w⟩ − b_j)² + (λ/2)‖w‖² (the LAD study).
+
+  Parameters are a vector w (start it at zeros). Evaluation: ``train_loss`` F(w) over the
+  training set, ``grad_sq_norm`` ‖∇F(w)‖², and with `solution` w⋆ ``rel_dist``
+  ‖w − w⋆‖²/‖w⋆‖².
+  """
+  w_star = None if solution is None else jnp.asarray(solution, jnp.float32)
+
+  def loss(w, model_state, x, y):
+    del model_state
+    return 0.5 * jnp.mean((x @ w - y) ** 2) + 0.5 * ridge * jnp.sum(w * w)
+
+  def evaluate(w, model_state, data, chunk):
+    del chunk
+    full = lambda v: loss(v, model_state, data['x_train'], data['y_train'])
+    value, g = jax.value_and_grad(full)(w)
+    out = {'train_loss': value, 'grad_sq_norm': jnp.sum(g * g)}
+    if w_star is not None:
+      out['rel_dist'] = jnp.sum((w - w_star) ** 2) / jnp.sum(w_star**2)
+    return out
+
+  return Problem(loss=loss, evaluate=evaluate, tx=tx, data=_pack(dataset, parts, np.float32))
 
 
 def init_state(spec: TrainSpec, problem: Problem, params, model_state, seed: int) -> TrainState:
-  """The initial state: zero momentums, optimiser state, CC's centre at 0, key from `seed`."""
-  n = spec.num_workers
-  momentum = jax.tree.map(lambda p: jnp.zeros((n,) + p.shape, p.dtype), params)
-  agg_state = {}
-  if spec.stateful_center:
-    agg_state = {'center': jax.tree.map(jnp.zeros_like, params)}
-  attack_state = {}
-  if spec.stateful_attack:
-    from robustjax import attacks
-
-    honest_like = jax.tree.map(lambda p: jnp.zeros((spec.num_honest,) + p.shape, p.dtype), params)
-    key = jax.random.fold_in(jax.random.key(seed), 1)
-    attack_state = {'mimic': attacks.mimic_heuristic_init(honest_like, key=key)}
+  """The initial state: zero momentums and memories, the optimiser's, the rule's and the
+  attack's initial states, the key from `seed`."""
+  n, nh = spec.num_workers, spec.num_honest
+  stack_of = lambda k: jax.tree.map(lambda p: jnp.zeros((k,) + p.shape, p.dtype), params)
+  momentum = stack_of(n)
+  comp = spec.compressor.init(momentum) if spec.compressor is not None else ()
+  root = jax.random.key(seed)
+  aggregator = as_optax(spec.pipeline, f=spec.pipeline.f, key=jax.random.fold_in(root, 2))
+  attack_state = spec.attack.init(jax.random.fold_in(root, 1), stack_of(nh))
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
     model_state=model_state,
     opt_state=problem.tx.init(params),
-    momentum=momentum,
-    agg_state=agg_state,
+    workers={'momentum': momentum, 'compression': comp},
+    aggregator=aggregator.init(params),
     attack_state=attack_state,
-    key=jax.random.key_data(jax.random.key(seed)),
+    key=jax.random.key_data(root),
   )
 
 
-def _flip(y, num_classes):
-  from robustjax import attacks
-
-  return attacks.flip_labels(y, num_classes)
-
-
-def _sample(key, data, part, batch_size):
-  pos = jax.random.randint(key, (batch_size,), 0, data['sizes'][part])
-  ex = data['idx'][part, pos]
-  return data['x_train'][ex], data['y_train'][ex]
-
-
-def worker_updates(
-  spec: TrainSpec, problem: Problem, params, model_state, momentum, wids, key, data
-):
-  """Per-worker updates and momentums for the workers `wids` (a vmap over the worker axis).
-
-  Args:
-    spec, problem: the static settings.
-    params, model_state: the model (shared by every worker).
-    momentum: the momentum stack of these workers (leading axis len(wids)).
-    wids: (k,) int32 global worker indices (they pick the data and fold the key).
-    key: the step's worker key (a typed key).
-    data: the data dict (see `Problem`).
-
-  Returns:
-    ``(new_momentum, losses)``: the updated momentum stack and (k,) batch losses.
-  """
-  nh = spec.num_honest
-  vg = jax.value_and_grad(problem.loss)
-
-  def one(m, wid):
-    k = jax.random.fold_in(key, wid)
-    part = jnp.where(wid < nh, wid, (wid - nh) % nh)
-    flip = jnp.logical_and(spec.label_flip, wid >= nh)
-
-    def batch(k):
-      x, y = _sample(k, data, part, spec.batch_size)
-      return x, jnp.where(flip, _flip(y, spec.num_classes), y)
-
-    if spec.algorithm == 'dsgd':
-      loss, g = vg(params, model_state, *batch(k))
-    else:
-
-      def local(p, k):
-        loss, g = vg(p, model_state, *batch(k))
-        return jax.tree.map(lambda a, b: a - spec.local_lr * b, p, g), loss
-
-      p_end, losses = jax.lax.scan(local, params, jax.random.split(k, spec.local_steps))
-      g = jax.tree.map(lambda a, b: a - b, params, p_end)
-      loss = losses[0]  # the loss at the shared starting point
-    if spec.momentum:
-      b = spec.momentum
-      m = jax.tree.map(lambda mm, gg: b * mm + (1.0 - b) * gg, m, g)
-    else:
-      m = g
-    return m, loss
-
-  k = wids.shape[0]
-  c = _chunk_size(k, spec.worker_chunk)
-  if c >= k:
-    return jax.vmap(one)(momentum, wids)
-  split = lambda x: x.reshape((k // c, c) + x.shape[1:])
-  m, losses = jax.lax.map(lambda a: jax.vmap(one)(*a), (jax.tree.map(split, momentum), split(wids)))
-  return jax.tree.map(lambda x: x.reshape((k,) + x.shape[2:]), m), losses.reshape(k)
+# ----------------------------------------------------------------------------------------------
+# Stages 1-4: per row, on the device that holds the row.
 
 
 def _chunk_size(k: int, chunk: int) -> int:
@@ -313,137 +307,266 @@ def _chunk_size(k: int, chunk: int) -> int:
   return max(d for d in range(1, chunk + 1) if k % d == 0)
 
 
-def _call_attack(spec: TrainSpec, honest, key):
-  from robustjax import attacks
-
-  fn = attacks.get(spec.attack)
-  params = dict(spec.attack_params)
-  try:
-    accepts_rule = 'rule' in inspect.signature(fn).parameters
-  except (TypeError, ValueError):
-    accepts_rule = False
-  if accepts_rule and 'rule' not in params:
-    params['rule'] = spec.pipeline
-  return fn(honest, f=spec.num_byzantine, key=key, **params)
+def _sample(key, data, part, batch_size):
+  if batch_size == 0:  # the whole partition (equal sizes, checked at build)
+    ex = data['idx'][part]
+  else:
+    pos = jax.random.randint(key, (batch_size,), 0, data['sizes'][part])
+    ex = data['idx'][part, pos]
+  return data['x_train'][ex], data['y_train'][ex]
 
 
-def byzantine_stack(spec: TrainSpec, momentum, key, attack_state):
-  """The stack the server receives: honest rows, then the attack's f rows (if it replaces them).
+def _gradients(spec, problem, params, model_state, rows, key, data, flip):
+  """Stage 1: per-row gradients (or local-step deltas) and batch losses.
 
-  Returns:
-    ``(received stack, new attack state)``.
+  `flip`: ``'none'``, ``'byzantine'`` (rows ≥ n − f relabel: worker rows without coding) or
+  ``'all'`` (the Byzantine workers' view of every subset, with coding).
   """
-  if not spec.update_attack:
-    return momentum, attack_state
-  nh = spec.num_honest
-  honest = jax.tree.map(lambda x: x[:nh], momentum)
-  if spec.stateful_attack:
-    from robustjax import attacks
+  nh, parts = spec.num_honest, spec.num_partitions
+  vg = jax.value_and_grad(problem.loss)
 
-    params = dict(spec.attack_params)
-    params.setdefault('warmup', 10)
-    byz, mstate = attacks.mimic_heuristic(
-      honest, attack_state['mimic'], f=spec.num_byzantine, **params
+  def one(row):
+    k = jax.random.fold_in(key, row)
+    part = jnp.where(row < parts, row, (row - parts) % parts)
+    relabel = (row >= nh) if flip == 'byzantine' else (flip == 'all')
+
+    def batch(k):
+      x, y = _sample(k, data, part, spec.batch_size)
+      if flip == 'none':
+        return x, y
+      return x, jnp.where(relabel, spec.attack.relabel(y, spec.num_classes), y)
+
+    if spec.algorithm == 'dsgd':
+      return vg(params, model_state, *batch(k))[::-1]
+
+    def local(p, k):
+      loss, g = vg(p, model_state, *batch(k))
+      return jax.tree.map(lambda a, b: a - spec.local_lr * b, p, g), loss
+
+    p_end, losses = jax.lax.scan(local, params, jax.random.split(k, spec.local_steps))
+    return jax.tree.map(lambda a, b: a - b, params, p_end), losses[0]
+
+  k = rows.shape[0]
+  c = _chunk_size(k, spec.worker_chunk)
+  if c >= k:
+    return jax.vmap(one)(rows)
+  g, losses = jax.lax.map(jax.vmap(one), rows.reshape(k // c, c))
+  return jax.tree.map(lambda x: x.reshape((k,) + x.shape[2:]), g), losses.reshape(k)
+
+
+def _worker_stages(spec, problem, params, model_state, workers, rows, keys, data, b, gather):
+  """Stages 1-4 for the workers `rows` (global indices); `gather` all-gathers a row stack.
+
+  Returns ``(messages after momentum, new worker state, per-row losses)``.
+  """
+  if spec.code.identity:
+    flip = 'byzantine' if spec.flips_labels else 'none'
+    msgs, losses = _gradients(spec, problem, params, model_state, rows, keys['grad'], data, flip)
+  else:
+    g, losses = _gradients(spec, problem, params, model_state, rows, keys['grad'], data, 'none')
+    b_rows = b[rows]
+    msgs = coding.encode(b_rows, gather(g))
+    if spec.flips_labels:
+      gf, _ = _gradients(spec, problem, params, model_state, rows, keys['grad'], data, 'all')
+      byz = coding.encode(b_rows, gather(gf))
+      is_byz = rows >= spec.num_honest
+      msgs = jax.tree.map(
+        lambda h, z: jnp.where(is_byz.reshape((-1,) + (1,) * (h.ndim - 1)), z, h), msgs, byz
+      )
+  comp = workers['compression']
+  if spec.compressor is not None:
+    ids = rows if spec.code.key_ids is None else jnp.asarray(spec.code.key_ids)[rows]
+    msgs, comp = compression.compress_stack(spec.compressor, msgs, comp, keys['comp'], key_ids=ids)
+  if spec.momentum:
+    beta = spec.momentum
+    msgs = jax.tree.map(lambda m, c: beta * m + (1.0 - beta) * c, workers['momentum'], msgs)
+  return msgs, {'momentum': msgs, 'compression': comp}, losses
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages 5-7: on the full stack of messages.
+
+
+def _server(spec, problem, aggregator, state, messages, losses, b, keys):
+  """Attack, robust aggregation (`as_optax`), optax update and the step's metrics."""
+  nh, f = spec.num_honest, spec.num_byzantine
+  honest = jax.tree.map(lambda x: x[:nh], messages)
+  attack_state = state.attack_state
+  received = messages
+  if spec.replaces_messages:
+    byz, attack_state = spec.attack.apply(
+      attack_state, honest, keys['attack'], f=f, rule=spec.pipeline
     )
-    attack_state = {'mimic': mstate}
-  else:
-    byz = _call_attack(spec, honest, key)
-  stack_ = jax.tree.map(lambda h, b: jnp.concatenate([h, b.astype(h.dtype)], 0), honest, byz)
-  return stack_, attack_state
-
-
-def server_update(
-  spec: TrainSpec,
-  problem: Problem,
-  state: TrainState,
-  received,
-  key,
-  aggregate: Callable | None = None,
-):
-  """Aggregates the received stack and applies the optax update.
-
-  Args:
-    received: the stack the server sees (n rows).
-    key: the aggregation key (stochastic pre-aggregators such as bucketing).
-    aggregate: optional ``aggregate(received, key, runtime) -> tree`` replacing the plain
-      ``pipeline(received, key=key, **runtime)`` call (the sharded backend's layout-aware version).
-
-  Returns:
-    ``(params, opt_state, agg_state, aggregate)``.
-  """
-  runtime = {}
-  if spec.stateful_center:
-    runtime['center'] = state.agg_state['center']
-  if aggregate is None:
-    agg = spec.pipeline(received, key=key, **runtime)
-  else:
-    agg = aggregate(received, key, runtime)
+    received = jax.tree.map(lambda h, z: jnp.concatenate([h, z.astype(h.dtype)]), honest, byz)
+  agg, agg_state = aggregator.update(received, state.aggregator)
   agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, state.params)
   updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  agg_state = {'center': agg} if spec.stateful_center else state.agg_state
-  return params, opt_state, agg_state, agg
-
-
-def split_step_key(state: TrainState):
-  key = jax.random.wrap_key_data(state.key)
-  key, k_work, k_att, k_agg = jax.random.split(key, 4)
-  return jax.random.key_data(key), k_work, k_att, k_agg
-
-
-def step_metrics(spec: TrainSpec, losses, momentum_honest_mean, agg):
-  """Cheap per-step metrics: honest batch loss and the aggregate's distance to the honest mean."""
-  nh = spec.num_honest
-  err = stk.sq_dists_to(jax.tree.map(lambda x: x[None], agg), momentum_honest_mean)[0]
-  return {'train_loss': jnp.mean(losses[:nh]), 'agg_error': jnp.sqrt(err)}
-
-
-def honest_mean(spec: TrainSpec, stack_):
-  nh = spec.num_honest
   w = jnp.zeros((spec.num_workers,), jnp.float32).at[:nh].set(1.0 / nh)
-  return stk.weighted_sum(w, stack_, ignore_nonfinite=False)
-
-
-def _per_example(problem: Problem, params, model_state, x, y, chunk):
-  """Per-example losses and correctness, in chunks of `chunk` examples (lax.map)."""
-  n = x.shape[0]
-  pad = (-n) % chunk
-  xp = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]) if pad else x
-  yp = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)]) if pad else y
-  xs = xp.reshape((-1, chunk) + x.shape[1:])
-  ys = yp.reshape(-1, chunk)
-
-  def one(args):
-    xc, yc = args
-    logits = problem.apply(params, model_state, xc)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, yc)
-    return loss, (jnp.argmax(logits, -1) == yc)
-
-  loss, correct = jax.lax.map(one, (xs, ys))
-  return loss.reshape(-1)[:n], correct.reshape(-1)[:n]
-
-
-def evaluate(spec: TrainSpec, problem: Problem, params, model_state, data):
-  """The honest objective and test accuracy.
-
-  ``train_loss`` is (1/(n − f)) Σ_i L_i with L_i the mean loss over honest worker i's data (the
-  objective robust training minimises); ``train_accuracy`` is pooled over the training set;
-  ``test_loss`` / ``test_accuracy`` over the test set.
-  """
-  chunk = min(spec.eval_chunk, data['x_train'].shape[0])
-  loss_tr, corr_tr = _per_example(
-    problem, params, model_state, data['x_train'], data['y_train'], chunk
-  )
-  idx, sizes = data['idx'], data['sizes']
-  mask = jnp.arange(idx.shape[1])[None, :] < sizes[:, None]
-  per_worker = jnp.sum(jnp.where(mask, loss_tr[idx], 0.0), 1) / sizes
-  chunk = min(spec.eval_chunk, data['x_test'].shape[0])
-  loss_te, corr_te = _per_example(
-    problem, params, model_state, data['x_test'], data['y_test'], chunk
-  )
-  return {
-    'train_loss': jnp.mean(per_worker),
-    'train_accuracy': jnp.mean(corr_tr.astype(jnp.float32)),
-    'test_loss': jnp.mean(loss_te),
-    'test_accuracy': jnp.mean(corr_te.astype(jnp.float32)),
+  honest_mean = stk.weighted_sum(w, messages, ignore_nonfinite=False)
+  err = stk.sq_dists_to(jax.tree.map(lambda x: x[None], agg), honest_mean)[0]
+  dim = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  bits = spec.compressor.bits(dim) if spec.compressor is not None else 32 * dim
+  load = 1.0 if spec.code.identity else jnp.mean(coding.loads(b)[:nh].astype(jnp.float32))
+  row_losses = losses if not spec.code.identity else losses[:nh]
+  metrics = {
+    'train_loss': jnp.mean(row_losses),
+    'agg_error': jnp.sqrt(err),
+    'load': jnp.asarray(load, jnp.float32),
+    'bits': jnp.asarray(float(bits * spec.num_workers), jnp.float32),
   }
+  new = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    aggregator=agg_state,
+    attack_state=attack_state,
+  )
+  return new, metrics
+
+
+def _split_keys(spec, state):
+  key = jax.random.wrap_key_data(state.key)
+  key, k_grad, k_comp, k_att, k_code = jax.random.split(key, 5)
+  b = jnp.zeros((0,), jnp.float32) if spec.code.identity else spec.code.matrix(k_code)
+  keys = {'grad': k_grad, 'comp': k_comp, 'attack': k_att}
+  return jax.random.key_data(key), keys, b
+
+
+def _as_data(keys):
+  return {k: jax.random.key_data(v) for k, v in keys.items()}
+
+
+def _as_keys(keys):
+  return {k: jax.random.wrap_key_data(v) for k, v in keys.items()}
+
+
+def _gather(t):
+  return jax.tree.map(lambda x: jax.lax.all_gather(x, AXIS, tiled=True), t)
+
+
+def _local_rows(local: int) -> jax.Array:
+  return jax.lax.axis_index(AXIS) * local + jnp.arange(local, dtype=jnp.int32)
+
+
+def sharded_worker_stage(spec, problem, mesh, *, pcast: bool = True):
+  """Stages 1-4 as a `jax.shard_map` over the mesh axis ``'workers'``.
+
+  Returns ``fn(params, model_state, workers, key_data, data, b) -> (messages, workers, losses)``
+  with the worker state and the outputs sharded ``P('workers')`` and the rest replicated.
+  ``pcast=False`` reproduces the trap described in the module docstring (for tests only).
+  """
+  local = spec.num_workers // mesh.shape[AXIS]
+
+  def body(params, model_state, workers, key_data, data, b):
+    if pcast:
+      params = jax.lax.pcast(params, AXIS, to='varying')
+    return _worker_stages(
+      spec, problem, params, model_state, workers, _local_rows(local), _as_keys(key_data), data,
+      b, _gather,
+    )  # fmt: skip
+
+  return jax.shard_map(
+    body,
+    mesh=mesh,
+    in_specs=(P(), P(), P(AXIS), P(), P(), P()),
+    out_specs=(P(AXIS), P(AXIS), P(AXIS)),
+  )
+
+
+def make_step(spec: TrainSpec, problem: Problem, *, backend: str = 'vmap', mesh=None):
+  """The jitted ``step(state, data) -> (state, metrics)`` for a backend.
+
+  Args:
+    spec: the `TrainSpec`.
+    problem: the `Problem`.
+    backend: ``'vmap'`` (one device), ``'shard_map'`` (the worker axis over `mesh`), ``'pmap'``
+      (legacy, over the first ``mesh.size`` local devices of this host: single-host only).
+    mesh: the ``('workers',)`` mesh for ``'shard_map'`` / ``'pmap'``.
+
+  Raises:
+    ValueError: for an unknown backend, or n not divisible by the number of devices.
+  """
+  if backend not in BACKENDS:
+    raise ValueError(f'unknown backend {backend!r}; known backends: {", ".join(BACKENDS)}')
+  n = spec.num_workers
+  if backend == 'vmap':
+    aggregator = as_optax(spec.pipeline, f=spec.pipeline.f)
+
+    @jax.jit
+    def step(state, data):
+      key, keys, b = _split_keys(spec, state)
+      rows = jnp.arange(n, dtype=jnp.int32)
+      msgs, workers, losses = _worker_stages(
+        spec, problem, state.params, state.model_state, state.workers, rows, keys, data, b,
+        lambda t: t,
+      )  # fmt: skip
+      new, metrics = _server(spec, problem, aggregator, state, msgs, losses, b, keys)
+      return new.replace(workers=workers, key=key), metrics
+
+    return step
+  k = mesh.shape[AXIS]
+  if n % k:
+    raise ValueError(
+      f'backend {backend!r}: num_workers={n} must be a multiple of the number of devices '
+      f'({k}); change num_workers or set num_devices'
+    )
+  if backend == 'shard_map':
+    return _shard_map_step(spec, problem, mesh)
+  return _pmap_step(spec, problem, k)
+
+
+def _shard_map_step(spec, problem, mesh):
+  workers_fn = sharded_worker_stage(spec, problem, mesh)
+  aggregator = as_optax(spec.pipeline, f=spec.pipeline.f, mesh=mesh)
+  rep = NamedSharding(mesh, P())
+
+  @jax.jit
+  def step(state, data):
+    key, keys, b = _split_keys(spec, state)
+    msgs, workers, losses = workers_fn(
+      state.params, state.model_state, state.workers, _as_data(keys), data, b
+    )
+    full, losses = jax.sharding.reshard((msgs, losses), rep)
+    new, metrics = _server(spec, problem, aggregator, state, full, losses, b, keys)
+    return new.replace(workers=workers, key=key), metrics
+
+  return step
+
+
+def _pmap_step(spec, problem, k):
+  n = spec.num_workers
+  local = n // k
+  aggregator = as_optax(spec.pipeline, f=spec.pipeline.f)
+
+  def body(state, workers, key_data, data, b):
+    keys = _as_keys(key_data)
+    params = jax.lax.pcast(state.params, AXIS, to='varying')
+    rows = _local_rows(local)
+    msgs, workers, losses = _worker_stages(
+      spec, problem, params, state.model_state, workers, rows, keys, data, b, _gather
+    )
+    full, losses = _gather((msgs, losses))
+    new, metrics = _server(spec, problem, aggregator, state, full, losses, b, keys)
+    return new, workers, metrics
+
+  pbody = jax.pmap(
+    body, axis_name=AXIS, in_axes=(None, 0, None, None, None), devices=jax.local_devices()[:k]
+  )
+  split = lambda t: jax.tree.map(lambda x: x.reshape((k, local) + x.shape[1:]), t)
+  merge = lambda t: jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), t)
+  first = lambda t: jax.tree.map(lambda x: x[0], t)
+
+  def step(state, data):
+    key, keys, b = _split_keys(spec, state)
+    new, workers, metrics = pbody(
+      state.replace(workers=None), split(state.workers), _as_data(keys), data, b
+    )
+    return first(new).replace(workers=merge(workers), key=key), first(metrics)
+
+  return step
+
+
+def make_eval(spec: TrainSpec, problem: Problem):
+  """``evaluate(params, model_state, data) -> dict`` of scalars, jitted."""
+  return jax.jit(lambda p, ms, data: problem.evaluate(p, ms, data, spec.eval_chunk))

@@ -7,11 +7,12 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from robustjax.training import _setup
 
-__all__ = ['train_and_evaluate', 'Checkpointer']
+__all__ = ['train_and_evaluate', 'Checkpointer', 'make_advance', 'chunks']
 
 
 class Checkpointer:
@@ -48,6 +49,44 @@ class Checkpointer:
     self.manager.close()
 
 
+def make_advance(step, backend: str = 'vmap', *, data_axes=None):
+  """``advance(state, data, length) -> (state, metrics stacked over the length steps)``.
+
+  Several steps per dispatch: a jitted `lax.scan` over the step (the metrics stay on device
+  until the caller reads them), so the loop makes one host round trip per chunk, not per step.
+  With `data_axes` (a sweep's vmapped seeds), the step is `jax.vmap`-ed over a batch of states
+  and data (``in_axes=(0, data_axes)``). The legacy ``pmap`` backend advances step by step.
+  """
+  if backend == 'pmap':
+    if data_axes is not None:
+      raise ValueError('make_advance: the pmap backend does not vmap over a batch of runs')
+
+    def advance_pmap(state, data, length):
+      out = []
+      for _ in range(length):
+        state, m = step(state, data)
+        out.append(m)
+      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+
+    return advance_pmap
+  body = step if data_axes is None else jax.vmap(step, in_axes=(0, data_axes))
+
+  def advance(state, data, length):
+    return jax.lax.scan(lambda s, _: body(s, data), state, None, length=length)
+
+  return jax.jit(advance, static_argnums=2)
+
+
+def chunks(start: int, stop: int, every=()):
+  """The chunk ends of a run from `start` to `stop`: every multiple of each nonzero entry of
+  `every` (evaluation, checkpoint, logging intervals) and `stop` itself."""
+  step = start
+  while step < stop:
+    ends = [stop] + [(step // e + 1) * e for e in every if e]
+    step = min(ends)
+    yield step
+
+
 def _write_jsonl(path, records):
   with open(path, 'a') as fh:
     for r in records:
@@ -78,7 +117,8 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
   """Trains and evaluates one configuration; resumes from the latest checkpoint in `workdir`.
 
   Writes ``metrics.jsonl`` (one JSON object per logged / evaluated step), ``summary.json`` (the
-  final evaluation, the config, throughput) and orbax checkpoints under ``checkpoints/``.
+  final evaluation, the config, throughput) and orbax checkpoints under ``checkpoints/``. The
+  steps run in chunks (`make_advance`) that end at every logging, evaluation and checkpoint step.
 
   Args:
     config: an ml_collections config (see ``experiments/configs/default.py``).
@@ -107,31 +147,37 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
     _truncate_jsonl(metrics_path, start)
   total = int(config.num_steps)
   stop = total if max_steps is None else min(total, start + int(max_steps))
+  advance = make_advance(exp.step_fn, exp.backend)
   bar = _progress(total, start, lead and config.progress)
   last_eval = {}
-  t0, steps_run = time.perf_counter(), 0
-  step = start
+  t0, step = time.perf_counter(), start
+  log_every, eval_every = config.log_every, config.eval_every
   postfix = {}
   try:
-    while step < stop:
-      state, m = exp.step(state)
-      step += 1
-      steps_run += 1
+    for end in chunks(start, stop, (log_every, eval_every, config.checkpoint_every)):
+      state, stacked = advance(state, exp.data, end - step)
       records = []
-      if config.log_every and (step % config.log_every == 0 or step == total):
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        records.append({'step': step, 'kind': 'train', **m})
-        postfix['loss'] = f'{m["train_loss"]:.3f}'
-      if (config.eval_every and step % config.eval_every == 0) or step == total:
+      if log_every:
+        host = {k: np.asarray(v) for k, v in jax.device_get(stacked).items()}
+        for i, s in enumerate(range(step + 1, end + 1)):
+          if s % log_every == 0 or s == total:
+            records.append(
+              {'step': s, 'kind': 'train', **{k: float(v[i]) for k, v in host.items()}}
+            )
+      step = end
+      if (eval_every and step % eval_every == 0) or step == total:
         last_eval = exp.evaluate(state)
         records.append({'step': step, 'kind': 'eval', **last_eval})
-      if last_eval:
-        postfix['acc'] = f'{last_eval["test_accuracy"]:.3f}'
       if lead and records:
         _write_jsonl(metrics_path, records)
       if bar is not None:
-        bar.update(1)
-        if records and postfix:
+        bar.update(end - bar.n)
+        train = [r for r in records if r['kind'] == 'train']
+        if train:
+          postfix['loss'] = f'{train[-1]["train_loss"]:.3f}'
+        if 'test_accuracy' in last_eval:
+          postfix['acc'] = f'{last_eval["test_accuracy"]:.3f}'
+        if postfix:
           bar.set_postfix(postfix, refresh=False)
       if ckpt is not None and (step % config.checkpoint_every == 0 or step == stop):
         ckpt.save(step, state)
@@ -149,11 +195,12 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
     'final': last_eval,
     'rule': exp.spec.pipeline.name,
     'attack': config.attack,
+    'coding': exp.spec.code.spec,
     'num_workers': exp.spec.num_workers,
     'num_byzantine': exp.spec.num_byzantine,
     'backend': exp.backend,
     'num_devices': 1 if exp.mesh is None else int(np.prod(list(exp.mesh.shape.values()))),
-    'steps_per_second_this_run': steps_run / elapsed if elapsed > 0 else None,
+    'steps_per_second_this_run': (step - start) / elapsed if elapsed > 0 else None,
     'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config),
   }
   if lead:

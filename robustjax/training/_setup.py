@@ -1,9 +1,10 @@
-"""From a config to a ready-to-run experiment: data, model, rule, attack, optimiser, backend.
+"""From a config to a ready-to-run experiment: data, model, rule, attack, coding, optimiser,
+backend. Every spec string is parsed here, once, at build time.
 
-Rules, attacks and models are named by *spec strings*, convenient on a command line:
-``'nnm+krum'`` (pre-aggregators then the aggregator, joined by ``+``, the same spelling as
-`Pipeline.name`), with keyword parameters in parentheses: ``'bucketing(s=2)+krum(m=3)'``,
-``'ipm(eps=0.5)'``, ``'mlp(hidden=(64,))'``. Values are Python literals.
+Rules, attacks, codings, compressors and models are named by *spec strings*, convenient on a
+command line: ``'nnm+krum'`` (pre-aggregators then the aggregator, joined by ``+``), with keyword
+parameters in parentheses: ``'bucketing(s=2)+multikrum(m=3)'``, ``'ipm(eps=0.5)'``,
+``'cyclic(d=4)'``, ``'rand_k(fraction=0.1)'``, ``'mlp(hidden=(64,))'``. Values are Python literals.
 """
 
 from __future__ import annotations
@@ -18,35 +19,14 @@ import optax
 from absl import logging
 from flax import nnx
 
-from robustjax._spec import parse_rule, parse_spec
+from robustjax import attacks, coding, compression, parallel
+from robustjax import data as rdata
+from robustjax import models as rmodels
+from robustjax._spec import parse_spec
+from robustjax.pipeline import as_rule
 from robustjax.training import _engine as eng
-from robustjax.training import _parallel as par
-from robustjax.training import _steps
 
-__all__ = ['Experiment', 'build', 'make_optimizer', 'make_pipeline', 'parse_spec', 'parse_rule']
-
-
-def make_pipeline(rule: str, f: int):
-  """A `robustjax.preaggregators.Pipeline` from a rule spec string; unknown names list the known."""
-  from robustjax import preaggregators
-
-  return preaggregators.as_rule(rule, f)
-
-
-def _attack_names() -> list[str]:
-  from robustjax import attacks
-
-  extra = {'none', eng.LABEL_FLIP_ATTACKS[0], *eng.STATEFUL_ATTACKS}
-  return sorted(set(attacks.names()) | extra)
-
-
-def check_attack(name: str) -> None:
-  from robustjax import attacks
-
-  if name == 'none' or name in eng.LABEL_FLIP_ATTACKS or name in eng.STATEFUL_ATTACKS:
-    return
-  if name not in attacks.names():
-    raise ValueError(f'unknown attack {name!r}; known attacks: {", ".join(_attack_names())}')
+__all__ = ['Experiment', 'build', 'make_optimizer']
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -81,15 +61,15 @@ def choose_backend(config) -> tuple[str, Any]:
         config.num_workers,
         k,
       )
-  if backend not in _steps.BACKENDS:
+  if backend not in eng.BACKENDS:
     raise ValueError(
-      f'unknown backend {backend!r}; known backends: auto, {", ".join(_steps.BACKENDS)}'
+      f'unknown backend {backend!r}; known backends: auto, {", ".join(eng.BACKENDS)}'
     )
   if backend == 'vmap':
     return backend, None
   if backend == 'pmap':
     k = min(k, jax.local_device_count())
-  return backend, par.make_mesh(k)
+  return backend, parallel.make_mesh(k)
 
 
 def _worker_chunk(config) -> int:
@@ -114,21 +94,22 @@ def _check_counts(n, f):
 def _validate(spec, dim=3):
   """Traces the rule and the attack on abstract stacks so misuse fails before compiling."""
   n, f, nh = spec.num_workers, spec.num_byzantine, spec.num_honest
-  runtime = {'center': jnp.zeros((dim,))} if spec.stateful_center else {}
   key = jax.random.key(0)
+  like = jnp.zeros((dim,))
   try:
     jax.eval_shape(
-      lambda s: spec.pipeline(s, key=key, **runtime), jax.ShapeDtypeStruct((n, dim), jnp.float32)
+      lambda s: spec.pipeline.update(s, spec.pipeline.init(like), key),
+      jax.ShapeDtypeStruct((n, dim), jnp.float32),
     )
   except (TypeError, ValueError) as e:
-    raise ValueError(f'rule {spec.pipeline.name!r} cannot run with n={n}, f={f}: {e}') from None
-  if spec.update_attack and not spec.stateful_attack:
+    raise ValueError(f'rule {spec.pipeline.spec!r} cannot run with n={n}, f={f}: {e}') from None
+  if spec.replaces_messages:
     try:
-      jax.eval_shape(
-        lambda h: eng._call_attack(spec, h, key), jax.ShapeDtypeStruct((nh, dim), jnp.float32)
-      )
+      honest = jax.ShapeDtypeStruct((nh, dim), jnp.float32)
+      state = spec.attack.init(key, jnp.zeros((nh, dim)))
+      jax.eval_shape(lambda h: spec.attack.apply(state, h, key, f=f, rule=spec.pipeline), honest)
     except (TypeError, ValueError) as e:
-      raise ValueError(f'attack {spec.attack!r} cannot run with n={n}, f={f}: {e}') from None
+      raise ValueError(f'attack {spec.attack.spec!r} cannot run with n={n}, f={f}: {e}') from None
 
 
 @dataclasses.dataclass(eq=False)
@@ -142,6 +123,8 @@ class Experiment:
     mesh: the ``('workers',)`` mesh (None for ``'vmap'``).
     data: the data dict, placed on the device(s).
     seed: the run's seed.
+    step_fn: the jitted ``step(state, data) -> (state, metrics)`` (one signature, every backend).
+    eval_fn: the jitted ``evaluate(params, model_state, data) -> dict``.
   """
 
   spec: eng.TrainSpec
@@ -152,69 +135,69 @@ class Experiment:
   seed: int
   params0: Any
   model_state0: Any
-  _step: Any = None
-  _eval: Any = None
-  _wids: Any = None
+  step_fn: Any = None
+  eval_fn: Any = None
 
   def __post_init__(self):
-    self._step = _steps.make_step(self.spec, self.problem, backend=self.backend, mesh=self.mesh)
-    self._eval = _steps.make_eval(self.spec, self.problem)
-    if self.backend == 'shard_map':
-      self._wids = par.put(
-        np.arange(self.spec.num_workers, dtype=np.int32), par.worker_sharded(self.mesh)
-      )
+    self.step_fn = eng.make_step(self.spec, self.problem, backend=self.backend, mesh=self.mesh)
+    self.eval_fn = eng.make_eval(self.spec, self.problem)
 
   def state_shardings(self, state):
-    """The shardings of a state: momentum over ``'workers'`` for shard_map, the rest replicated."""
+    """The shardings of a state: worker state over ``'workers'`` for shard_map, the rest
+    replicated (None on other backends)."""
     if self.backend != 'shard_map':
       return None
-    rep, wk = par.replicated(self.mesh), par.worker_sharded(self.mesh)
+    rep, wk = parallel.replicated(self.mesh), parallel.worker_sharded(self.mesh)
     shard = jax.tree.map(lambda _: rep, state)
-    return shard.replace(momentum=jax.tree.map(lambda _: wk, state.momentum))
+    return shard.replace(workers=jax.tree.map(lambda _: wk, state.workers))
 
   def place(self, state):
     """Puts a (host or device) state where the backend wants it."""
     shardings = self.state_shardings(state)
     if shardings is None:
       return jax.tree.map(jnp.asarray, state)
-    return jax.tree.map(lambda x, s: par.put(np.asarray(x), s), state, shardings)
+    return jax.tree.map(lambda x, s: parallel.put(np.asarray(x), s), state, shardings)
 
   def init_state(self) -> eng.TrainState:
     state = eng.init_state(self.spec, self.problem, self.params0, self.model_state0, self.seed)
     return self.place(state)
 
   def step(self, state):
-    if self.backend == 'shard_map':
-      return self._step(state, self.data, self._wids)
-    return self._step(state, self.data)
+    return self.step_fn(state, self.data)
 
   def evaluate(self, state) -> dict:
-    out = self._eval(state.params, state.model_state, self.data)
+    out = self.eval_fn(state.params, state.model_state, self.data)
     return {k: float(v) for k, v in jax.device_get(out).items()}
+
+
+def _compressor(spec):
+  comp = compression.make(spec or 'none')
+  return None if isinstance(comp, compression.Identity) else comp
 
 
 def build(config) -> Experiment:
   """Builds an `Experiment` from a config (see ``experiments/configs/default.py``).
 
   Raises:
-    ValueError: for unknown dataset / model / split / rule / attack / optimiser / backend names
-      (listing the known ones) and impossible (n, f) choices (naming the rule's condition).
+    ValueError: for unknown dataset / model / split / rule / attack / coding / compressor /
+      optimiser / backend names (listing the known ones) and impossible (n, f) choices (naming the
+      rule's condition).
   """
-  from robustjax import data as rdata
-  from robustjax import models as rmodels
-
   n, f = config.num_workers, config.num_byzantine
   _check_counts(n, f)
-  attack, attack_params = parse_spec(config.attack)
-  check_attack(attack)
-  pipeline = make_pipeline(config.rule, f)
+  attack = attacks.get(config.attack)
+  pipeline = as_rule(config.rule, f)
+  code = coding.make(config.get('coding', 'identity'), n=n, f=f)
+  compressor = _compressor(config.get('compression', 'none'))
   model_name, model_params = parse_spec(config.model)
+  if config.algorithm not in ('dsgd', 'local'):
+    raise ValueError(f'unknown algorithm {config.algorithm!r}; known algorithms: dsgd, local')
   ds = rdata.load(config.dataset, seed=config.seed)
   if ds.num_classes < 2:
     raise ValueError(f'dataset {config.dataset!r} is not a classification dataset')
-  nh = n - f
+  num_parts = n - f if code.identity else n
   parts = rdata.split(
-    ds.y_train, nh, config.split, seed=config.seed, alpha=config.alpha, gamma=config.gamma
+    ds.y_train, num_parts, config.split, seed=config.seed, alpha=config.alpha, gamma=config.gamma
   )
   model = rmodels.make(
     model_name,
@@ -223,10 +206,7 @@ def build(config) -> Experiment:
     rngs=nnx.Rngs(config.seed),
     **model_params,
   )
-  tx = make_optimizer(config)
-  problem, params, model_state = eng.make_problem(model, tx, ds, parts)
-  if config.algorithm not in ('dsgd', 'local'):
-    raise ValueError(f'unknown algorithm {config.algorithm!r}; known algorithms: dsgd, local')
+  problem, params, model_state = eng.make_problem(model, make_optimizer(config), ds, parts)
   spec = eng.TrainSpec(
     num_workers=n,
     num_byzantine=f,
@@ -237,20 +217,16 @@ def build(config) -> Experiment:
     local_lr=float(config.local_lr),
     pipeline=pipeline,
     attack=attack,
-    attack_params=tuple(sorted(attack_params.items())),
+    code=code,
+    compressor=compressor,
     num_classes=ds.num_classes,
     eval_chunk=int(config.eval_chunk),
     worker_chunk=_worker_chunk(config),
   )
   _validate(spec)
   backend, mesh = choose_backend(config)
-  if mesh is not None and n % mesh.shape[par.AXIS]:
-    raise ValueError(
-      f'backend {backend!r}: num_workers={n} must be a multiple of the number of devices '
-      f'({mesh.shape[par.AXIS]}); change num_workers or set num_devices'
-    )
   if backend == 'shard_map':
-    placed = par.put(problem.data, par.replicated(mesh))
+    placed = parallel.put(problem.data, parallel.replicated(mesh))
   else:
     placed = jax.tree.map(jnp.asarray, problem.data)
   return Experiment(
