@@ -5,7 +5,7 @@ Examples:
       --out=/tmp/sweeps/byzfl
   python experiments/sweep.py analyse --out=/tmp/sweeps/byzfl
   python experiments/sweep.py run --config=experiments/configs/sweep_smoke.py --out=/tmp/s \
-      --set num_steps=10 --max_groups=2
+      --config.base.num_steps=10 --max_groups=2
 
 ``run`` writes ``<out>/sweep.json`` and ``<out>/runs/<run_id>.json`` (one per finished run,
 written atomically); rerunning the same command skips finished runs, so a killed sweep resumes.
@@ -15,99 +15,72 @@ heterogeneity: min over attacks, the learning rate chosen by max over lr of min 
 ``heatmap.png`` (f × heterogeneity per rule) and ``curves.png`` (accuracy curves of the worst
 attack).
 
-A config file defines ``get_config(variant) -> {'name', 'base', 'grid'}`` (see
-``experiments/configs/sweep_byzfl.py``); ``--config=path.py:variant`` picks a variant.
+A config file defines ``get_config(variant)`` returning `experiments.configs.default.sweep_config`
+(``name``, ``base``, ``grid``; see ``experiments/configs/sweep_byzfl.py``);
+``--config=path.py:variant`` picks a variant and ``--config.base.FIELD=VALUE`` overrides a base
+field (a misspelled field fails, listing the known ones).
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
 import os
 import sys
+
+from absl import app, flags
+from ml_collections import config_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # `experiments.configs.*` imports from the repository root
   sys.path.insert(0, ROOT)
 
-
-def load_sweep(spec: str) -> dict:
-  """``'path/to/config.py[:variant]'`` -> the sweep dict ``{'name', 'base', 'grid'}``."""
-  path, _, variant = spec.partition(':')
-  if not os.path.exists(path):
-    raise SystemExit(f'sweep config {path!r} not found')
-  mod_spec = importlib.util.spec_from_file_location('_sweep_config', path)
-  mod = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(mod)
-  return mod.get_config(variant)
-
-
-def _literal(text):
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+COMMANDS = ('run', 'analyse', 'report')
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file('config', None, 'Sweep config: path/to/sweep_config.py[:variant].')
+flags.DEFINE_string('out', None, 'The sweep directory.')
+flags.DEFINE_integer('max_groups', None, 'run: stop after this many groups of this call.')
+flags.DEFINE_bool('vmap', True, 'run: batch the members of a group in one program.')
+flags.DEFINE_bool('quiet', False, 'run: no progress lines.')
+flags.DEFINE_enum(
+  'metric', 'test_accuracy', ['test_accuracy', 'max_test_accuracy'], 'analyse: the metric.'
+)
+flags.DEFINE_string('title', None, "analyse: the figures' title.")
+flags.DEFINE_enum('kind', None, ['byzfl', 'bucketing'], 'report: which reproduction.')
+flags.DEFINE_string('figures', os.path.join(ROOT, 'docs', 'figures'), 'report: figure folder.')
+flags.DEFINE_string('baseline', None, 'report: sweep directory of the no-attack runs.')
+flags.mark_flags_as_required(['out'])
 
 
-def main(argv=None):
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  sub = p.add_subparsers(dest='cmd', required=True)
-  r = sub.add_parser('run', help='run (or resume) a sweep')
-  r.add_argument('--config', required=True, help='path/to/sweep_config.py[:variant]')
-  r.add_argument('--out', required=True, help='output directory')
-  r.add_argument(
-    '--set',
-    action='append',
-    default=[],
-    metavar='FIELD=VALUE',
-    help='override a base config field (Python literal), repeatable',
-  )
-  r.add_argument('--max_groups', type=int, default=None, help='stop after N groups')
-  r.add_argument('--no_vmap', action='store_true', help='run the members of a group one by one')
-  r.add_argument('--quiet', action='store_true', help='no progress lines')
-  a = sub.add_parser('analyse', help='tables and figures of a (possibly partial) sweep')
-  a.add_argument('--out', required=True)
-  a.add_argument(
-    '--metric',
-    default='test_accuracy',
-    help='test_accuracy (final) or max_test_accuracy (best evaluation)',
-  )
-  a.add_argument('--title', default=None)
-  rp = sub.add_parser('report', help='the docs/reproductions.md tables and docs/figures/repro_*')
-  rp.add_argument('--kind', required=True, choices=['byzfl', 'bucketing'])
-  rp.add_argument('--out', required=True, help='the sweep directory')
-  rp.add_argument('--figures', default=os.path.join(ROOT, 'docs', 'figures'))
-  rp.add_argument('--baseline', default=None, help='sweep directory of the no-attack runs')
-  args = p.parse_args(argv)
-
-  if args.cmd == 'run':
+def main(argv):
+  if len(argv) != 2 or argv[1] not in COMMANDS:
+    raise app.UsageError(f'usage: sweep.py {{{"|".join(COMMANDS)}}} --out=DIR [flags]')
+  cmd = argv[1]
+  if cmd == 'run':
     from robustjax import sweeps
 
-    sweep = load_sweep(args.config)
-    base = sweep['base']
-    for item in args.set:
-      k, _, v = item.partition('=')
-      base[k] = _literal(v)
+    sweep = FLAGS.config
+    if sweep is None:
+      raise app.UsageError('run needs --config=path/to/sweep_config.py[:variant]')
     summary = sweeps.run_sweep(
-      base,
-      sweep['grid'],
-      args.out,
-      vmap=not args.no_vmap,
-      max_groups=args.max_groups,
-      progress=not args.quiet,
-      name=sweep.get('name', 'sweep'),
+      sweep.base,
+      {k: list(v) for k, v in sweep.grid.items()},
+      FLAGS.out,
+      vmap=FLAGS.vmap,
+      max_groups=FLAGS.max_groups,
+      progress=not FLAGS.quiet,
+      name=sweep.name,
     )
     print(summary)
-  elif args.cmd == 'analyse':
+  elif cmd == 'analyse':
     from robustjax import analysis
 
-    paths = analysis.analyse(args.out, metric=args.metric, title=args.title)
+    paths = analysis.analyse(FLAGS.out, metric=FLAGS.metric, title=FLAGS.title)
     for k, v in paths.items():
       print(f'{k}: {v}')
   else:
-    report = report_byzfl if args.kind == 'byzfl' else report_bucketing
-    print(report(args.out, args.figures, args.baseline))
+    if FLAGS.kind is None:
+      raise app.UsageError('report needs --kind=byzfl|bucketing')
+    report = report_byzfl if FLAGS.kind == 'byzfl' else report_bucketing
+    print(report(FLAGS.out, FLAGS.figures, FLAGS.baseline))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,4 +255,4 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
 
 
 if __name__ == '__main__':
-  main()
+  app.run(main)

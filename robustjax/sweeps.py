@@ -277,21 +277,6 @@ def _eval_steps(num_steps: int, eval_every: int) -> list[int]:
   return steps
 
 
-def _chunk_fn(step, data_axes, batched: bool):
-  """``run(states, data, length) -> (states, mean train loss)``: `length` steps in a scan."""
-  body = jax.vmap(step, in_axes=(0, data_axes)) if batched else step
-
-  def run(states, data, length):
-    def one(s, _):
-      s, m = body(s, data)
-      return s, m['train_loss']
-
-    states, losses = jax.lax.scan(one, states, None, length=length)
-    return states, jnp.mean(losses, axis=0)
-
-  return jax.jit(run, static_argnums=2)
-
-
 def run_group(
   configs: Sequence[Mapping],
   *,
@@ -301,6 +286,10 @@ def run_group(
 ) -> list[dict]:
   """Trains the runs of one group (configs differing only in `BATCHABLE` fields).
 
+  Uses the engine's run loop (`robustjax.training.make_advance` and `chunks`, as
+  `train_and_evaluate` does): a chunk of steps per dispatch between two evaluations, the step
+  `jax.vmap`-ed over the members when they run together.
+
   Args:
     configs: resolved training configs (dicts), same compiled step.
     vmap: run the members together (vmap over members) when the backend is ``'vmap'`` and the
@@ -309,10 +298,10 @@ def run_group(
     eval_every: evaluate every this many steps (default: each config's ``eval_every``).
 
   Returns:
-    One record per config: ``curve`` (``step``, ``test_accuracy``, ``test_loss``,
-    ``train_loss`` (the evaluated honest objective), ``batch_loss`` (the mean honest batch loss
-    since the previous evaluation)), ``final`` (the last evaluation), ``vmapped`` and
-    ``group_size``.
+    One record per config: ``curve`` (``step``, the evaluated metrics (``test_accuracy``,
+    ``test_loss``, ``train_loss``, the evaluated honest objective, ...) and ``batch_loss``, the
+    mean honest batch loss since the previous evaluation), ``final`` (the last evaluation),
+    ``vmapped``, ``group_size`` and ``backend``.
   """
   from robustjax import training
 
@@ -334,55 +323,38 @@ def run_group(
     and e0.backend == 'vmap'
     and per_member * len(exps) + sum(_tree_bytes(d) for d in datas) <= max_batch_bytes
   )
-  checkpoints = _eval_steps(num_steps, every)
-  curves = [
-    {'step': [], 'test_accuracy': [], 'test_loss': [], 'train_loss': [], 'batch_loss': []}
-    for _ in exps
-  ]
+  curves = [{'step': [], 'batch_loss': []} for _ in exps]
 
   def record(i, step, ev, bl):
     c = curves[i]
     c['step'].append(step)
     c['batch_loss'].append(float(bl))
-    for k in ('test_accuracy', 'test_loss', 'train_loss'):
-      c[k].append(float(ev[k]))
+    for k, v in ev.items():
+      c.setdefault(k, []).append(float(v))
 
   if batched:
-    step_fn = training.make_step(e0.spec, e0.problem, backend='vmap')
     data, axes = _batch_data(datas)
-    chunk = _chunk_fn(step_fn, axes, True)
-    ev_fn = jax.jit(
-      jax.vmap(training.make_eval(e0.spec, e0.problem), in_axes=(0, 0, axes)),
-    )
-    state = _stack_trees(states)
-    done = 0
-    for s in checkpoints:
-      state, bl = chunk(state, data, s - done)
-      done = s
-      ev = jax.device_get(ev_fn(state.params, state.model_state, data))
-      bl = np.asarray(jax.device_get(bl))
-      for i in range(len(exps)):
-        record(i, s, {k: v[i] for k, v in ev.items()}, bl[i])
+    members = [(list(range(len(exps))), _stack_trees(states), data, axes)]
   else:
-    for i, (e, state) in enumerate(zip(exps, states)):
-      if e.backend == 'vmap':
-        chunk = _chunk_fn(training.make_step(e.spec, e.problem, backend='vmap'), None, False)
-      done = 0
-      for s in checkpoints:
-        if e.backend == 'vmap':
-          state, bl = chunk(state, e.data, s - done)
-        else:
-          losses = []
-          for _ in range(s - done):
-            state, m = e.step(state)
-            losses.append(m['train_loss'])
-          bl = jnp.mean(jnp.stack(losses))
-        done = s
-        record(i, s, e.evaluate(state), jax.device_get(bl))
+    members = [([i], s, e.data, None) for i, (e, s) in enumerate(zip(exps, states))]
+  for idx, state, data, axes in members:
+    e = exps[idx[0]]
+    advance = training.make_advance(e.step_fn, e.backend, data_axes=axes)
+    evaluate = e.eval_fn if axes is None else jax.jit(jax.vmap(e.eval_fn, in_axes=(0, 0, axes)))
+    done = 0
+    for end in training.chunks(0, num_steps, (every,)):
+      state, stacked = advance(state, data, end - done)
+      done = end
+      ev = jax.device_get(evaluate(state.params, state.model_state, data))
+      bl = np.asarray(jax.device_get(jnp.mean(stacked['train_loss'], axis=0)))
+      for j, i in enumerate(idx):
+        pick = (lambda v, j=j: v[j]) if axes is not None else (lambda v: v)
+        record(i, end, {k: pick(v) for k, v in ev.items()}, pick(bl))
   out = []
   for curve in curves:
-    final = {k: curve[k][-1] for k in ('test_accuracy', 'test_loss', 'train_loss')}
-    final['max_test_accuracy'] = max(curve['test_accuracy'])
+    final = {k: v[-1] for k, v in curve.items() if k not in ('step', 'batch_loss')}
+    if 'test_accuracy' in curve:
+      final['max_test_accuracy'] = max(curve['test_accuracy'])
     out.append(
       {
         'curve': curve,

@@ -75,3 +75,16 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   elif variant:
     raise ValueError(f'unknown config variant {variant!r}; known variants: smoke')
   return c
+
+
+def sweep_config(name: str, base, grid: dict) -> config_dict.ConfigDict:
+  """A sweep config: ``name``, the ``base`` training config and the ``grid`` (axes in order).
+
+  A ConfigDict, so ``experiments/sweep.py`` overrides fields from the command line
+  (``--config.base.num_steps=10``) and a misspelled field fails with the known names.
+  """
+  c = config_dict.ConfigDict(sort_keys=False)
+  c.name = name
+  c.base = base
+  c.grid = config_dict.ConfigDict(grid, sort_keys=False)
+  return c

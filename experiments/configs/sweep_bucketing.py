@@ -25,6 +25,7 @@ shared CPU cores: 300 steps, an MLP with one hidden layer of 64 units instead of
 """
 
 from experiments.configs import default
+from experiments.configs.default import sweep_config
 
 AGGREGATORS = ('krum', 'median', 'geometric_median', 'centered_clipping(tau=10.0)')
 ATTACKS = (
@@ -82,4 +83,4 @@ def get_config(variant: str = ''):
     name = 'bucketing_smoke'
   elif variant:
     raise ValueError(f'unknown variant {variant!r}; known: fast, fast_baseline, smoke')
-  return {'name': name, 'base': base, 'grid': grid}
+  return sweep_config(name, base, grid)

@@ -17,7 +17,8 @@ Variants (``experiments/configs/sweep_byzfl.py:<variant>``):
   ``'smoke'``: a few steps on a tiny grid (tests).
 """
 
-from experiments.configs import default  # noqa: F401  (resolved by the sweep CLI's loader)
+from experiments.configs import default
+from experiments.configs.default import sweep_config  # noqa: F401  (resolved by the sweep CLI's loader)
 
 RULES = ('clipping(c=2.0)+nnm+geometric_median', 'clipping(c=2.0)+nnm+trimmed_mean')
 ATTACKS = ('sign_flip', 'optimal_ipm', 'optimal_alie')
@@ -92,4 +93,4 @@ def get_config(variant: str = ''):
     'gamma': gammas,
     'seed': seeds,
   }
-  return {'name': name, 'base': base, 'grid': grid}
+  return sweep_config(name, base, grid)

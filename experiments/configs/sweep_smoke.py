@@ -5,6 +5,7 @@ four runs each (the γ and seed values of a group run vmapped in one program).
 """
 
 from experiments.configs import default
+from experiments.configs.default import sweep_config
 
 
 def get_config(variant: str = ''):
@@ -29,4 +30,4 @@ def get_config(variant: str = ''):
     'gamma': [1.0, 0.0],
     'seed': [0, 1],
   }
-  return {'name': 'smoke', 'base': base, 'grid': grid}
+  return sweep_config('smoke', base, grid)
