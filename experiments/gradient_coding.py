@@ -6,9 +6,10 @@ a synthetic linear regression with one sample per data subset; plain robust aggr
 CWTM, NNM + CWTM) against LAD (the same rules on cyclic coded vectors, redundancy d) and DRACO
 (repetition r = 2f + 1, majority vote), each also with compressed messages (Com-LAD).
 
-Every (f, rule, compression) combination is one jitted program: the redundancies d (and the plain
-fixed assignment) and the seeds are vmapped, so the full sweep compiles 24 programs and runs in a
-few minutes on 2 CPU cores.
+Every run is the library's one training step (`robustjax.training.make_step`, with
+``coding='cyclic(d=…)'`` or ``'draco'``, full-batch ``batch_size=0``) in its run loop
+(`robustjax.training.make_advance`: one `lax.scan` over the steps, the seeds vmapped); one program
+per (f, rule, compression, redundancy).
 
 Usage:
   python experiments/gradient_coding.py --config=experiments/configs/lad.py \
@@ -29,10 +30,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from absl import app, flags
 from ml_collections import config_flags
 
-from robustjax import coded_training, coding, compression, data
+from robustjax import attacks, coding, compression, data, pipeline, training
 
 _FLAGS = {}
 
@@ -48,7 +50,7 @@ RULE_LABELS = {'mean': 'averaging', 'trimmed_mean': 'CWTM', 'nnm+trimmed_mean': 
 
 
 def make_problem(cfg, seed: int):
-  """One seed's data: subsets (A, b) of shape (n, N/n, dim), (n, N/n), the solution, and L."""
+  """One seed's data: the dataset, its solution w⋆ and the smoothness constant L."""
   ds = data.synthetic_linear_regression(
     num_samples=cfg.num_samples,
     dim=cfg.dim,
@@ -59,95 +61,82 @@ def make_problem(cfg, seed: int):
   n = cfg.num_workers
   if cfg.num_samples % n:
     raise ValueError(f'num_samples={cfg.num_samples} must be a multiple of num_workers={n}')
-  a = np.asarray(ds.x_train, np.float32)
-  b = np.asarray(ds.y_train, np.float32)
+  a64 = np.asarray(ds.x_train, np.float64)
+  lip = np.linalg.eigvalsh(a64.T @ a64 / a64.shape[0]).max() + cfg.ridge
   sol = data.least_squares_solution(ds, ridge=cfg.ridge)
-  a64 = a.astype(np.float64)
-  lip = np.linalg.eigvalsh(a64.T @ a64 / a.shape[0]).max() + cfg.ridge
-  k = cfg.num_samples // n
-  return a.reshape(n, k, -1), b.reshape(n, k), sol.astype(np.float32), lip
-
-
-def make_loss(ridge: float):
-  def loss(w, subset):
-    a, b = subset
-    return 0.5 * jnp.mean((a @ w - b) ** 2) + 0.5 * ridge * jnp.sum(w * w)
-
-  return loss
+  return ds, sol.astype(np.float32), lip
 
 
 def make_compressor(cfg, on: bool):
   if not on or cfg.compressor == 'none':
     return None
   if cfg.compressor == 'qsgd':
-    return compression.QSGD(levels=cfg.qsgd_levels)
+    return f'qsgd(levels={cfg.qsgd_levels})'
   if cfg.compressor == 'rand_k':
-    return compression.RandK(fraction=cfg.rand_k_fraction)
-  raise ValueError(f'unknown compressor {cfg.compressor!r} (qsgd | rand_k | none)')
+    return f'rand_k(fraction={cfg.rand_k_fraction})'
+  raise ValueError(f'unknown compressor {cfg.compressor!r}; known: qsgd, rand_k, none')
 
 
-def run_sweep(cfg, problem, *, rule, f, compressor, variants, lr, draco=False):
-  """Runs one rule over `variants` (pairs (d, redraw)) × seeds as one program.
+def _code(d: int, redraw: bool, draco: bool) -> str:
+  if draco:
+    return 'draco'
+  return f'cyclic(d={d}, redraw={redraw})'  # d = 1, fixed: the plain assignment, B = I
+
+
+def run_sweep(cfg, problems, *, rule, f, compressor, variants, lr, draco=False):
+  """One rule over `variants` (pairs (d, redraw)), the seeds vmapped: the engine's step
+  (`robustjax.training.make_step`) in its run loop (`make_advance`, full batch, one scan).
 
   Returns (errors (S, V, T), subsets per worker (V,), bits per step).
   """
-  a, b, sol = problem
   n = cfg.num_workers
-  loss = make_loss(cfg.ridge)
-  attack = cfg.attack if f > 0 else None
-  if draco:
-    server = coded_training.DracoRule.make(n, f)
-    b_draco = coding.draco(n, f)
-    key_ids = jnp.asarray(server.groups)  # group members share the compression randomness
-  else:
-    server = rule
-    key_ids = None
-
-  def one(a_s, b_s, sol_s, key, d, redraw):
-    def matrix_fn(k):
-      if draco:
-        return b_draco
-      perm = jnp.where(redraw, coding.random_permutation(k, n), jnp.arange(n, dtype=jnp.int32))
-      return coding.cyclic(n, d, perm=perm)
-
-    def err(w):
-      return jnp.sum((w - sol_s) ** 2) / jnp.sum(sol_s**2)
-
-    _, hist = coded_training.train(
-      jnp.zeros(a_s.shape[-1]),
-      (a_s, b_s),
-      key,
-      num_steps=cfg.num_steps,
-      matrix_fn=matrix_fn,
-      loss_fn=loss,
-      rule=server,
-      f=f,
-      lr=lr,
-      attack=attack,
-      compressor=compressor,
-      key_ids=key_ids,
-      eval_fn=err,
+  k = cfg.num_samples // n
+  parts = [np.arange(j * k, (j + 1) * k) for j in range(n)]
+  tx = optax.sgd(lr)
+  built = [
+    training.least_squares_problem(ds, parts, tx, ridge=cfg.ridge, solution=sol)
+    for ds, sol, _ in problems
+  ]
+  datas = [p.data for p in built]
+  batch = {key: jnp.asarray(np.stack([d[key] for d in datas])) for key in datas[0]}
+  axes = {key: 0 for key in batch}
+  for key in ('idx', 'sizes'):  # the subsets are the same for every seed
+    batch[key], axes[key] = jnp.asarray(datas[0][key]), None
+  errs, loads, bits = [], [], 0.0
+  for d, redraw in variants:
+    spec = training.TrainSpec(
+      num_workers=n,
+      num_byzantine=f,
+      batch_size=0,
+      momentum=0.0,
+      algorithm='dsgd',
+      local_steps=1,
+      local_lr=0.0,
+      pipeline=pipeline.as_rule('draco' if draco else rule, f),
+      attack=attacks.get(cfg.attack if f > 0 else 'none'),
+      code=coding.make(_code(d, redraw, draco), n=n, f=f),
+      compressor=compression.make(compressor) if compressor else None,
     )
-    return hist['eval'], hist['subsets_per_worker'][0], hist['bits'][0]
-
-  ds = jnp.asarray([v[0] for v in variants], jnp.int32)
-  rd = jnp.asarray([v[1] for v in variants])
-  keys = jax.random.split(jax.random.key(cfg.seed + 1000 * f), a.shape[0])
-  over_variants = jax.vmap(one, in_axes=(None, None, None, None, 0, 0))
-  over_seeds = jax.vmap(over_variants, in_axes=(0, 0, 0, 0, None, None))
-  errs, loads, bits = jax.jit(over_seeds)(a, b, sol, keys, ds, rd)
-  return np.asarray(errs), np.asarray(loads[0]), float(bits[0, 0])
+    step = training.make_step(spec, built[0])
+    w0 = jnp.zeros((cfg.dim,), jnp.float32)
+    seeds = [cfg.seed + 1000 * f + s for s in range(len(problems))]
+    states = [training.init_state(spec, built[0], w0, {}, s) for s in seeds]
+    state = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
+    advance = training.make_advance(
+      step, data_axes=axes, evaluate=training.make_eval(spec, built[0])
+    )
+    _, hist = advance(state, batch, cfg.num_steps)
+    errs.append(np.asarray(hist['eval_rel_dist']).T)  # (S, T)
+    loads.append(float(hist['load'][0, 0]))
+    bits = float(hist['bits'][0, 0])
+  return np.stack(errs, axis=1), np.asarray(loads), bits
 
 
 def run(cfg) -> dict:
   """The full sweep; returns a dict of results (numpy arrays and metadata)."""
   seeds = [cfg.seed + s for s in range(cfg.num_seeds)]
-  probs = [make_problem(cfg, s) for s in seeds]
-  a = np.stack([p[0] for p in probs])
-  b = np.stack([p[1] for p in probs])
-  sol = np.stack([p[2] for p in probs])
-  lr = cfg.learning_rate or 1.0 / max(p[3] for p in probs)
-  problem = (jnp.asarray(a), jnp.asarray(b), jnp.asarray(sol))
+  problem = [make_problem(cfg, s) for s in seeds]
+  lr = cfg.learning_rate or 1.0 / max(p[2] for p in problem)
   variants = [(1, False)] + [(int(d), True) for d in cfg.redundancies]
   results = {'variants': variants, 'lr': lr, 'runs': {}}
   for f in cfg.byzantine:

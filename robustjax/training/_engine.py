@@ -253,10 +253,9 @@ def least_squares_problem(dataset, parts, tx, *, ridge: float = 0.0, solution=No
   """Linear least squares F(w) = (1/N) Σ_j ½(⟨a_j, w⟩ − b_j)² + (λ/2)‖w‖² (the LAD study).
 
   Parameters are a vector w (start it at zeros). Evaluation: ``train_loss`` F(w) over the
-  training set, ``grad_sq_norm`` ‖∇F(w)‖², and with `solution` w⋆ ``rel_dist``
-  ‖w − w⋆‖²/‖w⋆‖².
+  training set, ``grad_sq_norm`` ‖∇F(w)‖², and with `solution` w⋆ (kept in the data as
+  ``w_star``, so a batch of seeds vmaps) ``rel_dist`` ‖w − w⋆‖²/‖w⋆‖².
   """
-  w_star = None if solution is None else jnp.asarray(solution, jnp.float32)
 
   def loss(w, model_state, x, y):
     del model_state
@@ -267,11 +266,15 @@ def least_squares_problem(dataset, parts, tx, *, ridge: float = 0.0, solution=No
     full = lambda v: loss(v, model_state, data['x_train'], data['y_train'])
     value, g = jax.value_and_grad(full)(w)
     out = {'train_loss': value, 'grad_sq_norm': jnp.sum(g * g)}
-    if w_star is not None:
+    if 'w_star' in data:
+      w_star = data['w_star']
       out['rel_dist'] = jnp.sum((w - w_star) ** 2) / jnp.sum(w_star**2)
     return out
 
-  return Problem(loss=loss, evaluate=evaluate, tx=tx, data=_pack(dataset, parts, np.float32))
+  data = _pack(dataset, parts, np.float32)
+  if solution is not None:
+    data['w_star'] = np.asarray(solution, np.float32)
+  return Problem(loss=loss, evaluate=evaluate, tx=tx, data=data)
 
 
 def init_state(spec: TrainSpec, problem: Problem, params, model_state, seed: int) -> TrainState:

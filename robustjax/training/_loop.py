@@ -49,14 +49,25 @@ class Checkpointer:
     self.manager.close()
 
 
-def make_advance(step, backend: str = 'vmap', *, data_axes=None):
+def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None):
   """``advance(state, data, length) -> (state, metrics stacked over the length steps)``.
 
   Several steps per dispatch: a jitted `lax.scan` over the step (the metrics stay on device
   until the caller reads them), so the loop makes one host round trip per chunk, not per step.
   With `data_axes` (a sweep's vmapped seeds), the step is `jax.vmap`-ed over a batch of states
-  and data (``in_axes=(0, data_axes)``). The legacy ``pmap`` backend advances step by step.
+  and data (``in_axes=(0, data_axes)``). With `evaluate` (``evaluate(params, model_state, data)
+  -> dict``, e.g. `make_eval`), its values after every step join the metrics as ``eval_<name>``:
+  a full-batch study (the LAD experiment) is this scan and nothing else. The legacy ``pmap``
+  backend advances step by step.
   """
+  if evaluate is not None:
+    plain_step = step
+
+    def step(state, data):
+      state, m = plain_step(state, data)
+      ev = evaluate(state.params, state.model_state, data)
+      return state, {**m, **{f'eval_{k}': v for k, v in ev.items()}}
+
   if backend == 'pmap':
     if data_axes is not None:
       raise ValueError('make_advance: the pmap backend does not vmap over a batch of runs')
