@@ -1,39 +1,56 @@
 """robustjax: Byzantine-robust distributed training in JAX.
 
-Modules:
-  stack           the stack primitives (pairwise distances, weighted combination, flattening)
-  aggregators     robust aggregators, `aggregators.get(name)`
-  attacks         Byzantine attacks, `attacks.get(name)`, and `attacks.assemble`
-  data            datasets (`data.load`) and heterogeneous splits (`data.split`)
-  models          flax NNX models (`models.make`)
-  optax_adapter   `as_optax(rule)` / `robust_optimizer`: a robust rule inside an optax chain
-  preaggregators  NNM, bucketing, clipping, ARC, and `compose` (pre-aggregators + an aggregator)
+Modules (the stages of the training step in brackets):
+  stack           the stack primitives: centred distances, weighted combination, flatten, assemble
+  aggregators     robust aggregators and their declared properties, `aggregators.get(name)`
+  preaggregators  NNM, bucketing, clipping, ARC
+  pipeline        the one resolver: `as_rule(spec, f)` -> a `Pipeline` (pre-aggregators + rule)
+  attacks         Byzantine attacks as `Attack` objects, `attacks.get(spec)` [attack]
+  coding          gradient codes (LAD, DRACO, ...): encoding matrices, `coding.make(spec)` [encoding]
+  compression     compressors and error feedback [compression]
+  optax_adapter   `as_optax(rule)` / `robust_optimizer`: a robust rule in an optax chain [server]
+  parallel        meshes, multi-host start-up, coordinate-sharded aggregation
+  training        the staged step, `build(config)`, `train_and_evaluate` [the step]
+  sweeps          resumable grids of runs, seeds vmapped
+  analysis        tidy tables, worst cases, figures of sweeps
+  robustness      the (f, κ) ratio, the κ⋆ search, bounds
+  data, models    datasets and heterogeneous splits; flax NNX models
 """
 
 from robustjax import (
   aggregators,
+  analysis,
   attacks,
   coding,
   compression,
   data,
   models,
   optax_adapter,
+  parallel,
+  pipeline,
   preaggregators,
   robustness,
   stack,
+  sweeps,
+  training,
 )
 
 __version__ = '0.1.0'
 
 __all__ = [
   'aggregators',
+  'analysis',
   'attacks',
   'coding',
   'compression',
   'data',
   'models',
   'optax_adapter',
+  'parallel',
+  'pipeline',
   'preaggregators',
   'robustness',
   'stack',
+  'sweeps',
+  'training',
 ]

@@ -1,209 +1,232 @@
-"""Tests for robustjax.coded_training: the coded step (1 and 8 devices), DRACO, metrics, loop."""
+"""Coding as a stage of the one training step: LAD, DRACO, Com-LAD, with every other feature.
+
+Checked against a float64 NumPy reference of the coded messages (B · subset gradients), on the
+three backends, with momentum, checkpoints, sweeps, label flipping and optimal attacks.
+"""
+
+import json
+import os
+import sys
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
-from jax.sharding import AxisType, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from robustjax import coded_training as ct
-from robustjax import coding, compression
+from robustjax import attacks, coding, compression, pipeline, sweeps, training
 
-N, DIM, F = 16, 5, 2
+N, K, DIM, F = 16, 2, 5, 2
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
 
 
-def _problem(seed=0, m=N, k=2):
+def _problem(seed=0, n=N, lr=0.1):
   rng = np.random.default_rng(seed)
-  a = rng.normal(size=(m, k, DIM)).astype(np.float32)
-  b = rng.normal(size=(m, k)).astype(np.float32)
-  return a, b
+  a = rng.normal(size=(n * K, DIM)).astype(np.float32)
+  b = rng.normal(size=(n * K,)).astype(np.float32)
+  ds = types.SimpleNamespace(x_train=a, y_train=b, x_test=a, y_test=b)
+  parts = [np.arange(j * K, (j + 1) * K) for j in range(n)]
+  return training.least_squares_problem(ds, parts, optax.sgd(lr)), a, b
 
 
-def _loss(w, subset):
-  a, b = subset
-  return 0.5 * jnp.mean((a @ w['w'] + w['c'] - b) ** 2)
+def _subset_grads(w, a, b, n=N):
+  """float64 reference: the gradient of ½ mean((a w − b)²) on each subset, (n, DIM)."""
+  a64 = a.astype(np.float64).reshape(n, K, DIM)
+  r = np.einsum('mkd,d->mk', a64, w.astype(np.float64)) - b.astype(np.float64).reshape(n, K)
+  return np.einsum('mk,mkd->md', r, a64) / K
 
 
-def _np_subset_grads(w, a, b):
-  """float64 reference: per-subset gradients of the loss above, as an (m, DIM + 1) array."""
-  a64, b64 = a.astype(np.float64), b.astype(np.float64)
-  r = np.einsum('mkd,d->mk', a64, w['w']) + w['c'] - b64
-  gw = np.einsum('mk,mkd->md', r, a64) / a.shape[1]
-  gc = r.mean(1)
-  return gw, gc
-
-
-def _sign_flip(honest, *, f, key=None):
-  return jax.tree.map(lambda x: jnp.broadcast_to(-x.mean(0), (f,) + x.shape[1:]), honest)
-
-
-def _w0():
-  return {'w': jnp.linspace(-1.0, 1.0, DIM), 'c': jnp.asarray(0.3)}
-
-
-def test_coded_messages_match_reference_and_metrics():
-  a, b = _problem()
-  w = _w0()
-  bm = coding.cyclic(N, 4, key=jax.random.key(0))
-  msgs = ct.coded_messages(_loss, w, (a, b), bm)
-  gw, gc = _np_subset_grads(jax.tree.map(np.asarray, w), a, b)
-  b64 = np.asarray(bm, np.float64)
-  np.testing.assert_allclose(msgs['w'], b64 @ gw, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(msgs['c'], b64 @ gc, rtol=1e-5, atol=1e-5)
-  step = ct.make_coded_step(_loss, rule='mean', f=0, lr=0.1, compressor=compression.QSGD(8))
-  *_, metrics = step(w, step.optimizer.init(w), None, bm, (a, b), jax.random.key(1))
-  assert float(metrics['subsets_per_worker']) == 4.0
-  assert float(metrics['subset_grads']) == N
-  assert float(metrics['bits']) == N * compression.QSGD(8).bits(DIM + 1)
-
-
-def test_lad_with_mean_and_no_attack_is_gradient_descent():
-  a, b = _problem(1)
-  w = _w0()
-  lr = 0.1
-  step = ct.make_coded_step(_loss, rule='mean', f=0, lr=lr)
-  new, *_ = step(
-    w,
-    step.optimizer.init(w),
-    None,
-    coding.cyclic(N, 3, key=jax.random.key(2)),
-    (a, b),
-    jax.random.key(3),
+def _spec(code, *, rule='mean', f=0, attack='none', compressor=None, momentum=0.0, n=N):
+  return training.TrainSpec(
+    num_workers=n,
+    num_byzantine=f,
+    batch_size=0,
+    momentum=momentum,
+    algorithm='dsgd',
+    local_steps=1,
+    local_lr=0.0,
+    pipeline=pipeline.as_rule(rule, f),
+    attack=attacks.get(attack),
+    code=coding.make(code, n=n, f=f),
+    compressor=None if compressor is None else compression.make(compressor),
   )
-  gw, gc = _np_subset_grads(jax.tree.map(np.asarray, w), a, b)
-  np.testing.assert_allclose(new['w'], np.asarray(w['w']) - lr * gw.mean(0), rtol=1e-5, atol=1e-6)
-  np.testing.assert_allclose(new['c'], float(w['c']) - lr * gc.mean(), rtol=1e-5, atol=1e-6)
 
 
-def test_draco_step_is_exact_under_attack():
-  a, b = _problem(2)
-  w = _w0()
-  lr = 0.2
-  for compressor in (None, compression.QSGD(4)):
-    groups = coding.draco_groups(N, F)
-    step = ct.make_coded_step(
-      _loss,
-      rule=ct.DracoRule.make(N, F),
-      f=F,
-      lr=lr,
-      attack=_sign_flip,
-      compressor=compressor,
-      key_ids=groups,
-    )
-    new, *_ = step(w, step.optimizer.init(w), None, coding.draco(N, F), (a, b), jax.random.key(4))
-    if compressor is None:
-      gw, gc = _np_subset_grads(jax.tree.map(np.asarray, w), a, b)
-      np.testing.assert_allclose(
-        new['w'], np.asarray(w['w']) - lr * gw.mean(0), rtol=1e-5, atol=1e-6
-      )
-    else:  # compressed with keys shared inside each group: the vote still finds the honest copy
-      assert np.all(np.isfinite(np.asarray(new['w'])))
+def _run(spec, problem, steps=1, seed=0):
+  w0 = jnp.linspace(-1.0, 1.0, DIM)
+  state = training.init_state(spec, problem, w0, {}, seed)
+  step = training.make_step(spec, problem)
+  data = jax.tree.map(jnp.asarray, problem.data)
+  metrics = None
+  for _ in range(steps):
+    state, metrics = step(state, data)
+  return state, metrics
 
 
-@pytest.mark.parametrize('sharding', ['named', 'shard_map'])
-def test_coded_step_on_8_devices_equals_one_device(sharding):
+def test_coded_messages_match_float64_reference():
+  problem, a, b = _problem()
+  spec = _spec('cyclic(d=4)', rule=lambda x: x, momentum=0.0)  # identity "rule": see messages
+  w0 = np.linspace(-1.0, 1.0, DIM)
+  state = training.init_state(spec, problem, jnp.asarray(w0, jnp.float32), {}, 0)
+  # The step's B for this state, re-derived from its key exactly as the step draws it.
+  _, keys, bmat = training._engine._split_keys(spec, state)
+  rows = jnp.arange(N, dtype=jnp.int32)
+  data = jax.tree.map(jnp.asarray, problem.data)
+  msgs, _, _ = training._engine._worker_stages(
+    spec, problem, state.params, {}, state.workers, rows, keys, data, bmat, lambda t: t
+  )
+  ref = np.asarray(bmat, np.float64) @ _subset_grads(w0, a, b)
+  np.testing.assert_allclose(np.asarray(msgs), ref, rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(coding.loads(bmat)) == 4)
+
+
+def test_lad_with_mean_and_no_attack_is_gradient_descent_and_reports_load_and_bits():
+  problem, a, b = _problem(1)
+  lr = 0.1
+  for comp in (None, 'qsgd(levels=8)'):
+    state, metrics = _run(_spec('cyclic(d=3)', compressor=comp), problem)
+    assert float(metrics['load']) == 3.0
+    bits = 32 * DIM if comp is None else compression.QSGD(8).bits(DIM)
+    assert float(metrics['bits']) == N * bits
+    if comp is None:
+      w0 = np.linspace(-1.0, 1.0, DIM)
+      expect = w0 - lr * _subset_grads(w0, a, b).mean(0)
+      np.testing.assert_allclose(np.asarray(state.params), expect, rtol=1e-5, atol=1e-6)
+
+
+def test_draco_is_a_registered_rule_and_exact_under_attack():
+  problem, a, b = _problem(2)
+  lr = 0.1
+  w0 = np.linspace(-1.0, 1.0, DIM)
+  expect = w0 - lr * _subset_grads(w0, a, b).mean(0)
+  for comp in (None, 'qsgd(levels=4)'):
+    spec = _spec('draco', rule='draco', f=F, attack='sign_flip', compressor=comp)
+    state, _ = _run(spec, problem)
+    if comp is None:
+      np.testing.assert_allclose(np.asarray(state.params), expect, rtol=1e-5, atol=1e-6)
+    else:  # group members share their compression keys: the vote still finds the honest copy
+      assert np.all(np.isfinite(np.asarray(state.params)))
+  assert 'draco' in pipeline.as_rule('draco', F).name
+
+
+def test_error_feedback_state_is_carried():
+  problem, *_ = _problem(5)
+  spec = _spec('cyclic(d=2)', compressor='ef+top_k(k=2)')
+  state, metrics = _run(spec, problem, steps=3)
+  memory = np.asarray(state.workers['compression'])
+  assert memory.shape == (N, DIM) and np.any(memory != 0)
+  assert float(metrics['bits']) == N * compression.TopK(k=2).bits(DIM)
+
+
+def test_full_batch_scan_driver_converges():
+  problem, *_ = _problem(4, lr=0.3)
+  spec = _spec('cyclic(d=4)', rule='trimmed_mean', f=F, attack='sign_flip')
+  w0 = jnp.zeros((DIM,))
+  state = training.init_state(spec, problem, w0, {}, 0)
+  advance = training.make_advance(
+    training.make_step(spec, problem), evaluate=training.make_eval(spec, problem)
+  )
+  _, hist = advance(state, jax.tree.map(jnp.asarray, problem.data), 100)
+  g = np.asarray(hist['eval_grad_sq_norm'])
+  assert g.shape == (100,) and g[-1] < 0.1 * g[0]  # a robust rule keeps an error floor
+
+
+def _config(**over):
+  from experiments.configs import default
+
+  c = default.get_config('smoke')
+  c.num_workers, c.num_byzantine = 8, 1
+  c.coding = 'cyclic(d=3)'
+  c.compression = 'qsgd(levels=8)'
+  c.attack = 'alie'
+  c.rule = 'nnm+trimmed_mean'
+  c.momentum = 0.9
+  c.num_steps = 4
+  for k, v in over.items():
+    setattr(c, k, v)
+  return c
+
+
+@pytest.mark.parametrize('backend', ['shard_map', 'pmap'])
+def test_sharded_backends_equal_vmap_with_coding(backend):
   if jax.device_count() < 8:
     pytest.skip('needs 8 (simulated) devices')
-  a, b = _problem(3)
-  w = _w0()
-  mesh = jax.make_mesh((8,), ('workers',), axis_types=(AxisType.Auto,))
-  kwargs = dict(
-    rule='nnm+trimmed_mean', f=F, lr=0.1, attack='alie_test', compressor=compression.QSGD(8)
-  )
-  kwargs['attack'] = _sign_flip
-  bm = coding.cyclic(N, 3, key=jax.random.key(5))
-  key = jax.random.key(6)
-  one = ct.make_coded_step(_loss, **kwargs)
-  ref = one(w, one.optimizer.init(w), None, bm, (a, b), key)
-  many = ct.make_coded_step(_loss, mesh=mesh if sharding == 'shard_map' else None, **kwargs)
-  sub = jax.device_put((a, b), NamedSharding(mesh, P('workers')))
-  got = many(w, many.optimizer.init(w), None, bm, sub, key)
-  for x, y in zip(jax.tree.leaves(ref[0]), jax.tree.leaves(got[0])):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-  # and the per-subset gradients themselves (the pcast trap would psum them across devices)
-  g1 = ct.subset_gradients(_loss, w, (a, b))
-  g8 = ct.subset_gradients(_loss, w, sub, mesh=mesh)
-  for x, y in zip(jax.tree.leaves(g1), jax.tree.leaves(g8)):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+  out = {}
+  for b in ('vmap', backend):
+    exp = training.build(_config(backend=b, num_devices=8 if b != 'vmap' else None))
+    state = exp.init_state()
+    for _ in range(2):
+      state, m = exp.step(state)
+    out[b] = (jax.device_get(state.params), float(m['agg_error']))
+  ref, got = out['vmap'], out[backend]
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-4, atol=2e-5), ref[0], got[0])
+  np.testing.assert_allclose(ref[1], got[1], rtol=1e-3)
 
 
-def test_train_loop_lad_full_redundancy_converges_under_attack():
-  # d = n: every honest coded vector is the full gradient, the attack cannot bias CWTM
-  a, b = _problem(4)
-  w = _w0()
-  a64 = np.concatenate([a.reshape(-1, DIM), np.ones((a.shape[0] * a.shape[1], 1))], 1)
-  sol = np.linalg.lstsq(a64.astype(np.float64), b.reshape(-1).astype(np.float64), rcond=None)[0]
-
-  def err(p):
-    return jnp.sum((p['w'] - sol[:DIM]) ** 2) + (p['c'] - sol[DIM]) ** 2
-
-  run = jax.jit(
-    lambda key: ct.train(
-      w,
-      (a, b),
-      key,
-      num_steps=200,
-      matrix_fn=lambda k: coding.cyclic(N, N, key=k),
-      loss_fn=_loss,
-      rule='trimmed_mean',
-      f=F,
-      lr=0.3,
-      attack=_sign_flip,
-      eval_fn=err,
-    )
-  )
-  _, hist = run(jax.random.key(0))
-  assert hist['eval'].shape == (200,)
-  assert float(hist['eval'][-1]) < 1e-6 * float(hist['eval'][0])
-  np.testing.assert_array_equal(hist['subsets_per_worker'], N)
+def test_optimal_alie_under_coding_needs_no_wiring():
+  exp = training.build(_config(attack='optimal_alie', coding='cyclic(d=2)', compression='none'))
+  state = exp.init_state()
+  state, m = exp.step(state)
+  assert np.isfinite(float(m['agg_error']))
+  plain = training.build(_config(attack='none', coding='cyclic(d=2)', compression='none'))
+  _, m0 = plain.step(plain.init_state())
+  assert float(m['agg_error']) > float(m0['agg_error'])  # the attack moved the aggregate
 
 
-def test_train_loop_error_feedback_state():
-  a, b = _problem(5)
-  run = jax.jit(
-    lambda key: ct.train(
-      _w0(),
-      (a, b),
-      key,
-      num_steps=5,
-      matrix_fn=lambda k: coding.cyclic(N, 2, key=k),
-      loss_fn=_loss,
-      rule='mean',
-      f=0,
-      lr=0.1,
-      compressor=compression.ErrorFeedback(compression.TopK(k=2)),
-    )
-  )
-  params, hist = run(jax.random.key(0))
-  assert np.all(np.isfinite(np.asarray(params['w'])))
-  assert float(hist['bits'][0]) == N * compression.TopK(k=2).bits(DIM + 1)
+def test_label_flip_under_coding_changes_the_byzantine_messages():
+  e1 = training.build(_config(attack='label_flip', compression='none', momentum=0.0))
+  e0 = training.build(_config(attack='none', compression='none', momentum=0.0))
+  s1, _ = e1.step(e1.init_state())
+  s0, _ = e0.step(e0.init_state())
+  m1, m0 = jax.device_get((s1.workers['momentum'], s0.workers['momentum']))
+  nh = 7
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x[:nh], y[:nh], rtol=1e-6), m1, m0)
+  diff = jax.tree.map(lambda x, y: float(np.abs(x[nh:] - y[nh:]).max()), m1, m0)
+  assert max(jax.tree.leaves(diff)) > 0
 
 
-def test_validation_errors():
-  a, b = _problem()
-  w = _w0()
-  bm = coding.cyclic(N, 2)
-  with pytest.raises(ValueError, match='needs n > 2f'):
-    ct.make_coded_step(_loss, rule='mean', f=8, attack=_sign_flip)(
-      w, None, None, bm, (a, b), jax.random.key(0)
-    )
-  with pytest.raises(ValueError, match='needs an attack'):
-    step = ct.make_coded_step(_loss, rule='mean', f=2)
-    step(w, step.optimizer.init(w), None, bm, (a, b), jax.random.key(0))
-  with pytest.raises(ValueError, match='B must be'):
-    ct.coded_messages(_loss, w, (a, b), jnp.ones((N, N - 1)))
-  if jax.device_count() >= 8:
-    mesh = jax.make_mesh((8,), ('workers',), axis_types=(AxisType.Auto,))
-    a12, b12 = _problem(m=12)
-    with pytest.raises(ValueError, match='divisible'):
-      ct.coded_messages(_loss, w, (a12, b12), coding.cyclic(12, 2), mesh=mesh)
-  with pytest.raises(ValueError, match='unknown aggregator'):
-    ct.resolve_rule('no_such_rule', 1)
+def test_lad_with_momentum_resumes_from_checkpoint(tmp_path):
+  cfg = _config(num_steps=6, checkpoint_every=2, log_every=1, eval_every=3)
+  full = training.train_and_evaluate(cfg, str(tmp_path / 'full'))
+  part = training.train_and_evaluate(cfg, str(tmp_path / 'part'), max_steps=3)
+  assert not part['finished'] and part['step'] == 3
+  resumed = training.train_and_evaluate(cfg, str(tmp_path / 'part'))
+  assert resumed['finished'] and resumed['coding'] == 'cyclic(d=3)'
+  assert resumed['final'] == full['final']
+  lines = [json.loads(x) for x in open(tmp_path / 'part' / 'metrics.jsonl')]
+  assert [r['step'] for r in lines if r['kind'] == 'train'] == list(range(1, 7))
+  assert all(r['load'] == pytest.approx(3.0) for r in lines if r['kind'] == 'train')
+
+
+def test_sweep_over_two_coding_redundancies(tmp_path):
+  base = _config(num_steps=2, eval_every=2, compression='none', checkpoint_every=0)
+  base.backend = 'vmap'
+  grid = {'coding': ['cyclic(d=2)', 'cyclic(d=4)'], 'seed': [0, 1]}
+  summary = sweeps.run_sweep(base, grid, str(tmp_path), progress=False)
+  assert summary['ran'] == 4 and summary['remaining'] == 0
+  recs = sweeps.load_results(str(tmp_path))
+  assert {r['config']['coding'] for r in recs} == {'cyclic(d=2)', 'cyclic(d=4)'}
+  assert all(r['vmapped'] and r['group_size'] == 2 for r in recs)
+  finals = {(r['config']['coding'], r['config']['seed']): r['final']['test_loss'] for r in recs}
+  assert finals[('cyclic(d=2)', 0)] != finals[('cyclic(d=4)', 0)]
+
+
+def test_bad_coding_specs_fail_at_build():
+  with pytest.raises(ValueError, match='known codings'):
+    coding.make('no_such_code', n=8, f=1)
+  with pytest.raises(ValueError, match='needs d='):
+    coding.make('cyclic', n=8, f=1)
+  with pytest.raises(ValueError, match='1 <= d <= n'):
+    coding.make('cyclic(d=9)', n=8, f=1)
+  with pytest.raises(ValueError, match='known compressors|unknown compressor'):
+    compression.make('no_such')
 
 
 def test_experiment_smoke():
-  # the experiment's entry points on its smoke config, one rule, no figures
+  # the LAD experiment's entry points on its smoke config, no figures
   import importlib.util
   import pathlib
 
@@ -217,10 +240,9 @@ def test_experiment_smoke():
   cfg = cfg_mod.get_config('smoke')
   cfg.rules = ('trimmed_mean',)
   cfg.compressor = 'none'
-  cfg.draco = False
   cfg.num_steps = 3
   results = exp.run(cfg)
   rows = exp.summarize(cfg, results)
-  assert {r['d'] for r in rows} == {1, 2, 4}
+  assert {r['d'] for r in rows} == {1, 2, None}
   assert all(np.isfinite(r['final_error_median']) for r in rows)
   assert 'LAD-CWTM' in exp.markdown_table(cfg, rows)

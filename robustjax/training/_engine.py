@@ -410,7 +410,7 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys):
   err = stk.sq_dists_to(jax.tree.map(lambda x: x[None], agg), honest_mean)[0]
   dim = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
   bits = spec.compressor.bits(dim) if spec.compressor is not None else 32 * dim
-  load = 1.0 if spec.code.identity else jnp.mean(coding.loads(b)[:nh].astype(jnp.float32))
+  load = 1.0 if spec.code.identity else jnp.sum(coding.loads(b)[:nh]) / nh
   row_losses = losses if not spec.code.identity else losses[:nh]
   metrics = {
     'train_loss': jnp.mean(row_losses),
