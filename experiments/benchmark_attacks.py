@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from robustjax import attacks, preaggregators  # noqa: E402
+from robustjax import attacks, pipeline  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer('n', 64, 'total number of workers (n − f honest)')
@@ -70,8 +70,7 @@ flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 
 
 def _defender(spec: str, f: int):
-  *pre, agg = spec.split('+')
-  return preaggregators.compose(agg, pre=pre, f=f)
+  return pipeline.as_rule(spec, f)
 
 
 def _byz_row(kind, honest, tau):
@@ -162,11 +161,7 @@ def main(argv):
     for kind in FLAGS.attacks:
       attack = attacks.get(kind)
       if subspace is None:
-        used_span = (
-          d > n_h + 2
-          and attacks.orthogonally_equivariant(rule)
-          and any(s.name in ('krum', 'multikrum', 'nnm') for s in rule.stages)
-        )
+        used_span = d > n_h + 2 and rule.orthogonally_equivariant and rule.distance_based
       else:
         used_span = subspace
 

@@ -53,50 +53,56 @@ def _config(n):
 
 
 def _loop_step(exp):
-  """The per-worker-loop step: a jitted one-worker update called n times, stacked, aggregated."""
+  """The per-worker-loop baseline a simulator without a worker axis runs: a jitted one-worker
+  gradient called n times, momentum, the attack on the stacked honest rows, the robust update
+  (`optax_adapter.as_optax`) and the optax step, all through the public API."""
   import jax
   import jax.numpy as jnp
+  import optax
 
-  from robustjax.training import _engine as eng
-  from robustjax.training import _steps
+  from robustjax.optax_adapter import as_optax
 
   spec, problem = exp.spec, exp.problem
+  n, nh, f = spec.num_workers, spec.num_honest, spec.num_byzantine
+  robust = as_optax(spec.pipeline, f=spec.pipeline.f)
+  beta = spec.momentum
 
   @jax.jit
-  def one(params, model_state, m, wid, key, data):
-    m1, loss = eng.worker_updates(
-      spec,
-      problem,
-      params,
-      model_state,
-      jax.tree.map(lambda x: x[None], m),
-      wid[None],
-      key,
-      data,
+  def one(params, model_state, m, part, key, data):
+    pos = jax.random.randint(key, (spec.batch_size,), 0, data['sizes'][part])
+    ex = data['idx'][part, pos]
+    loss, g = jax.value_and_grad(problem.loss)(
+      params, model_state, data['x_train'][ex], data['y_train'][ex]
     )
-    return jax.tree.map(lambda x: x[0], m1), loss[0]
+    return jax.tree.map(lambda a, b: beta * a + (1.0 - beta) * b, m, g), loss
 
   @jax.jit
-  def server(state, mom_new, losses, key, k_att, k_agg):
-    received, att = eng.byzantine_stack(spec, mom_new, k_att, state.attack_state)
-    return _steps._finish(spec, problem, state, mom_new, losses, received, att, key, k_agg)
+  def server(state, moms, agg_state, opt_state, key):
+    honest = jax.tree.map(lambda x: x[:nh], moms)
+    received = moms
+    if spec.replaces_messages:
+      byz, _ = spec.attack.apply((), honest, key, f=f, rule=spec.pipeline)
+      received = jax.tree.map(lambda h, z: jnp.concatenate([h, z.astype(h.dtype)]), honest, byz)
+    agg, agg_state = robust.update(received, agg_state)
+    updates, opt_state = problem.tx.update(agg, opt_state, state.params)
+    return state.replace(params=optax.apply_updates(state.params, updates)), agg_state, opt_state
 
-  split = jax.jit(eng.split_step_key)
-  n = spec.num_workers
-  wids = [jnp.asarray(i, jnp.int32) for i in range(n)]
-  moms = []  # per-worker momentum trees, kept as separate arrays as a simulator's workers do
+  moms, carry = [], {}
 
   def step(state):
     if not moms:
-      moms.extend(jax.tree.map(lambda x, i=i: x[i], state.momentum) for i in range(n))
-    key, k_work, k_att, k_agg = split(state)
+      moms.extend(jax.tree.map(lambda x, i=i: x[i], state.workers['momentum']) for i in range(n))
+      carry['agg'], carry['opt'] = state.aggregator, state.opt_state
+      carry['key'] = jax.random.key(0)
+    carry['key'], k_work, k_att = jax.random.split(carry['key'], 3)
     outs = [
-      one(state.params, state.model_state, moms[i], wids[i], k_work, exp.data) for i in range(n)
+      one(state.params, state.model_state, moms[i], i % nh, jax.random.fold_in(k_work, i), exp.data)
+      for i in range(n)
     ]
     moms[:] = [o[0] for o in outs]
-    mom_new = jax.tree.map(lambda *xs: jnp.stack(xs), *moms)
-    losses = jnp.stack([o[1] for o in outs])
-    return server(state, mom_new, losses, key, k_att, k_agg)
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *moms)
+    state, carry['agg'], carry['opt'] = server(state, stacked, carry['agg'], carry['opt'], k_att)
+    return state, {'train_loss': jnp.mean(jnp.stack([o[1] for o in outs[:nh]]))}
 
   return step
 

@@ -7,7 +7,8 @@ import pytest
 
 import robustjax
 from robustjax import aggregators, preaggregators
-from robustjax.preaggregators import Pipeline, arc, as_rule, bucketing, clipping, compose, nnm
+from robustjax.pipeline import Pipeline, as_rule, compose
+from robustjax.preaggregators import arc, bucketing, clipping, nnm
 from robustjax.stack import flatten
 
 N, F, D = 10, 2, 5
@@ -334,11 +335,11 @@ def test_as_rule():
 
 def test_as_rule_parses_spec_strings():
   x = jnp.asarray(np.random.default_rng(5).normal(size=(9, 4)), jnp.float32)
-  pipe = preaggregators.as_rule('clipping(c=2.0)+nnm+multikrum(m=3)', 2)
+  pipe = as_rule('clipping(c=2.0)+nnm+multikrum(m=3)', 2)
   assert pipe.name == 'clipping+nnm+multikrum'
-  ref = preaggregators.compose('multikrum', pre=[('clipping', {'c': 2.0}), 'nnm'], f=2, m=3)(x)
+  ref = compose('multikrum', pre=[('clipping', {'c': 2.0}), 'nnm'], f=2, m=3)(x)
   np.testing.assert_allclose(np.asarray(pipe(x)), np.asarray(ref), rtol=1e-6)
   with pytest.raises(ValueError, match='unknown aggregator'):
-    preaggregators.as_rule('nnm+nope', 2)
+    as_rule('nnm+nope', 2)
   with pytest.raises(ValueError, match='cannot parse'):
-    preaggregators.as_rule('nnm+krum(3)', 2)
+    as_rule('nnm+krum(3)', 2)
