@@ -6,7 +6,7 @@ Modules (the stages of the training step in brackets):
   preaggregators  NNM, bucketing, clipping, ARC
   pipeline        the one resolver: `as_rule(spec, f)` -> a `Pipeline` (pre-aggregators + rule)
   attacks         Byzantine attacks as `Attack` objects, `attacks.get(spec)` [attack]
-  coding          gradient codes (LAD, DRACO, ...): encoding matrices, `coding.make(spec)` [encoding]
+  coding          gradient codes (LAD, DRACO, ...), `coding.make(spec)` [encoding]
   compression     compressors and error feedback [compression]
   optax_adapter   `as_optax(rule)` / `robust_optimizer`: a robust rule in an optax chain [server]
   parallel        meshes, multi-host start-up, coordinate-sharded aggregation

@@ -312,6 +312,8 @@ def draco_decode(stack, *, groups: tuple[int, ...], f: int):
     med = jnp.take_along_axis(jnp.sort(masked, axis=1), mid[:, None, None], axis=1)[:, 0]  # (g, p)
     diff = x - med[g_np]
     dist = dist + jnp.sum(diff * diff, axis=1)
+  # A coordinate-sharded stack (`stack.sharded_coordinates`) sums the distance over devices.
+  dist = _stack.psum_coordinates(dist)
   dist = jnp.where(jnp.isfinite(dist), dist, jnp.inf)
   # winner per group: the member closest to the median, lowest index on ties
   best = jnp.min(jnp.where(member, dist[None, :], jnp.inf), axis=1)  # (g,)

@@ -56,6 +56,15 @@ def accepts(fn: Callable, name: str, *, var_keyword: bool = True) -> bool:
   return name in ps or (var_keyword and any(p.kind is p.VAR_KEYWORD for p in ps.values()))
 
 
+def _key_optional(fn: Callable) -> bool:
+  """Whether `fn`'s ``key`` parameter has a default (then the stage runs without a key)."""
+  try:
+    p = inspect.signature(fn).parameters.get('key')
+  except (TypeError, ValueError):
+    return False
+  return p is not None and p.default is not inspect.Parameter.empty
+
+
 def _hashable_params(owner: str, params: Mapping[str, Any] | None) -> tuple:
   items = tuple(sorted((params or {}).items()))
   for k, v in items:
@@ -89,6 +98,7 @@ class Stage:
   properties: Properties = dataclasses.field(compare=False)
   takes_f: bool = dataclasses.field(compare=False)
   takes_key: bool = dataclasses.field(compare=False)
+  key_optional: bool = dataclasses.field(default=False, compare=False)
 
   @property
   def spec(self) -> str:
@@ -127,6 +137,7 @@ def _stage(spec, registry: Registry, kind: str) -> Stage:
     properties=registry.properties(fn),
     takes_f=accepts(fn, 'f'),
     takes_key=accepts(fn, 'key', var_keyword=False),
+    key_optional=_key_optional(fn),
   )
 
 
@@ -249,10 +260,13 @@ class Pipeline:
     """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
     keys = {}
-    if takers:
-      if key is None:
-        need = ', '.join(self.stages[i].name for i in takers)
-        raise ValueError(f'{self.name}: {need} needs a jax.random key: call pipeline(stack, key)')
+    if takers and key is None:
+      need = [self.stages[i].name for i in takers if not self.stages[i].key_optional]
+      if need:
+        raise ValueError(
+          f'{self.name}: {", ".join(need)} needs a jax.random key: call pipeline(stack, key)'
+        )
+    elif takers:
       sub = jax.random.split(key, len(takers))
       keys = {i: sub[j] for j, i in enumerate(takers)}
     for i, s in enumerate(self.stages[:-1]):

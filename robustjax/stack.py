@@ -58,6 +58,7 @@ __all__ = [
   'tree_index',
   'sq_distance',
   'sharded_coordinates',
+  'psum_coordinates',
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -83,7 +84,7 @@ def sharded_coordinates(axis_name):
     _COORDINATE_AXIS.reset(token)
 
 
-def _psum_coordinates(x):
+def psum_coordinates(x):
   """Sums a per-device partial reduction over coordinates when they are sharded."""
   axis = _COORDINATE_AXIS.get()
   return x if axis is None else jax.lax.psum(x, axis)
@@ -156,7 +157,7 @@ def _sum_over_leaves(fn, stack):
   total = parts[0]
   for p in parts[1:]:
     total = total + p
-  return _psum_coordinates(total)
+  return psum_coordinates(total)
 
 
 def worker_finite(stack) -> jax.Array:
@@ -195,7 +196,7 @@ def sq_dists_to(stack, point) -> jax.Array:
       return jnp.sum(diff * diff, axis=1)
 
     total = total + _blocked_sum(block, [xm, pm], _column_block(*xm.shape))
-  return _psum_coordinates(total)
+  return psum_coordinates(total)
 
 
 def sq_distance(a, b) -> jax.Array:
@@ -205,7 +206,7 @@ def sq_distance(a, b) -> jax.Array:
     x, y = jnp.asarray(x), jnp.asarray(y)
     acc = _acc_dtype(x.dtype)
     total = total + jnp.sum(jnp.square(x.astype(acc) - y.astype(acc)))
-  return _psum_coordinates(total)
+  return psum_coordinates(total)
 
 
 def robust_center_index(stack) -> jax.Array:
@@ -258,7 +259,7 @@ def centred_gram(stack, *, center=None) -> tuple[jax.Array, jax.Array]:
       return jnp.matmul(xc, xc.T, precision=_HIGHEST)
 
     gram = gram + _blocked_sum(block_gram, [xm, cm], _column_block(n, xm.shape[1]))
-  gram = _psum_coordinates(gram)
+  gram = psum_coordinates(gram)
   finite = jnp.isfinite(jnp.diagonal(gram))
   gram = jnp.where(finite[:, None] & finite[None, :], gram, 0.0)
   return gram, finite

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from robustjax import attacks, preaggregators
-from robustjax.stack import flatten
+from robustjax import attacks, pipeline
+from robustjax.stack import assemble, flatten
 
 N_H, D, F = 9, 6, 2
 
@@ -50,12 +50,53 @@ def test_registry_names_and_unknown():
     'min_sum',
     'optimal_alie',
     'optimal_ipm',
+    'mimic_heuristic',
+    'label_flip',
+    'none',
   }
-  with pytest.raises(ValueError, match='known attacks: alie'):
+  assert attacks.names('stateful') == ['mimic_heuristic']
+  assert attacks.names('data') == ['label_flip']
+  assert attacks.names('none') == ['none']
+  with pytest.raises(ValueError, match=r'known attacks: alie \(update\)'):
     attacks.get('nope')
 
 
-@pytest.mark.parametrize('name', [n for n in attacks.names() if not n.startswith('optimal')])
+def test_attack_objects_share_one_protocol():
+  h = _honest()
+  key = jax.random.key(0)
+  alie = attacks.get('alie(variant="byzfl")')
+  assert alie.params == (('variant', 'byzfl'),) and alie.kind == 'update'
+  state = alie.init(key, h)
+  byz, state2 = alie.apply(state, h, key, f=F)
+  assert state == state2 == ()
+  np.testing.assert_array_equal(byz, attacks.alie(h, f=F, variant='byzfl'))
+  # The stateful mimic: the same init / apply, its state explicit; equal to the free functions.
+  mimic = attacks.get('mimic_heuristic(warmup=2)')
+  st = mimic.init(key, h)
+  out, st = mimic.apply(st, h, None, f=F)
+  ref, _ = attacks.mimic_heuristic(h, attacks.mimic_heuristic_init(h, key=key), f=F, warmup=2)
+  np.testing.assert_array_equal(out, ref)
+  assert int(st.step) == 1
+  # Optimal attacks receive the defender through apply(rule=...), declared, not inspected.
+  opt = attacks.get('optimal_ipm')
+  assert opt.declared.needs_rule
+  with pytest.raises(ValueError, match='needs the defender'):
+    opt.apply((), h, key, f=F)
+  byz, _ = opt.apply((), h, key, f=F, rule=pipeline.as_rule('median', F))
+  assert byz.shape == (F, D)
+  # Data-level attacks alter labels and replace nothing.
+  flip = attacks.get('label_flip')
+  assert flip.data_level and not flip.replaces_messages
+  np.testing.assert_array_equal(flip.relabel(jnp.asarray([0, 9]), 10), [9, 0])
+  with pytest.raises(ValueError, match='does not replace messages'):
+    flip.apply((), h, key, f=F)
+  assert not attacks.get('none').replaces_messages
+  assert attacks.get(alie) is alie and hash(alie) == hash(attacks.get('alie(variant="byzfl")'))
+
+
+@pytest.mark.parametrize(
+  'name', [n for n in attacks.names('update') if not n.startswith('optimal')]
+)
 def test_every_attack_rejects_f_below_one(name):
   with pytest.raises(ValueError, match=f'{name}: f must be >= 1'):
     attacks.get(name)(_honest(), f=0, key=jax.random.key(0))
@@ -279,7 +320,7 @@ _DEFENDERS = [
 @pytest.mark.parametrize('agg,pre', _DEFENDERS, ids=['+'.join(p + (a,)) for a, p in _DEFENDERS])
 def test_optimal_attacks_beat_a_dense_sequential_scan(agg, pre):
   h = _honest(4)
-  rule = preaggregators.compose(agg, pre=pre, f=F)
+  rule = pipeline.compose(agg, pre=pre, f=F)
   mu, sd = _np_mean_std(h)
   max_scale = 6.0
   scan = np.linspace(0.0, max_scale, 61)
@@ -324,7 +365,7 @@ _SAWTOOTH_MISS = pytest.mark.xfail(
 )
 def test_optimal_ipm_with_nnm_beats_dense_scan(agg):
   h = _honest(4)
-  rule = preaggregators.compose(agg, pre=['nnm'], f=F)
+  rule = pipeline.compose(agg, pre=['nnm'], f=F)
   mu, _ = _np_mean_std(h)
   byz = attacks.optimal_ipm(
     h, f=F, rule=rule, max_scale=6.0, num_scales=12, num_refine=4, refine_rounds=6
@@ -337,17 +378,17 @@ def test_optimal_ipm_with_nnm_beats_dense_scan(agg):
 def test_optimal_subspace_is_exact_and_auto_detected():
   h = _honest(10, d=40)
   cases = (
-    ('optimal_alie', preaggregators.compose('krum', f=F)),
-    ('optimal_ipm', preaggregators.compose('multikrum', pre=['nnm'], f=F)),
+    ('optimal_alie', pipeline.compose('krum', f=F)),
+    ('optimal_ipm', pipeline.compose('multikrum', pre=['nnm'], f=F)),
   )
   for name, rule in cases:
-    assert attacks.orthogonally_equivariant(rule)
+    assert rule.orthogonally_equivariant
     a, ta = attacks.get(name)(h, f=F, rule=rule, subspace=True, return_scale=True)
     b, tb = attacks.get(name)(h, f=F, rule=rule, subspace=False, return_scale=True)
     np.testing.assert_allclose(float(ta), float(tb), rtol=1e-5)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  assert not attacks.orthogonally_equivariant(preaggregators.compose('median', pre=['nnm'], f=F))
-  assert not attacks.orthogonally_equivariant(lambda s, key=None: s.mean(0))
+  assert not pipeline.compose('median', pre=['nnm'], f=F).orthogonally_equivariant
+  assert not pipeline.as_rule(lambda s, key=None: s.mean(0), F).orthogonally_equivariant
 
 
 def test_optimal_expands_past_the_grid_against_the_mean():
@@ -371,7 +412,7 @@ def test_optimal_defender_forms_pytrees_and_key():
   np.testing.assert_allclose(float(t_tree), float(t_flat), rtol=1e-5)
   np.testing.assert_allclose(flatten(out_tree), out_flat, rtol=1e-5, atol=1e-5)
 
-  bucket = preaggregators.compose('median', pre=[('bucketing', {'s': 2})], f=F)
+  bucket = pipeline.compose('median', pre=[('bucketing', {'s': 2})], f=F)
   run = jax.jit(
     lambda x, k: attacks.optimal_ipm(x, f=F, rule=bucket, key=k, num_scales=8, num_refine=4)
   )
@@ -442,7 +483,7 @@ def test_label_maps():
 def test_assemble_positions_mask_and_content():
   h = _honest(9)
   byz = np.full((3, D), -7.0, np.float32)
-  res = attacks.assemble(h, byz, positions=[4, 0, 10])
+  res = assemble(h, byz, positions=[4, 0, 10])
   s = np.asarray(res.stack)
   assert s.shape == (N_H + 3, D)
   np.testing.assert_array_equal(res.positions, [4, 0, 10])
@@ -452,27 +493,27 @@ def test_assemble_positions_mask_and_content():
   np.testing.assert_array_equal(s[mask], h)  # honest slices in their order
   np.testing.assert_array_equal(s[~mask], byz)
   # Default: Byzantine last. Random positions: reproducible from the key, f distinct.
-  np.testing.assert_array_equal(attacks.assemble(h, byz).positions, [9, 10, 11])
-  r1 = attacks.assemble(h, byz, key=jax.random.key(1))
-  r2 = attacks.assemble(h, byz, key=jax.random.key(1))
+  np.testing.assert_array_equal(assemble(h, byz).positions, [9, 10, 11])
+  r1 = assemble(h, byz, key=jax.random.key(1))
+  r2 = assemble(h, byz, key=jax.random.key(1))
   np.testing.assert_array_equal(r1.stack, r2.stack)
   assert len(set(np.asarray(r1.positions).tolist())) == 3
   np.testing.assert_array_equal(np.asarray(r1.stack)[np.asarray(r1.honest_mask)], h)
   # Traced positions under jit, pytree stacks.
   tree_h, tree_b = {'a': jnp.asarray(h)}, {'a': jnp.asarray(byz)}
-  jitted = jax.jit(lambda p: attacks.assemble(tree_h, tree_b, positions=p).stack['a'])
+  jitted = jax.jit(lambda p: assemble(tree_h, tree_b, positions=p).stack['a'])
   np.testing.assert_array_equal(jitted(jnp.array([4, 0, 10])), s)
 
 
 def test_assemble_errors():
   h, byz = _honest(), np.zeros((2, D), np.float32)
   with pytest.raises(ValueError, match='distinct ints'):
-    attacks.assemble(h, byz, positions=[1, 1])
+    assemble(h, byz, positions=[1, 1])
   with pytest.raises(ValueError, match='distinct ints'):
-    attacks.assemble(h, byz, positions=[0, 11])
+    assemble(h, byz, positions=[0, 11])
   with pytest.raises(ValueError, match=r'shape \(2,\)'):
-    attacks.assemble(h, byz, positions=[0])
+    assemble(h, byz, positions=[0])
   with pytest.raises(ValueError, match='not both'):
-    attacks.assemble(h, byz, positions=[0, 1], key=jax.random.key(0))
+    assemble(h, byz, positions=[0, 1], key=jax.random.key(0))
   with pytest.raises(ValueError, match='same pytree structure'):
-    attacks.assemble({'a': h}, {'b': byz})
+    assemble({'a': h}, {'b': byz})

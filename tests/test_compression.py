@@ -91,7 +91,7 @@ def test_error_feedback_accumulation(comp):
   cs = rng.normal(size=(200, 10)).astype(np.float32) + 1.0
   e = ef.init(jnp.zeros(10))
   total = np.zeros(10)
-  step = jax.jit(ef.__call__)
+  step = jax.jit(ef.update)
   for t, c in enumerate(cs):
     sent, e = step(jnp.asarray(c), e, jax.random.key(t))
     total += np.asarray(sent, np.float64)
@@ -119,12 +119,14 @@ def test_pytree_messages_and_bits():
 
 def test_compress_stack_keys_independent_or_shared():
   stack = jnp.tile(jnp.asarray(_x(10))[None], (4, 1))
-  out = np.asarray(C.compress_stack(C.QSGD(2), stack, jax.random.key(0), key_ids=[0, 0, 1, 1]))
+  out, st = C.compress_stack(C.QSGD(2), stack, (), jax.random.key(0), key_ids=[0, 0, 1, 1])
+  out = np.asarray(out)
+  assert st == ()
   np.testing.assert_array_equal(out[0], out[1])
   np.testing.assert_array_equal(out[2], out[3])
   assert not np.array_equal(out[0], out[2])
   ef = C.ErrorFeedback(C.TopK(k=2))
-  sent, state = C.compress_stack(ef, stack, None, state=ef.init(stack))
+  sent, state = C.compress_stack(ef, stack, ef.init(stack), None)
   np.testing.assert_allclose(sent + state, stack, rtol=1e-6)
 
 
@@ -137,10 +139,14 @@ def test_validation_errors():
   with pytest.raises(ValueError, match='needs an explicit PRNG key'):
     C.RandK(k=2)(x)
   with pytest.raises(ValueError, match='needs an explicit PRNG key'):
-    C.compress_stack(C.QSGD(4), jnp.ones((3, 8)), None)
+    C.compress_stack(C.QSGD(4), jnp.ones((3, 8)), (), None)
+  with pytest.raises(ValueError, match='needs an explicit PRNG key'):
+    C.compress_stack(C.ErrorFeedback(C.RandK(k=2)), jnp.ones((3, 8)), jnp.zeros((3, 8)), None)
   with pytest.raises(ValueError, match='levels must be an int >= 1'):
     C.QSGD(levels=0)(x, jax.random.key(0))
-  with pytest.raises(ValueError, match='needs its state'):
-    C.compress_stack(C.ErrorFeedback(C.TopK(k=1)), jnp.ones((3, 8)), None)
   with pytest.raises(ValueError, match='unknown compressor'):
     C.get('zip')
+  assert C.make('ef+top_k(k=2)') == C.ErrorFeedback(C.TopK(k=2))
+  assert C.make('qsgd(levels=3)') == C.QSGD(levels=3)
+  with pytest.raises(ValueError, match='compressor .rand_k.'):
+    C.make('rand_k(q=1)')

@@ -10,28 +10,18 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from robustjax import aggregators, preaggregators
+from robustjax import aggregators, parallel, pipeline, preaggregators
 from robustjax import stack as stk
 
 N, F, D = 12, 2, 8 * 6
-RULES = [
-  ('mean', ()),
-  ('median', ()),
-  ('trimmed_mean', ()),
-  ('meamed', ()),
-  ('krum', ()),
-  ('multikrum', ()),
-  ('bulyan', ()),
-  ('geometric_median', ()),
-  ('centered_clipping', ()),
-  ('mda', ()),
-  ('smea', ()),
-  ('monna', ()),
-  ('caf', ()),
-  ('trimmed_mean', ('nnm',)),
-  ('krum', (('clipping', {'c': 3.0}),)),
-  ('median', ('arc',)),
-  ('geometric_median', (('bucketing', {'s': 2}),)),
+# Every registered rule, and every registered pre-aggregator in front of a coordinate-wise and a
+# distance-based rule: a newly registered one is tested sharded automatically. Only required
+# parameters are given here.
+_PARAMS = {'clipping': {'c': 3.0}, 'bucketing': {'s': 2}}
+RULES = [(name, ()) for name in aggregators.names()] + [
+  (agg, ((p, _PARAMS.get(p, {})),))
+  for p in preaggregators.names()
+  for agg in ('trimmed_mean', 'geometric_median')  # bucketing leaves n/2 rows
 ]
 
 
@@ -52,19 +42,20 @@ def _stack():
 
 @pytest.mark.parametrize('name,pre', RULES, ids=lambda v: str(v))
 def test_sharded_coordinates_match_unsharded(name, pre):
-  mesh = _mesh()
-  rule = preaggregators.compose(name, pre=pre, f=F)
+  """The engine's path (`parallel.sharded_update`, state included) equals `Pipeline.update`."""
+  if len(jax.devices()) < 8:
+    pytest.skip('needs 8 (simulated) devices')
+  mesh = parallel.make_mesh(8)
+  rule = pipeline.compose(name, pre=pre, f=F)
   x, key = _stack(), jax.random.key(3)
-  expected = jax.jit(rule)(x, key)
-
-  def body(local):
-    with stk.sharded_coordinates('model'):
-      return rule(local, key)
-
-  sharded = jax.shard_map(body, mesh=mesh, in_specs=P(None, 'model'), out_specs=P('model'))
-  xs = jax.device_put(x, NamedSharding(mesh, P(None, 'model')))
-  got = jax.jit(sharded)(xs)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+  state = rule.init(jnp.zeros(D))
+  update = jax.jit(parallel.sharded_update(rule, mesh))
+  for _ in range(2):  # twice: a rule's state (centered clipping's centre) is carried sharded
+    expected, s_ref = jax.jit(rule.update)(x, state, key)
+    got, s_got = update(x, state, key)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=2e-5, atol=2e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5), s_got, s_ref)
+    state = s_ref
 
 
 def test_sharded_gram_is_a_psum_of_partials():
