@@ -1,5 +1,6 @@
 """The sharded (shard_map) and pmap steps equal the single-device vmapped step (8 CPU devices)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -68,29 +69,33 @@ def test_eight_devices():
 
 def test_per_worker_grads_equal_on_1_and_8_devices_pcast_trap():
   exp = training.build(_config())
-  spec = eng.TrainSpec(**{**exp.spec.__dict__, 'momentum': 0.0})
+  spec = dataclasses.replace(exp.spec, momentum=0.0)
   params, ms = exp.params0, exp.model_state0
   mom = jax.tree.map(lambda p: jnp.zeros((N,) + p.shape, p.dtype), params)
   wids = jnp.arange(N, dtype=jnp.int32)
   key = jax.random.key(7)
   data = jax.tree.map(jnp.asarray, exp.problem.data)
-  ref, ref_loss = jax.jit(
-    lambda p, m, w, d: eng.worker_updates(spec, exp.problem, p, ms, m, w, key, d)
-  )(params, mom, wids, data)
+  keys = {'grad': key, 'comp': key}
+  workers = {'momentum': mom, 'compression': ()}
+  ref, _, ref_loss = jax.jit(
+    lambda p, m, w, d: eng._worker_stages(
+      spec, exp.problem, p, ms, m, w, keys, d, None, lambda t: t
+    )
+  )(params, workers, wids, data)
   ref = _flat(ref)
   mesh = training.make_mesh(8)
   rep, wk = training.replicated(mesh), training.worker_sharded(mesh)
   args = (
     training.put(params, rep),
     training.put(ms, rep),
-    training.put(mom, wk),
-    training.put(np.arange(N, dtype=np.int32), wk),
-    training.put(np.asarray(jax.random.key_data(key)), rep),
+    training.put({'momentum': mom, 'compression': ()}, wk),
+    training.put({k: np.asarray(jax.random.key_data(v)) for k, v in keys.items()}, rep),
     training.put(exp.problem.data, rep),
+    training.put(np.zeros((0,), np.float32), rep),
   )
   for pcast in (True, False):
-    fn = jax.jit(training.sharded_worker_grads(spec, exp.problem, mesh, pcast=pcast))
-    g, loss = fn(*args)
+    fn = jax.jit(training.sharded_worker_stage(spec, exp.problem, mesh, pcast=pcast))
+    g, _, loss = fn(*args)
     np.testing.assert_allclose(np.asarray(loss), np.asarray(ref_loss), rtol=1e-6)
     if pcast:
       np.testing.assert_allclose(_flat(g), ref, rtol=1e-5, atol=1e-7)
@@ -105,12 +110,16 @@ def test_sharded_step_equals_single_device(rule):
   _, s1, m1 = _cached(rule, 'vmap')
   exp8, s8, m8 = _cached(rule, 'shard_map')
   assert exp8.backend == 'shard_map' and exp8.mesh.size == 8
-  for leaf in jax.tree.leaves(s8.momentum):  # the momentums stay sharded over the workers
+  for leaf in jax.tree.leaves(
+    s8.workers['momentum']
+  ):  # the momentums stay sharded over the workers
     assert leaf.sharding.spec[0] == training.AXIS
     assert leaf.addressable_shards[0].data.shape[0] == N // 8
   assert all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(s8.params))
   np.testing.assert_allclose(_flat(s8.params), _flat(s1.params), rtol=2e-5, atol=1e-6)
-  np.testing.assert_allclose(_flat(s8.momentum), _flat(s1.momentum), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    _flat(s8.workers['momentum']), _flat(s1.workers['momentum']), rtol=2e-5, atol=1e-6
+  )
   np.testing.assert_array_equal(np.asarray(s8.key), np.asarray(s1.key))
   np.testing.assert_allclose(float(m8['train_loss']), float(m1['train_loss']), rtol=1e-5)
 
@@ -120,7 +129,9 @@ def test_pmap_backend_agrees():
   exp, sp, _ = _run(_config('nnm+trimmed_mean', 'pmap'))
   assert exp.backend == 'pmap'
   np.testing.assert_allclose(_flat(sp.params), _flat(s1.params), rtol=2e-5, atol=1e-6)
-  np.testing.assert_allclose(_flat(sp.momentum), _flat(s1.momentum), rtol=2e-5, atol=1e-6)
+  np.testing.assert_allclose(
+    _flat(sp.workers['momentum']), _flat(s1.workers['momentum']), rtol=2e-5, atol=1e-6
+  )
 
 
 def test_workers_must_divide_devices():

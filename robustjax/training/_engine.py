@@ -160,12 +160,14 @@ class Problem:
     tx: the server's optax optimiser.
     data: a dict of arrays: ``x_train``, ``y_train``, ``x_test``, ``y_test``, ``idx`` ((P, L)
       int32 indices of each partition's examples, padded) and ``sizes`` ((P,) int32).
+    apply: the model's forward pass ``apply(params, model_state, x)`` (classification), or None.
   """
 
   loss: Callable
   evaluate: Callable
   tx: optax.GradientTransformation
   data: dict
+  apply: Callable | None = None
 
   # Identity hashing: a Problem is a static argument of the jitted steps.
   def __hash__(self):
@@ -246,7 +248,8 @@ def make_problem(model: nnx.Module, tx, dataset, parts) -> tuple[Problem, Any, A
     }
 
   data = _pack(dataset, parts, np.int32)
-  return Problem(loss=loss, evaluate=evaluate, tx=tx, data=data), params, model_state
+  problem = Problem(loss=loss, evaluate=evaluate, tx=tx, data=data, apply=apply)
+  return problem, params, model_state
 
 
 def least_squares_problem(dataset, parts, tx, *, ridge: float = 0.0, solution=None) -> Problem:
