@@ -96,20 +96,22 @@ _SHORT = {
 
 
 def _short_rule(rule: str) -> str:
-  from robustjax.training import parse_rule
+  from robustjax import pipeline
 
-  pre, agg, _ = parse_rule(rule)
+  p = pipeline.as_rule(rule, 0)
+  agg = p.stages[-1].name
   name = _SHORT.get(agg, agg)
-  pres = [p if isinstance(p, str) else p[0] for p in pre]
+  pres = [s.name for s in p.stages[:-1]]
   if 'bucketing' in pres:
     name += ' + bucketing'
   return name
 
 
 def _short_attack(attack: str) -> str:
-  from robustjax.training import parse_spec
+  from robustjax import attacks
 
-  name, params = parse_spec(attack)
+  resolved = attacks.get(attack)
+  name, params = resolved.name, dict(resolved.params)
   if name == 'sign_flip' and params.get('variant') == 'negate':
     return 'bit flip'
   return {

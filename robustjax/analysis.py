@@ -86,11 +86,11 @@ def heterogeneity(config: Mapping) -> str:
 
 
 def _split_rule(rule: str) -> tuple[str, str]:
-  from robustjax.training import parse_rule
+  """(aggregator name, pre-aggregators' spec) of a rule spec, through the one resolver."""
+  from robustjax.pipeline import as_rule
 
-  pre, agg, _ = parse_rule(rule)
-  parts = rule.split('+')
-  return agg, '+'.join(parts[: len(pre)])
+  p = as_rule(rule, 0)
+  return p.stages[-1].name, '+'.join(s.spec for s in p.stages[:-1])
 
 
 def tidy(records: Iterable[Mapping]) -> list[dict]:
