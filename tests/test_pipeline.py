@@ -1,0 +1,115 @@
+"""The one resolver (`robustjax.pipeline`) and the rule properties consumers query."""
+
+import ast
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from robustjax import aggregators, attacks, pipeline, preaggregators, robustness
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_every_form_of_a_rule_resolves_to_the_same_pipeline():
+  a = pipeline.as_rule('clipping(c=2.0)+nnm+multikrum(m=3)', 2)
+  b = pipeline.compose(('multikrum', {'m': 3}), pre=[('clipping', {'c': 2.0}), 'nnm'], f=2)
+  c = pipeline.as_rule(('clipping(c=2.0)+nnm+multikrum', {'m': 3}), 2)
+  d = pipeline.compose(aggregators.multikrum, pre=[('clipping', {'c': 2.0}), 'nnm'], f=2, m=3)
+  assert a == b == c == d and hash(a) == hash(d)
+  assert a.spec == 'clipping(c=2.0)+nnm+multikrum(m=3)' and a.name == 'clipping+nnm+multikrum'
+  assert pipeline.as_rule(a, 1).f == 1 and pipeline.as_rule(a, 2) is a
+  with pytest.raises(ValueError, match='unknown aggregator'):
+    pipeline.as_rule('nope', 1)
+  with pytest.raises(ValueError, match='f must be a Python int'):
+    pipeline.as_rule('mean', -1)
+
+
+def test_properties_come_from_the_declarations():
+  assert pipeline.as_rule('nnm+krum', 1).orthogonally_equivariant
+  assert pipeline.as_rule('nnm+krum', 1).distance_based
+  assert not pipeline.as_rule('nnm+median', 1).orthogonally_equivariant
+  assert pipeline.as_rule('median', 1).coordinatewise
+  assert pipeline.as_rule('mda', 1).exponential and pipeline.as_rule('nnm+smea', 1).exponential
+  assert pipeline.as_rule('monna', 1).trusted_input == (0,)
+  assert pipeline.as_rule('nnm+centered_clipping', 1).center_state
+  assert pipeline.as_rule('bucketing(s=2)+mean', 1).stochastic
+  assert aggregators.properties('draco').decodes
+  # A user callable declares nothing: no equivariance, no bound.
+  user = pipeline.as_rule(lambda x: x.mean(0), 1)
+  assert not user.orthogonally_equivariant and user.kappa_bound(10) is None
+
+
+def test_kappa_bounds_compose_through_nnm():
+  n, f = 10, 3
+  r = f / (n - 2 * f)
+  tm = (6 * f / (n - 2 * f)) * (1 + r)
+  assert pipeline.as_rule('trimmed_mean', f).kappa_bound(n) == pytest.approx(tm)
+  assert pipeline.as_rule('nnm+trimmed_mean', f).kappa_bound(n) == pytest.approx(
+    (8 * f / (n - f)) * (tm + 1)
+  )
+  assert pipeline.as_rule('multikrum(m=1)', f).kappa_bound(n) == pytest.approx(6 * (1 + r))
+  assert pipeline.as_rule('multikrum(m=2)', f).kappa_bound(n) is None
+  assert pipeline.as_rule('clipping(c=1.0)+trimmed_mean', f).kappa_bound(n) is None
+  assert pipeline.as_rule('trimmed_mean', 5).kappa_bound(10) is None  # 2f >= n
+  assert robustness.upper_bound('nnm+trimmed_mean', n, f) == pytest.approx(
+    (8 * f / (n - f)) * (tm + 1)
+  )
+
+
+def test_state_protocol_of_a_rule():
+  x = jax.random.normal(jax.random.key(0), (7, 4))
+  cc = pipeline.as_rule('centered_clipping(tau=0.5)', 1)
+  state = cc.init(jnp.zeros(4))
+  out1, state = cc.update(x, state)
+  out2, state = cc.update(x, state)
+  np.testing.assert_allclose(out1, aggregators.centered_clipping(x, f=1, tau=0.5))
+  np.testing.assert_allclose(out2, aggregators.centered_clipping(x, f=1, tau=0.5, center=out1))
+  np.testing.assert_allclose(state['center'], out2)
+  mean = pipeline.as_rule('mean', 1)
+  assert mean.init(jnp.zeros(4)) == {} and mean.update(x, {})[1] == {}
+
+
+def test_optional_key_stages_run_without_a_key():
+  x = jnp.ones((5, 3))
+  rule = pipeline.as_rule(lambda s, key=None: s.mean(0), 1)
+  np.testing.assert_allclose(rule(x), jnp.ones(3))
+  with pytest.raises(ValueError, match='needs a jax.random key'):
+    pipeline.as_rule('bucketing(s=2)+mean', 1)(x)
+
+
+def _string_constants(path):
+  """String literals of a module that are not docstrings."""
+  tree = ast.parse(path.read_text())
+  docs = set()
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef)):
+      body = getattr(node, 'body', [])
+      if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        docs.add(id(body[0].value))
+  return [
+    n.value
+    for n in ast.walk(tree)
+    if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+  ]
+
+
+def test_no_consumer_lists_rule_or_attack_names():
+  """Outside the registries' own modules, no code names a rule or an attack: consumers ask the
+  declared properties. (Registration sites and the default of a config are the exceptions.)"""
+  # Words that are also something else ('none' compression, float('nan'), a Gaussian family of
+  # configurations) are left out; coding.py names its DRACO *code*, which the rule shares.
+  generic = {'none', 'nan', 'inf', 'gaussian'}
+  names = (set(aggregators.names()) | set(preaggregators.names()) | set(attacks.names())) - generic
+  own = {'aggregators', 'attacks', 'preaggregators.py', 'coding.py'}
+  offenders = []
+  for path in sorted((ROOT / 'robustjax').rglob('*.py')):
+    rel = path.relative_to(ROOT / 'robustjax')
+    if rel.parts[0] in own:
+      continue
+    for value in _string_constants(path):
+      if value in names:
+        offenders.append(f'{rel}: {value!r}')
+  assert offenders == []
