@@ -1,8 +1,8 @@
 """Exact order statistics along the worker axis with compare-exchange networks.
 
 On XLA:CPU, `jnp.sort(x, axis=0)` / `jnp.median(x, axis=0)` over an (n, d) stack is a sort of d
-short columns with a generic comparator, and costs about 1000× a streaming pass (≈ 10 s for a
-(64, 10⁶) float32 stack). A *sorting network* is a fixed, data-independent list of
+short columns with a generic comparator, and costs orders of magnitude more than a streaming
+pass (timings in BENCHMARKS.md). A *sorting network* is a fixed, data-independent list of
 compare-exchange operations (i, j): `w_i, w_j = min(w_i, w_j), max(w_i, w_j)`. Built at trace time
 over the n row slices of the stack, it is a graph of elementwise `minimum` / `maximum` ops that
 XLA fuses into one loop over the coordinates: exact, branch-free, vectorised.

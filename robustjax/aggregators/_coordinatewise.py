@@ -3,9 +3,9 @@
 Each rule works coordinate by coordinate over the worker axis. The order statistics are exact and
 computed with compare-exchange networks built at trace time over the n worker slices
 (`robustjax._sorting`): on XLA:CPU the whole rule is one fused elementwise loop over the
-coordinates, about 100× faster than `jnp.sort` / `jnp.median` along the worker axis. A pytree stack
-with several leaves is first flattened into one (n, D) matrix (so the network is compiled once,
-whatever the number of leaves) and the result is unflattened.
+coordinates, much faster than `jnp.sort` / `jnp.median` along the worker axis (BENCHMARKS.md). A
+pytree stack with several leaves is first flattened into one (n, D) matrix (so the network is
+compiled once, whatever the number of leaves) and the result is unflattened.
 
 Non-finite inputs: NaN is mapped to +inf before selecting, so with at most f non-finite
 (NaN / ±Inf) values per coordinate, `median`, `trimmed_mean` and `meamed` only ever combine finite

@@ -297,8 +297,8 @@ def mda(
     or another heuristic); here the switch is explicit through `max_subsets`.
 
   Cost: one n × n × d Gram product and one weighted pass over the stack; plus, exact, C(n, f)
-  subsets × (n − f)² (measured: C(26, 6) = 230230 subsets in 1.4 s, C(22, 6) = 74613 in 0.09 s
-  on a busy 2-core CPU); the approximation costs O(f (n − f)²) per round.
+  subsets × (n − f)²; the approximation costs O(f (n − f)²) per round (timings in
+  BENCHMARKS.md).
 
   Non-finite inputs are at +inf distance, so with at most f of them the chosen subset (exact or
   approximate) holds none.
@@ -356,8 +356,7 @@ def smea(
 
   Cost: one n × n × d Gram product and one weighted pass; plus, exact, C(n, f) eigenvalue problems
   of size n − f (O((n − f)³) each); the approximation costs two (n − f)-sized eigenproblems and
-  O(f (n − f)²) per round (measured: n = 256, f = 8 in 3 s and f = 100 in 7 s on a busy 2-core
-  CPU, versus about 0.1 s and 1.7 s for MDA's approximation).
+  O(f (n − f)²) per round (timings in BENCHMARKS.md).
 
   Args:
     stack: a pytree stack (leading worker axis n) or an (n, d) array.

@@ -266,8 +266,7 @@ _OPT_DOC = """
       `orthogonal_equivariant` and one declares `distance_based` (for cheaper defenders the QR
       costs more than it saves); True forces it (your
       responsibility), False turns it off. On CPU the QR runs in LAPACK (OpenBLAS): on a busy
-      machine set ``OPENBLAS_NUM_THREADS=1`` (measured: 30 ms instead of 0.1-1.2 s at
-      d = 1e5, n_h = 52).
+      machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend in the QR; see BENCHMARKS.md).
 
   Returns:
     A stack of f identical slices (and τ if `return_scale`).
