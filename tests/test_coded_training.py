@@ -189,15 +189,15 @@ def test_label_flip_under_coding_changes_the_byzantine_messages():
 
 
 def test_lad_with_momentum_resumes_from_checkpoint(tmp_path):
-  cfg = _config(num_steps=6, checkpoint_every=2, log_every=1, eval_every=3)
+  cfg = _config(num_steps=4, checkpoint_every=2, log_every=1, eval_every=2)
   full = training.train_and_evaluate(cfg, str(tmp_path / 'full'))
-  part = training.train_and_evaluate(cfg, str(tmp_path / 'part'), max_steps=3)
-  assert not part['finished'] and part['step'] == 3
+  part = training.train_and_evaluate(cfg, str(tmp_path / 'part'), max_steps=2)
+  assert not part['finished'] and part['step'] == 2
   resumed = training.train_and_evaluate(cfg, str(tmp_path / 'part'))
   assert resumed['finished'] and resumed['coding'] == 'cyclic(d=3)'
   assert resumed['final'] == full['final']
   lines = [json.loads(x) for x in open(tmp_path / 'part' / 'metrics.jsonl')]
-  assert [r['step'] for r in lines if r['kind'] == 'train'] == list(range(1, 7))
+  assert [r['step'] for r in lines if r['kind'] == 'train'] == list(range(1, 5))
   assert all(r['load'] == pytest.approx(3.0) for r in lines if r['kind'] == 'train')
 
 
