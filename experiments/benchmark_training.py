@@ -61,6 +61,7 @@ def _loop_step(exp):
   import optax
 
   from robustjax.optax_adapter import as_optax
+  from robustjax.stack import assemble
 
   spec, problem = exp.spec, exp.problem
   n, nh, f = spec.num_workers, spec.num_honest, spec.num_byzantine
@@ -82,7 +83,8 @@ def _loop_step(exp):
     received = moms
     if spec.replaces_messages:
       byz, _ = spec.attack.apply((), honest, key, f=f, rule=spec.pipeline)
-      received = jax.tree.map(lambda h, z: jnp.concatenate([h, z.astype(h.dtype)]), honest, byz)
+      byz = jax.tree.map(lambda z, h: z.astype(h.dtype), byz, honest)
+      received = assemble(honest, byz).stack
     agg, agg_state = robust.update(received, agg_state)
     updates, opt_state = problem.tx.update(agg, opt_state, state.params)
     return state.replace(params=optax.apply_updates(state.params, updates)), agg_state, opt_state

@@ -403,7 +403,8 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys):
     byz, attack_state = spec.attack.apply(
       attack_state, honest, keys['attack'], f=f, rule=spec.pipeline
     )
-    received = jax.tree.map(lambda h, z: jnp.concatenate([h, z.astype(h.dtype)]), honest, byz)
+    byz = jax.tree.map(lambda z, h: z.astype(h.dtype), byz, honest)
+    received = stk.assemble(honest, byz).stack  # the Byzantine rows last, where they were
   agg, agg_state = aggregator.update(received, state.aggregator)
   agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, state.params)
   updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
