@@ -246,3 +246,23 @@ def test_experiment_smoke():
   assert {r['d'] for r in rows} == {1, 2, None}
   assert all(np.isfinite(r['final_error_median']) for r in rows)
   assert 'LAD-CWTM' in exp.markdown_table(cfg, rows)
+
+
+def test_local_steps_stateful_attack_and_error_feedback_compose_with_coding():
+  exp = training.build(
+    _config(
+      coding='cyclic(d=2)',
+      algorithm='local',
+      local_steps=2,
+      attack='mimic_heuristic(warmup=2)',
+      compression='ef+top_k(fraction=0.1)',
+      backend='vmap',
+    )
+  )
+  state = exp.init_state()
+  for _ in range(2):
+    state, m = exp.step(state)
+  assert int(state.attack_state.step) == 2
+  assert np.isfinite(float(m['agg_error'])) and float(m['load']) == pytest.approx(2.0)
+  memory = jax.tree.leaves(state.workers['compression'])
+  assert any(np.any(np.asarray(x) != 0) for x in memory)
