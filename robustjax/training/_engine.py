@@ -363,6 +363,9 @@ def _gradients(spec, problem, params, model_state, rows, key, data, flip):
 def _worker_stages(spec, problem, params, model_state, workers, rows, keys, data, b, gather):
   """Stages 1-4 for the workers `rows` (global indices); `gather` all-gathers a row stack.
 
+  Label flipping under coding computes the subset gradients twice (with honest and with flipped
+  labels: a Byzantine worker encodes the flipped ones); every other combination computes them once.
+
   Returns ``(messages after momentum, new worker state, per-row losses)``.
   """
   if spec.code.identity:
