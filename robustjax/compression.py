@@ -396,7 +396,4 @@ def compress_stack(compressor, stack, state, key: jax.Array | None, *, key_ids=N
       raise ValueError(f'compress_stack: {compressor.name} needs an explicit PRNG key')
     key = jax.random.key(0)  # deterministic compressors ignore it
   keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
-  if isinstance(state, tuple) and not state:
-    sent = jax.vmap(lambda x, k: compressor.update(x, (), k)[0])(stack, keys)
-    return sent, ()
-  return jax.vmap(compressor.update)(stack, state, keys)
+  return jax.vmap(compressor.update)(stack, state, keys)  # state () maps to ()
