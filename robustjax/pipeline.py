@@ -312,8 +312,7 @@ def compose(aggregator, pre=(), *, f: int, **aggregator_params) -> Pipeline:
   stages = [_stage(p, preaggregators.REGISTRY, 'pre-aggregator') for p in pre]
   agg = _stage(aggregator, aggregators.REGISTRY, 'aggregator')
   if aggregator_params:
-    merged = {**dict(agg.params), **aggregator_params}
-    agg = dataclasses.replace(agg, params=_hashable_params(f'compose ({agg.name})', merged))
+    agg = _with_params(agg, aggregator_params)
   stages.append(agg)
   return Pipeline(stages=tuple(stages), f=f, name='+'.join(s.name for s in stages))
 
@@ -330,8 +329,8 @@ def as_rule(x, f: int) -> Pipeline:
   _check_f('as_rule', f)
   if isinstance(x, Pipeline):
     return x if x.f == f else dataclasses.replace(x, f=f)
-  if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) and '+' in x[0]:
-    base = as_rule(x[0], f)  # a spec string with extra aggregator parameters
+  if isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str):
+    base = as_rule(x[0], f)  # a name or spec string, with extra aggregator parameters
     return dataclasses.replace(
       base, stages=base.stages[:-1] + (_with_params(base.stages[-1], x[1]),)
     )
@@ -347,5 +346,7 @@ def as_rule(x, f: int) -> Pipeline:
 
 
 def _with_params(stage: Stage, params: Mapping) -> Stage:
+  if 'f' in params:
+    raise ValueError(f'compose: pass f to compose(), not in the parameters of {stage.name!r}')
   merged = {**dict(stage.params), **dict(params)}
-  return dataclasses.replace(stage, params=_hashable_params(f'as_rule ({stage.name})', merged))
+  return dataclasses.replace(stage, params=_hashable_params(f'compose ({stage.name})', merged))
