@@ -2,58 +2,71 @@
 
 For each rule, n and feasible f, `robustjax.robustness.estimate_kappa` searches for inputs with a
 large ratio ‖F(x) − x̄_S‖² / ((1/|S|) Σ_{i∈S} ‖x_i − x̄_S‖²); the best ratio found, κ̂, is a measured
-*lower* bound on the rule's κ⋆. It is tabulated against the proven upper bound (where one is known)
-and the universal lower bound f/(n − 2f). A κ̂ above a proven upper bound is a contradiction: it is
-printed loudly and its witness saved as `.npz`.
+*lower* bound on the rule's κ⋆, certified by a witness saved with the results. Coordinate-wise
+rules are also searched densely on the line (`robustness.search_1d`). A κ̂ equal to a proven upper
+bound is an exact κ⋆; a κ̂ above one is a contradiction, printed loudly.
 
 Usage:
-  python experiments/robustness.py --study=kappa       # the table and figures for every rule
-  python experiments/robustness.py --study=multikrum   # κ̂ of MultiKrum against m and f/n
+  python experiments/robustness.py --study=kappa       # every rule, n = 10, 20, 50, every f
+  python experiments/robustness.py --study=multikrum   # MultiKrum: every m, both neighbour counts
+  python experiments/robustness.py --study=dim         # the effect of the dimension on a few cells
   python experiments/robustness.py --study=benchmark   # configurations per second
   python experiments/robustness.py --study=all
 
-Results are cached in `--results` (JSON, one entry per (rule, n, f)) so an interrupted run resumes
-and the tables / figures can be regenerated with `--plot_only`.
+Cells run in `--processes` worker processes, grouped by (n, f, dim) so that each process compiles
+the rule-independent parts of the search once per group. Results are cached in `--results` (one
+JSON entry per cell; an interrupted run resumes) and witnesses in `--witnesses` (one compressed
+.npz per study and n, one array pair per cell); `--plot_only` rebuilds tables and figures.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
 import json
 import math
+import multiprocessing
 import os
 import sys
 import time
 import zlib
 
-import jax
+import numpy as np
 from absl import app, flags
 
-from robustjax import aggregators, pipeline, robustness
-
 FLAGS = flags.FLAGS
-flags.DEFINE_enum('study', 'all', ['all', 'kappa', 'multikrum', 'benchmark'], 'What to run.')
+flags.DEFINE_enum('study', 'all', ['all', 'kappa', 'multikrum', 'dim', 'benchmark'], 'What to run.')
 flags.DEFINE_list('ns', ['10', '20', '50'], 'Numbers of inputs n.')
-flags.DEFINE_list('rules', [], 'Aggregators (default: every registered one).')
+flags.DEFINE_list('rules', [], 'Aggregators (default: every registered one that does not decode).')
 flags.DEFINE_bool('with_nnm', True, 'Also measure every rule after NNM.')
-flags.DEFINE_integer('dim', 8, 'Dimension of the inputs.')
-flags.DEFINE_integer('budget', 6000, 'Configurations evaluated per (rule, n, f).')
+flags.DEFINE_integer('dim', 0, 'Dimension of the inputs (0: robustness.default_dim per rule).')
+flags.DEFINE_integer(
+  'max_dim', 20, 'With --dim=0: at most this dimension (n − 1 = 49 at n = 50 costs 2.5x).'
+)
+flags.DEFINE_integer('budget', 10_000, 'Configurations per restart and cell (before the cap).')
+flags.DEFINE_integer('restarts', 3, 'Independent restarts per cell; the best is kept.')
+flags.DEFINE_float(
+  'seconds_per_cell', 4.0, 'Cap: a slow rule gets its budget scaled to about this search time.'
+)
 flags.DEFINE_integer('seed', 0, 'PRNG seed.')
 flags.DEFINE_integer('batch', 512, 'Configurations per compiled call.')
-flags.DEFINE_float('local_fraction', 0.3, 'Share of the budget spent in local search (0: none).')
-flags.DEFINE_integer('local_batch', 64, 'Configurations refined in parallel by the local search.')
-flags.DEFINE_list('f_step', [], 'n:step, a stride over f for that n (default: every feasible f).')
-flags.DEFINE_integer(
-  'subset_max_n', 10, 'mda / smea (exponential subset search) only up to this n.'
-)
-flags.DEFINE_list('mk_ns', ['10', '20'], 'n for the MultiKrum study (m = 1 .. n − f, every f).')
-flags.DEFINE_string('results', 'docs/robustness_results.json', 'JSON cache of all results.')
-flags.DEFINE_string('table', 'docs/robustness_table.md', 'Markdown table written here.')
-flags.DEFINE_string('fig_prefix', 'docs/figures/robustness_', 'Figures: <prefix><name>.png.')
-flags.DEFINE_string('witness_dir', 'docs/robustness_witnesses', 'Contradiction witnesses (.npz).')
+flags.DEFINE_integer('processes', 2, 'Worker processes.')
+flags.DEFINE_integer('exponential_max_n', 20, 'Rules that enumerate subsets: only up to this n.')
+flags.DEFINE_list('mk_ns', ['10', '20', '50'], 'n for the MultiKrum study.')
+flags.DEFINE_string('results', 'docs/robustness_results.json', 'JSON cache of the kappa study.')
 flags.DEFINE_string(
-  'witness_store', '/tmp/robustness_witnesses', 'Every witness (.npz), for cross-evaluation.'
+  'mk_results', 'docs/robustness_multikrum_results.json', 'JSON cache of the MultiKrum study.'
 )
-flags.DEFINE_bool('plot_only', False, 'Only rebuild the tables and figures from --results.')
+flags.DEFINE_string('table', 'docs/robustness_table.md', 'Markdown table of the kappa study.')
+flags.DEFINE_string('mk_table', 'docs/robustness_multikrum.md', 'Markdown table of MultiKrum.')
+flags.DEFINE_string('dim_table', 'docs/robustness_dim.md', 'Markdown table of the dim study.')
+flags.DEFINE_string('fig_prefix', 'docs/figures/robustness_', 'Figures: <prefix><name>.png.')
+flags.DEFINE_string('witnesses', 'docs/robustness_witnesses', 'Witness archives (.npz).')
+flags.DEFINE_bool('plot_only', False, 'Only rebuild the tables and figures from the caches.')
+
+
+# --------------------------------------------------------------------------------------------------
+# Caches.
 
 
 def _load(path):
@@ -71,193 +84,350 @@ def _save(path, results):
   os.replace(tmp, path)
 
 
-def _spec(rule, pre, params):
-  name = ('nnm+' if pre else '') + rule
-  return (name, params) if params else name
+def witness_archive(directory, study, n):
+  return os.path.join(directory, f'{study}_n{n}.npz')
 
 
-def _key(rule, pre, n, f, params):
-  extra = ''.join(f',{k}={v}' for k, v in sorted(params.items()))
-  return f'{"nnm+" if pre else ""}{rule}{extra}|n={n}|f={f}'
+def witness_name(key):
+  """The array names of a cell's witness inside its archive."""
+  safe = ''.join(c if c.isalnum() else '_' for c in key)
+  return f'{safe}__stack', f'{safe}__honest'
 
 
-def measure(results, rule, pre, n, f, params=None, *, budget=None):
-  """Runs (or reads from the cache) one estimate; returns the entry or None if infeasible."""
-  params = params or {}
-  k = _key(rule, pre, n, f, params)
-  if k in results:
-    return results[k]
-  spec = _spec(rule, pre, params)
-  seed = jax.random.fold_in(jax.random.key(FLAGS.seed), zlib.crc32(k.encode()) % (2**31))
-  try:
-    est = robustness.estimate_kappa(
-      spec,
-      n,
-      f,
-      FLAGS.dim,
-      seed,
-      budget or FLAGS.budget,
-      batch=FLAGS.batch,
-      local_batch=FLAGS.local_batch,
-      local_fraction=FLAGS.local_fraction,
-    )
-  except ValueError as err:
-    results[k] = {'infeasible': str(err).splitlines()[0]}
-    return results[k]
-  ub = robustness.upper_bound(spec, n, f)
-  lb = robustness.lower_bound(n, f)
-  entry = {
-    'rule': ('nnm+' if pre else '') + rule,
-    'base': rule,
-    'pre': 'nnm' if pre else '',
-    'params': params,
-    'n': n,
-    'f': f,
-    'kappa': est.kappa,
-    'upper': ub,
-    'lower': lb,
-    'family': est.witness.family,
-    'evaluated': est.evaluated,
-    'seconds': round(est.seconds, 2),
-  }
-  if ub is not None and est.kappa > ub * (1 + 1e-4) + 1e-6:
-    os.makedirs(FLAGS.witness_dir, exist_ok=True)
-    path = os.path.join(FLAGS.witness_dir, k.replace('|', '_').replace(',', '_') + '.npz')
-    est.witness.save(path, kappa=est.kappa, upper=ub, n=n, f=f)
-    entry['contradiction'] = path
-    bar = '!' * 100
+def load_witness(directory, study, n, key):
+  """The witness of one cell: (stack, honest), for `robustness.ratio(rule, stack, honest)`."""
+  s, h = witness_name(key)
+  with np.load(witness_archive(directory, study, n)) as z:
+    return z[s], z[h]
+
+
+def _store_witnesses(directory, study, n, cells):
+  """Adds {key: (stack, honest)} to the study's archive for n (rewritten atomically)."""
+  os.makedirs(directory, exist_ok=True)
+  path = witness_archive(directory, study, n)
+  arrays = {}
+  if os.path.exists(path):
+    with np.load(path) as z:
+      arrays = {k: z[k] for k in z.files}
+  for key, (stack, honest) in cells.items():
+    s, h = witness_name(key)
+    arrays[s], arrays[h] = np.asarray(stack, np.float32), np.asarray(honest, bool)
+  tmp = path + '.tmp.npz'
+  np.savez_compressed(tmp, **arrays)
+  os.replace(tmp, path)
+
+
+def cell_key(spec, n, f):
+  return f'{spec}|n={n}|f={f}'
+
+
+# --------------------------------------------------------------------------------------------------
+# One group of cells, in a worker process.
+
+
+def _scaled_options(pipes, n, f, dim, opts):
+  """Budget and candidates scaled down for slow rules, from one timed batch (recorded).
+
+  A rule evaluating fewer than 1,000 configurations/s (CAF at n = 50) also gets batches of 128,
+  one line-search pass and no attack part; its restarts and canonical witnesses stay.
+  """
+  from robustjax import robustness
+
+  rate = min(
+    robustness.benchmark(p, n=n, f=f, dim=dim, batch=opts['batch'], repeats=1)['eval_only_per_s']
+    for p in pipes
+  )
+  # Part 2's line search costs about 2 passes × 13 parameters × 8 values × the candidates.
+  planned = opts['restarts'] * (opts['budget'] + 208 * 32 * len(pipes))
+  scale = min(1.0, rate * opts['seconds_per_cell'] / planned)
+  slow = rate < 1000
+  batch = 128 if slow else opts['batch']
+  return dict(
+    budget=max(batch, int(opts['budget'] * scale)),
+    local_candidates=max(4, int(round(32 * scale))),
+    batch=batch,
+    attacks=not slow,
+    passes=1 if slow else 2,
+    rate=rate,
+  )
+
+
+def run_group(job):
+  """Runs every cell of one (study, n, f, dim) group; returns [(key, entry, stack, honest)]."""
+  import jax
+
+  from robustjax import pipeline, robustness
+
+  study, n, f, dim, cells, opts = job
+  out = []
+  for key, spec, extra in cells:
+    seed = jax.random.fold_in(jax.random.key(opts['seed']), zlib.crc32(key.encode()) % (2**31))
+    t0 = time.perf_counter()
+    try:
+      pipe = pipeline.as_rule(spec, f)
+      cell_dim = dim or robustness.default_dim(pipe, n, f)
+      pipe(np.zeros((n, cell_dim), np.float32))
+    except ValueError as err:
+      out.append((key, {'infeasible': str(err).splitlines()[0]}, None, None))
+      continue
+    if extra == 'multikrum':
+      ests, scaled = _multikrum_cells(n, f, cell_dim, seed, opts)
+    else:
+      scaled = _scaled_options([pipe], n, f, cell_dim, opts)
+      est = robustness.estimate_kappa(
+        pipe,
+        n,
+        f,
+        cell_dim,
+        seed,
+        scaled['budget'],
+        restarts=opts['restarts'],
+        batch=scaled['batch'],
+        local_candidates=scaled['local_candidates'],
+        attacks=scaled['attacks'],
+        passes=scaled['passes'],
+      )
+      if pipe.coordinatewise and n - f >= 2 and study != 'dim':
+        line = robustness.search_1d(pipe, n, f, jax.random.fold_in(seed, 1))
+        est.per_family['1-D search'] = line.kappa
+        if line.kappa > est.kappa:
+          est = dataclasses.replace(est, kappa=line.kappa, witness=line.witness, dim=1)
+      ests = [(key, spec, est)]
+    seconds = time.perf_counter() - t0
+    for k, s, est in ests:
+      p = pipeline.as_rule(s, f)
+      ub = robustness.upper_bound(p, n, f)
+      lb = robustness.lower_bound(n, f)
+      if ub is not None and abs(est.kappa - ub) <= 1e-5 * max(ub, 1e-12):
+        status = 'exact'
+      elif p.coordinatewise and n - f >= 2 and study != 'dim':
+        status = '1-D search'
+      else:
+        status = 'search'
+      entry = {
+        'rule': p.spec,
+        'n': n,
+        'f': f,
+        'dim': est.dim,
+        'kappa': est.kappa,
+        'upper': ub,
+        'lower': lb,
+        'status': status,
+        'family': est.witness.family,
+        'per_restart': [float(r) for r in est.per_restart],
+        'evaluated': est.evaluated,
+        'budget': scaled['budget'],
+        'rate': round(scaled.get('rate', 0.0)),
+        'seconds': round(seconds / len(ests), 2),
+      }
+      if isinstance(s, tuple):
+        entry['params'] = dict(s[1])
+        entry['base'] = s[0]
+      if ub is not None and est.kappa > ub * (1 + 1e-4) + 1e-6:
+        entry['contradiction'] = True
+      out.append((k, entry, est.witness.stack, est.witness.honest))
     print(
-      f'\n{bar}\nCONTRADICTION: {entry["rule"]} n={n} f={f}: measured kappa {est.kappa:.6g} > '
-      f'proven upper bound {ub:.6g}\nwitness saved to {path}\n{bar}\n',
-      file=sys.stderr,
+      f'  [{os.getpid()}] {key}: kappa={ests[0][2].kappa:.5g} ({seconds:.1f}s, '
+      f'budget {scaled["budget"]})',
       flush=True,
     )
-  if FLAGS.witness_store:
-    os.makedirs(FLAGS.witness_store, exist_ok=True)
-    est.witness.save(_witness_path(k), kappa=est.kappa)
-  results[k] = entry
-  return entry
-
-
-def _witness_path(k):
-  return os.path.join(FLAGS.witness_store, k.replace('|', '_').replace(',', '_') + '.npz')
-
-
-def cross_evaluate_multikrum(results):
-  """Re-evaluates every Krum / MultiKrum witness of an (n, f) under every m of that (n, f).
-
-  Each witness is a valid input, so max over witnesses of ratio(MultiKrum_m, witness) is still a
-  measured lower bound on κ⋆(MultiKrum_m); it removes the search's seed-to-seed noise between
-  neighbouring m (and makes Krum and MultiKrum m=1, the same rule, agree).
-  """
-  groups = {}
-  for k, e in results.items():
-    if 'kappa' in e and not e['pre'] and e['base'] in ('krum', 'multikrum'):
-      if e['base'] == 'krum' or 'm' in e['params']:
-        groups.setdefault((e['n'], e['f']), []).append((k, e))
-  for _, items in sorted(groups.items()):
-    wits = []
-    for k, _ in items:
-      path = _witness_path(k)
-      if os.path.exists(path):
-        wits.append(robustness.Witness.load(path))
-    for _, e in items:
-      spec = 'krum' if e['base'] == 'krum' else ('multikrum', e['params'])
-      best, src = e['kappa'], 'search'
-      for w in wits:
-        r = robustness.ratio(spec, w.stack, w.honest)
-        if r > best:
-          best, src = r, 'cross'
-      e['kappa_search'] = e.get('kappa_search', e['kappa'])
-      e['kappa'] = max(best, e['kappa'])
-      e['kappa_source'] = src
-
-
-def _fs(n):
-  steps = dict(item.split(':') for item in FLAGS.f_step)
-  step = int(steps.get(str(n), 1))
-  fs = list(range(0, (n + 1) // 2, step))
-  if (n - 1) // 2 not in fs:
-    fs.append((n - 1) // 2)
-  return fs
-
-
-def _coarse_first(fs):
-  """Orders f values so that a truncated run still spans the range: ends and middle first."""
-  out, seen = [], set()
-  levels = [fs]
-  while levels:
-    nxt = []
-    for lv in levels:
-      if not lv:
-        continue
-      mid = len(lv) // 2
-      for f in (lv[0], lv[-1], lv[mid]):
-        if f not in seen:
-          seen.add(f)
-          out.append(f)
-      nxt += [lv[1:mid], lv[mid + 1 : -1]]
-    levels = [lv for lv in nxt if lv]
   return out
 
 
-def run_kappa(results):
-  rules = FLAGS.rules or [r for r in aggregators.names() if not aggregators.properties(r).decodes]
-  pres = (False, True) if FLAGS.with_nnm else (False,)
+# --------------------------------------------------------------------------------------------------
+# MultiKrum: every m and both neighbour counts from one evaluation.
+
+
+def multikrum_specs(n, f):
+  """[(key, spec)] for m = 1 … n − f and num_neighbors n − f − 2 (paper), n − f − 1 (ByzFL)."""
+  out = []
+  for conv, k in (('paper', n - f - 2), ('byzfl', n - f - 1)):
+    for m in range(1, n - f + 1):
+      spec = ('multikrum', {'m': m, 'num_neighbors': k})
+      out.append((f'multikrum|{conv}|m={m}|n={n}|f={f}', spec))
+  return out
+
+
+def multikrum_evaluator(n, f):
+  """(B, n, d), (B, n) → (B, 2(n − f)) ratios of MultiKrum for every m and both neighbour counts.
+
+  One sort of the Krum scores per convention, then prefix means: the same selection as
+  `aggregators.multikrum` (lowest scores, ties to the lower index). It only steers the search;
+  every reported κ̂ is re-evaluated with the registered rule.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  from robustjax import aggregators
+
+  def one(x, mask):
+    w = mask.astype(x.dtype)
+    h = jnp.sum(w)
+    mu = (w @ x) / h
+    var = jnp.sum(w * jnp.sum((x - mu) ** 2, axis=1)) / h
+    outs = []
+    for k in (n - f - 2, n - f - 1):
+      scores = aggregators.krum_scores(x, f=f, num_neighbors=k)
+      order = jnp.argsort(scores, stable=True)
+      prefix = jnp.cumsum(x[order], axis=0) / jnp.arange(1, n + 1, dtype=x.dtype)[:, None]
+      outs.append(prefix[: n - f])
+    y = jnp.concatenate(outs)
+    num = jnp.sum((y - mu) ** 2, axis=1)
+    return jnp.where(var > 0, num / jnp.where(var > 0, var, 1.0), jnp.where(num > 0, jnp.inf, 0.0))
+
+  return jax.jit(jax.vmap(one))
+
+
+def _multikrum_cells(n, f, dim, seed, opts):
+  from robustjax import robustness
+
+  specs = multikrum_specs(n, f)
+  evaluate = multikrum_evaluator(n, f)
+  ests = robustness.estimate_kappas(
+    [s for _, s in specs],
+    n,
+    f,
+    dim,
+    seed,
+    opts['budget'],
+    restarts=opts['restarts'],
+    batch=opts['batch'],
+    local_candidates=4,
+    evaluate=evaluate,
+  )
+  return [(k, s, e) for (k, s), e in zip(specs, ests)], {'budget': opts['budget']}
+
+
+# --------------------------------------------------------------------------------------------------
+# The studies.
+
+
+def _fs(n):
+  return list(range(0, (n + 1) // 2))
+
+
+def _options():
+  return {
+    'seed': FLAGS.seed,
+    'budget': FLAGS.budget,
+    'restarts': FLAGS.restarts,
+    'seconds_per_cell': FLAGS.seconds_per_cell,
+    'batch': FLAGS.batch,
+  }
+
+
+def _run_jobs(jobs, results, results_path, study):
+  """Runs the groups in worker processes; saves every finished group's entries and witnesses."""
   t0 = time.time()
-  # Coarse to fine over f (every n and rule at a few f first), so a run cut short is still usable.
-  # f = 0 (no adversary: how far the rule is from the mean) comes last.
-  order = {n: _coarse_first([f for f in _fs(n) if f]) + [0] for n in map(int, FLAGS.ns)}
-  depth = max(len(v) for v in order.values())
-  jobs = []
-  for i in range(depth):
-    for n in map(int, FLAGS.ns):
-      if i >= len(order[n]):
-        continue
-      f = order[n][i]
-      for rule in rules:
-        if pipeline.as_rule(rule, 0).exponential and n > FLAGS.subset_max_n:
-          continue
-        for pre in pres:
-          jobs.append((rule, pre, n, f))
-  for rule, pre, n, f in jobs:
-    e = measure(results, rule, pre, n, f)
-    if 'kappa' in e:
+  done = 0
+  total = sum(len(j[4]) for j in jobs)
+  ctx = multiprocessing.get_context('spawn')
+  with concurrent.futures.ProcessPoolExecutor(FLAGS.processes, mp_context=ctx) as pool:
+    futures = [pool.submit(run_group, j) for j in jobs]
+    for fut in concurrent.futures.as_completed(futures):
+      out = fut.result()
+      by_n = {}
+      for key, entry, stack, honest in out:
+        results[key] = entry
+        if stack is not None:
+          by_n.setdefault(entry['n'], {})[key] = (stack, honest)
+          if entry.get('contradiction'):
+            bar = '!' * 100
+            print(
+              f'\n{bar}\nCONTRADICTION: {key}: kappa {entry["kappa"]:.6g} > proven upper bound '
+              f'{entry["upper"]:.6g}\n{bar}\n',
+              file=sys.stderr,
+              flush=True,
+            )
+      for n, cells in by_n.items():
+        _store_witnesses(FLAGS.witnesses, study, n, cells)
+      _save(results_path, results)
+      done += len(out) if study != 'multikrum' else 1
+      first = out[0][1] if out else {}
       print(
-        f'[{time.time() - t0:7.0f}s] {e["rule"]:24s} n={n:3d} f={f:3d} '
-        f'kappa={e["kappa"]:.4g} lower={e["lower"]:.3g} upper={e["upper"]} '
-        f'({e["seconds"]}s, {e["family"]})',
+        f'[{time.time() - t0:7.0f}s] {done}/{total} cells; last: {out[0][0] if out else ""} '
+        f'kappa={first.get("kappa", "—")}',
         flush=True,
       )
-    _save(FLAGS.results, results)
+  return time.time() - t0
+
+
+def run_kappa(results):
+  from robustjax import aggregators, pipeline
+
+  rules = FLAGS.rules or [r for r in aggregators.names() if not aggregators.properties(r).decodes]
+  specs = [r for r in rules] + ([f'nnm+{r}' for r in rules] if FLAGS.with_nnm else [])
+  groups = {}
+  for n in map(int, FLAGS.ns):
+    for f in _fs(n):
+      for spec in specs:
+        key = cell_key(spec, n, f)
+        if key in results:
+          continue
+        pipe = pipeline.as_rule(spec, 0)
+        if pipe.exponential and n > FLAGS.exponential_max_n:
+          continue
+        dim = FLAGS.dim or (1 if pipe.coordinatewise else min(n - 1, FLAGS.max_dim))
+        groups.setdefault((n, f, dim), []).append((key, spec, None))
+  # Large groups first (n = 50), so the two processes finish together.
+  jobs = [('kappa', n, f, d, cells, _options()) for (n, f, d), cells in groups.items()]
+  jobs.sort(key=lambda j: -j[1] * (1 + (j[3] > 1)))
+  wall = _run_jobs(jobs, results, FLAGS.results, 'kappa')
+  print(f'kappa study: {sum(len(j[4]) for j in jobs)} cells in {wall / 60:.1f} min', flush=True)
+  return wall
 
 
 def run_multikrum(results):
-  t0 = time.time()
-  jobs = []
+  groups = []
   for n in map(int, FLAGS.mk_ns):
-    fs = [f for f in range(n) if n > 2 * f + 2]
-    for f in _coarse_first(fs):
-      jobs.append((n, f, 0))  # Krum
-    ms = {f: _coarse_first(list(range(1, n - f + 1))) for f in fs}
-    for i in range(max(len(v) for v in ms.values())):
-      for f in _coarse_first(fs):
-        if i < len(ms[f]):
-          jobs.append((n, f, ms[f][i]))
-  for n, f, m in jobs:
-    if m == 0:
-      e = measure(results, 'krum', False, n, f)
-    else:
-      e = measure(results, 'multikrum', False, n, f, {'m': m})
-    print(
-      f'[{time.time() - t0:7.0f}s] {"multikrum" if m else "krum"} n={n} f={f} m={m} '
-      f'kappa={e["kappa"]:.4g} ({e["seconds"]}s)',
-      flush=True,
-    )
-    _save(FLAGS.results, results)
+    for f in range(0, n):
+      if n <= 2 * f + 2:
+        continue
+      if any(k in results for k, _ in multikrum_specs(n, f)):
+        continue
+      groups.append(
+        (
+          'multikrum',
+          n,
+          f,
+          FLAGS.dim or min(n - 1, FLAGS.max_dim),
+          [(f'mk|n={n}|f={f}', 'krum', 'multikrum')],
+          _options(),
+        )
+      )
+  groups.sort(key=lambda j: -j[1])
+  wall = _run_jobs(groups, results, FLAGS.mk_results, 'multikrum')
+  print(f'multikrum study: {len(groups)} (n, f) groups in {wall / 60:.1f} min', flush=True)
+  return wall
+
+
+DIM_CELLS = (
+  ('krum', 20, 7),
+  ('geometric_median', 20, 5),
+  ('nnm+median', 20, 9),
+  ('monna', 10, 2),
+  ('caf', 10, 3),
+  ('multikrum', 20, 4),
+  ('nnm+trimmed_mean', 20, 6),
+  ('meamed', 20, 5),
+  ('krum', 50, 17),
+  ('nnm+median', 50, 20),
+)
+
+
+def run_dim(results):
+  jobs = []
+  for spec, n, f in DIM_CELLS:
+    for dim in sorted({1, 2, 4, 8, min(n - 1, 20), n - 1} | ({2 * n} if n <= 20 else set())):
+      key = f'{spec}|n={n}|f={f}|dim={dim}'
+      if key not in results:
+        jobs.append(('dim', n, f, dim, [(key, spec, None)], _options()))
+  return _run_jobs(jobs, results, FLAGS.results.replace('_results', '_dim_results'), 'dim')
 
 
 def run_benchmark():
+  from robustjax import robustness
+
   rows = []
   for rule in ('median', 'trimmed_mean', 'meamed', 'krum'):
     b = robustness.benchmark(rule, n=20, f=4, dim=16, batch=4096, repeats=5)
@@ -284,28 +454,38 @@ def _fmt(x):
   return f'{x:.4g}'
 
 
+_MARK = {'exact': ' **exact**', '1-D search': ' (1-D search)', 'search': ''}
+
+
 def write_table(results, path):
-  rows = [e for e in results.values() if 'kappa' in e and not e['params']]
-  rows.sort(key=lambda e: (e['n'], e['base'], e['pre'], e['f']))
+  from robustjax import robustness
+
+  rows = [e for e in results.values() if 'kappa' in e]
+  rows.sort(key=lambda e: (e['n'], e['rule'], e['f']))
+  below = [e for e in rows if e['kappa'] < e['lower'] * (1 - 1e-6)]
   lines = [
     '# Measured (f, κ) robustness coefficients',
     '',
     'Generated by `python experiments/robustness.py --study=kappa` (see docs/robustness.md).',
-    'κ̂: the largest ratio the search found — a **measured lower bound** on κ⋆, re-checkable from',
-    'its witness. upper: the **proven** upper bound from the papers (— where none is known).',
-    'lower: the universal lower bound f/(n − 2f), proven for every rule.',
-    f'dim = {FLAGS.dim}, seed {FLAGS.seed}; configurations evaluated per cell: '
-    f'{min(e["evaluated"] for e in rows)} to {max(e["evaluated"] for e in rows)} (the `evaluated` '
-    f'field of each entry in the results JSON).',
+    'Each cell: κ̂, the largest ratio found — a **measured lower bound** on κ⋆, re-checkable from',
+    'its witness (`docs/robustness_witnesses/kappa_n<n>.npz`, see docs/robustness.md) — then the',
+    '**proven** upper bound in parentheses where one is known. **exact**: κ̂ reaches the proven',
+    'upper bound, so κ̂ = κ⋆. (1-D search): a coordinate-wise rule, whose κ⋆ is its κ⋆ on the line,',
+    'searched densely there (`robustness.search_1d`). The first row is the universal lower bound',
+    'f/(n − 2f), proven for every rule.',
+    f'Search per cell: {FLAGS.restarts} restarts, up to {FLAGS.budget:,} configurations each',
+    '(fewer for slow rules: the `budget` field of each entry), plus the attacks, the line search',
+    'and the hill climber; dim n − 1 (1 for coordinate-wise rules).',
+    '',
+    f'Cells below f/(n − 2f): {len(below)} (must be 0).',
     '',
   ]
-  contradictions = [e for e in rows if 'contradiction' in e]
+  contradictions = [e for e in rows if e.get('contradiction')]
   if contradictions:
     lines += ['## CONTRADICTIONS (κ̂ above a proven upper bound)', '']
     for e in contradictions:
       lines.append(
-        f'- **{e["rule"]} n={e["n"]} f={e["f"]}: κ̂ = {_fmt(e["kappa"])} > {_fmt(e["upper"])}**, '
-        f'witness `{e["contradiction"]}`'
+        f'- **{e["rule"]} n={e["n"]} f={e["f"]}: κ̂ = {_fmt(e["kappa"])} > {_fmt(e["upper"])}**'
       )
     lines.append('')
   for n in sorted({e['n'] for e in rows}):
@@ -329,40 +509,49 @@ def write_table(results, path):
         c = _fmt(e['kappa'])
         if e['upper'] is not None:
           c += f' (≤ {_fmt(e["upper"])})'
-        if 'contradiction' in e:
+        c += _MARK[e['status']]
+        if e.get('contradiction'):
           c = f'**{c} CONTRADICTION**'
         cells.append(c)
       lines.append(f'| {rule} | ' + ' | '.join(cells) + ' |')
     lines.append('')
   total = sum(e['seconds'] for e in rows)
-  lines.append(f'Search time, summed over cells: {total / 60:.1f} min.')
+  lines.append(f'Search time, summed over cells (two processes in parallel): {total / 60:.1f} min.')
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   with open(path, 'w') as fh:
     fh.write('\n'.join(lines) + '\n')
 
 
-def plot_kappa(results, prefix):
+def _plt():
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  rows = [e for e in results.values() if 'kappa' in e and not e['params']]
+  return plt
+
+
+def plot_kappa(results, prefix):
+  from robustjax import robustness
+
+  plt = _plt()
+  rows = [e for e in results.values() if 'kappa' in e]
   ns = sorted({e['n'] for e in rows})
-  for pre in ('', 'nnm'):
-    sub = [e for e in rows if e['pre'] == pre]
+  for pre in (False, True):
+    sub = [e for e in rows if e['rule'].startswith('nnm+') == pre]
     if not sub:
       continue
     fig, axes = plt.subplots(1, len(ns), figsize=(5.2 * len(ns), 5.0), squeeze=False)
-    rules = sorted({e['base'] for e in sub})
+    rules = sorted({e['rule'] for e in sub})
     cmap = plt.get_cmap('tab20')
     for ax, n in zip(axes[0], ns):
       for i, rule in enumerate(rules):
-        pts = sorted((e['f'] / n, e['kappa']) for e in sub if e['n'] == n and e['base'] == rule)
+        pts = sorted((e['f'] / n, e['kappa']) for e in sub if e['n'] == n and e['rule'] == rule)
         pts = [(a, max(b, 1e-4)) for a, b in pts if a > 0]
         if pts:
-          ax.plot(*zip(*pts), 'o-', ms=3, lw=1.2, color=cmap(i % 20), label=rule)
-      fs = [f for f in range(1, (n + 1) // 2)]
+          label = rule.removeprefix('nnm+')
+          ax.plot(*zip(*pts), 'o-', ms=3, lw=1.2, color=cmap(i % 20), label=label)
+      fs = list(range(1, (n + 1) // 2))
       ax.plot(
         [f / n for f in fs],
         [robustness.lower_bound(n, f) for f in fs],
@@ -390,136 +579,189 @@ def plot_kappa(results, prefix):
 
 
 def multikrum_summary(results):
-  """{n: {f: {'krum': κ̂, 'm': {m: κ̂}}}} from the cache."""
+  """{conv: {n: {f: {m: κ̂}}}} from the MultiKrum cache."""
   out = {}
-  for e in results.values():
-    if 'kappa' not in e or e['pre']:
+  for key, e in results.items():
+    if 'kappa' not in e:
       continue
-    if e['base'] == 'multikrum' and 'm' in e['params']:
-      out.setdefault(e['n'], {}).setdefault(e['f'], {'m': {}})['m'][e['params']['m']] = e['kappa']
-    elif e['base'] == 'krum' and not e['params']:
-      out.setdefault(e['n'], {}).setdefault(e['f'], {'m': {}})['krum'] = e['kappa']
+    conv = key.split('|')[1]
+    out.setdefault(conv, {}).setdefault(e['n'], {}).setdefault(e['f'], {})[e['params']['m']] = e[
+      'kappa'
+    ]
   return out
 
 
 def write_multikrum(results, path):
+  from robustjax import robustness
+
   summ = multikrum_summary(results)
   lines = [
-    '# MultiKrum study: measured κ̂ against m and f/n',
+    '# MultiKrum study: measured κ̂ against m, f/n and the neighbour count',
     '',
-    'Generated by `python experiments/robustness.py --study=multikrum`. Every number is a measured',
-    'lower bound on κ⋆ (best ratio found by `estimate_kappa`), not a proven bound.',
+    'Generated by `python experiments/robustness.py --study=multikrum` (see docs/robustness.md).',
+    'Every number is a measured lower bound on κ⋆ (the best ratio found, re-checkable from its',
+    'witness in `docs/robustness_witnesses/multikrum_n<n>.npz`). m = 1 is Krum. "paper": scores',
+    'over n − f − 2 neighbours (Blanchard et al.); "ByzFL": n − f − 1. Krum\'s proven bound',
+    '6(1 + f/(n − 2f)) (Allouah et al. 2023) holds for m = 1 with n − f − 2 neighbours.',
     '',
   ]
-  for n in sorted(summ):
-    lines += [
-      f'## n = {n}',
-      '',
-      '| f | f/n | Krum | ' + ' | '.join(f'm={m}' for m in range(1, n + 1)) + ' | best m |',
-      '|---|---|---|' + '---|' * (n + 1),
-    ]
-    for f in sorted(summ[n]):
-      d = summ[n][f]
-      ms = d['m']
-      best = min(ms, key=lambda m: ms[m]) if ms else None
-      cells = [_fmt(ms[m]) if m in ms else '' for m in range(1, n + 1)]
-      lines.append(
-        f'| {f} | {f / n:.2f} | {_fmt(d.get("krum"))} | ' + ' | '.join(cells) + f' | {best} |'
-      )
-    lines.append('')
+  for conv, label in (
+    ('paper', 'n − f − 2 neighbours (paper)'),
+    ('byzfl', 'n − f − 1 neighbours (ByzFL)'),
+  ):
+    for n in sorted(summ.get(conv, {})):
+      d = summ[conv][n]
+      lines += [
+        f'## n = {n}, {label}',
+        '',
+        '| f | f/n | f/(n−2f) | ' + ' | '.join(f'm={m}' for m in range(1, n + 1)) + ' | best m |',
+        '|---|---|---|' + '---|' * (n + 1),
+      ]
+      for f in sorted(d):
+        ms = d[f]
+        best = min(ms, key=lambda m: ms[m])
+        cells = [_fmt(ms[m]) if m in ms else '' for m in range(1, n + 1)]
+        lines.append(
+          f'| {f} | {f / n:.2f} | {_fmt(robustness.lower_bound(n, f))} | '
+          + ' | '.join(cells)
+          + f' | {best} |'
+        )
+      lines.append('')
   with open(path, 'w') as fh:
     fh.write('\n'.join(lines) + '\n')
 
 
 def plot_multikrum(results, prefix):
-  import matplotlib
+  from robustjax import robustness
 
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
+  plt = _plt()
   summ = multikrum_summary(results)
-  ns = sorted(summ)
+  ns = sorted(summ.get('paper', {}))
   if not ns:
     return
-  fig, axes = plt.subplots(1, len(ns), figsize=(5.5 * len(ns), 4.4), squeeze=False)
-  for ax, n in zip(axes[0], ns):
-    fs = sorted(summ[n])
-    cmap = plt.get_cmap('viridis')
-    for i, f in enumerate(fs):
-      ms = summ[n][f]['m']
-      if not ms:
-        continue
-      xs = sorted(ms)
-      ax.plot(
-        xs,
-        [max(ms[m], 1e-4) for m in xs],
-        'o-',
-        ms=3,
-        color=cmap(i / max(len(fs) - 1, 1)),
-        label=f'f={f} (f/n={f / n:.2f})',
+  # κ̂ against m, one line per f.
+  fig, axes = plt.subplots(2, len(ns), figsize=(5.5 * len(ns), 8.4), squeeze=False)
+  for row, conv in enumerate(('paper', 'byzfl')):
+    for ax, n in zip(axes[row], ns):
+      d = summ.get(conv, {}).get(n, {})
+      cmap = plt.get_cmap('viridis')
+      fs = sorted(d)
+      for i, f in enumerate(fs):
+        xs = sorted(d[f])
+        ax.plot(
+          xs,
+          [max(d[f][m], 1e-4) for m in xs],
+          'o-',
+          ms=2.5,
+          lw=1,
+          color=cmap(i / max(len(fs) - 1, 1)),
+          label=f'f={f}' if len(fs) <= 12 or i % 3 == 0 else None,
+        )
+      ax.set_yscale('log')
+      ax.set_xlabel('m (inputs averaged; m = 1 is Krum)')
+      ax.set_title(
+        f'MultiKrum, n = {n}, {"n − f − 2" if conv == "paper" else "n − f − 1"} neighbours'
       )
-      if 'krum' in summ[n][f]:
-        ax.plot([1], [max(summ[n][f]['krum'], 1e-4)], 'kx', ms=8)
-    ax.set_yscale('log')
-    ax.set_xlabel('m (number of inputs averaged)')
-    ax.set_title(f'MultiKrum, n = {n} (x: Krum)')
-    ax.grid(alpha=0.3, which='both')
-    ax.legend(fontsize=7)
-  axes[0][0].set_ylabel('measured κ̂ (lower bound on κ⋆)')
+      ax.grid(alpha=0.3, which='both')
+      ax.legend(fontsize=6, ncol=2)
+    axes[row][0].set_ylabel('measured κ̂ (lower bound on κ⋆)')
   fig.tight_layout()
   fig.savefig(f'{prefix}multikrum_m.png', dpi=110)
   plt.close(fig)
 
-  fig, ax = plt.subplots(figsize=(6.4, 4.4))
-  for n, mk in zip(ns, ('o', 's', '^')):
-    fs = sorted(f for f in summ[n] if f > 0 and 'krum' in summ[n][f] and summ[n][f]['m'])
-    if not fs:
-      continue
-    kr = [summ[n][f]['krum'] for f in fs]
-    full = [summ[n][f]['m'].get(n - f, math.nan) for f in fs]
-    best = [min(summ[n][f]['m'].values()) for f in fs]
-    x = [f / n for f in fs]
-    ax.plot(x, kr, mk + '-', color='C3', label=f'Krum, n={n}')
-    ax.plot(x, full, mk + '-', color='C0', label=f'MultiKrum m=n−f, n={n}')
-    ax.plot(x, best, mk + ':', color='C2', label=f'MultiKrum best m, n={n}')
+  # κ̂ against f/n, one line per m (as a function of n − f).
+  fig, axes = plt.subplots(1, len(ns), figsize=(5.5 * len(ns), 4.6), squeeze=False)
+  choices = (
+    ('m = 1 (Krum)', lambda n, f: 1),
+    ('m = 2', lambda n, f: 2),
+    ('m = (n − f)/2', lambda n, f: max(1, (n - f) // 2)),
+    ('m = n − 2f', lambda n, f: max(1, n - 2 * f)),
+    ('m = n − f', lambda n, f: n - f),
+  )
+  for ax, n in zip(axes[0], ns):
+    for j, (label, pick) in enumerate(choices):
+      for conv, style in (('paper', '-'), ('byzfl', ':')):
+        d = summ.get(conv, {}).get(n, {})
+        fs = sorted(f for f in d if f > 0 and pick(n, f) in d[f])
+        if fs:
+          ax.plot(
+            [f / n for f in fs],
+            [max(d[f][pick(n, f)], 1e-4) for f in fs],
+            'o' + style,
+            ms=3,
+            color=f'C{j}',
+            label=f'{label}, {conv}',
+          )
+    fs = [f for f in range(1, n) if n > 2 * f + 2]
     ax.plot(
-      x,
+      [f / n for f in fs],
       [robustness.lower_bound(n, f) for f in fs],
-      mk + '--',
-      color='k',
-      lw=1,
-      label=f'f/(n−2f), n={n}',
+      'k--',
+      lw=1.5,
+      label='f/(n−2f)',
     )
-  ax.set_yscale('log')
-  ax.set_xlabel('f / n')
-  ax.set_ylabel('measured κ̂ (lower bound on κ⋆)')
-  ax.set_title('MultiKrum against Krum')
-  ax.grid(alpha=0.3, which='both')
-  ax.legend(fontsize=7)
+    ax.plot(
+      [f / n for f in fs],
+      [6 * (1 + robustness.lower_bound(n, f)) for f in fs],
+      '--',
+      color='grey',
+      lw=1,
+      label='Krum bound 6(1 + f/(n−2f))',
+    )
+    ax.set_yscale('log')
+    ax.set_xlabel('f / n')
+    ax.set_title(f'MultiKrum, n = {n} (solid: n − f − 2 neighbours, dotted: n − f − 1)')
+    ax.grid(alpha=0.3, which='both')
+  axes[0][0].set_ylabel('measured κ̂ (lower bound on κ⋆)')
+  axes[0][-1].legend(fontsize=6)
   fig.tight_layout()
-  fig.savefig(f'{prefix}multikrum_vs_krum.png', dpi=110)
+  fig.savefig(f'{prefix}multikrum_vs_f.png', dpi=110)
   plt.close(fig)
+
+
+def write_dim(results, path):
+  rows = {}
+  for e in results.values():
+    if 'kappa' in e:
+      rows.setdefault((e['rule'], e['n'], e['f']), {})[e['dim']] = e['kappa']
+  dims = sorted({d for r in rows.values() for d in r})
+  lines = [
+    '# The effect of the search dimension on κ̂',
+    '',
+    'Generated by `python experiments/robustness.py --study=dim`: the same search (seeded per cell',
+    'and dimension) at every dim; κ̂ is a measured lower bound on κ⋆ in each column.',
+    '',
+    '| rule | n | f | ' + ' | '.join(f'dim {d}' for d in dims) + ' |',
+    '|---|---|---|' + '---|' * len(dims),
+  ]
+  for (rule, n, f), r in sorted(rows.items()):
+    lines.append(f'| {rule} | {n} | {f} | ' + ' | '.join(_fmt(r.get(d)) for d in dims) + ' |')
+  with open(path, 'w') as fh:
+    fh.write('\n'.join(lines) + '\n')
 
 
 def main(argv):
   del argv
-  results = _load(FLAGS.results)
-  if not FLAGS.plot_only:
-    if FLAGS.study in ('all', 'benchmark'):
-      run_benchmark()
-    if FLAGS.study in ('all', 'kappa'):
-      run_kappa(results)
-    if FLAGS.study in ('all', 'multikrum'):
-      run_multikrum(results)
-    _save(FLAGS.results, results)
+  if FLAGS.study in ('all', 'benchmark') and not FLAGS.plot_only:
+    run_benchmark()
   if FLAGS.study in ('all', 'kappa'):
+    results = _load(FLAGS.results)
+    if not FLAGS.plot_only:
+      run_kappa(results)
     write_table(results, FLAGS.table)
     plot_kappa(results, FLAGS.fig_prefix)
   if FLAGS.study in ('all', 'multikrum'):
-    cross_evaluate_multikrum(results)
-    _save(FLAGS.results, results)
-    write_multikrum(results, FLAGS.table.replace('_table', '_multikrum'))
+    results = _load(FLAGS.mk_results)
+    if not FLAGS.plot_only:
+      run_multikrum(results)
+    write_multikrum(results, FLAGS.mk_table)
     plot_multikrum(results, FLAGS.fig_prefix)
+  if FLAGS.study in ('all', 'dim'):
+    path = FLAGS.results.replace('_results', '_dim_results')
+    results = _load(path)
+    if not FLAGS.plot_only:
+      run_dim(results)
+    write_dim(results, FLAGS.dim_table)
 
 
 if __name__ == '__main__':

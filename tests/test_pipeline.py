@@ -45,7 +45,7 @@ def test_properties_come_from_the_declarations():
 def test_kappa_bounds_compose_through_nnm():
   n, f = 10, 3
   r = f / (n - 2 * f)
-  tm = (6 * f / (n - 2 * f)) * (1 + r)
+  tm = r  # κ⋆ of CWTM, proven exactly (docs/robustness.md)
   assert pipeline.as_rule('trimmed_mean', f).kappa_bound(n) == pytest.approx(tm)
   assert pipeline.as_rule('nnm+trimmed_mean', f).kappa_bound(n) == pytest.approx(
     (8 * f / (n - f)) * (tm + 1)

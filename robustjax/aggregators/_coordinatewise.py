@@ -193,8 +193,11 @@ def mean(stack, *, f: int = 0):
 @register(
   'median',
   properties=Properties(
-    kappa=lambda n, f, **_: 4 * (1 + lower_bound_ratio(n, f)) ** 2,
-    kappa_reference='Allouah et al. 2023: CWMed, κ = 4(1 + f/(n−2f))²',
+    kappa=lambda n, f, **_: ((n + 1) // 2 - 1) / (n // 2 + 1 - f),
+    kappa_reference=(
+      'κ⋆ = (⌈n/2⌉ − 1)/(⌊n/2⌋ + 1 − f) exactly (proof in docs/robustness.md); '
+      'Allouah et al. 2023 prove κ = 4(1 + f/(n−2f))²'
+    ),
     coordinatewise=True,
   ),
 )
@@ -239,10 +242,10 @@ def median(stack, *, f: int = 0):
 @register(
   'trimmed_mean',
   properties=Properties(
-    kappa=lambda n, f, **_: (6 * f / (n - 2 * f)) * (1 + lower_bound_ratio(n, f)),
+    kappa=lambda n, f, **_: lower_bound_ratio(n, f),
     kappa_reference=(
-      'Allouah et al. 2023: CWTM, κ = (6f/(n−2f))(1 + f/(n−2f)); '
-      'κ⋆ = f/(n−2f) exactly (docs/robustness.md)'
+      'κ⋆ = f/(n−2f) exactly (proof in docs/robustness.md); '
+      'Allouah et al. 2023 prove κ = (6f/(n−2f))(1 + f/(n−2f))'
     ),
     coordinatewise=True,
   ),
