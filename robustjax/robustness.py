@@ -153,12 +153,14 @@ def _ratio_core(fn, x, mask):
 
 
 def ratios(rule, xs, masks, *, f: int | None = None) -> jax.Array:
-  """The ratio of a batch of inputs xs (B, n, d) with honest masks (B, n), vmapped (float32)."""
+  """The ratio of a batch of inputs xs (B, n, d) with honest masks (B, n), vmapped (float32).
+
+  One compiled evaluation per (rule, f, shape), cached across calls.
+  """
   masks = jnp.asarray(masks)
   if f is None:
     f = int(masks.shape[1] - int(np.asarray(masks[0]).sum()))
-  fn = _bind(rule, f)
-  return jax.jit(jax.vmap(functools.partial(_ratio_core, fn)))(jnp.asarray(xs), masks)
+  return _default_evaluator((as_rule(rule, f),))(jnp.asarray(xs), masks)[:, 0]
 
 
 # --------------------------------------------------------------------------------------------------
