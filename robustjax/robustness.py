@@ -692,6 +692,17 @@ def _hill_climb(evaluate, x, mask, r, cols, key, *, steps, batch, limit=1e4):
   return x[:k], best_r[:k], steps * k * proposals
 
 
+def _exact_best(pipe, candidates):
+  """(ratio, Witness) of the best of [(x, mask, family)] re-evaluated one by one with `ratio`."""
+  best, best_r = None, -math.inf
+  for x, m, fam in candidates:
+    x, m = np.asarray(x, np.float32), np.asarray(m, bool)
+    r = ratio(pipe, x, m)
+    if r > best_r or best is None:
+      best, best_r = Witness(stack=x, honest=m, family=fam), r
+  return best_r, best
+
+
 @functools.lru_cache(maxsize=64)
 def _default_evaluator(pipes: tuple):
   """(B, n, d), (B, n) → (B, M) float32 ratios of M pipelines, vmapped over the batch, jitted."""
@@ -832,6 +843,7 @@ def estimate_kappas(
     nonlocal evaluated
     pool.add(x, m, r, family)
     r = np.where(np.isnan(r), -1.0, np.asarray(r, np.float64))
+    np.maximum(restart_best, r.max(axis=0), out=restart_best)
     fams = np.array([family] * r.shape[0] if isinstance(family, str) else family)
     for name in np.unique(fams):
       best = r[fams == name].max(axis=0)
@@ -849,15 +861,10 @@ def estimate_kappas(
     k_rs = jax.random.fold_in(key, rs)
     k_gen, k_att, k_loc, k_fam = jax.random.split(k_rs, 4)
     rng = np.random.default_rng(np.asarray(jax.random.key_data(k_fam)).ravel().tolist())
-    pool_restart = _Pool(outputs, 1)
-
-    def record_both(x, m, r, family, _pr=pool_restart):
-      record(x, m, r, family)
-      _pr.add(x, m, r, family)
-
+    restart_best = np.full(outputs, -1.0)  # read by `record` (the best ratio of this restart)
     if rs == 0 and cx.shape[0]:
       x, m = _pad(cx, cm, batch)
-      record_both(cx, cm, np.asarray(evaluate(x, m))[: cx.shape[0]], 'canonical')
+      record(cx, cm, np.asarray(evaluate(x, m))[: cx.shape[0]], 'canonical')
     # Part 1: random structured configurations and the attacks.
     share = 0.2 if line_search else 0.35
     for c in range(max(1, round(share * budget / batch))):
@@ -868,17 +875,17 @@ def estimate_kappas(
       fams = [
         f'{_HONEST_FAMILIES[a]}/{_BYZ_FAMILIES[b]}' for a, b in zip(*map(np.asarray, (hf, bf)))
       ]
-      record_both(x, m, np.asarray(evaluate(x, m)), fams)
+      record(x, m, np.asarray(evaluate(x, m)), fams)
     if attacks and rs == 0:
       for name, x, m in _attack_configs(k_att, n, f, dim, batch, _ATTACK_SCALES):
         x, m = trust(x, m)
-        record_both(x, m, np.asarray(evaluate(x, m)), f'attack:{name}')
+        record(x, m, np.asarray(evaluate(x, m)), f'attack:{name}')
     # Part 2: the parametrised family, sampled, then line-searched from the best samples.
     samples = max(batch, round(share * budget / batch) * batch)
     theta, choice, seeds = _sample_family(rng, samples, bounds)
     x, m = _family(theta, choice, seeds, trust, batch, n=n, f=f, dim=dim)
     r = _evaluate_in_batches(evaluate, x, m, batch)
-    record_both(x, m, r, 'family')
+    record(x, m, r, 'family')
     if line_search:
       r = np.where(np.isnan(r), -1.0, r)
       picks = [np.argsort(-r[:, col], kind='stable')[:local_candidates] for col in range(outputs)]
@@ -900,7 +907,7 @@ def estimate_kappas(
         trust=trust,
       )
       evaluated += used
-      record_both(lx, lm, _evaluate_in_batches(evaluate, lx, lm, batch), 'family+line_search')
+      record(lx, lm, _evaluate_in_batches(evaluate, lx, lm, batch), 'family+line_search')
     # Part 3: hill climbing from the best configurations of each rule, in chunks of at most
     # batch / 4 configurations (at least 4 proposals each per step).
     if local_fraction > 0:
@@ -923,24 +930,15 @@ def estimate_kappas(
         )
         evaluated += used
         fams = [f'{it[3].split("+hill_climb")[0]}+hill_climb' for it, _ in part]
-        record_both(hx, hm, _evaluate_in_batches(evaluate, hx, hm, batch), fams)
+        record(hx, hm, _evaluate_in_batches(evaluate, hx, hm, batch), fams)
     for col in range(outputs):
-      best = pool_restart.best(col, 1)
-      per_restart[col].append(best[0][0] if best else math.nan)
+      per_restart[col].append(float(restart_best[col]) if restart_best[col] > -1.0 else math.nan)
 
   # Exact re-evaluation: the best configurations of each rule, and the canonical witnesses.
   results = []
   for col, pipe in enumerate(pipes):
     cands = [(x, m, fam) for _, x, m, fam in pool.best(col, top_k)]
-    cands += [(x, m, 'canonical') for x, m in zip(cx, cm)]
-    best, best_r = None, -math.inf
-    for x, m, fam in cands:
-      r_exact = ratio(pipe, np.asarray(x, np.float32), np.asarray(m, bool))
-      if r_exact > best_r or best is None:
-        best, best_r = (
-          Witness(stack=np.asarray(x, np.float32), honest=np.asarray(m, bool), family=fam),
-          r_exact,
-        )
+    best_r, best = _exact_best(pipe, cands + [(x, m, 'canonical') for x, m in zip(cx, cm)])
     results.append(
       KappaEstimate(
         kappa=float(best_r),
@@ -1096,11 +1094,7 @@ def search_1d(
   )
   evaluated += used
   pool.add(bx, hm, br[:, None], '1-D levels+hill_climb')
-  best, best_r = None, -math.inf
-  for _, x, m, fam in pool.best(0, 8):
-    r = ratio(pipe, x, m)
-    if r > best_r:
-      best, best_r = Witness(stack=np.asarray(x, np.float32), honest=np.asarray(m), family=fam), r
+  best_r, best = _exact_best(pipe, [(x, m, fam) for _, x, m, fam in pool.best(0, 8)])
   return KappaEstimate(
     kappa=float(best_r),
     witness=best,
