@@ -40,10 +40,17 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from robustjax._checks import check_f, check_positive_int, num_workers
+from robustjax._checks import check_f, check_positive, check_positive_int, num_workers
 from robustjax._registry import Registry
 from robustjax.aggregators import Properties
-from robustjax.stack import norms, pairwise_sq_dists, weighted_sum
+from robustjax.stack import (
+  acc_dtype,
+  normaliser,
+  norms,
+  result_dtype,
+  scaled_sq_dists,
+  weighted_sum,
+)
 
 __all__ = [
   'REGISTRY',
@@ -68,16 +75,23 @@ def _scale_slices(stack, scale, ok):
   def one(x):
     x = jnp.asarray(x)
     b = (-1,) + (1,) * (x.ndim - 1)
-    acc = jnp.promote_types(x.dtype, jnp.float32)
+    acc = jnp.promote_types(result_dtype(x.dtype), jnp.float32)
     y = x.astype(acc) * scale.reshape(b).astype(acc)
-    return jnp.where(ok.reshape(b), y, 0.0).astype(x.dtype)
+    return jnp.where(ok.reshape(b), y, 0.0).astype(result_dtype(x.dtype))
 
   return jax.tree.map(one, stack)
 
 
+def _scaled_norms(stack):
+  """(n,) norms / s and the power-of-two scale s (`stack.normaliser`): no overflow at 1e20."""
+  scale = normaliser(stack).scale
+  return norms(stack, scale=scale), scale
+
+
 def _clip_to(stack, radius):
   """Clips every slice to norm ≤ radius; slices with a non-finite norm become 0."""
-  nrm = norms(stack)
+  nrm, scale = _scaled_norms(stack)
+  radius = radius / scale
   ok = jnp.isfinite(nrm)
   safe = jnp.where(ok & (nrm > 0), nrm, 1.0)
   scale = jnp.where(nrm > radius, radius / safe, 1.0)
@@ -102,9 +116,12 @@ def nnm(stack, *, f: int):
   one `weighted_sum`: never an n × (n − f) × d tensor. Ties are broken towards the lower index
   (`lax.top_k`), which changes nothing when the tied inputs are equal.
 
-  Edge cases: a slice with non-finite entries or an overflowing norm is at +inf distance from
-  every other slice, so with at most f of them it is never a neighbour of a finite slice; its own
-  output averages its neighbours with its non-finite entries counted as 0 (`weighted_sum`).
+  Edge cases: a slice with non-finite entries or an overflowing rescaled norm is at +inf distance
+  from every other slice, so with at most f of them it is never a neighbour of a finite slice;
+  its own output is NaN (the rule that follows treats it as the non-finite input it was). A finite
+  slice with fewer than n − f finite neighbours (more than f non-finite slices) also gets NaN.
+  Distances are computed on the rescaled stack (`stack.scaled_sq_dists`): inputs at 1e20 mix as
+  inputs at 1.
 
   Cost: one n × n × d Gram product plus one n × n × d weighted combination (two matmuls).
   Robustness: NNM ∘ F is (f, κ')-robust with κ' ≤ (8f/(n − f))(κ_F + 1) (Allouah et al., 2023).
@@ -125,11 +142,11 @@ def nnm(stack, *, f: int):
   """
   n = num_workers(stack, 'nnm')
   check_f('nnm', n, f)
-  d2 = pairwise_sq_dists(stack)
+  d2, finite, _ = scaled_sq_dists(stack)
   k = n - f
   _, idx = jax.lax.top_k(-d2, k)
   w = jnp.zeros((n, n), d2.dtype).at[jnp.arange(n)[:, None], idx].set(1.0 / k)
-  return weighted_sum(w, stack)
+  return weighted_sum(w, stack, finite=finite)
 
 
 @register('bucketing', properties=Properties(orthogonal_equivariant=True, stochastic=True))
@@ -176,8 +193,9 @@ def bucketing(stack, *, f: int = 0, key, s: int = 2):
   perm = jax.random.permutation(key, n)
   pos = jnp.arange(n)
   bucket = pos // s
-  size = jnp.minimum(s, n - bucket * s).astype(jnp.float32)
-  w = jnp.zeros((nb, n), jnp.float32).at[bucket, perm].set(1.0 / size)
+  acc = acc_dtype(stack)
+  size = jnp.minimum(s, n - bucket * s).astype(acc)
+  w = jnp.zeros((nb, n), acc).at[bucket, perm].set(1.0 / size)
   return weighted_sum(w, stack)
 
 
@@ -185,16 +203,18 @@ def bucketing(stack, *, f: int = 0, key, s: int = 2):
 def clipping(stack, *, f: int = 0, c):
   """Static clipping: x_i · min(1, c / ‖x_i‖).
 
-  Edge cases: a slice whose norm is not finite (NaN / ±Inf entries, or 1e38 whose square
-  overflows in float32) is clipped to the zero vector (its norm counts as +inf, and its
-  non-finite entries are replaced, since 0 · NaN = NaN).
+  Edge cases: a slice whose norm is not finite (NaN / ±Inf entries, or one whose square
+  overflows even on the rescaled stack) is clipped to the zero vector (its norm counts as +inf,
+  and its non-finite entries are replaced, since 0 · NaN = NaN). Norms are computed on the stack
+  divided by a robust power-of-two scale (`stack.normaliser`), so honest slices at 1e20 are
+  clipped, not zeroed.
 
-  Cost: two streaming passes (norms, then scaling).
+  Cost: three streaming passes (scale, norms, scaling).
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
     f: the number of Byzantine inputs (static; checked 0 ≤ f and 2f < n, otherwise unused).
-    c: the clipping radius c > 0 (may be traced; checked when it is a Python number).
+    c: the clipping radius c > 0 (may be traced; checked when it is concrete).
 
   Returns:
     The clipped stack, same structure and dtypes.
@@ -204,14 +224,13 @@ def clipping(stack, *, f: int = 0, c):
   """
   n = num_workers(stack, 'clipping')
   check_f('clipping', n, f)
-  if isinstance(c, bool) or (isinstance(c, (int, float)) and not c > 0):
-    raise ValueError(f'clipping: c must be > 0; got c={c!r}')
+  check_positive('clipping', 'c', c)
   return _clipping(stack, c)
 
 
 @jax.jit
 def _clipping(stack, c):
-  return _clip_to(stack, jnp.asarray(c, jnp.float32))
+  return _clip_to(stack, jnp.asarray(c, acc_dtype(stack)))
 
 
 @register('arc', properties=Properties(orthogonal_equivariant=True))
@@ -226,7 +245,7 @@ def arc(stack, *, f: int):
   Edge cases: non-finite norms count as +inf (they are among the k largest while at most f are
   bad) and such slices are clipped to the zero vector, as in `clipping`.
 
-  Cost: two streaming passes (norms, scaling) plus a top-k over n norms.
+  Cost: three streaming passes (scale, norms, scaling) plus a top-k over n norms.
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
@@ -245,7 +264,7 @@ def arc(stack, *, f: int):
   n = num_workers(stack, 'arc')
   check_f('arc', n, f)
   k = (2 * f * (n - f)) // n
-  nrm = norms(stack)
+  nrm, _ = _scaled_norms(stack)  # only ratios of norms matter
   ok = jnp.isfinite(nrm)
   key_norm = jnp.where(ok, nrm, jnp.inf)
   smallest, _ = jax.lax.top_k(-key_norm, n - k)

@@ -10,6 +10,9 @@ Numerics:
   * `pairwise_sq_dists` centres the inputs before the Gram product. The naive
     ‖a‖² + ‖b‖² − 2⟨a, b⟩ in float32 loses most digits when the inputs share a large common
     component (model weights do), and distance-based selection then picks the wrong inputs.
+  * Scale: distance-based rules compute their geometry on the stack divided by a robust
+    power-of-two scale (`normaliser`, `scaled_gram`), so inputs at 1e20 (whose squares overflow
+    float32) behave as inputs at 1, and the division is exact.
   * Non-finite inputs (NaN, ±Inf, or finite values whose squares overflow, like 1e38) never
     poison the entries of other workers: such a worker is at distance +inf from every other worker,
     and `weighted_sum` ignores non-finite entries, so a rule that gives a Byzantine NaN slice zero
@@ -44,13 +47,21 @@ __all__ = [
   'Assembled',
   'assemble',
   'num_workers',
+  'acc_dtype',
   'as_matrix',
+  'result_dtype',
   'worker_finite',
+  'row_max_abs',
+  'Normaliser',
+  'normaliser',
   'sq_norms',
   'norms',
   'sq_dists_to',
   'pairwise_sq_dists',
   'centred_gram',
+  'dists_from_gram',
+  'scaled_gram',
+  'scaled_sq_dists',
   'weighted_sum',
   'robust_center_index',
   'flatten',
@@ -90,12 +101,30 @@ def psum_coordinates(x):
   return x if axis is None else jax.lax.psum(x, axis)
 
 
+def _pmax_coordinates(x):
+  axis = _COORDINATE_AXIS.get()
+  return x if axis is None else jax.lax.pmax(x, axis)
+
+
 def _acc_dtype(dtype) -> jnp.dtype:
   """float32 for low-precision floats, the leaf's own dtype for float32 / float64."""
   dtype = jnp.dtype(dtype)
   if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize >= 4:
     return dtype
   return jnp.dtype(jnp.float32)
+
+
+def result_dtype(dtype) -> jnp.dtype:
+  """The dtype a rule returns for a leaf of `dtype`: floats keep theirs; integers and bools are
+  promoted to float32 (an average of integers is not an integer)."""
+  dtype = jnp.dtype(dtype)
+  return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.dtype(jnp.float32)
+
+
+def acc_dtype(stack) -> jnp.dtype:
+  """The accumulation dtype of a stack: float32, or float64 when a leaf is float64. Weights,
+  scales and statistics computed for the stack use it, so float64 inputs stay float64."""
+  return jnp.result_type(*[_acc_dtype(jnp.result_type(x)) for x in jax.tree.leaves(stack)])
 
 
 def as_matrix(leaf: jax.Array) -> jax.Array:
@@ -160,6 +189,11 @@ def _sum_over_leaves(fn, stack):
   return psum_coordinates(total)
 
 
+def _inverse(scale, dtype):
+  """1 / scale in `dtype` (1 for None): the factor the kernels multiply the inputs by."""
+  return jnp.ones((), dtype) if scale is None else (1.0 / jnp.asarray(scale)).astype(dtype)
+
+
 def worker_finite(stack) -> jax.Array:
   """(n,) bool: whether every entry of worker i's slice is finite."""
   # x · 0 is 0 for finite x and NaN otherwise: one fused pass, far cheaper on CPU than
@@ -167,20 +201,84 @@ def worker_finite(stack) -> jax.Array:
   return jnp.isfinite(_sum_over_leaves(lambda x: jnp.sum(x * 0, axis=1), stack))
 
 
-def sq_norms(stack) -> jax.Array:
-  """(n,) squared Euclidean norms of the workers' slices (summed over leaves)."""
-  return _sum_over_leaves(lambda x: jnp.sum(x * x, axis=1), stack)
+def row_max_abs(stack, center=None) -> jax.Array:
+  """(n,) max_j |x_ij − c_j| over every entry of worker i's slice; +inf where one is not finite.
+
+  Overflow-free (no squares): the magnitude by which `normaliser` rescales the stack. `center`
+  (a tree like one slice; default 0) is subtracted first. One streaming pass.
+  """
+  leaves = jax.tree.leaves(stack)
+  if center is None:
+    parts = [jnp.max(jnp.abs(as_matrix(x)), axis=1) for x in leaves]
+  else:
+    centers = jax.tree.leaves(center)
+    if len(centers) != len(leaves):
+      raise ValueError('row_max_abs: center must have the same pytree structure as one slice')
+    parts = []
+    for x, c in zip(leaves, centers):
+      xm = as_matrix(x)
+      parts.append(jnp.max(jnp.abs(xm - jnp.asarray(c).reshape(1, -1).astype(xm.dtype)), axis=1))
+  total = parts[0]
+  for p in parts[1:]:
+    total = jnp.maximum(total, p.astype(total.dtype))
+  total = _pmax_coordinates(total)
+  # max propagates NaN; +inf marks every non-finite slice.
+  return jnp.where(jnp.isnan(total), jnp.inf, total)
 
 
-def norms(stack) -> jax.Array:
-  """(n,) Euclidean norms of the workers' slices."""
-  return jnp.sqrt(sq_norms(stack))
+class Normaliser(NamedTuple):
+  """A robust centre and scale of a stack (`normaliser`).
+
+  Attributes:
+    center: int32 scalar, the index of the worker of lower-median `row_max_abs`.
+    scale: a power of two near that worker's largest absolute entry (1 if it is 0 or not finite):
+      the stack divided by it has entries of order 1 at most for a majority of its workers, and
+      the division is exact (no rounding).
+  """
+
+  center: jax.Array
+  scale: jax.Array
 
 
-def sq_dists_to(stack, point) -> jax.Array:
-  """(n,) squared distances ‖x_i − point‖²; `point` is a tree like one slice of the stack.
+def normaliser(stack, center=None) -> Normaliser:
+  """The robust centre index and power-of-two scale of `stack`, from one overflow-free pass.
 
-  Exact (differences first, no Gram expansion): one streaming pass over the stack.
+  With fewer than n/2 non-finite (or huge) workers both come from the bulk: a worker whose
+  largest |entry| is the lower median of all workers'. Distance-based rules compute their
+  geometry on the stack divided by `scale` (`scaled_gram`), which they may since their selection
+  is scale-invariant: honest inputs at 1e20 (whose squares overflow float32) then behave as at 1,
+  and a Byzantine slice so large that its rescaled square still overflows is at +inf distance.
+  `center` (a tree like one slice) measures the entries relative to it.
+  """
+  m = row_max_abs(stack, center)
+  n = m.shape[0]
+  k = jnp.argsort(m)[(n - 1) // 2].astype(jnp.int32)
+  mag = m[k]
+  _, exponent = jnp.frexp(jnp.where(jnp.isfinite(mag) & (mag > 0), mag, 1.0))
+  return Normaliser(k, jnp.ldexp(jnp.ones((), m.dtype), exponent - 1))
+
+
+def sq_norms(stack, *, scale=None) -> jax.Array:
+  """(n,) squared Euclidean norms of the workers' slices (summed over leaves), of x / `scale`."""
+
+  def fn(x):
+    x = x * _inverse(scale, x.dtype)
+    return jnp.sum(x * x, axis=1)
+
+  return _sum_over_leaves(fn, stack)
+
+
+def norms(stack, *, scale=None) -> jax.Array:
+  """(n,) Euclidean norms of the workers' slices (of x / `scale`: ‖x_i‖ / scale)."""
+  return jnp.sqrt(sq_norms(stack, scale=scale))
+
+
+def sq_dists_to(stack, point, *, scale=None) -> jax.Array:
+  """(n,) squared distances ‖x_i − point‖² / scale²; `point` is a tree like one slice.
+
+  Exact (differences first, no Gram expansion): one streaming pass over the stack. `scale`
+  (a scalar, e.g. `normaliser(stack, point).scale`) divides the differences before squaring, so
+  distances whose squares would overflow stay finite.
   """
   leaves = jax.tree.leaves(stack)
   points = jax.tree.leaves(point)
@@ -191,8 +289,10 @@ def sq_dists_to(stack, point) -> jax.Array:
     xm = as_matrix(x)
     pm = jnp.asarray(p).reshape(1, -1).astype(xm.dtype)
 
-    def block(xb, pb):
-      diff = xb - pb
+    inv = _inverse(scale, xm.dtype)
+
+    def block(xb, pb, inv=inv):
+      diff = (xb - pb) * inv
       return jnp.sum(diff * diff, axis=1)
 
     total = total + _blocked_sum(block, [xm, pm], _column_block(*xm.shape))
@@ -210,32 +310,36 @@ def sq_distance(a, b) -> jax.Array:
 
 
 def robust_center_index(stack) -> jax.Array:
-  """Index of the worker whose squared norm is the lower median of all squared norms.
+  """Index of the worker whose largest |entry| is the lower median of all workers' (`normaliser`).
 
-  Non-finite norms count as +inf, so with fewer than n/2 non-finite workers the chosen slice is
-  finite. Used as the default centre of `pairwise_sq_dists`: a real input near the bulk, found
-  without another pass over the stack.
+  Non-finite slices count as +inf, so with fewer than n/2 of them the chosen slice is finite.
+  Used as the default centre of `pairwise_sq_dists`: a real input near the bulk, found in one
+  overflow-free pass (no squares: honest inputs at 1e20 are handled as at 1).
   """
-  sq = sq_norms(stack)
-  sq = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
-  n = sq.shape[0]
-  return jnp.argsort(sq)[(n - 1) // 2]
+  return normaliser(stack).center
 
 
-def centred_gram(stack, *, center=None) -> tuple[jax.Array, jax.Array]:
-  """(n, n) Gram matrix ⟨x_i − c, x_j − c⟩ of the centred stack, and which workers are finite.
+def _overflow_limit(n: int, dtype) -> float:
+  """The largest centred squared norm kept finite: n × n sums of such terms cannot overflow."""
+  return float(jnp.finfo(dtype).max) / (16.0 * n * n)
+
+
+def centred_gram(stack, *, center=None, scale=None) -> tuple[jax.Array, jax.Array]:
+  """(n, n) Gram matrix ⟨x_i − c, x_j − c⟩ / s² of the centred stack, and which workers are finite.
 
   Summed leaf by leaf over the pytree. The centre c is `center` (a tree like one slice) or, by
-  default, the input of median norm (`robust_center_index`): a real input near the bulk, so the
-  entries are small when the inputs share a large common component. Rows and columns of workers
-  whose slice is non-finite (or whose centred squared norm overflows) are set to 0, and those
-  workers are flagged False in the second output.
+  default, the input of median magnitude (`robust_center_index`): a real input near the bulk, so
+  the entries are small when the inputs share a large common component. `scale` s (a scalar;
+  default 1) divides the centred inputs inside the product (`scaled_gram` picks it). Rows and
+  columns of workers whose slice is non-finite, or whose centred squared norm exceeds
+  max / (16 n²) of the dtype (so that no n × n sum of Gram entries can overflow), are set to 0,
+  and those workers are flagged False in the second output.
 
   Distances and projections follow from it without touching the stack again: for weights a, b
   summing to one, ‖Σ a_i x_i − Σ b_j x_j‖² = (a − b)ᵀ G (a − b).
 
   Cost: one n × n × d Gram product. On CPU it runs over column blocks that stay in cache, the
-  centring fused into each block (no centred copy of the stack is written).
+  centring and scaling fused into each block (no centred copy of the stack is written).
 
   Returns:
     `(gram, finite)`: float32 (float64 for float64 leaves) (n, n), and bool (n,).
@@ -253,16 +357,46 @@ def centred_gram(stack, *, center=None) -> tuple[jax.Array, jax.Array]:
   for x, c in zip(leaves, centers):
     xm = as_matrix(x)
     cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
+    inv = _inverse(scale, xm.dtype)
 
-    def block_gram(xb, cb):
-      xc = xb - cb
+    def block_gram(xb, cb, inv=inv):
+      xc = (xb - cb) * inv
       return jnp.matmul(xc, xc.T, precision=_HIGHEST)
 
     gram = gram + _blocked_sum(block_gram, [xm, cm], _column_block(n, xm.shape[1]))
   gram = psum_coordinates(gram)
-  finite = jnp.isfinite(jnp.diagonal(gram))
+  diag = jnp.diagonal(gram)
+  finite = jnp.isfinite(diag) & (diag <= _overflow_limit(n, gram.dtype))
   gram = jnp.where(finite[:, None] & finite[None, :], gram, 0.0)
   return gram, finite
+
+
+def dists_from_gram(gram: jax.Array, finite: jax.Array) -> jax.Array:
+  """(n, n) squared distances from a centred Gram matrix; +inf to and from non-finite workers."""
+  n = gram.shape[0]
+  sq = jnp.diagonal(gram)
+  d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
+  d = jnp.where(finite[:, None] & finite[None, :], d, jnp.inf)
+  return jnp.where(jnp.eye(n, dtype=bool), 0.0, d)
+
+
+def scaled_gram(stack) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`centred_gram` of the stack divided by its robust scale: `(gram, finite, scale)`.
+
+  The centre and the power-of-two scale come from `normaliser` (one overflow-free pass), so the
+  entries are of order d for the bulk whatever the inputs' magnitude (1e-30 or 1e30), and a slice
+  whose rescaled square overflows is flagged non-finite. What distance-based rules use: their
+  selections are scale-invariant, and lengths in the inputs' units are `scale` times these.
+  """
+  norm = normaliser(stack)
+  gram, finite = centred_gram(stack, center=tree_index(stack, norm.center), scale=norm.scale)
+  return gram, finite, norm.scale
+
+
+def scaled_sq_dists(stack) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(n, n) squared distances / scale², from `scaled_gram`: `(dists, finite, scale)`."""
+  gram, finite, scale = scaled_gram(stack)
+  return dists_from_gram(gram, finite), finite, scale
 
 
 def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
@@ -271,7 +405,8 @@ def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
   From the centred Gram matrix (`centred_gram`: each leaf is centred before the Gram product, so
   the expansion ‖a‖² + ‖b‖² − 2⟨a, b⟩ runs on small numbers); the result is clamped at 0 and its
   diagonal set to 0. A worker with a non-finite slice (or one whose squared norm overflows) is at
-  distance +inf from every other worker.
+  distance +inf from every other worker. In the inputs' units: distances whose squares overflow
+  are +inf; rules use `scaled_sq_dists` instead, which has no such limit.
 
   Cost: one n × n × d Gram product (column-blocked on CPU, see `centred_gram`).
 
@@ -282,15 +417,11 @@ def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
   Returns:
     A float32 (float64 for float64 leaves) array of shape (n, n).
   """
-  n = num_workers(stack, 'pairwise_sq_dists')
-  gram, ok = centred_gram(stack, center=center)
-  sq = jnp.diagonal(gram)
-  d = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * gram, 0.0)
-  d = jnp.where(ok[:, None] & ok[None, :], d, jnp.inf)
-  return jnp.where(jnp.eye(n, dtype=bool), 0.0, d)
+  num_workers(stack, 'pairwise_sq_dists')
+  return dists_from_gram(*centred_gram(stack, center=center))
 
 
-def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True):
+def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, finite=None):
   """Σ_i w_i x_i: a `tensordot` per leaf over the worker axis.
 
   Args:
@@ -300,11 +431,19 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True):
       NaN / Inf slice a rule has filtered out) cannot turn the result into NaN (0 · NaN = NaN).
       On CPU the cleaning is fused into each column block of the product (about free); `mean`
       turns it off on purpose.
+    finite: optional (n,) bool, which workers' slices are finite (e.g. from `scaled_gram`). An
+      output that puts non-zero weight on a non-finite worker, or none on any finite one, is NaN:
+      the rule had to use a slice it cannot read (more non-finite workers than it tolerates, or
+      all of them), and says so instead of answering with the finite part.
 
   Returns:
     A tree with each leaf's dtype; accumulation in float32 at least.
   """
   weights = jnp.asarray(weights)
+  if finite is not None:
+    used = weights != 0
+    finite = jnp.asarray(finite)
+    bad = jnp.any(used & ~finite, axis=-1) | ~jnp.any(used & finite, axis=-1)
 
   def combine(x):
     x = jnp.asarray(x)
@@ -318,7 +457,9 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True):
 
     cols = _column_block(xm.shape[0], xm.shape[1]) if ignore_nonfinite else None
     out = _blocked_columns(block, xm, cols, w.shape[0])
-    return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(x.dtype)
+    if finite is not None:
+      out = jnp.where(bad.reshape(-1, 1), jnp.nan, out)
+    return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(result_dtype(x.dtype))
 
   return jax.tree.map(combine, stack)
 
@@ -342,7 +483,8 @@ def unflatten(flat: jax.Array, like):
   for x in leaves:
     x = jnp.asarray(x)
     size = math.prod(x.shape[1:])
-    piece = flat[..., start : start + size].reshape(lead + x.shape[1:]).astype(x.dtype)
+    piece = flat[..., start : start + size].reshape(lead + x.shape[1:])
+    piece = piece.astype(result_dtype(x.dtype))
     out.append(piece)
     start += size
   return jax.tree.unflatten(treedef, out)

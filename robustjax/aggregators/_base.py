@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
+from robustjax._checks import named_static_errors
 from robustjax._registry import Registry
 
 __all__ = ['Properties', 'REGISTRY', 'register', 'lower_bound_ratio']
@@ -40,6 +41,7 @@ class Properties:
     stochastic: takes an explicit ``key`` (bucketing's permutation).
     decodes: meaningful only on messages encoded by the matching gradient code (DRACO's vote);
       rule-agnostic analyses (the κ search) leave such rules out.
+    robust: bounded whatever f inputs are (False for the mean, the non-robust baseline).
   """
 
   kappa: Callable | None = None
@@ -52,7 +54,16 @@ class Properties:
   trusted_input: tuple = ()
   stochastic: bool = False
   decodes: bool = False
+  robust: bool = True
 
 
 REGISTRY = Registry('aggregator', default_properties=Properties())
-register = REGISTRY.register
+
+
+def register(name: str, *, properties: Properties | None = None):
+  """Registers a rule (a decorator); a traced static argument then gets a message naming it."""
+
+  def add(fn):
+    return REGISTRY.register(name, named_static_errors(name, fn), properties=properties)
+
+  return add

@@ -9,7 +9,12 @@ compiled once, whatever the number of leaves) and the result is unflattened.
 
 Non-finite inputs: NaN is mapped to +inf before selecting, so with at most f non-finite
 (NaN / ±Inf) values per coordinate, `median`, `trimmed_mean` and `meamed` only ever combine finite
-values. `mean` is the non-robust baseline and propagates them.
+values. With more (median: at least n/2), a coordinate whose result would depend on a non-finite
+value is NaN (never a fabricated ±inf); an all-NaN stack gives NaN. `mean` is the non-robust
+baseline and propagates them.
+
+Dtypes: integer and bool stacks are promoted to float32 (their average is not an integer);
+complex stacks are refused.
 
 Numerics: computations run in float32 (float64 for float64 leaves); the result has each leaf's
 dtype.
@@ -54,16 +59,25 @@ def _jit_f(fn):
   return rule
 
 
-def _columnwise(fn, stack):
-  """Applies `fn` ((n, D) matrix -> (D,) vector) to the stack, leaf dtypes preserved."""
+def _columnwise(fn, stack, *, nan_if_nonfinite: bool = False):
+  """Applies `fn` ((n, D) matrix -> (D,) vector) to the stack, float leaf dtypes preserved.
+
+  With `nan_if_nonfinite`, a non-finite result (the rule had to use a non-finite value: more of
+  them in the coordinate than it tolerates) becomes NaN, never a fabricated ±inf.
+  """
+
+  def wrapped(x):
+    out = fn(x)
+    return jnp.where(jnp.isfinite(out), out, jnp.nan) if nan_if_nonfinite else out
+
   leaves = jax.tree.leaves(stack)
   if len(leaves) == 1:
     leaf = jnp.asarray(leaves[0])
-    out = fn(stk.as_matrix(leaf))
+    out = wrapped(stk.as_matrix(leaf))
     return jax.tree.unflatten(
-      jax.tree.structure(stack), [out.reshape(leaf.shape[1:]).astype(leaf.dtype)]
+      jax.tree.structure(stack), [out.reshape(leaf.shape[1:]).astype(stk.result_dtype(leaf.dtype))]
     )
-  return stk.unflatten(fn(stk.flatten(stack)), stack)
+  return stk.unflatten(wrapped(stk.flatten(stack)), stack)
 
 
 def _clean(x: jax.Array) -> jax.Array:
@@ -148,7 +162,7 @@ def mean_closest_to_median(stack, *, keep: int):
   def fn(x):
     return _mean_closest(x, keep)
 
-  return _columnwise(fn, stack)
+  return _columnwise(fn, stack, nan_if_nonfinite=True)
 
 
 @register(
@@ -158,6 +172,7 @@ def mean_closest_to_median(stack, *, keep: int):
     kappa_reference='the honest mean when f = 0; not robust (κ⋆ = ∞) when f ≥ 1',
     orthogonal_equivariant=True,
     coordinatewise=True,
+    robust=False,
   ),
 )
 @functools.partial(jax.jit, static_argnames=('f',))
@@ -187,7 +202,8 @@ def mean(stack, *, f: int = 0):
   """
   n = stk.num_workers(stack, 'mean')
   check_f('mean', n, f)
-  return stk.weighted_sum(jnp.full((n,), 1.0 / n), stack, ignore_nonfinite=False)
+  weights = jnp.full((n,), 1.0 / n, stk.acc_dtype(stack))
+  return stk.weighted_sum(weights, stack, ignore_nonfinite=False)
 
 
 @register(
@@ -236,7 +252,7 @@ def median(stack, *, f: int = 0):
   """
   n = stk.num_workers(stack, 'median')
   check_f('median', n, f)
-  return _columnwise(_median, stack)
+  return _columnwise(_median, stack, nan_if_nonfinite=True)
 
 
 @register(
@@ -292,7 +308,7 @@ def trimmed_mean(stack, *, f: int):
     inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - f * (hi - lo)
     return lo + inner / (n - 2 * f)
 
-  return _columnwise(fn, stack)
+  return _columnwise(fn, stack, nan_if_nonfinite=True)
 
 
 @register(

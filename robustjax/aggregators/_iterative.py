@@ -5,6 +5,10 @@ combine": one streaming pass for the distances to the current point (`stack.sq_d
 for the weighted combination (`stack.weighted_sum`). `caf` needs only the n × n Gram matrix (one
 `stack.pairwise_sq_dists`) and one final weighted combination: its filtering runs in n-space.
 
+Scale: distances are computed on the stack divided by a robust power-of-two scale
+(`stack.normaliser`), with ν (GM) and τ (CC) divided by the same scale, so inputs at 1e20 behave
+as at 1.
+
 Non-finite inputs (the edge-case table shared by the three rules):
 
 =====================  =====================================================================
@@ -12,7 +16,10 @@ input slice            treatment
 =====================  =====================================================================
 NaN / ±Inf entries     its distance is not finite: weight 0 (Weiszfeld β_i = 0, CC clip 0,
                        CAF c_i = 0 from the start); `weighted_sum` then ignores its entries
-finite but huge        (e.g. 1e38 in float32) its squared distance overflows to +inf: as above
+finite but huge        its rescaled squared distance overflows: as above
+more than f such       the output is computed from the finite slices alone (it is no longer
+                       covered by the robustness guarantee)
+every slice            NaN
 =====================  =====================================================================
 
 So up to f such slices (f < n/2) never make the output non-finite.
@@ -25,36 +32,33 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from robustjax._checks import check_f, check_positive_int, num_workers
+from robustjax._checks import (
+  check_f,
+  check_like_slice,
+  check_positive,
+  check_positive_int,
+  num_workers,
+)
 from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
-  centred_gram,
-  pairwise_sq_dists,
+  normaliser,
+  result_dtype,
+  scaled_gram,
   sq_distance,
   sq_dists_to,
   sq_norms,
   weighted_sum,
 )
 
-__all__ = ['geometric_median', 'centered_clipping', 'caf']
+__all__ = ['geometric_median', 'centered_clipping', 'caf', 'CAF_TAU_MAX']
 
 _GM_STARTS = ('small_norm_mean', 'median', 'mean')
 
 
-def _check_positive(rule: str, name: str, value, *, allow_zero: bool = False) -> None:
-  """Checks a float parameter when it is a concrete Python number (traced values pass)."""
-  if isinstance(value, bool):
-    raise ValueError(f'{rule}: {name} must be a number; got {value!r}')
-  if isinstance(value, (int, float)):
-    if value != value or value < 0 or (value == 0 and not allow_zero):
-      cond = '>= 0' if allow_zero else '> 0'
-      raise ValueError(f'{rule}: {name} must be {cond}; got {name}={value!r}')
-
-
-def _small_norm_weights(stack):
+def _small_norm_weights(stack, scale):
   """Weights of the mean of the ⌈n/2⌉ inputs of smallest norm (non-finite norms count as +inf)."""
   n = num_workers(stack, 'geometric_median')
-  sq = sq_norms(stack)
+  sq = sq_norms(stack, scale=scale)
   sq = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
   m = (n + 1) // 2
   _, idx = jax.lax.top_k(-sq, m)
@@ -99,26 +103,31 @@ def _geometric_median(stack, init, *, f, nu, iters, tol, start):
   if start in ('small_norm_mean', 'mean'):
     # The start lies in the span of the inputs: iterate on coefficients (one Gram product,
     # O(n²) per iteration, one final combination).
-    gram, ok = centred_gram(stack)
+    gram, ok, scale = scaled_gram(stack)
     if start == 'mean':
       a0 = jnp.full((n,), 1.0 / n)
     else:
-      a0 = _small_norm_weights(stack)
-    a = _weiszfeld_in_span(gram, ok, a0, nu=nu, iters=iters, tol=tol)
-    return weighted_sum(a, stack)
+      a0 = _small_norm_weights(stack, scale)
+    a = _weiszfeld_in_span(gram, ok, a0, nu=nu / scale, iters=iters, tol=tol)
+    return weighted_sum(a, stack, finite=ok)
   if init is None:
     z0 = REGISTRY.get('median')(stack, f=f)
   else:
+    check_like_slice('geometric_median', 'init', init, stack)
     z0 = init
-  z0 = jax.tree.map(lambda x, p: jnp.asarray(p).astype(x.dtype).reshape(x.shape[1:]), stack, z0)
+  z0 = jax.tree.map(
+    lambda x, p: jnp.asarray(p).astype(result_dtype(x.dtype)).reshape(x.shape[1:]), stack, z0
+  )
+  unit = normaliser(stack, z0).scale
+  nu = nu / unit
 
   def body(state):
     z, _, it, _ = state
-    dist = jnp.sqrt(sq_dists_to(stack, z))
+    dist = jnp.sqrt(sq_dists_to(stack, z, scale=unit))
     ok = jnp.isfinite(dist)
     beta = jnp.where(ok, 1.0 / jnp.maximum(nu, jnp.where(ok, dist, 1.0)), 0.0)
-    z_new = weighted_sum(beta / jnp.sum(beta), stack)
-    step = jnp.sqrt(sq_distance(z_new, z)).astype(acc)
+    z_new = weighted_sum(beta / jnp.sum(beta), stack, finite=ok)
+    step = (jnp.sqrt(sq_distance(z_new, z)) / unit).astype(acc)
     scale = jnp.sum(jnp.where(ok, dist, 0.0)) / jnp.maximum(jnp.sum(ok), 1)
     return z_new, step, it + 1, step <= tol * scale
 
@@ -206,8 +215,8 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
   n = num_workers(stack, rule)
   check_f(rule, n, f)
   check_positive_int(rule, 'iters', iters)
-  _check_positive(rule, 'nu', nu)
-  _check_positive(rule, 'tol', tol, allow_zero=True)
+  check_positive(rule, 'nu', nu)
+  check_positive(rule, 'tol', tol, allow_zero=True)
   if init is None or isinstance(init, str):
     start = init or 'small_norm_mean'
     if start not in _GM_STARTS:
@@ -233,10 +242,12 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
     gradient scale). ByzFL 0.0.11's `CenteredClipping(m=None, L=1, tau=100.0)` is the same
     iteration, started from zeros and keeping its previous output as the next centre (τ = 100).
 
-  Edge cases: a slice whose distance to v is not finite (NaN / ±Inf entries, or an overflowing
-  square such as 1e38 in float32) gets clipping weight 0 (it is treated as if it had been clipped
-  to v), so with a finite τ up to f such slices leave the output finite. With τ = +inf and
-  finite inputs one iteration is the mean.
+  Edge cases: a slice whose distance to v is not finite (NaN / ±Inf entries, or a square that
+  overflows even after rescaling) gets clipping weight 0 (it is treated as if it had been clipped
+  to v), so with a finite τ up to f such slices leave the output finite; if no slice is at a
+  finite distance the output is NaN. With τ = +inf and finite inputs one iteration is the mean.
+  Distances are computed on the stack divided by a power-of-two scale of the spread around v_0
+  (τ likewise), so inputs at 1e20 behave as at 1.
 
   Cost: per iteration one pass for the distances (`sq_dists_to`) and one for the weighted
   combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
@@ -246,14 +257,15 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
     f: the number of Byzantine inputs tolerated (static; only checked: 0 ≤ f and 2f < n).
     center: the start v_0, a tree like one slice of the stack (a runtime argument); None: zeros.
-    tau: the clipping radius τ > 0 (may be traced; checked when it is a Python number).
+    tau: the clipping radius τ > 0 (may be traced; checked when it is concrete).
     iters: the number of clipping iterations L (static int ≥ 1).
 
   Returns:
     A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
 
   Raises:
-    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1 or τ ≤ 0.
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1, τ ≤ 0 or a
+      center unlike one slice of the stack.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -267,7 +279,7 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
   n = num_workers(stack, rule)
   check_f(rule, n, f)
   check_positive_int(rule, 'iters', iters)
-  _check_positive(rule, 'tau', tau)
+  check_positive(rule, 'tau', tau)
   return _centered_clipping(stack, center, tau, f=f, iters=iters)
 
 
@@ -277,25 +289,32 @@ def _centered_clipping(stack, center, tau, *, f, iters):
   n = num_workers(stack, rule)
   leaves, treedef = jax.tree.flatten(stack)
   if center is None:
-    v = [jnp.zeros(x.shape[1:], x.dtype) for x in leaves]
+    v = [jnp.zeros(x.shape[1:], result_dtype(x.dtype)) for x in leaves]
   else:
-    cl = jax.tree.leaves(center)
-    if len(cl) != len(leaves):
-      raise ValueError(f'{rule}: center must have the same pytree structure as one stack slice')
-    v = [jnp.asarray(c, x.dtype).reshape(x.shape[1:]) for x, c in zip(leaves, cl)]
+    check_like_slice(rule, 'center', center, stack)
+    v = [
+      jnp.asarray(c).astype(result_dtype(x.dtype)).reshape(x.shape[1:])
+      for x, c in zip(leaves, jax.tree.leaves(center))
+    ]
   v = jax.tree.unflatten(treedef, v)
+  # Distances in units of the spread around the start (τ likewise): no overflow at 1e20.
+  scale = normaliser(stack, v).scale
+  tau = tau / scale
 
-  def step(_, v):
-    dist = jnp.sqrt(sq_dists_to(stack, v))
+  def step(_, carry):
+    v, _ = carry
+    dist = jnp.sqrt(sq_dists_to(stack, v, scale=scale))
     ok = jnp.isfinite(dist)
     w = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok, dist, 1.0)), 0.0) / n
     moved = weighted_sum(w, stack)
     keep = 1.0 - jnp.sum(w)
-    return jax.tree.map(lambda c, m: _axpy(keep, c, m), v, moved)
+    return jax.tree.map(lambda c, m: _axpy(keep, c, m), v, moved), jnp.any(ok)
 
   # The first step outside the loop gives the carry the stack's type (also when the stack is a
   # per-device slice inside `jax.shard_map` and the centre is replicated).
-  return jax.lax.fori_loop(1, iters, step, step(0, v))
+  v, informed = jax.lax.fori_loop(1, iters, step, step(0, (v, True)))
+  # No slice at a finite distance: nothing was learnt from the inputs.
+  return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
 
 
 def _axpy(a, c, m):
@@ -320,12 +339,17 @@ def _caf_top_eig(m, power_iters):
   return u @ (m @ u), u
 
 
+CAF_TAU_MAX = ('active', 'all')
+"""CAF's τ_max conventions: over the inputs still weighted (c_i > 0, the default) or over all
+inputs (ByzFL 0.0.11's `tau.max()`)."""
+
+
 @register(
   'caf',
   properties=Properties(distance_based=True),
 )
-@functools.partial(jax.jit, static_argnames=('f', 'power_iters'))
-def caf(stack, *, f: int, power_iters: int | None = None):
+@functools.partial(jax.jit, static_argnames=('f', 'power_iters', 'tau_max'))
+def caf(stack, *, f: int, power_iters: int | None = None, tau_max: str = 'active'):
   """CAF (covariance-bound agnostic filter): filter along the top principal direction.
 
   With weights c_i = 1, while Σ c_i > n − 2f: μ_c = Σ c_i x_i / Σ c_i,
@@ -335,34 +359,41 @@ def caf(stack, *, f: int, power_iters: int | None = None):
   The d × d covariance is never formed, and no d-space power iteration is run: with
   y_i = x_i − μ_c and p = c / Σc, the non-zero spectrum of Σ_c = Yᵀ diag(p) Y is that of the n × n
   matrix M = diag(√p) K diag(√p), K = Y Yᵀ the weighted-centred Gram matrix, and the projections
-  are Y v = K diag(√p) u / √λ for M's top eigenvector u. K = −½ J D Jᵀ with J = I − 1 pᵀ and D the
-  pairwise squared distances (double centring works for any weights). So CAF costs one Gram
-  product (`pairwise_sq_dists`), at most n exact n × n eigendecompositions (O(n⁴) flops in
-  all, independent of d), and one final weighted combination; d-space power iteration would cost
-  two passes over the stack per power step per filtering round.
+  are Y v = K diag(√p) u / √λ for M's top eigenvector u. K = J G Jᵀ with J = I − 1 pᵀ and G the
+  Gram matrix centred at a robust input (`stack.scaled_gram`): entries between inputs near the bulk
+  never mix with the squared distances to far-away ones, so a few huge rows (1e10 and beyond)
+  cannot drown the honest geometry in rounding. τ is normalised by its largest value before
+  squaring (only ratios τ_i / τ_max matter), so it cannot overflow either. So CAF costs one Gram
+  product, at most n exact n × n eigendecompositions (O(n⁴) flops in all, independent of d), and
+  one final weighted combination; d-space power iteration would cost two passes over the stack per
+  power step per filtering round.
 
   .. warning::
     Conventions: the eigenpair is exact here (`eigh`); ByzFL 0.0.11 runs one power-iteration
     step from a random start in d-space (an approximation that differs run to run).
-    `power_iters=k` uses k deterministic power steps on M instead. τ_max is the largest τ_i over
-    the inputs still weighted (c_i > 0), so each round removes one more input and the loop
-    ends within n rounds; ByzFL takes it over all inputs (the two agree in the first round).
-    With f = 0 the loop body never runs and the rule is the mean.
+    `power_iters=k` uses k deterministic power steps on M instead. τ_max is by default the
+    largest τ_i over the inputs still weighted (c_i > 0), so each round removes one more input
+    and the loop ends within n rounds; ``tau_max='all'`` takes it over all inputs, as ByzFL does
+    (the two agree in the first round; the loop then runs at most 10n rounds). With f = 0 the
+    loop body never runs and the rule is the mean.
 
-  Edge cases: slices with non-finite entries or an overflowing squared distance (`pairwise_sq_dists`
-  puts them at +inf) start with c_i = 0, i.e. they are filtered out before the first round; up to
-  f < n/2 of them leave the output finite. If λ = 0 (all weighted inputs equal) the loop stops.
+  Edge cases: slices with non-finite entries or a rescaled squared norm that overflows
+  (`stack.centred_gram`) start with c_i = 0, i.e. they are filtered out before the first round;
+  up to f < n/2 of them leave the output finite; with every slice non-finite the output is NaN.
+  If λ = 0 (all weighted inputs equal) the loop stops.
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
     f: the number of Byzantine inputs tolerated (static; 0 ≤ f and 2f < n).
     power_iters: None for the exact top eigenpair, or a static number of power-iteration steps.
+    tau_max: `'active'` (default) or `'all'` (ByzFL's), see `CAF_TAU_MAX` (static).
 
   Returns:
     A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
 
   Raises:
-    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n or power_iters < 1.
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, power_iters < 1 or an unknown
+      tau_max.
 
   References:
     Allouah, Guerraoui, Stephan, "Towards Trustworthy Federated Learning with Untrusted
@@ -373,17 +404,18 @@ def caf(stack, *, f: int, power_iters: int | None = None):
   check_f(rule, n, f)
   if power_iters is not None:
     check_positive_int(rule, 'power_iters', power_iters)
-  d2 = pairwise_sq_dists(stack)
-  ok = jnp.sum(jnp.isinf(d2), axis=1) < (n + 1) // 2  # at +inf from a majority: non-finite slice
-  d2 = jnp.where(ok[:, None] & ok[None, :], d2, 0.0)
-  c0 = ok.astype(d2.dtype)
-  eye = jnp.eye(n, dtype=d2.dtype)
+  if tau_max not in CAF_TAU_MAX:
+    raise ValueError(f'{rule}: tau_max must be one of {CAF_TAU_MAX}; got {tau_max!r}')
+  gram, ok, _ = scaled_gram(stack)
+  c0 = ok.astype(gram.dtype)
+  eye = jnp.eye(n, dtype=gram.dtype)
   target = n - 2 * f
+  max_rounds = n if tau_max == 'active' else 10 * n
 
   def spectrum(c):
     p = c / jnp.sum(c)
     j = eye - p[None, :]
-    k = -0.5 * (j @ d2 @ j.T)
+    k = j @ gram @ j.T
     sp = jnp.sqrt(p)
     m = sp[:, None] * k * sp[None, :]
     lam, u = _caf_top_eig(0.5 * (m + m.T), power_iters)
@@ -391,7 +423,7 @@ def caf(stack, *, f: int, power_iters: int | None = None):
 
   def cond(state):
     c, _, _, done, it = state
-    return (jnp.sum(c) > target) & ~done & (it < n)
+    return (jnp.sum(c) > target) & ~done & (it < max_rounds)
 
   def body(state):
     c, best_p, best_lam, _, it = state
@@ -399,19 +431,19 @@ def caf(stack, *, f: int, power_iters: int | None = None):
     better = lam < best_lam
     best_p = jnp.where(better, p, best_p)
     best_lam = jnp.where(better, lam, best_lam)
-    proj = k @ (sp * u)
-    tau = proj * proj
-    active_tau = jnp.where(c > 0, tau, 0.0)
-    top = jnp.argmax(active_tau)
-    tau_max = active_tau[top]
-    done = ~(tau_max > 0)
-    ratio = active_tau / jnp.where(done, 1.0, tau_max)
+    proj = jnp.where(ok, k @ (sp * u), 0.0)
+    candidates = jnp.where(c > 0, proj, 0.0) if tau_max == 'active' else proj
+    top = jnp.argmax(jnp.abs(candidates))
+    peak = jnp.abs(candidates[top])
+    done = ~(peak > 0)
+    ratio = jnp.square(proj / jnp.where(done, 1.0, peak))
+    c_new = jnp.maximum(c * (1.0 - ratio), 0.0)
     # The argmax gets exactly 0 (rounding in 1 − τ/τ_max must not leave it slightly active).
-    c_new = jnp.where(jnp.arange(n) == top, 0.0, jnp.maximum(c * (1.0 - ratio), 0.0))
+    c_new = jnp.where(jnp.arange(n) == top, 0.0, c_new)
     c = jnp.where(done, c, c_new)
     return c, best_p, best_lam, done, it + 1
 
   p0 = c0 / jnp.sum(c0)
-  state = (c0, p0, jnp.asarray(jnp.inf, d2.dtype), jnp.asarray(False), jnp.asarray(0))
+  state = (c0, p0, jnp.asarray(jnp.inf, gram.dtype), jnp.asarray(False), jnp.asarray(0))
   _, best_p, _, _, _ = jax.lax.while_loop(cond, body, state)
-  return weighted_sum(best_p, stack)
+  return weighted_sum(best_p, stack, finite=ok)

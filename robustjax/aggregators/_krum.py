@@ -4,9 +4,22 @@ Each rule computes weights from the geometry of the stack (one n × n matrix of 
 or the n distances to one point), then combines the inputs with `robustjax.stack.weighted_sum`.
 The n × n work (scores, selection) is negligible next to the Gram product for any realistic d.
 
-Non-finite inputs: `pairwise_sq_dists` places a worker with a NaN / ±Inf slice (or one whose squared
-norm overflows, like 1e38) at distance +inf from every other worker. Such a worker has an infinite
-score, so with at most f of them it is never selected, and `weighted_sum` ignores its entries.
+Scale: the distances come from `stack.scaled_sq_dists` (the stack divided by a robust power-of-two
+scale), so the selection is the same for inputs at 1e-20, 1 or 1e20.
+
+Non-finite inputs (the edge-case table of Krum, MultiKrum, Bulyan and MoNNA):
+
+=================================  ===============================================================
+input                              output
+=================================  ===============================================================
+≤ f slices with NaN / ±Inf, or     such a worker is at +inf distance from every other, its score
+huge (rescaled square overflows)   is +inf: never selected; the output is finite
+more than f such slices            NaN wherever the selection needs a slice or a score that is not
+                                   finite (Krum: every score is +inf once n − f − 1 < k finite
+                                   neighbours remain); MoNNA: NaN only if a non-finite slice is
+                                   among the n − f nearest of the trusted input
+every slice non-finite             NaN
+=================================  ===============================================================
 
 References:
   Blanchard, El Mhamdi, Guerraoui, Stainer, "Machine Learning with Adversaries: Byzantine Tolerant
@@ -37,6 +50,8 @@ def _check_num_neighbors(rule: str, n: int, f: int, num_neighbors) -> int:
   if num_neighbors is None:
     return n - f - 2
   check_positive_int(rule, 'num_neighbors', num_neighbors)
+  if isinstance(num_neighbors, bool):
+    raise ValueError(f'{rule}: num_neighbors must be an int; got {num_neighbors!r}')
   if num_neighbors > n - 1:
     raise ValueError(
       f'{rule}: num_neighbors must be <= n - 1 (the other inputs); got {num_neighbors}, n={n}'
@@ -45,8 +60,14 @@ def _check_num_neighbors(rule: str, n: int, f: int, num_neighbors) -> int:
 
 
 def _check_krum(rule: str, stack, f, num_neighbors) -> tuple[int, int]:
+  """n and the neighbour count. The default count n − f − 2 needs n > 2f + 2 (the paper); an
+  explicit count needs only n > 2f and 1 ≤ num_neighbors ≤ n − 1 (ByzFL runs Krum at n = 3, f = 1
+  with n − f − 1 = 1 neighbour)."""
   n = num_workers(stack, rule)
-  check_f(rule, n, f, min_n=2 * f + 3, condition='n > 2f + 2')
+  if num_neighbors is None:
+    check_f(rule, n, f, min_n=2 * f + 3, condition='n > 2f + 2 (or an explicit num_neighbors)')
+  else:
+    check_f(rule, n, f)
   return n, _check_num_neighbors(rule, n, f, num_neighbors)
 
 
@@ -76,10 +97,12 @@ def krum_scores(stack, *, f: int, num_neighbors: int | None = None) -> jax.Array
     num_neighbors: how many nearest other inputs enter the score; default n − f − 2 (the paper).
 
   Returns:
-    A float32 (float64 for float64 leaves) array of shape (n,); +inf for non-finite inputs.
+    A float32 (float64 for float64 leaves) array of shape (n,), in the inputs' squared units
+    (+inf where that overflows); +inf for non-finite inputs.
   """
   _, k = _check_krum('krum_scores', stack, f, num_neighbors)
-  return _scores_from_dists(st.pairwise_sq_dists(stack), k)
+  d, _, scale = st.scaled_sq_dists(stack)
+  return _scores_from_dists(d, k) * (scale * scale)
 
 
 def _multikrum(rule, stack, f, m, num_neighbors):
@@ -89,8 +112,10 @@ def _multikrum(rule, stack, f, m, num_neighbors):
   check_positive_int(rule, 'm', m)
   if m > n:
     raise ValueError(f'{rule}: m must be <= n; got m={m}, n={n}')
-  scores = _scores_from_dists(st.pairwise_sq_dists(stack), k)
-  return st.weighted_sum(_lowest_weights(scores, m), stack)
+  d, _, _ = st.scaled_sq_dists(stack)
+  scores = _scores_from_dists(d, k)
+  # A selected input of infinite score was chosen without the information Krum needs: NaN.
+  return st.weighted_sum(_lowest_weights(scores, m), stack, finite=jnp.isfinite(scores))
 
 
 @register(
@@ -128,8 +153,8 @@ def krum(stack, *, f: int, num_neighbors: int | None = None):
     One tree like a slice of the stack: the selected input.
 
   Raises:
-    ValueError: f < 0, n ≤ 2f + 2, num_neighbors outside [1, n − 1], an empty stack or mismatched
-      leading axes; the message names the rule.
+    ValueError: f < 0, 2f ≥ n, n ≤ 2f + 2 with the default num_neighbors, num_neighbors
+      outside [1, n − 1], an empty stack or mismatched leading axes; the message names the rule.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -179,8 +204,9 @@ def multikrum(stack, *, f: int, m: int | None = None, num_neighbors: int | None 
     One tree like a slice of the stack.
 
   Raises:
-    ValueError: f < 0, n ≤ 2f + 2, m outside [1, n], num_neighbors outside [1, n − 1], an empty
-      stack or mismatched leading axes; the message names the rule.
+    ValueError: f < 0, 2f ≥ n, n ≤ 2f + 2 with the default num_neighbors, m outside [1, n],
+      num_neighbors outside [1, n − 1], an empty stack or mismatched leading axes; the message
+      names the rule.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -266,8 +292,11 @@ def bulyan(stack, *, f: int, num_neighbors: int | None = None):
   check_f('bulyan', n, f, min_n=4 * f + 3, condition='n >= 4f + 3')
   k = _check_num_neighbors('bulyan', n, f, num_neighbors)
   theta = n - 2 * f
-  chosen = iterated_krum_selection(st.pairwise_sq_dists(stack), f=f, theta=theta, num_neighbors=k)
-  return mean_closest_to_median(st.tree_index(stack, chosen), keep=theta - 2 * f)
+  d, finite, _ = st.scaled_sq_dists(stack)
+  chosen = iterated_krum_selection(d, f=f, theta=theta, num_neighbors=k)
+  out = mean_closest_to_median(st.tree_index(stack, chosen), keep=theta - 2 * f)
+  complete = jnp.all(finite[chosen])
+  return jax.tree.map(lambda x: jnp.where(complete, x, jnp.nan), out)
 
 
 @register(
@@ -303,6 +332,8 @@ def monna(stack, *, f: int, trusted_index: int = 0):
   check_f('monna', n, f)
   if not isinstance(trusted_index, int) or not 0 <= trusted_index < n:
     raise ValueError(f'monna: trusted_index must be an int in [0, n); got {trusted_index!r}, n={n}')
-  d = st.sq_dists_to(stack, st.tree_index(stack, trusted_index))
-  d = jnp.where(jnp.isfinite(d), d, jnp.inf)
-  return st.weighted_sum(_lowest_weights(d, n - f), stack)
+  trusted = st.tree_index(stack, trusted_index)
+  d = st.sq_dists_to(stack, trusted, scale=st.normaliser(stack, trusted).scale)
+  finite = jnp.isfinite(d)
+  d = jnp.where(finite, d, jnp.inf)
+  return st.weighted_sum(_lowest_weights(d, n - f), stack, finite=finite)

@@ -128,8 +128,15 @@ def _eig_screen(d: jax.Array, cands: jax.Array, warm: jax.Array) -> jax.Array:
   return jax.vmap(one)(cands, warm)
 
 
-def _exact_mask(d: jax.Array, f: int, objective) -> jax.Array:
-  """(n,) bool mask of the (n − f)-subset minimising `objective` (first in lexicographic order)."""
+TIES = ('left_out', 'kept')
+"""Tie rules of the exact search: the first minimiser in lexicographic order of the f inputs left
+out (`'left_out'`, the default), or of the n − f inputs kept (`'kept'`, ByzFL's: it scans
+`itertools.combinations(range(n), n - f)` and keeps the first strict minimum). Complements
+reverse the lexicographic order, so `'kept'` is the last minimiser in left-out order."""
+
+
+def _exact_mask(d: jax.Array, f: int, objective, ties: str = 'left_out') -> jax.Array:
+  """(n,) bool mask of the (n − f)-subset minimising `objective` (ties: see `TIES`)."""
   n = d.shape[0]
   m = n - f
   table = jnp.asarray(_left_out_sets(n, f))
@@ -137,7 +144,11 @@ def _exact_mask(d: jax.Array, f: int, objective) -> jax.Array:
   batch = max(1, min(count, _BLOCK_ELEMENTS // (m * m)))
   values = jax.lax.map(lambda out: objective(d, _kept(out, n)), table, batch_size=batch)
   values = jnp.where(jnp.isnan(values), jnp.inf, values)
-  out = table[jnp.argmin(values)]
+  if ties == 'kept':
+    best = count - 1 - jnp.argmin(values[::-1])
+  else:
+    best = jnp.argmin(values)
+  out = table[best]
   return ~jnp.any(jnp.arange(n)[:, None] == out[None, :], axis=1)
 
 
@@ -209,10 +220,10 @@ def is_exact(rule: str, n: int, f: int, max_subsets: int | None = None) -> bool:
   return count <= DEFAULT_MAX_SUBSETS and count * (n - f) ** power <= budget
 
 
-def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates, screen=None):
+def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates, screen, ties):
   n = d.shape[0]
   if is_exact(rule, n, f, max_subsets):
-    return _exact_mask(d, f, objective)
+    return _exact_mask(d, f, objective, ties)
   limit = (
     f'max_subsets={max_subsets}'
     if max_subsets is not None
@@ -227,62 +238,93 @@ def _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates, scr
 
 
 def _subset_rule(
-  rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates, screen=None
+  rule, stack, f, max_subsets, local_search_rounds, ties, objective, candidates, screen
 ):
-  keep = _subset_mask_rule(
-    rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates, screen
+  keep, finite = _subset_mask_rule(
+    rule, stack, f, max_subsets, local_search_rounds, ties, objective, candidates, screen
   )
   n = keep.shape[0]
-  return st.weighted_sum(keep.astype(jnp.float32) / (n - f), stack)
+  weights = keep.astype(st.acc_dtype(stack)) / (n - f)
+  return st.weighted_sum(weights, stack, finite=finite)
 
 
 def _subset_mask_rule(
-  rule, stack, f, max_subsets, local_search_rounds, objective, out_candidates, screen=None
+  rule, stack, f, max_subsets, local_search_rounds, ties, objective, candidates, screen
 ):
+  """The kept mask and which workers are finite."""
   n = num_workers(stack, rule)
   check_f(rule, n, f)
   if max_subsets is not None:
     check_positive_int(rule, 'max_subsets', max_subsets)
   rounds = n if local_search_rounds is None else local_search_rounds
   check_positive_int(rule, 'local_search_rounds', rounds)
+  if ties not in TIES:
+    raise ValueError(f'{rule}: ties must be one of {TIES}; got {ties!r}')
+  d, finite, _ = st.scaled_sq_dists(stack)
   if f == 0:
-    return jnp.ones((n,), bool)
-  d = st.pairwise_sq_dists(stack)
-  return _subset_mask(rule, d, f, max_subsets, rounds, objective, out_candidates, screen)
+    return jnp.ones((n,), bool), finite
+  mask = _subset_mask(rule, d, f, max_subsets, rounds, objective, candidates, screen, ties)
+  return mask, finite
 
 
-@functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
-def mda_mask(stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None):
+_STATIC = ('f', 'max_subsets', 'local_search_rounds', 'ties')
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def mda_mask(
+  stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None, ties='left_out'
+):
   """(n,) bool: the subset `mda` averages, same arguments (for analysis and tests)."""
   return _subset_mask_rule(
-    'mda', stack, f, max_subsets, local_search_rounds, _diameter, _diameter_out_candidates
-  )
+    'mda',
+    stack,
+    f,
+    max_subsets,
+    local_search_rounds,
+    ties,
+    _diameter,
+    _diameter_out_candidates,
+    None,
+  )[0]
 
 
-@functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
-def smea_mask(stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None):
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def smea_mask(
+  stack, *, f: int, max_subsets: int | None = None, local_search_rounds=None, ties='left_out'
+):
   """(n,) bool: the subset `smea` averages, same arguments (for analysis and tests)."""
   return _subset_mask_rule(
-    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates, _eig_screen
-  )
+    'smea',
+    stack,
+    f,
+    max_subsets,
+    local_search_rounds,
+    ties,
+    _top_eig,
+    _eig_out_candidates,
+    _eig_screen,
+  )[0]
 
 
 @register(
   'mda',
   properties=Properties(distance_based=True, exponential=True),
 )
-@functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def mda(
   stack,
   *,
   f: int,
   max_subsets: int | None = None,
   local_search_rounds: int | None = None,
+  ties: str = 'left_out',
 ):
   """Minimum diameter averaging: the mean of the (n − f)-subset of smallest diameter.
 
-  MDA_f(x) = x̄_{S*}, S* = argmin_{|S| = n − f} max_{i, j ∈ S} ‖x_i − x_j‖ (ties: the first subset
-  in lexicographic order of the f inputs left out).
+  MDA_f(x) = x̄_{S*}, S* = argmin_{|S| = n − f} max_{i, j ∈ S} ‖x_i − x_j‖. Ties are frequent
+  (every subset holding the diameter pair of another ties with it): by default the first subset
+  in lexicographic order of the f inputs left out; ``ties='kept'`` takes the first in order of
+  the inputs kept, as ByzFL does (see `TIES`).
 
   Exact when C(n, f) ≤ `max_subsets` (default: C(n, f) ≤ 1e5 and C(n, f) · (n − f)² ≤ 1e8, about
   a second on a 2-core CPU): every subset is evaluated from the n × n distance matrix, in blocks
@@ -300,8 +342,9 @@ def mda(
   subsets × (n − f)²; the approximation costs O(f (n − f)²) per round (timings in
   BENCHMARKS.md).
 
-  Non-finite inputs are at +inf distance, so with at most f of them the chosen subset (exact or
-  approximate) holds none.
+  Non-finite inputs (NaN / ±Inf, or a rescaled square that overflows) are at +inf distance, so
+  with at most f of them the chosen subset (exact or approximate) holds none; with more, every
+  subset holds one and the output is NaN.
 
   Args:
     stack: a pytree stack (leading worker axis n) or an (n, d) array.
@@ -309,6 +352,7 @@ def mda(
     max_subsets: the largest C(n, f) searched exactly (static); None (default) for the measured
       limits above; an int lifts the work budget (the caller accepts the cost).
     local_search_rounds: the most swap rounds of the approximation (static); default n.
+    ties: the exact search's tie rule (static): `'left_out'` or `'kept'` (ByzFL's), see `TIES`.
 
   Returns:
     One tree like a slice of the stack.
@@ -322,7 +366,15 @@ def mda(
     Learning", PODC 2020.
   """
   return _subset_rule(
-    'mda', stack, f, max_subsets, local_search_rounds, _diameter, _diameter_out_candidates
+    'mda',
+    stack,
+    f,
+    max_subsets,
+    local_search_rounds,
+    ties,
+    _diameter,
+    _diameter_out_candidates,
+    None,
   )
 
 
@@ -330,18 +382,19 @@ def mda(
   'smea',
   properties=Properties(distance_based=True, exponential=True),
 )
-@functools.partial(jax.jit, static_argnames=('f', 'max_subsets', 'local_search_rounds'))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def smea(
   stack,
   *,
   f: int,
   max_subsets: int | None = None,
   local_search_rounds: int | None = None,
+  ties: str = 'left_out',
 ):
   """Smallest maximum eigenvalue averager: the mean of the (n − f)-subset of least top variance.
 
   SMEA_f(x) = x̄_{S*}, S* = argmin_{|S| = n − f} λ_max((1/|S|) Σ_{i∈S} (x_i − x̄_S)(x_i − x̄_S)ᵀ)
-  (ties: the first subset in lexicographic order of the f inputs left out). The top eigenvalue is
+  (ties: as in `mda`, by `ties`). The top eigenvalue is
   that of the subset's centred Gram matrix −½ J D_S J (over |S|), computed with a batched
   `eigvalsh` of (n − f) × (n − f) matrices: no d × d covariance is ever formed.
 
@@ -364,6 +417,7 @@ def smea(
     max_subsets: the largest C(n, f) searched exactly (static); None (default) for the measured
       limits above; an int lifts the work budget (the caller accepts the cost).
     local_search_rounds: the most swap rounds of the approximation (static); default n.
+    ties: the exact search's tie rule (static): `'left_out'` or `'kept'` (ByzFL's), see `TIES`.
 
   Returns:
     One tree like a slice of the stack.
@@ -377,5 +431,13 @@ def smea(
     AISTATS 2023.
   """
   return _subset_rule(
-    'smea', stack, f, max_subsets, local_search_rounds, _top_eig, _eig_out_candidates, _eig_screen
+    'smea',
+    stack,
+    f,
+    max_subsets,
+    local_search_rounds,
+    ties,
+    _top_eig,
+    _eig_out_candidates,
+    _eig_screen,
   )

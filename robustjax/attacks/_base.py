@@ -28,7 +28,7 @@ import numpy as np
 from robustjax._checks import num_workers
 from robustjax._registry import Registry
 from robustjax._spec import parse_spec
-from robustjax.stack import weighted_sum
+from robustjax.stack import acc_dtype, weighted_sum
 
 __all__ = ['Attack', 'Kind', 'REGISTRY', 'register', 'get', 'names', 'KINDS']
 
@@ -239,7 +239,7 @@ def _upcast(tree):
 def _mean(honest):
   """μ: the coordinate-wise mean of the honest inputs (a matvec per leaf), accumulation dtype."""
   n_h = num_workers(honest, 'mean')
-  w = jnp.full((n_h,), 1.0 / n_h, jnp.float32)
+  w = jnp.full((n_h,), 1.0 / n_h, acc_dtype(honest))
   return weighted_sum(w, _upcast(honest), ignore_nonfinite=False)
 
 
@@ -249,7 +249,7 @@ def _std(honest, mu, ddof: int):
   if n_h - ddof < 1:
     raise ValueError(f'std: needs more than ddof={ddof} honest inputs; got {n_h}')
   sq = jax.tree.map(lambda x, m: jnp.square(_acc(x) - m[None]), honest, mu)
-  w = jnp.full((n_h,), 1.0 / (n_h - ddof), jnp.float32)
+  w = jnp.full((n_h,), 1.0 / (n_h - ddof), acc_dtype(honest))
   return jax.tree.map(jnp.sqrt, weighted_sum(w, sq, ignore_nonfinite=False))
 
 

@@ -20,7 +20,7 @@ from robustjax.attacks._base import (
   register,
 )
 from robustjax.pipeline import Pipeline, as_rule
-from robustjax.stack import flatten
+from robustjax.stack import acc_dtype, flatten
 
 
 def _deviation(out, mu) -> jax.Array:
@@ -109,6 +109,34 @@ def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
   return pts[b], vals[b]
 
 
+SEARCHES = ('grid', 'byzfl')
+
+
+def _byzfl_search(evaluate, evals: int, start, delta, ratio):
+  """ByzFL 0.0.11's sequential line search, step for step (one evaluation per step).
+
+  Expansion from τ = start: propose best + δ; better (strictly) → accept and δ ← 2δ; else
+  δ ← ratio·δ and switch to contraction, where each step proposes best + δ, accepts it if
+  strictly better, and shrinks δ ← ratio·δ. `evals` evaluations in all (the first at start).
+  A `fori_loop`: the defender is traced once. Returns (best scale, its value).
+  """
+  best_y = evaluate(start)
+
+  def step(_, carry):
+    best_x, best_y, delta, expanding = carry
+    prop_x = best_x + delta
+    prop_y = evaluate(prop_x)
+    better = prop_y > best_y
+    best_x = jnp.where(better, prop_x, best_x)
+    best_y = jnp.where(better, prop_y, best_y)
+    delta = jnp.where(expanding & better, 2.0 * delta, ratio * delta)
+    return best_x, best_y, delta, expanding & better
+
+  init = (start, best_y, delta, jnp.asarray(True))
+  best_x, best_y, _, _ = jax.lax.fori_loop(0, evals - 1, step, init)
+  return best_x, best_y
+
+
 @functools.partial(
   jax.jit,
   static_argnames=(
@@ -122,6 +150,9 @@ def _search(evaluate, scales, num_refine: int, refine_rounds: int, batch_size):
     'return_scale',
     'ddof',
     'subspace',
+    'search',
+    'evals',
+    'direction',
   ),
 )
 def _optimal_jit(
@@ -140,20 +171,30 @@ def _optimal_jit(
   return_scale,
   ddof,
   subspace,
+  search,
+  evals,
+  line,
+  direction,
 ):
   defender = lambda s, k: rule(s, k)
+  acc = acc_dtype(honest)
   mu = _mean(honest)
   if kind == 'alie':
-    base, direction = mu, jax.tree.map(jnp.negative, _std(honest, mu, ddof))
+    sigma = _std(honest, mu, ddof)
+    base, direction = mu, sigma if direction == 'plus' else jax.tree.map(jnp.negative, sigma)
   else:
     base, direction = jax.tree.map(jnp.zeros_like, mu), jax.tree.map(jnp.negative, mu)
-  if scales is None:
-    scales = jnp.linspace(0.0, 1.0, num_scales, dtype=jnp.float32) * max_scale
   if subspace:
     evaluate = _line_evaluator(*_span_coordinates(honest, base, direction), defender, f, key)
   else:
     evaluate = _line_evaluator(honest, base, direction, defender, f, key)
-  tau, _ = _search(evaluate, scales, num_refine, refine_rounds, batch_size)
+  if search == 'byzfl':
+    start, delta, ratio = (jnp.asarray(v, acc) for v in line)
+    tau, _ = _byzfl_search(evaluate, evals, start, delta, ratio)
+  else:
+    if scales is None:
+      scales = jnp.linspace(0.0, 1.0, num_scales, dtype=acc) * max_scale.astype(acc)
+    tau, _ = _search(evaluate, scales.astype(acc), num_refine, refine_rounds, batch_size)
   out = _repeat(_axpy(tau, direction, base), f, honest)
   return (out, tau) if return_scale else out
 
@@ -174,8 +215,28 @@ def _optimal(
   defender_f,
   subspace,
   ddof=0,
+  search='grid',
+  evals=20,
+  start=0.0,
+  delta=10.0,
+  ratio=0.8,
+  direction='minus',
 ):
   n_h = _check_attack(name, honest, f)
+  if search not in SEARCHES:
+    raise ValueError(f'{name}: search must be one of {SEARCHES}; got {search!r}')
+  if direction not in ('minus', 'plus'):
+    raise ValueError(f"{name}: direction must be 'minus' or 'plus'; got {direction!r}")
+  if search == 'byzfl':
+    check_positive_int(name, 'evals', evals)
+    _check_float(name, 'start', start)
+    _check_float(name, 'delta', delta)
+    _check_float(name, 'ratio', ratio)
+    if not 0.5 < float(ratio) < 1.0 or float(delta) == 0.0:
+      raise ValueError(
+        f'{name}: the byzfl search needs 0.5 < ratio < 1 and delta != 0; got ratio={ratio}, '
+        f'delta={delta}'
+      )
   if f >= n_h:
     raise ValueError(
       f'{name}: needs fewer Byzantine than honest inputs (n > 2f); got n_h={n_h}, f={f}'
@@ -197,7 +258,7 @@ def _optimal(
   if scales is None:
     _check_float(name, 'max_scale', max_scale, positive=True)
   else:
-    scales = jnp.asarray(scales, jnp.float32)
+    scales = jnp.asarray(scales)
     if scales.ndim != 1 or scales.shape[0] < 2:
       raise ValueError(
         f'{name}: scales must be a 1-d array of >= 2 values; got shape {scales.shape}'
@@ -207,7 +268,7 @@ def _optimal(
     honest,
     key,
     scales,
-    jnp.asarray(max_scale, jnp.float32),
+    jnp.asarray(max_scale),
     kind=name.removeprefix('optimal_'),
     f=f,
     rule=pipeline,
@@ -218,6 +279,10 @@ def _optimal(
     return_scale=return_scale,
     ddof=ddof,
     subspace=bool(subspace),
+    search=search,
+    evals=evals if search == 'byzfl' else 0,
+    line=(float(start), float(delta), float(ratio)),
+    direction=direction,
   )
 
 
@@ -268,6 +333,13 @@ _OPT_DOC = """
       responsibility), False turns it off. On CPU the QR runs in LAPACK (OpenBLAS): on a busy
       machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend in the QR; see BENCHMARKS.md).
 
+    search: ``'grid'`` (default: the vmapped grid and refinement above) or ``'byzfl'``: ByzFL
+      0.0.11's sequential expansion / contraction line search, step for step, with its
+      parameters `evals` (20), `start` (0.0), `delta` (10.0) and `ratio` (0.8), for reproducing
+      published ByzFL numbers (one defender evaluation per step, in a `fori_loop`).
+    direction (optimal_alie): ``'minus'`` (μ − τσ, Baruch et al.; default) or ``'plus'``
+      (μ + τσ, ByzFL's; use it with ``ddof=1`` to reproduce ByzFL's attack).
+
   Returns:
     A stack of f identical slices (and τ if `return_scale`).
 
@@ -293,6 +365,12 @@ def optimal_alie(
   return_scale: bool = False,
   defender_f: int | None = None,
   subspace: bool | None = None,
+  direction: str = 'minus',
+  search: str = 'grid',
+  evals: int = 20,
+  start: float = 0.0,
+  delta: float = 10.0,
+  ratio: float = 0.8,
 ):
   if ddof not in (0, 1):
     raise ValueError(f'optimal_alie: ddof must be 0 or 1; got {ddof!r}')
@@ -313,11 +391,17 @@ def optimal_alie(
     defender_f,
     subspace,
     ddof,
+    search,
+    evals,
+    start,
+    delta,
+    ratio,
+    direction,
   )
 
 
 optimal_alie.__doc__ = (
-  """Optimal ALIE: μ − τ·σ with the scale τ >= 0 that maximises the defender's error.
+  """Optimal ALIE: μ − τ·σ (or μ + τ·σ) with the scale τ that maximises the defender's error.
 """
   + _OPT_DOC
   + """
@@ -344,6 +428,11 @@ def optimal_ipm(
   return_scale: bool = False,
   defender_f: int | None = None,
   subspace: bool | None = None,
+  search: str = 'grid',
+  evals: int = 20,
+  start: float = 0.0,
+  delta: float = 10.0,
+  ratio: float = 0.8,
 ):
   return _optimal(
     'optimal_ipm',
@@ -360,6 +449,11 @@ def optimal_ipm(
     return_scale,
     defender_f,
     subspace,
+    search=search,
+    evals=evals,
+    start=start,
+    delta=delta,
+    ratio=ratio,
   )
 
 

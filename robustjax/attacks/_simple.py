@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -84,7 +85,7 @@ def alie_z(n: int, f: int, variant: str = 'paper', tau: float = 1.5) -> jax.Arra
     raise ValueError(f'alie: variant must be one of {_ALIE_VARIANTS}; got {variant!r}')
   if variant == 'byzfl':
     _check_float('alie', 'tau', tau)
-    return -jnp.asarray(tau, jnp.float32)
+    return jnp.asarray(-float(tau))
   if f >= n:
     raise ValueError(f'alie: needs f < n; got n={n}, f={f}')
   s = math.floor(n / 2 + 1) - f
@@ -96,7 +97,8 @@ def alie_z(n: int, f: int, variant: str = 'paper', tau: float = 1.5) -> jax.Arra
   p = (n - s) / n if variant == 'paper' else (n - f - s) / (n - f)
   if not 0.0 < p < 1.0:
     raise ValueError(f'alie: the cdf argument must be in (0, 1); got {p} for n={n}, f={f}')
-  return jax.scipy.special.ndtri(jnp.asarray(p, jnp.float32))
+  # In float64 on the host (the stdlib's inverse normal cdf): z follows the input's dtype later.
+  return jnp.asarray(statistics.NormalDist().inv_cdf(p))
 
 
 @register('alie')
@@ -107,7 +109,7 @@ def alie(
   key=None,
   variant: str = 'paper',
   tau: float = 1.5,
-  ddof: int = 0,
+  ddof: int | None = None,
   n: int | None = None,
 ):
   """A Little Is Enough: every Byzantine input is μ − z·σ.
@@ -116,8 +118,8 @@ def alie(
     Implementations differ in z, in its sign and in σ. ``variant='paper'`` (default) uses
     Baruch et al.'s z = Φ⁻¹((n − s)/n), s = ⌊n/2 + 1⌋ − f; ``'karimireddy'`` the cdf
     (n − f − s)/(n − f) of Karimireddy et al.'s code; ``'byzfl'`` ByzFL's fixed μ + τ·σ (τ = 1.5).
-    σ uses ``ddof`` (default 0, the population standard deviation; the published PyTorch codes use
-    ``torch.std`` / ``var(ddof=1)``, i.e. ``ddof=1``).
+    σ uses ``ddof``: by default 1 for ``'byzfl'`` (ByzFL's ``var(ddof=1)``) and 0 otherwise (the
+    population standard deviation; the published PyTorch codes use ``torch.std``, i.e. 1).
 
   Args:
     honest: the honest stack (n_h slices).
@@ -125,7 +127,7 @@ def alie(
     key: unused.
     variant: ``'paper'``, ``'karimireddy'`` or ``'byzfl'`` (see `alie_z`).
     tau: the fixed factor of ``'byzfl'``.
-    ddof: delta degrees of freedom of σ (0 or 1).
+    ddof: delta degrees of freedom of σ (0 or 1); default 1 for ``'byzfl'``, else 0.
     n: the total number of workers in z's formula; default n_h + f.
 
   Returns:
@@ -139,6 +141,8 @@ def alie(
     Learning", NeurIPS 2019.
   """
   n_h = _check_attack('alie', honest, f)
+  if ddof is None:
+    ddof = 1 if variant == 'byzfl' else 0
   if ddof not in (0, 1):
     raise ValueError(f'alie: ddof must be 0 or 1; got {ddof!r}')
   total = n_h + f if n is None else n
