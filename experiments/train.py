@@ -10,7 +10,9 @@ Multi-host: pass --coordinator_address / --num_processes / --process_id (or set
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); every process runs the same
 command and `jax.distributed.initialize()` joins them before any other JAX call.
 
-Outputs in --workdir: metrics.jsonl, summary.json, checkpoints/ (a restarted run resumes).
+Outputs in --workdir: config.json, metrics.jsonl, summary.json, checkpoints/. A rerun of the same
+command resumes (and says from which step); a different config in the same workdir is refused
+(naming the fields that differ) unless --restart discards the old run.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ flags.DEFINE_string('workdir', None, 'Directory for metrics, summary and checkpo
 flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
 flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
 flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+flags.DEFINE_bool(
+  'restart', False, 'Discard the run already in --workdir (checkpoints, metrics) and start over.'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -39,7 +44,7 @@ def main(argv):
   training.maybe_initialize_distributed(
     FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
   )
-  summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
   print(json.dumps({'step': summary['step'], 'rule': summary['rule'], **summary['final']}))
 
 

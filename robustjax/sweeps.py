@@ -55,6 +55,7 @@ __all__ = [
   'run_id',
   'group_runs',
   'atomic_write_json',
+  'read_record',
   'current_run_ids',
   'load_results',
   'run_group',
@@ -201,6 +202,35 @@ def _result_path(out_dir: str, rid: str) -> str:
   return os.path.join(out_dir, 'runs', f'{rid}.json')
 
 
+_RECORD_KEYS = ('run_id', 'config', 'final', 'curve')
+
+
+def read_record(path: str) -> tuple[dict | None, str]:
+  """A run record and '' if it is valid, else (None, why): unreadable or torn JSON, not an
+  object, missing fields (`run_id`, `config`, `final`, `curve`), or a `run_id` that is not the
+  file's name."""
+  try:
+    with open(path) as fh:
+      rec = json.load(fh)
+  except (OSError, ValueError) as err:
+    return None, f'unreadable ({type(err).__name__}: {str(err)[:80]})'
+  if not isinstance(rec, dict):
+    return None, 'not a JSON object'
+  missing = [k for k in _RECORD_KEYS if k not in rec]
+  if missing:
+    return None, f'missing {", ".join(missing)}'
+  name = os.path.basename(path)[: -len('.json')]
+  if rec['run_id'] != name:
+    return None, f'its run_id {rec["run_id"]!r} is not its file name'
+  if not isinstance(rec['final'], dict) or not isinstance(rec['curve'], dict):
+    return None, 'final / curve are not objects'
+  return rec, ''
+
+
+def _warn(message: str) -> None:
+  print(f'warning: {message}', file=sys.stderr, flush=True)
+
+
 def current_run_ids(out_dir: str) -> list[str] | None:
   """The run ids of the sweep last launched in `out_dir` (from ``sweep.json``), or None."""
   path = os.path.join(out_dir, 'sweep.json')
@@ -212,6 +242,9 @@ def current_run_ids(out_dir: str) -> list[str] | None:
 
 def load_results(out_dir: str, *, current_only: bool = True) -> list[dict]:
   """The finished run records under ``<out_dir>/runs`` (sorted by run id).
+
+  Invalid records (`read_record`: torn or hand-edited files) are left out with a warning that
+  names each file; `run_sweep` reruns them.
 
   Args:
     out_dir: the sweep directory.
@@ -228,8 +261,12 @@ def load_results(out_dir: str, *, current_only: bool = True) -> list[dict]:
     if name.endswith('.json') and not name.startswith('.'):
       if keep is not None and name[: -len('.json')] not in keep:
         continue
-      with open(os.path.join(d, name)) as fh:
-        out.append(json.load(fh))
+      path = os.path.join(d, name)
+      rec, why = read_record(path)
+      if rec is None:
+        _warn(f'left out {path}: {why} (rerun the sweep to redo it)')
+        continue
+      out.append(rec)
   return out
 
 
@@ -417,7 +454,16 @@ def run_sweep(
       'run_ids': [r.run_id for r in runs],
     },
   )
-  todo = [r for r in runs if not os.path.exists(_result_path(out_dir, r.run_id))]
+  todo = []
+  for r in runs:
+    path = _result_path(out_dir, r.run_id)
+    if not os.path.exists(path):
+      todo.append(r)
+      continue
+    rec, why = read_record(path)
+    if rec is None:
+      _warn(f'{path} is invalid ({why}); rerunning that run')
+      todo.append(r)
   skipped = len(runs) - len(todo)
   groups = group_runs(todo)
   t0 = time.perf_counter()
@@ -458,7 +504,7 @@ def run_sweep(
         flush=True,
       )
   wall = time.perf_counter() - t0
-  remaining = sum(1 for r in runs if not os.path.exists(_result_path(out_dir, r.run_id)))
+  remaining = sum(1 for r in runs if read_record(_result_path(out_dir, r.run_id))[0] is None)
   return {
     'total': len(runs),
     'skipped': skipped,

@@ -160,7 +160,7 @@ def test_heterogeneity_labels_and_order():
 # Execution: a tiny sweep end to end, resume after a kill, vmapped seeds == sequential runs.
 
 
-def test_tiny_sweep_end_to_end_with_kill_and_resume(smoke, tmp_path):
+def test_tiny_sweep_end_to_end_with_kill_and_resume(smoke, tmp_path, capsys):
   out = str(tmp_path / 'sweep')
   base, grid = smoke['base'], smoke['grid']
   # A stale temporary file from a kill during a write: ignored, and its run is still done.
@@ -182,6 +182,24 @@ def test_tiny_sweep_end_to_end_with_kill_and_resume(smoke, tmp_path):
     assert os.path.getmtime(os.path.join(out, 'runs', f)) == t
   s = sweeps.run_sweep(base, grid, out, progress=False)
   assert s['ran'] == 0 and s['skipped'] == 8
+
+  # A torn record (a full disk) and a hand-edited one: left out of the analysis with a warning
+  # naming them, and rerun by the next call.
+  names = sorted(f for f in os.listdir(out + '/runs') if not f.startswith('.'))
+  torn, edited = (os.path.join(out, 'runs', f) for f in names[:2])
+  with open(torn, 'r+') as fh:
+    fh.truncate(40)
+  with open(edited) as fh:
+    rec = json.load(fh)
+  del rec['final']
+  with open(edited, 'w') as fh:
+    json.dump(rec, fh)
+  assert len(sweeps.load_results(out)) == 6
+  err = capsys.readouterr().err
+  assert os.path.basename(torn) in err and 'missing final' in err
+  s = sweeps.run_sweep(base, grid, out, progress=False)
+  assert s['ran'] == 2 and s['remaining'] == 0
+  assert 'rerunning that run' in capsys.readouterr().err
 
   records = sweeps.load_results(out)
   assert sorted(r['run_id'] for r in records) == sorted(r.run_id for r in sweeps.expand(base, grid))

@@ -132,7 +132,8 @@ def _manual_worker_grad(exp, params, key, wid, flip=False):
 
 @pytest.mark.parametrize('attack', ['sign_flip', 'label_flip'])
 def test_worker_gradients_and_momentum_against_numpy(exp, attack):
-  spec = dataclasses.replace(exp.spec, attack=attacks.get(attack))
+  # β = 0.9, not 0.5: with β = 1 − β a swap of the two weights would pass unnoticed.
+  spec = dataclasses.replace(exp.spec, attack=attacks.get(attack), momentum=0.9)
   params = exp.params0
   n = spec.num_workers
   mom0 = jax.tree.map(
@@ -238,6 +239,14 @@ def test_optimizer_from_config():
     ({'split': 'weird'}, 'known'),
     ({'backend': 'tpu'}, 'known backends'),
     ({'algorithm': 'admm'}, 'known algorithms'),
+    ({'learning_rate': -0.1}, r'learning_rate must be a finite number in \(0, inf\); got'),
+    ({'learning_rate': float('nan')}, 'learning_rate must be a finite number'),
+    ({'momentum': 1.0}, r'momentum must be a finite number in \[0, 1\); got momentum=1.0'),
+    ({'server_momentum': -0.5}, 'server_momentum must be'),
+    ({'num_steps': -3}, r'num_steps must be an int in \[1, inf\)'),
+    ({'batch_size': 0}, 'batch_size must be an int'),
+    ({'weight_decay': -1e-4}, 'weight_decay must be'),
+    ({'local_steps': 0}, 'local_steps must be an int'),
   ],
 )
 def test_clear_errors(kw, match):

@@ -42,18 +42,27 @@ from robustjax.training._engine import (
   make_step,
   sharded_worker_stage,
 )
-from robustjax.training._loop import Checkpointer, chunks, make_advance, train_and_evaluate
-from robustjax.training._setup import Experiment, build, make_optimizer
+from robustjax.training._loop import (
+  Checkpointer,
+  ConfigMismatchError,
+  chunks,
+  make_advance,
+  result_fields,
+  train_and_evaluate,
+)
+from robustjax.training._setup import Experiment, build, check_hyperparameters, make_optimizer
 
 __all__ = [
   'AXIS',
   'BACKENDS',
   'Checkpointer',
+  'ConfigMismatchError',
   'Experiment',
   'Problem',
   'TrainSpec',
   'TrainState',
   'build',
+  'check_hyperparameters',
   'chunks',
   'init_state',
   'least_squares_problem',
@@ -66,6 +75,7 @@ __all__ = [
   'maybe_initialize_distributed',
   'put',
   'replicated',
+  'result_fields',
   'sharded_worker_stage',
   'train_and_evaluate',
   'worker_sharded',

@@ -1,18 +1,114 @@
-"""The training loop: progress bar, JSON-lines metrics, orbax checkpoints with exact resume."""
+"""The training loop: progress bar, JSON-lines metrics, orbax checkpoints with exact resume.
+
+A workdir belongs to one configuration: ``config.json`` records it at the first start, and a
+later start with a config that differs in a field that changes the results is refused with one
+line naming the fields (``restart=True`` discards the old run instead). A resumed run says from
+which step; a finished one says so. A corrupt latest checkpoint is set aside (``corrupt/``) with a
+warning and the newest readable one is used; a torn last line of ``metrics.jsonl`` (a kill or a
+full disk mid-write) is dropped with a warning.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from robustjax.training import _setup
 
-__all__ = ['train_and_evaluate', 'Checkpointer', 'make_advance', 'chunks']
+__all__ = [
+  'train_and_evaluate',
+  'Checkpointer',
+  'ConfigMismatchError',
+  'make_advance',
+  'chunks',
+  'result_fields',
+]
+
+# Fields that change what is logged or when, never the numbers: a resumed run may change them.
+PRESENTATION_FIELDS = frozenset(
+  {'progress', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'eval_chunk'}
+)
+
+
+class ConfigMismatchError(ValueError):
+  """The workdir holds a run of a different configuration."""
+
+
+def _say(message: str) -> None:
+  """A one-line status message on stderr (process 0 only)."""
+  if jax.process_index() == 0:
+    print(message, file=sys.stderr, flush=True)
+
+
+def result_fields(config) -> dict:
+  """The config's fields that determine the run's numbers (`PRESENTATION_FIELDS` left out).
+
+  ``num_steps`` is left out under a constant learning rate (extending a finished run is a
+  resume); under a schedule that depends on it (cosine), it is kept.
+  """
+  cfg = config.to_dict() if hasattr(config, 'to_dict') else dict(config)
+  cfg = json.loads(json.dumps(cfg, default=str))
+  out = {k: v for k, v in cfg.items() if k not in PRESENTATION_FIELDS}
+  if out.get('lr_schedule', 'constant') == 'constant':
+    out.pop('num_steps', None)
+  return out
+
+
+def _check_workdir_config(workdir: str, config, restart: bool, has_state: bool) -> None:
+  """Refuses a workdir that holds another config's run; records the config at a first start."""
+  path = os.path.join(workdir, 'config.json')
+  want = result_fields(config)
+  if os.path.exists(path) and not restart:
+    try:
+      with open(path) as fh:
+        have = json.load(fh)['result_fields']
+    except (OSError, ValueError, KeyError, TypeError):
+      have = None
+    if have is None:
+      raise ConfigMismatchError(
+        f'{path} is unreadable, so the run in {workdir} cannot be matched to this config; '
+        'use another --workdir, or restart=True (--restart) to discard it'
+      )
+    diff = [k for k in sorted(set(have) | set(want)) if have.get(k) != want.get(k)]
+    if diff:
+      shown = ', '.join(f'{k}: {have.get(k)!r} -> {want.get(k)!r}' for k in diff[:6])
+      more = f' (and {len(diff) - 6} more)' if len(diff) > 6 else ''
+      raise ConfigMismatchError(
+        f'{workdir} holds a run of a different config ({shown}{more}); use another --workdir, '
+        'or restart=True (--restart) to discard it'
+      )
+  elif has_state and not restart:
+    raise ConfigMismatchError(
+      f'{workdir} holds checkpoints but no config.json (a run of unknown config); use another '
+      '--workdir, or restart=True (--restart) to discard it'
+    )
+  if jax.process_index() == 0:
+    _atomic_write(path, json.dumps({'result_fields': want}, indent=1, sort_keys=True))
+
+
+def _atomic_write(path: str, text: str) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as fh:
+    fh.write(text)
+  os.replace(tmp, path)
+
+
+def _discard_run(workdir: str) -> None:
+  """What `restart` removes: the files a run writes (nothing else in the workdir)."""
+  for name in ('checkpoints', 'corrupt'):
+    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
+  for name in ('metrics.jsonl', 'summary.json', 'config.json'):
+    path = os.path.join(workdir, name)
+    if os.path.exists(path):
+      os.remove(path)
 
 
 class Checkpointer:
@@ -43,6 +139,40 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state_like)
     return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+
+  def restore_newest_readable(self, state_like, aside: str):
+    """Restores the newest checkpoint that reads back; unreadable newer ones (truncated,
+    emptied, bit-flipped) are moved to `aside` with a warning. None if there are none.
+
+    Raises:
+      ValueError: checkpoints exist but none is readable (named, with what to do).
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state = self.restore(state_like, step)
+      except Exception as err:  # orbax / tensorstore raise many types for corrupt files
+        failed.append((step, f'{type(err).__name__}: {str(err).splitlines()[0][:200]}'))
+        continue
+      for bad, why in failed:
+        logging.warning('checkpoint at step %d is unreadable (%s); set aside', bad, why)
+        _say(f'warning: checkpoint at step {bad} is unreadable ({why}); moved to {aside}')
+        self._set_aside(bad, aside)
+      return state
+    if failed:
+      raise ValueError(
+        f'no readable checkpoint in {self.directory} (steps {[s for s, _ in failed]}: '
+        f'{failed[0][1]}); rerun with restart=True (--restart) to start over'
+      )
+    return None
+
+  def _set_aside(self, step: int, aside: str) -> None:
+    os.makedirs(aside, exist_ok=True)
+    src = os.path.join(self.directory, str(step))
+    if os.path.exists(src):
+      shutil.move(src, os.path.join(aside, f'{step}-{int(time.time())}'))
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()
@@ -104,14 +234,48 @@ def _write_jsonl(path, records):
       fh.write(json.dumps(r) + '\n')
 
 
+def _check_writable(workdir: str) -> None:
+  """Fails before anything is changed if the workdir (or its parent, to create it) or an
+  existing metrics file in it cannot be written: a pre-existing file is never lost."""
+  metrics = os.path.join(workdir, 'metrics.jsonl')
+  if os.path.exists(metrics):
+    target = metrics
+  elif os.path.isdir(workdir):
+    target = workdir
+  else:
+    target = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(target):
+      target = os.path.dirname(target)
+  if not os.access(target, os.W_OK):
+    raise PermissionError(
+      f'cannot write {target} (nothing was changed; fix the permissions or use another --workdir)'
+    )
+
+
 def _truncate_jsonl(path, last_step):
-  """Drops the records after `last_step` (logged after the checkpoint a resumed run restarts at)."""
+  """Keeps the records up to `last_step` (the step a resumed run restarts at), atomically.
+
+  A line that does not parse (a torn last line after a kill or a full disk) is dropped with a
+  warning. The file is rewritten through a temporary file and `os.replace`, so a failure here
+  never loses the records already written.
+  """
   if not os.path.exists(path):
     return
+  keep, torn = [], 0
   with open(path) as fh:
-    keep = [line for line in fh if line.strip() and json.loads(line).get('step', 0) <= last_step]
-  with open(path, 'w') as fh:
-    fh.writelines(keep)
+    for line in fh:
+      if not line.strip():
+        continue
+      try:
+        rec = json.loads(line)
+      except ValueError:
+        torn += 1
+        continue
+      if isinstance(rec, dict) and rec.get('step', 0) <= last_step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+  if torn:
+    _say(f'warning: dropped {torn} unreadable line(s) of {path} (a torn write)')
+  _atomic_write(path, ''.join(keep))
 
 
 def _progress(total, initial, enabled):
@@ -124,7 +288,9 @@ def _progress(total, initial, enabled):
   return tqdm(total=total, initial=initial, desc='train', dynamic_ncols=True, leave=True)
 
 
-def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) -> dict:
+def train_and_evaluate(
+  config, workdir: str, *, max_steps: int | None = None, restart: bool = False
+) -> dict:
   """Trains and evaluates one configuration; resumes from the latest checkpoint in `workdir`.
 
   Writes ``metrics.jsonl`` (one JSON object per logged / evaluated step), ``summary.json`` (the
@@ -136,27 +302,45 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
     workdir: the output directory (created).
     max_steps: stop after this many steps *of this call* (as if the job were preempted; a later
       call resumes). For tests and time-limited jobs; the config's ``num_steps`` is unchanged.
+    restart: discard a previous run in `workdir` (its checkpoints, metrics, summary) instead of
+      resuming it; needed when the config differs from the one the workdir was started with.
+
+  Raises:
+    ConfigMismatchError: the workdir holds a run of another config (the message names the
+      fields); pass ``restart=True`` to discard it.
+    ValueError: the config is invalid (`robustjax.training.build`), or no checkpoint in the
+      workdir is readable.
 
   Returns:
     The summary dict (``final`` holds the last evaluation; ``finished`` whether ``num_steps`` was
     reached).
   """
-  os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
-  exp = _setup.build(config)
-  state = exp.init_state()
+  exp = _setup.build(config)  # validates the config before the workdir is touched
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  if lead:
+    _check_writable(workdir)
+  if restart and lead and os.path.isdir(workdir):
+    _discard_run(workdir)
+  has_state = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
+  os.makedirs(workdir, exist_ok=True)
+  _check_workdir_config(workdir, config, restart, has_state)
+  state = exp.init_state()
   ckpt = None
   if config.checkpoint_every:
-    ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=config.keep_checkpoints)
-    if ckpt.latest_step() is not None:
-      state = ckpt.restore(state)
+    ckpt = Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints)
+    restored = ckpt.restore_newest_readable(state, os.path.join(workdir, 'corrupt'))
+    if restored is not None:
+      state = restored
   start = int(jax.device_get(state.step))
-  if lead:
-    if start == 0 and os.path.exists(metrics_path):
-      os.remove(metrics_path)
-    _truncate_jsonl(metrics_path, start)
   total = int(config.num_steps)
+  if start >= total:
+    _say(f'already finished: {workdir} holds step {start} of {total}; evaluating it')
+  elif start:
+    _say(f'resuming from step {start} of {total} ({workdir})')
+  if lead:
+    _truncate_jsonl(metrics_path, start)
   stop = total if max_steps is None else min(total, start + int(max_steps))
   advance = make_advance(exp.step_fn, exp.backend)
   bar = _progress(total, start, lead and config.progress)
@@ -211,6 +395,7 @@ def train_and_evaluate(config, workdir: str, *, max_steps: int | None = None) ->
     'num_byzantine': exp.spec.num_byzantine,
     'backend': exp.backend,
     'num_devices': 1 if exp.mesh is None else int(np.prod(list(exp.mesh.shape.values()))),
+    'resumed_from': start,
     'steps_per_second_this_run': (step - start) / elapsed if elapsed > 0 else None,
     'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config),
   }

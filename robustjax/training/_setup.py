@@ -10,6 +10,7 @@ parameters in parentheses: ``'bucketing(s=2)+multikrum(m=3)'``, ``'ipm(eps=0.5)'
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -26,7 +27,7 @@ from robustjax._spec import parse_spec
 from robustjax.pipeline import as_rule
 from robustjax.training import _engine as eng
 
-__all__ = ['Experiment', 'build', 'make_optimizer']
+__all__ = ['Experiment', 'build', 'check_hyperparameters', 'make_optimizer']
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -89,6 +90,47 @@ def _check_counts(n, f):
     raise ValueError(f'num_byzantine must be an int >= 0; got {f!r}')
   if f >= n:
     raise ValueError(f'num_byzantine={f} must be < num_workers={n} (at least one honest worker)')
+
+
+def _number(config, name, *, low=None, high=None, low_open=False, high_open=False, integer=False):
+  """Checks config.<name> is a finite number (an int if `integer`) within the stated range."""
+  value = config.get(name)
+  if value is None:
+    return
+  kind = 'an int' if integer else 'a finite number'
+  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+  ok = ok and not isinstance(value, bool) and math.isfinite(value)
+  if ok and low is not None:
+    ok = value > low if low_open else value >= low
+  if ok and high is not None:
+    ok = value < high if high_open else value <= high
+  if not ok:
+    lo = '' if low is None else f'{"(" if low_open else "["}{low}'
+    hi = '' if high is None else f'{high}{")" if high_open else "]"}'
+    where = f' in {lo or "(-inf"}, {hi or "inf)"}' if (low is not None or high is not None) else ''
+    raise ValueError(f'{name} must be {kind}{where}; got {name}={value!r}')
+
+
+def check_hyperparameters(config) -> None:
+  """Validates the training hyper-parameters, naming the field and its valid range.
+
+  Raises:
+    ValueError: e.g. ``learning_rate must be a finite number in (0, inf); got learning_rate=-1``.
+  """
+  _number(config, 'learning_rate', low=0, low_open=True)
+  _number(config, 'momentum', low=0, high=1, high_open=True)
+  _number(config, 'server_momentum', low=0, high=1, high_open=True)
+  _number(config, 'weight_decay', low=0)
+  _number(config, 'local_lr', low=0, low_open=True)
+  _number(config, 'alpha', low=0, low_open=True)
+  _number(config, 'gamma', low=0, high=1)
+  _number(config, 'num_steps', low=1, integer=True)
+  _number(config, 'batch_size', low=1, integer=True)
+  _number(config, 'local_steps', low=1, integer=True)
+  _number(config, 'eval_chunk', low=1, integer=True)
+  for name in ('log_every', 'eval_every', 'checkpoint_every'):
+    _number(config, name, low=0, integer=True)
+  _number(config, 'keep_checkpoints', low=1, integer=True)
 
 
 def _validate(spec, dim=3):
@@ -180,11 +222,12 @@ def build(config) -> Experiment:
 
   Raises:
     ValueError: for unknown dataset / model / split / rule / attack / coding / compressor /
-      optimiser / backend names (listing the known ones) and impossible (n, f) choices (naming the
-      rule's condition).
+      optimiser / backend names (listing the known ones), impossible (n, f) choices (naming the
+      rule's condition) and hyper-parameters out of range (`check_hyperparameters`).
   """
   n, f = config.num_workers, config.num_byzantine
   _check_counts(n, f)
+  check_hyperparameters(config)
   attack = attacks.get(config.attack)
   pipeline = as_rule(config.rule, f)
   code = coding.make(config.get('coding', 'identity'), n=n, f=f)
