@@ -16,15 +16,19 @@ Example:
 Non-finite inputs (the edge-case table):
 
 ===========  ==========================================================================
-rule         a slice with NaN / ±Inf entries, or an overflowing norm (1e38 in float32)
+rule         a slice with NaN / ±Inf entries, or a norm that overflows after rescaling
 ===========  ==========================================================================
 nnm          at +inf distance from everyone: never a neighbour of a finite slice while at
-             most f slices are bad; its own mixed output ignores its non-finite entries
+             most f slices are bad; its own mixed output is NaN (so is that of a finite
+             slice with fewer than n − f finite neighbours: more than f bad slices)
 bucketing    `weighted_sum` treats its non-finite entries as 0 inside its own bucket; other
              buckets are untouched (at most f buckets are affected)
 clipping     its norm counts as +inf, so it is clipped to the zero vector
 arc          the same as clipping (its norm is among the k largest since k ≥ f)
 ===========  ==========================================================================
+
+Norms and distances are computed on the stack divided by a robust power-of-two scale
+(`robustjax.stack.normaliser`), so slices at 1e20 are clipped and mixed as slices at 1.
 
 References:
   Allouah et al., "Fixing by Mixing: A Recipe for Optimal Byzantine ML under Heterogeneity",
