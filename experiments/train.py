@@ -1,52 +1,8 @@
-r"""Robust distributed training from the command line (flax-examples style).
+"""Thin entry point: `python experiments/train.py ARGS` is `robustjax train ARGS`."""
 
-Examples:
-  python experiments/train.py --workdir=/tmp/rj --config=experiments/configs/default.py
-  python experiments/train.py --workdir=/tmp/rj --config=experiments/configs/default.py:smoke
-  python experiments/train.py --workdir=/tmp/rj --config=experiments/configs/default.py \
-      --config.rule='nnm+krum' --config.attack='ipm(eps=0.5)' --config.num_workers=32
+import sys
 
-Multi-host: pass --coordinator_address / --num_processes / --process_id (or set
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); every process runs the same
-command and `jax.distributed.initialize()` joins them before any other JAX call.
-
-Outputs in --workdir: config.json, metrics.jsonl, summary.json, checkpoints/. A rerun of the same
-command resumes (and says from which step); a different config in the same workdir is refused
-(naming the fields that differ) unless --restart discards the old run.
-"""
-
-from __future__ import annotations
-
-import json
-
-from absl import app, flags, logging
-from ml_collections import config_flags
-
-FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
-flags.DEFINE_string('workdir', None, 'Directory for metrics, summary and checkpoints.')
-flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
-flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
-flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
-flags.DEFINE_bool(
-  'restart', False, 'Discard the run already in --workdir (checkpoints, metrics) and start over.'
-)
-flags.mark_flags_as_required(['config', 'workdir'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  if not FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
-  from robustjax import training
-
-  training.maybe_initialize_distributed(
-    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
-  )
-  summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
-  print(json.dumps({'step': summary['step'], 'rule': summary['rule'], **summary['final']}))
-
+from robustjax.cli import main
 
 if __name__ == '__main__':
-  app.run(main)
+  sys.exit(main([sys.argv[0], 'train', *sys.argv[1:]]))

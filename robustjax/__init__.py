@@ -15,6 +15,8 @@ Modules (the stages of the training step in brackets):
   analysis        tidy tables, worst cases, figures of sweeps
   robustness      the (f, κ) ratio, the κ⋆ search, bounds
   data, models    datasets and heterogeneous splits; flax NNX models
+  configs         the shipped configs (`configs.get('default', 'smoke')`); the `robustjax` command
+                  is `robustjax.cli` (`python -m robustjax`)
 """
 
 from robustjax import (
@@ -23,6 +25,7 @@ from robustjax import (
   attacks,
   coding,
   compression,
+  configs,
   data,
   models,
   optax_adapter,
@@ -43,6 +46,7 @@ __all__ = [
   'attacks',
   'coding',
   'compression',
+  'configs',
   'data',
   'models',
   'optax_adapter',

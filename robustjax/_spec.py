@@ -2,7 +2,7 @@
 
 ``'nnm+krum'`` is pre-aggregators then the aggregator, joined by ``+`` (the same spelling as
 `robustjax.preaggregators.Pipeline.name`); keyword parameters go in parentheses with Python
-literal values: ``'bucketing(s=2)+krum(m=3)'``, ``'ipm(eps=0.5)'``, ``'mlp(hidden=(64,))'``.
+literal values: ``'bucketing(s=2)+multikrum(m=3)'``, ``'ipm(eps=0.5)'``, ``'mlp(hidden=(64,))'``.
 """
 
 from __future__ import annotations

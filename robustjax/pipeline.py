@@ -44,7 +44,7 @@ from robustjax._registry import Registry
 from robustjax._spec import parse_rule
 from robustjax.aggregators import Properties
 
-__all__ = ['Pipeline', 'Stage', 'compose', 'as_rule', 'accepts']
+__all__ = ['Pipeline', 'Stage', 'compose', 'as_rule', 'accepts', 'check_params']
 
 
 def accepts(fn: Callable, name: str, *, var_keyword: bool = True) -> bool:
@@ -54,6 +54,32 @@ def accepts(fn: Callable, name: str, *, var_keyword: bool = True) -> bool:
   except (TypeError, ValueError):
     return False
   return name in ps or (var_keyword and any(p.kind is p.VAR_KEYWORD for p in ps.values()))
+
+
+def check_params(owner: str, fn: Callable, params: Mapping, reserved=()) -> None:
+  """Raises a `ValueError` naming the accepted parameters if `params` has one `fn` does not take.
+
+  `reserved` are the arguments the caller supplies itself (the stack, f, key, ...), which are
+  not offered as parameters. Functions taking ``**kwargs`` accept anything.
+  """
+  try:
+    ps = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return
+  if any(p.kind is p.VAR_KEYWORD for p in ps.values()):
+    return
+  accepted = [
+    n
+    for n, p in ps.items()
+    if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in reserved
+  ][0 if reserved else 1 :]
+  accepted = [n for n in accepted if n not in reserved]
+  unknown = [k for k in params if k not in accepted]
+  if unknown:
+    raise ValueError(
+      f'{owner}: unknown parameter{"s" if len(unknown) > 1 else ""} '
+      f'{", ".join(repr(k) for k in unknown)}; accepted: {", ".join(accepted) or "none"}'
+    )
 
 
 def _key_optional(fn: Callable) -> bool:
@@ -130,6 +156,8 @@ def _stage(spec, registry: Registry, kind: str) -> Stage:
     )
   if params and 'f' in params:
     raise ValueError(f'compose: pass f to compose(), not in the parameters of {name!r}')
+  if params:
+    check_params(name, fn, params, reserved=('stack', 'f', 'key'))
   return Stage(
     name=name,
     fn=fn,
@@ -348,5 +376,7 @@ def as_rule(x, f: int) -> Pipeline:
 def _with_params(stage: Stage, params: Mapping) -> Stage:
   if 'f' in params:
     raise ValueError(f'compose: pass f to compose(), not in the parameters of {stage.name!r}')
+  if params:
+    check_params(stage.name, stage.fn, params, reserved=('stack', 'f', 'key'))
   merged = {**dict(stage.params), **dict(params)}
   return dataclasses.replace(stage, params=_hashable_params(f'compose ({stage.name})', merged))

@@ -135,7 +135,7 @@ def test_full_batch_scan_driver_converges():
 
 
 def _config(**over):
-  from experiments.configs import default
+  from robustjax.configs import default
 
   c = default.get_config('smoke')
   c.num_workers, c.num_byzantine = 8, 1
@@ -226,18 +226,11 @@ def test_bad_coding_specs_fail_at_build():
 
 
 def test_experiment_smoke():
-  # the LAD experiment's entry points on its smoke config, no figures
-  import importlib.util
-  import pathlib
+  # the LAD experiment's entry points (`robustjax coding`) on its smoke config, no figures
+  from robustjax import configs
+  from robustjax.cli import coding as exp
 
-  root = pathlib.Path(__file__).resolve().parents[1]
-  spec = importlib.util.spec_from_file_location('gc_exp', root / 'experiments/gradient_coding.py')
-  exp = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(exp)
-  cfg_spec = importlib.util.spec_from_file_location('lad_cfg', root / 'experiments/configs/lad.py')
-  cfg_mod = importlib.util.module_from_spec(cfg_spec)
-  cfg_spec.loader.exec_module(cfg_mod)
-  cfg = cfg_mod.get_config('smoke')
+  cfg = configs.get('lad', 'smoke')
   cfg.rules = ('trimmed_mean',)
   cfg.compressor = 'none'
   cfg.num_steps = 3

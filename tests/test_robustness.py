@@ -313,7 +313,7 @@ def test_no_committed_cell_is_below_the_lower_bound(name):
 
 def test_committed_witnesses_recheck():
   sys.path.insert(0, str(_DOCS.parent))
-  from experiments import robustness as study
+  from robustjax.cli import kappa as study
 
   results = _committed('robustness_results.json')
   rng = np.random.default_rng(0)

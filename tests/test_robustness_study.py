@@ -1,11 +1,11 @@
-"""Tests for experiments/robustness.py: the MultiKrum evaluator and the witness archives."""
+"""Tests for `robustjax kappa` (robustjax/cli/kappa.py): the MultiKrum evaluator, witnesses."""
 
 import jax
 import numpy as np
 import pytest
 
-from experiments import robustness as study
 from robustjax import robustness as R
+from robustjax.cli import kappa as study
 
 
 def test_multikrum_evaluator_matches_the_registered_rule():

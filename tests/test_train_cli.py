@@ -1,8 +1,10 @@
-"""experiments/train.py end to end on a tiny config: outputs, resume after a kill, CLI flags."""
+"""`robustjax train` end to end on a tiny config: outputs, resume after a kill, CLI flags."""
 
 import importlib.util
 import json
 import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -21,7 +23,9 @@ def _load(path, name):
 
 @pytest.fixture(scope='module')
 def smoke():
-  return _load('experiments/configs/default.py', 'default_config').get_config('smoke')
+  from robustjax import configs
+
+  return configs.get('default', 'smoke')
 
 
 @pytest.fixture(scope='module')
@@ -60,38 +64,118 @@ def test_resume_after_kill_equals_uninterrupted(smoke, full_run, tmp_path):
   assert _records(workdir) == _records(full_run[0])  # the logged step 4 was dropped and redone
 
 
-def test_main_cli(tmp_path, capsys, monkeypatch):
-  train = _load('experiments/train.py', 'train_main')
+def _cli(args, monkeypatch):
   from absl import flags
 
+  from robustjax import cli
+
+  flags.FLAGS.unparse_flags()
+  try:
+    return cli.main(['robustjax', *args])
+  finally:
+    flags.FLAGS.unparse_flags()
+    monkeypatch.setattr(sys, 'argv', sys.argv)
+
+
+def test_main_cli(tmp_path, capsys, monkeypatch):
   argv = [
-    'train.py',
+    'train',
     f'--workdir={tmp_path}',
-    f'--config={ROOT}/experiments/configs/default.py:smoke',
+    '--config=default:smoke',  # a shipped config, by name
     '--config.num_steps=2',
     '--config.rule=nnm+krum',
     '--config.attack=ipm(eps=0.5)',
     '--config.backend=vmap',
   ]
-  monkeypatch.setattr(sys, 'argv', argv)  # config_flags reads overrides from sys.argv
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  try:
-    train.main(['train.py'])
-  finally:
-    flags.FLAGS.unparse_flags()
+  monkeypatch.setattr(sys, 'argv', list(sys.argv))
+  assert _cli(argv, monkeypatch) == 0
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert out['step'] == 2 and out['rule'] == 'nnm+krum'
   with open(os.path.join(tmp_path, 'summary.json')) as fh:
     assert json.load(fh)['config']['attack'] == 'ipm(eps=0.5)'
 
 
+@pytest.mark.parametrize(
+  'extra, message',
+  [
+    (['--config.num_byzantines=2'], 'unknown config field .num_byzantines.; Did you mean'),
+    (['--config.rule=krumm'], 'unknown aggregator .krumm.; known aggregators: bulyan'),
+    (['--config.attack=ipm(epsilon=10)'], "attack ipm: unknown parameter 'epsilon'; accepted: eps"),
+    (['--config.num_byzantine=5'], r'trimmed_mean: needs n > 2f'),
+    (['--config.learning_rate=-1.0'], r'learning_rate must be a finite number in \(0, inf\)'),
+  ],
+)
+def test_user_errors_are_one_line_without_traceback(tmp_path, capsys, monkeypatch, extra, message):
+  workdir = tmp_path / 'never'
+  monkeypatch.setattr(sys, 'argv', list(sys.argv))
+  rc = _cli(['train', f'--workdir={workdir}', '--config=default:smoke', *extra], monkeypatch)
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+  assert re.search(message, err), err
+  assert not workdir.exists()  # a run that failed validation leaves no workdir
+
+
+def test_unknown_command_and_config_name(capsys, monkeypatch):
+  monkeypatch.setattr(sys, 'argv', list(sys.argv))
+  assert _cli(['trian'], monkeypatch) == 2
+  assert "unknown command 'trian'" in capsys.readouterr().err
+  assert _cli(['train', '--config=nope', '--workdir=/tmp/x'], monkeypatch) == 2
+  assert 'shipped configs: cifar10_resnet20, default' in capsys.readouterr().err
+
+
+def test_installed_command_runs_outside_the_repository(tmp_path):
+  # `python -m robustjax` from another directory: the shipped configs travel with the package.
+  env = {**os.environ, 'PYTHONPATH': ''}
+  env.pop('XLA_FLAGS', None)
+  proc = subprocess.run(
+    [sys.executable, '-m', 'robustjax', 'train', '--config=default:smoke',
+     f'--workdir={tmp_path / "run"}', '--config.num_steps=2', '--config.backend=vmap'],
+    cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert json.loads(proc.stdout.strip().splitlines()[-1])['step'] == 2
+  proc = subprocess.run(
+    [sys.executable, '-m', 'robustjax', 'configs'], cwd=tmp_path, env=env, capture_output=True,
+    text=True, timeout=120,
+  )  # fmt: skip
+  assert 'default' in proc.stdout and 'sweep_byzfl' in proc.stdout
+
+
+def test_ctrl_c_says_where_the_checkpoint_is(smoke, tmp_path, capsys, monkeypatch):
+  workdir = str(tmp_path / 'run')
+  real = training.make_advance
+  calls = []
+
+  def interrupted(*a, **kw):
+    advance = real(*a, **kw)
+
+    def run(state, data, length):
+      calls.append(length)
+      if len(calls) == 3:  # after the step-3 checkpoint, during the next chunk
+        raise KeyboardInterrupt
+      return advance(state, data, length)
+
+    return run
+
+  monkeypatch.setattr(training._loop, 'make_advance', interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    training.train_and_evaluate(smoke, workdir)
+  err = capsys.readouterr().err
+  assert 'interrupted at step 3; checkpoint at step 3; rerun the same command to resume' in err
+  monkeypatch.setattr(training._loop, 'make_advance', real)
+  assert training.train_and_evaluate(smoke, workdir)['resumed_from'] == 3
+
+
 def test_configs_share_the_default_fields(smoke):
-  cifar = _load('experiments/configs/cifar10_resnet20.py', 'cifar_config').get_config()
+  from robustjax import configs
+
+  cifar = configs.get('cifar10_resnet20')
   assert set(cifar.keys()) == set(smoke.keys())
   assert cifar.model == 'resnet20' and cifar.dataset == 'cifar10'
   with pytest.raises(ValueError, match='variant'):
-    _load('experiments/configs/default.py', 'default_config2').get_config('huge')
+    configs.get('default', 'huge')
+  # The old paths still work for old command lines.
+  assert _load('experiments/configs/default.py', 'old_default').get_config('smoke') == smoke
 
 
 # Reliability: the workdir belongs to one config; corrupt files never block or lose a run.

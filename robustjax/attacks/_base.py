@@ -186,6 +186,11 @@ def get(spec) -> Attack:
     raise ValueError(f'attacks.get: expected a name, a spec string or a callable; got {spec!r}')
   if 'f' in params:
     raise ValueError(f'attack {name}: f is the number of Byzantine workers, not a parameter')
+  if params:
+    from robustjax.pipeline import check_params
+
+    reserved = ('honest', 'f', 'key', 'state', 'labels', 'num_classes')
+    check_params(f'attack {name}', fn, params, reserved=reserved)
   return Attack(name, fn, _hashable(name, dict(params)), REGISTRY.properties(fn))
 
 

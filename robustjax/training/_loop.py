@@ -376,6 +376,11 @@ def train_and_evaluate(
           bar.set_postfix(postfix, refresh=False)
       if ckpt is not None and (step % config.checkpoint_every == 0 or step == stop):
         ckpt.save(step, state)
+  except KeyboardInterrupt:
+    saved = ckpt.latest_step() if ckpt is not None else None
+    where = f'checkpoint at step {saved}' if saved is not None else 'no checkpoint'
+    _say(f'interrupted at step {step}; {where}; rerun the same command to resume')
+    raise
   finally:
     if bar is not None:
       bar.close()
