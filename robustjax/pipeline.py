@@ -236,6 +236,11 @@ class Pipeline:
     return self.stages[-1].properties.trusted_input
 
   @property
+  def robust(self) -> bool:
+    """The aggregator is robust (False for the mean, the non-robust baseline)."""
+    return self.stages[-1].properties.robust
+
+  @property
   def center_state(self) -> bool:
     """The aggregator carries its previous output as ``center`` (centered clipping)."""
     return self.stages[-1].properties.center_state

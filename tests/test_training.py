@@ -231,7 +231,7 @@ def test_optimizer_from_config():
     ({'attack': 'alie2'}, 'unknown attack .*known attacks: .*alie.*label_flip'),
     ({'rule': 'krum', 'num_workers': 6, 'num_byzantine': 2}, "rule 'krum' cannot run.*n=6, f=2"),
     ({'rule': 'trimmed_mean', 'num_workers': 6, 'num_byzantine': 3}, 'n=6, f=3'),
-    ({'attack': 'alie(z=1.5)'}, "attack 'alie.z=1.5.' cannot run.*z"),
+    ({'attack': 'alie(z=1.5)'}, "attack alie: unknown parameter 'z'; accepted: variant, tau"),
     ({'coding': 'cyclic(d=99)'}, '1 <= d <= n'),
     ({'compression': 'zip'}, 'unknown compressor'),
     ({'num_byzantine': 6}, 'at least one honest worker'),

@@ -41,11 +41,13 @@ _FLAGS = {}
 
 
 def define_flags():
-  # Defined only when run as a script, so that importing this module (the smoke test) does not
-  # clash with other entry points' absl flags in the same process.
+  """Defines the command's absl flags (the `robustjax` command calls it)."""
   _FLAGS['config'] = config_flags.DEFINE_config_file('config', configs.path('lad'))
   _FLAGS['workdir'] = flags.DEFINE_string('workdir', '/tmp/robustjax_lad', 'results directory')
 
+
+# The key of DRACO's runs among the rules' (a method of the study, decoded by its own vote).
+DRACO = 'DRACO'
 
 RULE_LABELS = {'mean': 'averaging', 'trimmed_mean': 'CWTM', 'nnm+trimmed_mean': 'NNM+CWTM'}
 
@@ -162,9 +164,9 @@ def run(cfg) -> dict:
         errs, loads, bits = run_sweep(
           cfg, problem, rule=None, f=f, compressor=comp, variants=[(1, False)], lr=lr, draco=True
         )
-        results['runs'][(f, tag, 'draco')] = (errs, loads, bits)
+        results['runs'][(f, tag, DRACO)] = (errs, loads, bits)
         print(
-          f'f={f:2d} {tag:5s} {"draco":18s} {time.time() - t0:6.1f}s  final err:',
+          f'f={f:2d} {tag:5s} {DRACO:18s} {time.time() - t0:6.1f}s  final err:',
           f'{np.median(errs[:, 0, -1]):.2e}  load {loads[0]:.1f}',
           flush=True,
         )
@@ -177,7 +179,7 @@ def summarize(cfg, results) -> list[dict]:
   for (f, tag, rule), (errs, loads, bits) in results['runs'].items():
     names = (
       [('DRACO', 0)]
-      if rule == 'draco'
+      if rule == DRACO
       else [
         (f'{RULE_LABELS.get(rule, rule)}' if i == 0 else f'LAD-{RULE_LABELS.get(rule, rule)}', i)
         for i in range(len(results['variants']))
@@ -185,7 +187,7 @@ def summarize(cfg, results) -> list[dict]:
     )
     for name, i in names:
       final = errs[:, i, -1]
-      d = results['variants'][i][0] if rule != 'draco' else None
+      d = results['variants'][i][0] if rule != DRACO else None
       rows.append(
         {
           'f': f,
@@ -268,7 +270,7 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
     ax.set_ylim(bottom, top)
     ax.grid(alpha=0.3, which='both')
 
-  draco_loads = [runs[(f, 'plain', 'draco')][1][0] for f in fs if (f, 'plain', 'draco') in runs]
+  draco_loads = [runs[(f, 'plain', DRACO)][1][0] for f in fs if (f, 'plain', DRACO) in runs]
   draco_label = 'DRACO (' + ' / '.join(f'{x:.3g}' for x in draco_loads) + ' subsets)'
 
   def panels():
@@ -294,13 +296,13 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
       errs = runs[(f, 'plain', rule)][0]
       lab = RULE_LABELS.get(rule, rule)
       ax.plot(steps, med(errs[:, 0]), color=colors.get(rule), ls=':', label=f'{lab} (no coding)')
-      if rule == 'mean':
+      if not pipeline.as_rule(rule, 0).robust:  # no coding variants of the plain mean
         continue
       for d, ls in zip(show_d, ('--', '-')):
         i = variants.index((d, True))
         ax.plot(steps, med(errs[:, i]), color=colors.get(rule), ls=ls, label=f'LAD-{lab}, d={d}')
-    if (f, 'plain', 'draco') in runs:
-      errs, loads, _ = runs[(f, 'plain', 'draco')]
+    if (f, 'plain', DRACO) in runs:
+      errs, loads, _ = runs[(f, 'plain', DRACO)]
       ax.plot(steps, med(errs[:, 0]), color='tab:red', lw=2, label=draco_label)
     ax.set_yscale('log')
     ax.set_xlabel('iteration')
@@ -320,8 +322,8 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
         lab = RULE_LABELS.get(rule, rule) + (' (compressed)' if tag == 'com' else '')
         y = [med(errs[:, variants.index((d, True)), -1:])[0] for d in ds]
         ax.plot(ds, y, color=colors.get(rule), ls=ls, marker=mk, ms=4, label=f'LAD-{lab}')
-      if (f, tag, 'draco') in runs:
-        errs, loads, _ = runs[(f, tag, 'draco')]
+      if (f, tag, DRACO) in runs:
+        errs, loads, _ = runs[(f, tag, DRACO)]
         y = med(errs[:, 0, -1:])[0]
         exact = y < bottom
         lab = (
@@ -370,8 +372,8 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
         color=cmap(j / max(1, len(ds) - 1)),
         label=f'LAD-{RULE_LABELS.get(rule, rule)}, d={d}',
       )
-    if (f, 'plain', 'draco') in runs:
-      e2, l2, _ = runs[(f, 'plain', 'draco')]
+    if (f, 'plain', DRACO) in runs:
+      e2, l2, _ = runs[(f, 'plain', DRACO)]
       ax.plot(steps * l2[0], med(e2[:, 0]), color='tab:red', lw=2, label=draco_label)
     ax.set_xscale('log')
     ax.set_yscale('log')
@@ -399,8 +401,8 @@ def make_figures(cfg, results, outdir: str) -> list[str]:
             ls=ls,
             label=f'LAD-{RULE_LABELS.get(rule, rule)} d={d}' + (' Com' if tag == 'com' else ''),
           )
-        if (f, tag, 'draco') in runs:
-          e2, _, b2 = runs[(f, tag, 'draco')]
+        if (f, tag, DRACO) in runs:
+          e2, _, b2 = runs[(f, tag, DRACO)]
           ax.plot(
             steps * b2 / cfg.num_workers,
             med(e2[:, 0]),
