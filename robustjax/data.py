@@ -10,13 +10,19 @@ Datasets (`load(name, seed=0, **kwargs)`):
 name                            source
 =============================== ================================================================
 ``digits``                      scikit-learn's bundled 8x8 digits (1,797 images, no download)
-``mnist``                       Hugging Face ``ylecun/mnist`` (needs ``robustjax[datasets]``)
-``fashion_mnist``               Hugging Face ``zalando-datasets/fashion_mnist`` (idem)
-``cifar10``                     Hugging Face ``uoft-cs/cifar10`` (idem)
+``mnist``                       local IDX files, or Hugging Face ``ylecun/mnist``
+``fashion_mnist``               local IDX files, or ``zalando-datasets/fashion_mnist``
+``cifar10``                     local CIFAR python batches, or ``uoft-cs/cifar10``
 ``synthetic_classification``    a Gaussian mixture, `synthetic_classification`
 ``synthetic_linear_regression`` the gradient-coding regression problem,
                                 `synthetic_linear_regression`
 =============================== ================================================================
+
+The three image datasets load offline from their standard files (`robustjax._dataset_files`:
+LeCun's / Zalando's IDX files, CIFAR-10's python batches, or the Hugging Face parquet / arrow
+files), found in ``data_dir=``, else in ``$ROBUSTJAX_DATA_DIR``, else in the Hugging Face caches;
+without any, they download through Hugging Face ``datasets`` (``robustjax[datasets]``). Offline
+with no files, `load` fails within about a second, saying how to get them.
 
 Splits (`split(labels, num_workers, method, ...)`): ``'iid'``, ``'dirichlet'`` (Dirichlet(α) class
 proportions), ``'gamma'`` (gamma-similarity, as in ByzFL), ``'extreme'`` (label-sorted contiguous
@@ -37,11 +43,14 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from absl import logging
 
+from robustjax import _dataset_files
 from robustjax._checks import check_positive_int
 from robustjax._registry import Registry
 
@@ -50,6 +59,7 @@ __all__ = [
   'least_squares_solution',
   'load',
   'names',
+  'reads_files',
   'pad_indices',
   'split',
   'split_methods',
@@ -111,6 +121,11 @@ def names() -> list[str]:
   return _LOADERS.names()
 
 
+def reads_files(name: str) -> bool:
+  """Whether dataset `name` is read from files (it takes ``data_dir``)."""
+  return name in _HF
+
+
 def load(name: str, *, seed: int = 0, **kwargs) -> Dataset:
   """Loads a dataset by name.
 
@@ -120,16 +135,19 @@ def load(name: str, *, seed: int = 0, **kwargs) -> Dataset:
     seed: the seed of generated data (the synthetic datasets). The real datasets have fixed
       train/test splits (for digits a fixed stratified split, ``split_seed=0``), so runs with
       different training seeds share the test set.
-    **kwargs: passed to the loader (e.g. ``num_samples`` / ``dim`` / ``heterogeneity`` for the
-      synthetic problems, ``cache_dir`` for the Hugging Face ones, ``test_fraction`` for digits).
+    **kwargs: passed to the loader: ``data_dir`` (a folder of the image datasets' standard
+      files; see the module docstring) and ``cache_dir`` (Hugging Face's) for MNIST /
+      Fashion-MNIST / CIFAR-10; ``num_samples`` / ``dim`` / ``heterogeneity`` for the synthetic
+      problems; ``test_fraction`` for digits.
 
   Returns:
     A `Dataset`.
 
   Raises:
     ValueError: for an unknown name (the message lists the known names).
-    ImportError: for MNIST / Fashion-MNIST / CIFAR-10 when the ``datasets`` extra is missing.
-    RuntimeError: when a Hugging Face dataset cannot be downloaded (offline, hub unreachable).
+    FileNotFoundError: `data_dir` holds no complete set of the dataset's files.
+    ImportError / RuntimeError: an image dataset with no local files, and the ``datasets`` extra
+      missing or the hub unreachable (the message says how to get the files).
   """
   return _LOADERS.get(name)(seed=seed, **kwargs)
 
@@ -165,56 +183,154 @@ def _stratified_split(y: np.ndarray, test_fraction: float, seed: int):
   return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
-def _require_datasets():
-  """Imports Hugging Face `datasets` or raises an ImportError naming the extra."""
-  try:
-    return importlib.import_module('datasets')
-  except ImportError as e:
-    raise ImportError(
-      'loading MNIST / Fashion-MNIST / CIFAR-10 needs the Hugging Face `datasets` package, an '
-      f"optional extra: {_INSTALL_HINT}  (the embedded 'digits' and synthetic datasets need no "
-      'download)'
-    ) from e
-
-
-# name -> (hub id, image column, label column, num_classes, input_shape)
+# name -> (hub id, image column, label column, num_classes, input_shape, folder names)
 _HF = {
-  'mnist': ('ylecun/mnist', 'image', 'label', 10, (28, 28, 1)),
-  'fashion_mnist': ('zalando-datasets/fashion_mnist', 'image', 'label', 10, (28, 28, 1)),
-  'cifar10': ('uoft-cs/cifar10', 'img', 'label', 10, (32, 32, 3)),
+  'mnist': ('ylecun/mnist', 'image', 'label', 10, (28, 28, 1), ('mnist',)),
+  'fashion_mnist': (
+    'zalando-datasets/fashion_mnist',
+    'image',
+    'label',
+    10,
+    (28, 28, 1),
+    ('fashion_mnist', 'fashionmnist', 'fashion-mnist'),
+  ),
+  'cifar10': ('uoft-cs/cifar10', 'img', 'label', 10, (32, 32, 3), ('cifar10', 'cifar-10')),
 }
 
-
-def _images_to_array(column, input_shape) -> np.ndarray:
-  arr = np.stack([np.asarray(im, dtype=np.uint8) for im in column])
-  return (arr.astype(np.float32) / 255.0).reshape((-1, *input_shape))
+DATA_DIR_ENV = 'ROBUSTJAX_DATA_DIR'
 
 
-def _load_hf(name: str, *, seed: int = 0, cache_dir: str | None = None) -> Dataset:
+def _hf_cache_dirs(hub_id: str) -> list[str]:
+  """The Hugging Face caches' folders of `hub_id`: the hub's parquet snapshots and the
+  ``datasets`` library's arrow files (``HF_HOME`` / ``HF_HUB_CACHE`` / ``HF_DATASETS_CACHE``)."""
+  home = os.environ.get('HF_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'huggingface'))
+  hub = os.environ.get('HF_HUB_CACHE', os.path.join(home, 'hub'))
+  arrow = os.environ.get('HF_DATASETS_CACHE', os.path.join(home, 'datasets'))
+  org, _, repo = hub_id.partition('/')
+  return [
+    os.path.join(hub, f'datasets--{org}--{repo}', 'snapshots'),
+    os.path.join(arrow, f'{org}___{repo}'),
+  ]
+
+
+def _search_roots(name: str, data_dir: str | None) -> list[str]:
+  """Where `_load_images` looks: a folder named for the dataset inside `data_dir` (torchvision
+  names it ``MNIST`` / ``FashionMNIST``), then `data_dir` itself; without `data_dir`, the same in
+  ``$ROBUSTJAX_DATA_DIR`` and then the Hugging Face caches."""
+  folders = _HF[name][5]
+  bases = [data_dir] if data_dir else [os.environ.get(DATA_DIR_ENV, '')]
+  roots = []
+  for base in filter(None, bases):
+    base = os.path.expanduser(base)
+    present = os.listdir(base) if os.path.isdir(base) else []
+    roots += [os.path.join(base, d) for d in present if d.lower() in folders] + [base]
+  if not data_dir:
+    roots += _hf_cache_dirs(_HF[name][0])
+  return roots
+
+
+def _hub_reachable(timeout: float = 1.0) -> bool:
+  """Whether the Hugging Face hub answers a TCP connection within `timeout` seconds (False in
+  offline mode, ``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)."""
+  if any(os.environ.get(v, '').lower() in ('1', 'true', 'yes') for v in _OFFLINE_VARS):
+    return False
+  import socket
+  import threading
+  import urllib.parse
+
+  host = urllib.parse.urlparse(os.environ.get('HF_ENDPOINT', 'https://huggingface.co')).hostname
+  ok = []
+
+  def connect():
+    try:
+      socket.create_connection((host, 443), timeout=timeout).close()
+      ok.append(True)
+    except OSError:
+      pass
+
+  t = threading.Thread(target=connect, daemon=True)  # name resolution has no timeout of its own
+  t.start()
+  t.join(timeout)
+  return bool(ok)
+
+
+_OFFLINE_VARS = ('HF_HUB_OFFLINE', 'HF_DATASETS_OFFLINE')
+
+
+def _how_to_get(name: str) -> str:
+  return (
+    f'put its standard files in a folder and pass data_dir= (--config.data_dir=...) or set '
+    f'${DATA_DIR_ENV}: {_dataset_files.expected_files(name)}; or, with network access once, '
+    f'{_INSTALL_HINT} (the Hugging Face cache is read offline afterwards); or use the embedded '
+    'dataset: --config.dataset=digits'
+  )
+
+
+def _load_images(
+  name: str, *, seed: int = 0, data_dir: str | None = None, cache_dir: str | None = None
+) -> Dataset:
+  """MNIST / Fashion-MNIST / CIFAR-10: local standard files first (`robustjax._dataset_files`),
+  then the Hugging Face hub (``robustjax[datasets]``, network needed once)."""
   del seed  # Fixed train/test splits.
-  hub_id, image_col, label_col, num_classes, input_shape = _HF[name]
-  datasets = _require_datasets()
+  hub_id, image_col, label_col, num_classes, input_shape, _ = _HF[name]
+  image_shape = input_shape if input_shape[-1] > 1 else input_shape[:-1]
+  roots = _search_roots(name, data_dir)
+  if cache_dir and not data_dir:
+    roots.append(os.path.join(cache_dir, hub_id.replace('/', '___')))
+  found = _dataset_files.find(
+    name,
+    roots,
+    (image_col, label_col, image_shape),
+    exclude={d for other, v in _HF.items() if other != name for d in v[5]},
+  )
+  if found is None and data_dir:
+    raise FileNotFoundError(
+      f'{name}: no dataset files under data_dir={data_dir!r}; expected '
+      f'{_dataset_files.expected_files(name)}'
+    )
+  if found is not None:
+    where, reader = found
+    logging.info('%s: reading %s', name, where)
+    x_tr, y_tr, x_te, y_te = reader()
+  else:
+    x_tr, y_tr, x_te, y_te = _download(name, hub_id, image_col, label_col, cache_dir)
+  scale = lambda x: (np.asarray(x, np.float32) / 255.0).reshape((-1, *input_shape))
+  as_labels = lambda y: np.asarray(y, np.int32)
+  return Dataset(
+    scale(x_tr), as_labels(y_tr), scale(x_te), as_labels(y_te), num_classes, input_shape, name
+  )
+
+
+def _download(name, hub_id, image_col, label_col, cache_dir):
+  """The train and test splits through Hugging Face `datasets` (downloads once, then caches)."""
+  try:
+    datasets = importlib.import_module('datasets')
+  except ImportError:
+    raise ImportError(
+      f'{name}: no local files found and the Hugging Face `datasets` package is missing; '
+      + _how_to_get(name)
+    ) from None
+  if not _hub_reachable():
+    raise RuntimeError(
+      f'{name}: no local files found and the Hugging Face hub is unreachable (offline); '
+      + _how_to_get(name)
+    )
   try:
     raw = datasets.load_dataset(hub_id, cache_dir=cache_dir)
   except Exception as e:  # noqa: BLE001 - the hub raises many types (ConnectionError, OSError, ...)
     raise RuntimeError(
-      f'{name}: could not load {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}). '
-      'The first load needs network access; afterwards the cache is used (set '
-      'HF_DATASETS_OFFLINE=1 to force it). Offline, use the embedded dataset: '
-      '--config.dataset=digits'
+      f'{name}: could not load {hub_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); '
+      + _how_to_get(name)
     ) from e
-  out = {}
+  out = []
   for part in ('train', 'test'):
     d = raw[part]
-    out[part] = (
-      _images_to_array(d[image_col], input_shape),
-      np.asarray(d[label_col], dtype=np.int32),
-    )
-  return Dataset(*out['train'], *out['test'], num_classes, input_shape, name)
+    out += [np.stack([np.asarray(im, np.uint8) for im in d[image_col]]), d[label_col]]
+  return tuple(out)
 
 
 for _name in _HF:
-  _LOADERS.register(_name, lambda *, _n=_name, **kw: _load_hf(_n, **kw))
+  _LOADERS.register(_name, lambda *, _n=_name, **kw: _load_images(_n, **kw))
 
 
 # ------------------------------------------------------------------------------------------------

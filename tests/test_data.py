@@ -59,24 +59,33 @@ def test_unknown_dataset_lists_names():
     data.load('imagenet')
 
 
-def test_missing_datasets_extra_names_the_install_command(monkeypatch):
+@pytest.fixture
+def no_local_files(tmp_path, monkeypatch):
+  """No data folder or Hugging Face cache of this machine is found."""
+  monkeypatch.setenv('HF_HOME', str(tmp_path))
+  for var in ('HF_HUB_CACHE', 'HF_DATASETS_CACHE', data.DATA_DIR_ENV):
+    monkeypatch.delenv(var, raising=False)
+
+
+def test_missing_datasets_extra_names_the_install_command(monkeypatch, no_local_files):
   monkeypatch.setitem(sys.modules, 'datasets', None)  # `import datasets` raises ImportError.
   with pytest.raises(ImportError, match=r"pip install 'robustjax\[datasets\]'"):
     data.load('mnist')
 
 
-def test_offline_hub_gives_a_clear_error(monkeypatch):
+def test_a_failing_hub_gives_a_clear_error(monkeypatch, no_local_files):
   def load_dataset(*args, **kwargs):
     raise ConnectionError('no network')
 
   fake = types.ModuleType('datasets')
   fake.load_dataset = load_dataset
   monkeypatch.setitem(sys.modules, 'datasets', fake)
-  with pytest.raises(RuntimeError, match='network access.*digits'):
+  monkeypatch.setattr(data, '_hub_reachable', lambda timeout=1.0: True)
+  with pytest.raises(RuntimeError, match='ConnectionError.*data_dir.*digits'):
     data.load('fashion_mnist')
 
 
-def test_hf_loader_converts_images(monkeypatch):
+def test_hf_loader_converts_images(monkeypatch, no_local_files):
   rng = np.random.default_rng(0)
   split = {
     'img': [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)],
@@ -85,6 +94,7 @@ def test_hf_loader_converts_images(monkeypatch):
   fake = types.ModuleType('datasets')
   fake.load_dataset = lambda *a, **k: {'train': split, 'test': split}
   monkeypatch.setitem(sys.modules, 'datasets', fake)
+  monkeypatch.setattr(data, '_hub_reachable', lambda timeout=1.0: True)
   ds = data.load('cifar10')
   assert ds.x_train.shape == (3, 32, 32, 3) and ds.x_train.dtype == np.float32
   np.testing.assert_allclose(ds.x_train[0], split['img'][0] / 255.0, rtol=1e-6)

@@ -212,6 +212,16 @@ class Experiment:
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
+def _data_kwargs(config) -> dict:
+  """``data_dir`` for the datasets read from local files (MNIST, Fashion-MNIST, CIFAR-10)."""
+  data_dir = config.get('data_dir') or None
+  if data_dir is None:
+    return {}
+  if config.dataset not in rdata.names() or not rdata.reads_files(config.dataset):
+    raise ValueError(f'data_dir is set, but dataset {config.dataset!r} reads no files')
+  return {'data_dir': data_dir}
+
+
 def _compressor(spec):
   comp = compression.make(spec or 'none')
   return None if isinstance(comp, compression.Identity) else comp
@@ -235,7 +245,7 @@ def build(config) -> Experiment:
   model_name, model_params = parse_spec(config.model)
   if config.algorithm not in ('dsgd', 'local'):
     raise ValueError(f'unknown algorithm {config.algorithm!r}; known algorithms: dsgd, local')
-  ds = rdata.load(config.dataset, seed=config.seed)
+  ds = rdata.load(config.dataset, seed=config.seed, **_data_kwargs(config))
   if ds.num_classes < 2:
     raise ValueError(f'dataset {config.dataset!r} is not a classification dataset')
   num_parts = n - f if code.identity else n
