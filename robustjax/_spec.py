@@ -10,7 +10,7 @@ from __future__ import annotations
 import ast
 import re
 
-__all__ = ['parse_spec', 'parse_rule']
+__all__ = ['parse_spec', 'parse_rule', 'slug']
 
 _SPEC = re.compile(r'^\s*([A-Za-z_][\w\-]*)\s*(?:\((.*)\))?\s*$', re.S)
 
@@ -56,3 +56,17 @@ def parse_rule(text: str) -> tuple[tuple, str, dict]:
   items = [parse_spec(p) for p in _split_plus(text)]
   pre = tuple(name if not params else (name, params) for name, params in items[:-1])
   return pre, items[-1][0], items[-1][1]
+
+
+def slug(text: str) -> str:
+  """A shell-safe file name for a spec: ``'ipm(eps=0.5)'`` -> ``'ipm_eps-0.5'``,
+  ``'bucketing(s=2)+krum'`` -> ``'bucketing_s-2+krum'`` (letters, digits, ``. _ + -`` only).
+
+  Example:
+    >>> slug("gaussian(std=3.0, mean=(1, 2))")
+    'gaussian_std-3.0_mean-1_2'
+  """
+  out = re.sub(r'\s+', '', text).replace('=', '-')
+  out = re.sub(r'[^A-Za-z0-9._+\-]+', '_', out)
+  out = re.sub(r'_+(?=[+\-]|$)|(?<=[+\-])_+', '', out)
+  return re.sub(r'_+', '_', out).strip('_') or '_'

@@ -44,6 +44,7 @@ __all__ = [
   'plot_heatmaps',
   'plot_curves',
   'analyse',
+  'describe',
 ]
 
 RUN_COLUMNS = (
@@ -261,14 +262,24 @@ def _ordered(order, values) -> list:
   return [v for v in order if v in present]
 
 
+def _label_key(v):
+  """Sort key of a label: ``name=number`` labels by their number (γ / α from the most
+  homogeneous), then numbers, then strings; tuples element by element."""
+  if isinstance(v, tuple):
+    return tuple(_label_key(x) for x in v)
+  if isinstance(v, str) and '=' in v:  # 'γ=0.5' (most homogeneous first), 'f=10'
+    name, _, num = v.partition('=')
+    try:
+      return (0, -float(num) if name in ('γ', 'α') else float(num), name)
+    except ValueError:
+      pass
+  if isinstance(v, (int, float)) and not isinstance(v, bool):
+    return (1, float(v), '')
+  return (2, 0.0, str(v))
+
+
 def _sorted_labels(values) -> list:
-  vals = list(dict.fromkeys(values))
-  if all(isinstance(v, str) and v[:2] in ('γ=', 'α=') for v in vals):
-    return sorted(vals, key=lambda v: -float(v[2:]))  # most homogeneous first
-  try:
-    return sorted(vals)
-  except TypeError:
-    return vals
+  return sorted(dict.fromkeys(values), key=_label_key)
 
 
 def markdown_table(rows: Sequence[Mapping], columns: Sequence[str], *, digits: int = 3) -> str:
@@ -296,21 +307,26 @@ def plot_heatmaps(
   title: str | None = None,
   row_label: str = 'f',
   col_label: str = 'heterogeneity',
+  value_label: str | None = None,
   row_order: Sequence | None = None,
   col_order: Sequence | None = None,
   panel_order: Sequence | None = None,
 ) -> str:
   """One heatmap per `panel_key` value: rows `row_key` × columns `col_key`, annotated; PNG.
 
-  Cells are dicts (e.g. `worst_case` output or tidy rows); colour scale [0, 1]."""
+  Cells are dicts (e.g. `worst_case` output or tidy rows). The colour scale spans the values
+  shown (shared by the panels), the colorbar says what they are (`value_label`), and panels come
+  in `panel_order`, else sorted as `plot_curves` sorts its panels."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
-  panels = list(dict.fromkeys(c[panel_key] for c in cells))
-  if panel_order is not None:
-    panels = [p for p in panel_order if p in panels]
+  panels = _ordered(panel_order, [c[panel_key] for c in cells])
+  shown = [c[value] for c in cells if c[panel_key] in panels and np.isfinite(c[value])]
+  vmin, vmax = (min(shown), max(shown)) if shown else (0.0, 1.0)
+  if vmax - vmin < 1e-3:
+    vmin, vmax = vmin - 0.05, vmax + 0.05
   width = max(5.0, 1.2 + 3.6 * len(panels))
   fig, axes = plt.subplots(
     1, len(panels), figsize=(width, 3.4), squeeze=False, layout='constrained'
@@ -319,7 +335,7 @@ def plot_heatmaps(
   for ax, p in zip(axes[0], panels):
     sub = [c for c in cells if c[panel_key] == p]
     rl, cl, t = pivot(sub, row_key, col_key, value, row_order=row_order, col_order=col_order)
-    im = ax.imshow(t, vmin=0.0, vmax=1.0, cmap='RdYlGn', aspect='auto')
+    im = ax.imshow(t, vmin=vmin, vmax=vmax, cmap='RdYlGn', aspect='auto')
     for i in range(t.shape[0]):
       for j in range(t.shape[1]):
         if not np.isnan(t[i, j]):
@@ -336,7 +352,7 @@ def plot_heatmaps(
     ax.set_xlabel(col_label)
     ax.set_ylabel(row_label)
     ax.set_title(str(p), fontsize=8)
-  fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label=value.replace('_', ' '))
+  fig.colorbar(im, ax=list(axes[0]), shrink=0.8, label=value_label or value.replace('_', ' '))
   if title:
     fig.suptitle(title, fontsize=9, wrap=True)
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -357,11 +373,13 @@ def plot_curves(
 ) -> str:
   """Accuracy curves: one panel per ``panel_key(record)``, one line per ``hue_key(record)``
   (callables on a run record, or config field names); seeds of a line are averaged. Panels and
-  hues are sorted, and a hue has the same colour in every panel."""
+  hues are sorted, a hue has the same colour in every panel, the y-range spans the values drawn
+  (shared by the panels) and the step axis has integer ticks."""
   import matplotlib
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib.ticker import MaxNLocator
 
   pk = panel_key if callable(panel_key) else (lambda r, k=panel_key: r['config'][k])
   hk = hue_key if callable(hue_key) else (lambda r, k=hue_key: r['config'][k])
@@ -378,6 +396,7 @@ def plot_curves(
   )
   for ax in axes.flat[len(names) :]:
     ax.axis('off')
+  drawn = []
   for ax, p in zip(axes.flat, names):
     for h in hues:
       recs = panels[p].get(h)
@@ -386,11 +405,17 @@ def plot_curves(
       steps = recs[0]['curve']['step']
       ys = np.mean([r['curve'][metric] for r in recs], axis=0)
       ax.plot(steps, ys, label=str(h), lw=1.3, color=colors[h])
-    ax.set_title(str(p), fontsize=8)
-    ax.set_ylim(0, 1)
+      drawn += [float(v) for v in ys if np.isfinite(v)]
+    ax.set_title(' '.join(map(str, p)) if isinstance(p, tuple) else str(p), fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.set_xlabel('step', fontsize=8)
     ax.tick_params(labelsize=7)
+  if drawn:
+    lo, hi = min(drawn), max(drawn)
+    pad = max(0.05 * (hi - lo), 1e-3)
+    for ax in axes.flat[: len(names)]:
+      ax.set_ylim(lo - pad, hi + pad)
   axes.flat[0].set_ylabel(metric.replace('_', ' '), fontsize=8)
   from matplotlib.lines import Line2D
 
@@ -403,6 +428,18 @@ def plot_curves(
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
+
+
+def describe(records: Sequence[Mapping]) -> str:
+  """A title for a sweep's figures: dataset, model, steps, n and the attack set."""
+
+  def values(key):
+    return ', '.join(str(v) for v in _sorted_labels(r['config'].get(key) for r in records))
+
+  return (
+    f'{values("dataset")} / {values("model")}, {values("num_steps")} steps, '
+    f'n = {values("num_workers")}; attacks: {values("attack")}'
+  )
 
 
 def analyse(out_dir: str, *, metric: str = 'test_accuracy', title: str | None = None) -> dict:
@@ -434,12 +471,20 @@ def analyse(out_dir: str, *, metric: str = 'test_accuracy', title: str | None = 
   with open(md, 'w') as fh:
     fh.write(markdown_table(flat, cols) + '\n')
   paths['worst_case_md'] = md
-  paths['heatmap'] = plot_heatmaps(cells, os.path.join(d, 'heatmap.png'), title=title)
+  title = title or describe(records)
+  paths['heatmap'] = plot_heatmaps(
+    cells,
+    os.path.join(d, 'heatmap.png'),
+    title=title,
+    value_label=f'worst-case {metric.replace("_", " ")}\n(min over attacks, max over lr)',
+  )
   paths['curves'] = plot_curves(
     records,
     os.path.join(d, 'curves.png'),
     panel_key=lambda r: (
-      f'{r["config"]["rule"]} f={r["config"]["num_byzantine"]} {heterogeneity(r["config"])}'
+      r['config']['rule'],
+      f'f={r["config"]["num_byzantine"]}',
+      heterogeneity(r['config']),
     ),
     hue_key='attack',
     title=title,

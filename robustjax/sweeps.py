@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustjax.training._loop import PRESENTATION_FIELDS
+
 __all__ = [
   'BATCHABLE',
   'IGNORED_FIELDS',
@@ -65,15 +67,10 @@ __all__ = [
 # Fields that only change the data partition, the initial parameters and the RNG key: runs that
 # differ only in these share one compiled step (vmapped over them).
 BATCHABLE = ('seed', 'split', 'alpha', 'gamma')
-# Fields that do not change a run's numbers (left out of the run id).
-IGNORED_FIELDS = (
-  'progress',
-  'log_every',
-  'checkpoint_every',
-  'keep_checkpoints',
-  'eval_chunk',
-  'num_devices',
-)
+# Fields that do not change a run's numbers (left out of the run id): the training loop's
+# presentation fields, except the evaluation interval (a sweep record holds the curve at those
+# steps), and the device count (the same numbers on any mesh).
+IGNORED_FIELDS = tuple(sorted((PRESENTATION_FIELDS - {'eval_every'}) | {'num_devices'}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -383,7 +380,7 @@ def run_group(
       state, stacked = advance(state, data, end - done)
       done = end
       ev = jax.device_get(evaluate(state.params, state.model_state, data))
-      bl = np.asarray(jax.device_get(jnp.mean(stacked['train_loss'], axis=0)))
+      bl = np.asarray(jax.device_get(jnp.mean(stacked['batch_loss'], axis=0)))
       for j, i in enumerate(idx):
         pick = (lambda v, j=j: v[j]) if axes is not None else (lambda v: v)
         record(i, end, {k: pick(v) for k, v in ev.items()}, pick(bl))

@@ -121,7 +121,7 @@ def test_sharded_step_equals_single_device(rule):
     _flat(s8.workers['momentum']), _flat(s1.workers['momentum']), rtol=2e-5, atol=1e-6
   )
   np.testing.assert_array_equal(np.asarray(s8.key), np.asarray(s1.key))
-  np.testing.assert_allclose(float(m8['train_loss']), float(m1['train_loss']), rtol=1e-5)
+  np.testing.assert_allclose(float(m8['batch_loss']), float(m1['batch_loss']), rtol=1e-5)
 
 
 def test_pmap_backend_agrees():

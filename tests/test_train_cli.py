@@ -58,10 +58,66 @@ def test_resume_after_kill_equals_uninterrupted(smoke, full_run, tmp_path):
   workdir = str(tmp_path)
   first = training.train_and_evaluate(smoke, workdir, max_steps=4)  # killed after step 4
   assert not first['finished'] and first['step'] == 4
-  resumed = training.train_and_evaluate(smoke, workdir)  # restarts from the step-3 checkpoint
+  resumed = training.train_and_evaluate(smoke, workdir)  # restarts from its step-4 checkpoint
   assert resumed['finished']
   assert resumed['final'] == full['final']  # bit for bit
-  assert _records(workdir) == _records(full_run[0])  # the logged step 4 was dropped and redone
+  assert _records(workdir) == _records(full_run[0])  # no record lost or doubled
+  # TensorBoard too: a restart at step 4 purges the events from step 5 on.
+  purges = []
+  assert _tensorboard_scalars(workdir, purges) == _tensorboard_scalars(full_run[0])
+  assert purges == [5]
+
+
+def _tensorboard_scalars(workdir, purges=None):
+  """{(tag, step): value} of the event files, read as TensorBoard reads them: files in order, and
+  a SessionLog START at step s (a resumed run) purging the events at steps >= s (the steps s are
+  appended to `purges`)."""
+  import struct
+
+  from tensorboardX.proto import event_pb2
+
+  folder = os.path.join(workdir, 'tensorboard')
+  out = {}
+  for name in sorted(os.listdir(folder), key=lambda n: os.path.getmtime(os.path.join(folder, n))):
+    with open(os.path.join(folder, name), 'rb') as fh:
+      raw = fh.read()
+    pos = 0
+    while pos < len(raw):  # TFRecord frames: length, crc, payload, crc
+      (length,) = struct.unpack('<Q', raw[pos : pos + 8])
+      event = event_pb2.Event.FromString(raw[pos + 12 : pos + 12 + length])
+      pos += 16 + length
+      if event.HasField('session_log') and event.session_log.status == event.session_log.START:
+        out = {k: v for k, v in out.items() if k[1] < event.step}
+        if purges is not None:
+          purges.append(event.step)
+      for v in event.summary.value:
+        out[(v.tag, event.step)] = v.simple_value
+  return out
+
+
+def test_tensorboard_events_and_curves_png(full_run):
+  workdir, _ = full_run
+  scalars = _tensorboard_scalars(workdir)
+  expected = {}
+  for r in _records(workdir):
+    for k, v in r.items():
+      if k not in ('step', 'kind'):
+        expected[(f'{r["kind"]}/{k}', r['step'])] = v
+  assert ('train/batch_loss', 2) in scalars and ('eval/test_accuracy', 6) in scalars
+  assert scalars.keys() == expected.keys()
+  for k, v in expected.items():
+    assert scalars[k] == pytest.approx(v, rel=1e-6), k
+  with open(os.path.join(workdir, 'curves.png'), 'rb') as fh:
+    assert fh.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_plot_run_leaves_out_empty_panels(tmp_path):
+  from robustjax.training import _outputs
+
+  recs = [{'step': s, 'kind': 'eval', 'train_loss': 1.0 / s} for s in (1, 2, 3)]
+  assert _outputs.plot_run(recs, str(tmp_path / 'a.png')) == str(tmp_path / 'a.png')
+  assert _outputs.plot_run([{'step': 1, 'kind': 'eval'}], str(tmp_path / 'b.png')) is None
+  assert not (tmp_path / 'b.png').exists()
 
 
 def _cli(args, monkeypatch):
@@ -75,6 +131,27 @@ def _cli(args, monkeypatch):
   finally:
     flags.FLAGS.unparse_flags()
     monkeypatch.setattr(sys, 'argv', sys.argv)
+
+
+def test_compare_table_figure_and_folder_names(tmp_path, capsys, monkeypatch):
+  args = [
+    'compare',
+    '--config=default:smoke',
+    '--rules=mean,bucketing(s=2)+median',
+    '--attacks=none,ipm(eps=0.5),gaussian(std=3.0, mean=0.0)',
+    f'--workdir={tmp_path}',
+  ]
+  assert _cli(args, monkeypatch) == 0
+  out = capsys.readouterr().out
+  table = [line for line in out.splitlines() if line.startswith('|')]
+  assert len(table) == 4 and len({len(line) for line in table}) == 1  # the columns line up
+  assert table[0].split('|')[1].strip() == 'rule' and 'bucketing(s=2)+median' in table[3]
+  runs = sorted(d for d in os.listdir(tmp_path) if os.path.isdir(tmp_path / d))
+  assert len(runs) == 6 and all(re.fullmatch(r'[A-Za-z0-9._+-]+', d) for d in runs), runs
+  assert 'bucketing_s-2+median__gaussian_std-3.0_mean-0.0' in runs
+  with open(tmp_path / 'compare.png', 'rb') as fh:
+    assert fh.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert (tmp_path / 'compare.md').read_text().strip() == '\n'.join(table)
 
 
 def test_main_cli(tmp_path, capsys, monkeypatch):

@@ -32,6 +32,7 @@ COMMANDS = {
 }
 
 _PARSED = []  # the commands parsed in this process
+_ACTIVE = {}  # the command whose flags are defined: {'module': ..., 'flags': names}
 
 # The errors a user's input causes; anything else is a bug and keeps its traceback.
 USER_ERRORS = (ValueError, KeyError, OSError)
@@ -77,6 +78,21 @@ def _resolve_configs(args: list[str]) -> list[str]:
   return out
 
 
+def _define_flags(module) -> None:
+  """Defines `module`'s absl flags, first removing another command's (several commands may run
+  in one process: tests, notebooks; two of them define ``--config``)."""
+  from absl import flags
+
+  if _ACTIVE.get('module') is module:
+    return
+  for name in _ACTIVE.get('flags', ()):
+    if name in flags.FLAGS:
+      delattr(flags.FLAGS, name)
+  before = set(flags.FLAGS)
+  module.define_flags()
+  _ACTIVE.update(module=module, flags=set(flags.FLAGS) - before)
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs ``robustjax COMMAND [flags]``; returns the exit status."""
   argv = list(sys.argv if argv is None else argv)
@@ -97,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
       print(f'{name:18s} {doc.splitlines()[0] if doc else ""}')
     return 0
   module = importlib.import_module(COMMANDS[cmd][0])
-  if hasattr(module, 'define_flags'):
-    module.define_flags()
+  _define_flags(module)
   from absl import app, flags
 
   if any(a in ('-h', '--help', '--helpfull') for a in rest):

@@ -24,18 +24,15 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from robustjax import configs
+from robustjax._spec import slug
 
 _DEFAULT_CONFIG = configs.path('default')
 
 FLAGS = flags.FLAGS
-_DEFINED = []
 
 
 def define_flags():
-  """Defines the command's absl flags (once; the `robustjax` command calls it)."""
-  if _DEFINED:
-    return
-  _DEFINED.append(True)
+  """Defines the command's absl flags (the `robustjax` command calls it)."""
   config_flags.DEFINE_config_file('config', _DEFAULT_CONFIG, 'Base training configuration.')
   flags.DEFINE_list(
     'rules', ['mean', 'trimmed_mean', 'nnm+krum'], 'Rule specs (pre+...+aggregator).'
@@ -64,33 +61,72 @@ def compare(config, rules, attacks, workdir):
   from robustjax import training
 
   results = {}
+  width = max(len(x) for x in (*rules, *attacks))
   for attack in attacks:
     for rule in rules:
       c = config.copy_and_resolve_references()
       c.rule, c.attack = rule, attack
       c.checkpoint_every = 0
       c.progress = False
-      name = f'{rule}__{attack}'.replace('/', '_')
+      name = f'{slug(rule)}__{slug(attack)}'
       t0 = time.perf_counter()
       summary = training.train_and_evaluate(c, os.path.join(workdir, name))
       summary['seconds'] = time.perf_counter() - t0
       results[(rule, attack)] = summary
       acc = summary['final']['test_accuracy']
       print(
-        f'  {rule:>20s} | {attack:<12s} test accuracy {acc:6.1%}  ({summary["seconds"]:.1f} s)',
+        f'  {rule:>{width}s} | {attack:<{width}s} test accuracy {acc:6.1%}  '
+        f'({summary["seconds"]:.1f} s)',
         flush=True,
       )
   return results
 
 
 def table(results, rules, attacks) -> str:
-  head = '| rule | ' + ' | '.join(attacks) + ' |'
-  sep = '|---|' + '---:|' * len(attacks)
-  rows = [head, sep]
-  for rule in rules:
-    cells = [f'{results[(rule, a)]["final"]["test_accuracy"]:.1%}' for a in attacks]
-    rows.append(f'| {rule} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(rows)
+  """The final test accuracies as a markdown table whose columns line up in a terminal."""
+  cells = [
+    [rule, *(f'{results[(rule, a)]["final"]["test_accuracy"]:.1%}' for a in attacks)]
+    for rule in rules
+  ]
+  head = ['rule', *attacks]
+  widths = [max(len(r[j]) for r in [head, *cells]) for j in range(len(head))]
+
+  def line(row):
+    padded = [c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(row, widths))]
+    return '| ' + ' | '.join(padded) + ' |'
+
+  sep = '|' + '|'.join('-' * (w + 1) + (':' if j else '-') for j, w in enumerate(widths)) + '|'
+  return '\n'.join([line(head), sep, *(line(r) for r in cells)])
+
+
+def plot(results, rules, attacks, path, title) -> str:
+  """A grouped bar chart of the final test accuracies (one group per attack, a bar per rule)."""
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import numpy as np
+
+  acc = np.array([[results[(r, a)]['final']['test_accuracy'] for a in attacks] for r in rules])
+  width = 0.8 / len(rules)
+  fig, ax = plt.subplots(
+    figsize=(max(5.0, 1.1 + 0.9 * len(attacks) * max(1, len(rules) / 2)), 3.4),
+    layout='constrained',
+  )
+  x = np.arange(len(attacks))
+  for i, rule in enumerate(rules):
+    bars = ax.bar(x + (i - (len(rules) - 1) / 2) * width, acc[i], width, label=rule)
+    ax.bar_label(bars, [f'{v:.0%}' for v in acc[i]], fontsize=7, padding=1)
+  ax.set_xticks(x, attacks, fontsize=8)
+  ax.set_xlabel('attack')
+  ax.set_ylabel('final test accuracy')
+  ax.set_ylim(0, min(1.0, float(np.nanmax(acc)) * 1.15 + 0.02))
+  ax.legend(title='rule', fontsize=7, title_fontsize=8, loc='lower left')
+  ax.set_title(title, fontsize=9, wrap=True)
+  ax.grid(axis='y', alpha=0.3)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
 
 
 def main(argv):
@@ -114,6 +150,14 @@ def main(argv):
   print(text)
   with open(os.path.join(workdir, 'compare.json'), 'w') as fh:
     json.dump({f'{r}|{a}': s['final'] for (r, a), s in results.items()}, fh, indent=2)
+  with open(os.path.join(workdir, 'compare.md'), 'w') as fh:
+    fh.write(text + '\n')
+  title = (
+    f'{config.dataset} / {config.model}: n={config.num_workers}, f={config.num_byzantine}, '
+    f'{config.split} split, {config.num_steps} steps'
+  )
+  figure = plot(results, rules, attacks, os.path.join(workdir, 'compare.png'), title)
+  print(f'\ntable: {os.path.join(workdir, "compare.md")}; figure: {figure}')
 
 
 if __name__ == '__main__':

@@ -35,7 +35,6 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-_DEFINED = []
 # Output paths; unset: <workdir or docs>/<the name here>.
 OUTPUTS = {
   'results': 'robustness_results.json',
@@ -49,10 +48,7 @@ OUTPUTS = {
 
 
 def define_flags():
-  """Defines the command's absl flags (once; the `robustjax` command calls it)."""
-  if _DEFINED:
-    return
-  _DEFINED.append(True)
+  """Defines the command's absl flags (the `robustjax` command calls it)."""
   flags.DEFINE_enum(
     'study', 'all', ['all', 'kappa', 'multikrum', 'dim', 'benchmark', 'recheck'], 'What to run.'
   )

@@ -30,14 +30,10 @@ from ml_collections import config_flags
 
 COMMANDS = ('run', 'analyse', 'report')
 FLAGS = flags.FLAGS
-_DEFINED = []
 
 
 def define_flags():
-  """Defines the command's absl flags (once; the `robustjax` command calls it)."""
-  if _DEFINED:
-    return
-  _DEFINED.append(True)
+  """Defines the command's absl flags (the `robustjax` command calls it)."""
   config_flags.DEFINE_config_file(
     'config', None, 'Sweep config: path/to/sweep_config.py[:variant].'
   )
@@ -138,6 +134,10 @@ def _short_attack(attack: str) -> str:
   }.get(name, name)
 
 
+def _steps(records) -> str:
+  return ' / '.join(str(s) for s in sorted({int(r['config']['num_steps']) for r in records}))
+
+
 def _wall(records) -> float:
   groups = {}
   for r in records:
@@ -155,13 +155,15 @@ def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
     r['rule'] = _short_rule(r['rule'])
     r['attack'] = _short_attack(r['attack'])
   cells = analysis.worst_case(rows)
+  steps = _steps(records)
   analysis.plot_heatmaps(
     cells,
     os.path.join(figures, 'repro_byzfl_heatmap.png'),
     title=(
-      'ByzFL setting on digits, clipping (c = 2) + NNM + GM / TM: worst case over '
-      '{sign flip, optimal IPM, optimal ALIE}, mean of the seeds'
+      f'ByzFL setting on digits, {steps} steps, clipping (c = 2) + NNM + GM / TM: worst case '
+      'over {sign flip, optimal IPM, optimal ALIE}, mean of the seeds'
     ),
+    value_label='worst-case test accuracy\n(min over attacks, max over lr)',
   )
   g0 = [r for r in records if float(r['config']['gamma']) == 0.0]
   analysis.plot_curves(
@@ -169,7 +171,10 @@ def report_byzfl(out: str, figures: str, baseline: str | None = None) -> str:
     os.path.join(figures, 'repro_byzfl_curves.png'),
     panel_key=lambda r: f'{_short_rule(r["config"]["rule"])}, f={r["config"]["num_byzantine"]}',
     hue_key=lambda r: _short_attack(r['config']['attack']),
-    title='ByzFL setting on digits, γ = 0 (clipping + NNM + GM / TM): test accuracy per attack',
+    title=(
+      f'ByzFL setting on digits, γ = 0, {steps} steps (clipping + NNM + GM / TM): test accuracy '
+      'per attack (sign flip, optimal IPM, optimal ALIE)'
+    ),
   )
   lines = []
   gammas = analysis._sorted_labels(c['heterogeneity'] for c in cells)
@@ -241,10 +246,14 @@ def report_bucketing(out: str, figures: str, baseline: str | None = None) -> str
     row_order=order,
     col_order=attacks,
     panel_order=['worker momentum β = 0', 'worker momentum β = 0.9'],
-    title='Bucketing study on digits (n = 25, f = 5, label-sorted): final test accuracy',
+    title=(
+      f'Bucketing study on digits (n = 25, f = 5, label-sorted, {_steps(records)} steps): '
+      f'final test accuracy under {", ".join(attacks)}'
+    ),
+    value_label='final test accuracy\n(mean of the seeds)',
   )
   lines = []
-  for beta in sorted({k[0] for k in acc}, reverse=True):
+  for beta in sorted({k[0] for k in acc}):  # the heatmap's panel order
     lines.append(f'**worker momentum β = {beta:g}**\n')
     lines.append('| aggregator | ' + ' | '.join(attacks) + ' | worst attack |')
     lines.append('|---|' + '---|' * (len(attacks) + 1))

@@ -23,14 +23,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
-_DEFINED = []
 
 
 def define_flags():
-  """Defines the command's absl flags (once; the `robustjax` command calls it)."""
-  if _DEFINED:
-    return
-  _DEFINED.append(True)
+  """Defines the command's absl flags (the `robustjax` command calls it)."""
   config_flags.DEFINE_config_file('config', None, 'Training configuration file.', lock_config=True)
   flags.DEFINE_string('workdir', None, 'Directory for metrics, summary and checkpoints.')
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')

@@ -18,7 +18,8 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c = config_dict.ConfigDict()
   c.seed = 0
   # Data and model.
-  c.dataset = 'digits'
+  c.dataset = 'digits'  # digits (embedded) | mnist | fashion_mnist | cifar10 | synthetic_...
+  c.data_dir = ''  # mnist / fashion_mnist / cifar10: a folder of their files ('': search, download)
   c.model = 'mlp'
   c.split = 'iid'  # iid | dirichlet | gamma | extreme
   c.alpha = 1.0  # Dirichlet concentration (split='dirichlet')
@@ -60,6 +61,8 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c.checkpoint_every = 100  # 0 disables checkpoints
   c.keep_checkpoints = 2
   c.progress = True
+  c.tensorboard = True  # event files in <workdir>/tensorboard (needs tensorboardX)
+  c.plot = True  # <workdir>/curves.png at the end of each call (needs matplotlib)
 
   if variant == 'smoke':
     c.num_workers = 8

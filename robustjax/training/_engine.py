@@ -420,7 +420,7 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys):
   load = 1.0 if spec.code.identity else jnp.sum(coding.loads(b)[:nh]) / nh
   row_losses = losses if not spec.code.identity else losses[:nh]
   metrics = {
-    'train_loss': jnp.mean(row_losses),
+    'batch_loss': jnp.mean(row_losses),
     'agg_error': jnp.sqrt(err),
     'load': jnp.asarray(load, jnp.float32),
     'bits': jnp.asarray(float(bits * spec.num_workers), jnp.float32),
@@ -486,6 +486,10 @@ def sharded_worker_stage(spec, problem, mesh, *, pcast: bool = True):
 
 def make_step(spec: TrainSpec, problem: Problem, *, backend: str = 'vmap', mesh=None):
   """The jitted ``step(state, data) -> (state, metrics)`` for a backend.
+
+  The metrics are scalars: ``batch_loss`` (the honest workers' mean minibatch loss),
+  ``agg_error`` (‖aggregate − mean of the honest messages‖), ``load`` (data subsets per honest
+  worker) and ``bits`` (sent by all workers).
 
   Args:
     spec: the `TrainSpec`.

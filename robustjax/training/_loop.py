@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from robustjax.training import _setup
+from robustjax.training import _outputs, _setup
 
 __all__ = [
   'train_and_evaluate',
@@ -34,7 +34,17 @@ __all__ = [
 
 # Fields that change what is logged or when, never the numbers: a resumed run may change them.
 PRESENTATION_FIELDS = frozenset(
-  {'progress', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints', 'eval_chunk'}
+  {
+    'progress',
+    'log_every',
+    'eval_every',
+    'checkpoint_every',
+    'keep_checkpoints',
+    'eval_chunk',
+    'data_dir',
+    'tensorboard',
+    'plot',
+  }
 )
 
 
@@ -228,12 +238,6 @@ def chunks(start: int, stop: int, every=()):
     yield step
 
 
-def _write_jsonl(path, records):
-  with open(path, 'a') as fh:
-    for r in records:
-      fh.write(json.dumps(r) + '\n')
-
-
 def _check_writable(workdir: str) -> None:
   """Fails before anything is changed if the workdir (or its parent, to create it) or an
   existing metrics file in it cannot be written: a pre-existing file is never lost."""
@@ -343,6 +347,7 @@ def train_and_evaluate(
     _truncate_jsonl(metrics_path, start)
   stop = total if max_steps is None else min(total, start + int(max_steps))
   advance = make_advance(exp.step_fn, exp.backend)
+  writer = _outputs.RunWriter(workdir, start=start, tensorboard=config.get('tensorboard', True))
   bar = _progress(total, start, lead and config.progress)
   last_eval = {}
   t0, step = time.perf_counter(), start
@@ -363,13 +368,13 @@ def train_and_evaluate(
       if (eval_every and step % eval_every == 0) or step == total:
         last_eval = exp.evaluate(state)
         records.append({'step': step, 'kind': 'eval', **last_eval})
-      if lead and records:
-        _write_jsonl(metrics_path, records)
+      if lead:
+        writer.write(records)
       if bar is not None:
         bar.update(end - bar.n)
         train = [r for r in records if r['kind'] == 'train']
         if train:
-          postfix['loss'] = f'{train[-1]["train_loss"]:.3f}'
+          postfix['loss'] = f'{train[-1]["batch_loss"]:.3f}'
         if 'test_accuracy' in last_eval:
           postfix['acc'] = f'{last_eval["test_accuracy"]:.3f}'
         if postfix:
@@ -386,6 +391,7 @@ def train_and_evaluate(
       bar.close()
     if ckpt is not None:
       ckpt.close()
+    writer.close()
   elapsed = time.perf_counter() - t0
   if not last_eval:
     last_eval = exp.evaluate(state)
@@ -407,4 +413,20 @@ def train_and_evaluate(
   if lead:
     with open(os.path.join(workdir, 'summary.json'), 'w') as fh:
       json.dump(summary, fh, indent=2, default=str)
+    if config.get('plot', True):
+      _plot(config, summary, metrics_path, os.path.join(workdir, 'curves.png'))
   return summary
+
+
+def _plot(config, summary, metrics_path, path) -> None:
+  """``curves.png`` of the run (skipped, with a warning, without matplotlib)."""
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    logging.warning("no curves.png: matplotlib is missing (pip install 'robustjax[experiments]')")
+    return
+  title = (
+    f'{config.dataset} / {config.model}: {summary["rule"]} under {config.attack}, '
+    f'n={summary["num_workers"]}, f={summary["num_byzantine"]}, step {summary["step"]}'
+  )
+  _outputs.plot_run(_outputs.read_metrics(metrics_path), path, title=title)
