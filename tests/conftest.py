@@ -10,3 +10,12 @@ try:
   jax.config.update('jax_num_cpu_devices', 8)
 except Exception:  # noqa: BLE001  (older jax: the XLA flag above does it)
   pass
+
+# A persistent compilation cache for the session: many tests build the same small step (the
+# smoke config) in new closures, whose HLO is identical; a hit skips XLA's compilation. A fresh
+# folder per session, so a test never depends on an earlier run.
+import tempfile  # noqa: E402
+
+jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='robustjax_xla_cache_'))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

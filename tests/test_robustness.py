@@ -238,7 +238,14 @@ def _random_inputs(rng, count, n, d):
   return x.astype(np.float32)
 
 
-@pytest.mark.parametrize('n,f', [(10, 3), (11, 4), (9, 1)])
+@pytest.mark.parametrize(
+  'n,f',
+  [
+    (10, 3),
+    pytest.param(11, 4, marks=pytest.mark.slow),
+    pytest.param(9, 1, marks=pytest.mark.slow),
+  ],
+)
 def test_trimmed_mean_kappa_is_exactly_f_over_n_minus_2f(n, f):
   exact = R.lower_bound(n, f)
   assert R.upper_bound('trimmed_mean', n, f) == pytest.approx(exact)
