@@ -9,7 +9,8 @@ Modules (the stages of the training step in brackets):
   coding          gradient codes (LAD, DRACO, ...), `coding.make(spec)` [encoding]
   compression     compressors and error feedback [compression]
   optax_adapter   `as_optax(rule)` / `robust_optimizer`: a robust rule in an optax chain [server]
-  parallel        meshes, multi-host start-up, coordinate-sharded aggregation
+  parallel        meshes, placement, coordinate-sharded aggregation
+  distributed     multi-process start-up and the checks all processes agree on
   training        the staged step, `build(config)`, `train_and_evaluate` [the step]
   sweeps          resumable grids of runs, seeds vmapped
   analysis        tidy tables, worst cases, figures of sweeps
@@ -27,6 +28,7 @@ from robustjax import (
   compression,
   configs,
   data,
+  distributed,
   models,
   optax_adapter,
   parallel,
@@ -48,6 +50,7 @@ __all__ = [
   'compression',
   'configs',
   'data',
+  'distributed',
   'models',
   'optax_adapter',
   'parallel',

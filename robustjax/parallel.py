@@ -3,8 +3,8 @@
 One code path serves one device, many devices and many hosts: the worker axis of every per-worker
 array is laid out over a one-dimensional mesh axis named ``'workers'``; on one device that mesh has
 one device and the sharded step degenerates to the plain vmapped one. Multi-host runs (TPU pod
-slices, multi-node GPU) call `jax.distributed.initialize` first; after that `jax.devices()` lists
-every host's devices and the same mesh code applies.
+slices, multi-node GPU) call `robustjax.distributed.initialize` first; after that `jax.devices()`
+lists every host's devices and the same mesh code applies.
 
 `sharded_update(pipeline, mesh)` is DESIGN.md's accelerator-parallel aggregation, for every rule:
 the flattened (n, D) stack is resharded to ``P(None, 'workers')`` (coordinates split over the
@@ -17,8 +17,6 @@ centre of centered clipping) is flattened and sharded the same way.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -29,7 +27,6 @@ from robustjax import stack as stk
 
 __all__ = [
   'AXIS',
-  'maybe_initialize_distributed',
   'make_mesh',
   'put',
   'replicated',
@@ -38,47 +35,6 @@ __all__ = [
 ]
 
 AXIS = 'workers'
-
-_ENV = {
-  'coordinator_address': 'JAX_COORDINATOR_ADDRESS',
-  'num_processes': 'JAX_NUM_PROCESSES',
-  'process_id': 'JAX_PROCESS_ID',
-}
-
-
-def maybe_initialize_distributed(
-  coordinator_address: str | None = None,
-  num_processes: int | None = None,
-  process_id: int | None = None,
-) -> bool:
-  """Calls `jax.distributed.initialize` when a multi-process launch is requested.
-
-  A launch is multi-process when any argument is given, or when one of the environment variables
-  ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID`` is set (arguments win).
-  Missing values are left to JAX's own cluster detection (TPU pods, SLURM). Must run before any
-  other JAX call; calling it twice is harmless.
-
-  Returns:
-    Whether `jax.distributed.initialize` was called.
-  """
-  values = {
-    'coordinator_address': coordinator_address,
-    'num_processes': num_processes,
-    'process_id': process_id,
-  }
-  for name, env in _ENV.items():
-    if values[name] is None and os.environ.get(env):
-      values[name] = os.environ[env]
-  if all(v is None for v in values.values()):
-    return False
-  if values['num_processes'] is not None:
-    values['num_processes'] = int(values['num_processes'])
-  if values['process_id'] is not None:
-    values['process_id'] = int(values['process_id'])
-  if jax.distributed.is_initialized():
-    return True
-  jax.distributed.initialize(**{k: v for k, v in values.items() if v is not None})
-  return True
 
 
 def make_mesh(num_devices: int | None = None) -> jax.sharding.Mesh:

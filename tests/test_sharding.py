@@ -67,6 +67,10 @@ def test_eight_devices():
   assert len(jax.devices()) == 8
 
 
+def _jax_version() -> tuple:
+  return tuple(int(v) for v in jax.__version__.split('.')[:3])
+
+
 def test_per_worker_grads_equal_on_1_and_8_devices_pcast_trap():
   exp = training.build(_config())
   spec = dataclasses.replace(exp.spec, momentum=0.0)
@@ -95,7 +99,11 @@ def test_per_worker_grads_equal_on_1_and_8_devices_pcast_trap():
   )
   for pcast in (True, False):
     fn = jax.jit(training.sharded_worker_stage(spec, exp.problem, mesh, pcast=pcast))
-    g, _, loss = fn(*args)
+    try:
+      g, _, loss = fn(*args)
+    except TypeError:  # jax 0.8.2 (the floor) fails loudly on the trap where 0.10 sums silently
+      assert not pcast and _jax_version() < (0, 10, 0)
+      continue
     np.testing.assert_allclose(np.asarray(loss), np.asarray(ref_loss), rtol=1e-6)
     if pcast:
       np.testing.assert_allclose(_flat(g), ref, rtol=1e-5, atol=1e-7)

@@ -255,17 +255,28 @@ def test_clear_errors(kw, match):
 
 
 def test_distributed_initialization_only_when_asked(monkeypatch):
-  for var in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID'):
+  from robustjax import distributed
+
+  for var in distributed.ENV.values():
     monkeypatch.delenv(var, raising=False)
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kw: calls.append(kw))
   monkeypatch.setattr(jax.distributed, 'is_initialized', lambda: False)
-  assert not training.maybe_initialize_distributed()
+  assert not distributed.initialize()
   assert calls == []
+  monkeypatch.setenv('ROBUSTJAX_LOCAL_DEVICE_IDS', '0,1')  # alone, no launch
+  assert not distributed.initialize()
   monkeypatch.setenv('JAX_NUM_PROCESSES', '2')
   monkeypatch.setenv('JAX_PROCESS_ID', '1')
-  assert training.maybe_initialize_distributed(coordinator_address='localhost:1234')
-  assert calls == [{'coordinator_address': 'localhost:1234', 'num_processes': 2, 'process_id': 1}]
+  assert distributed.initialize(coordinator_address='localhost:1234')
+  assert calls == [
+    {
+      'coordinator_address': 'localhost:1234',
+      'num_processes': 2,
+      'process_id': 1,
+      'local_device_ids': [0, 1],
+    }
+  ]
 
 
 def test_worker_chunks_give_the_same_updates(exp):

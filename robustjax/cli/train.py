@@ -8,7 +8,10 @@ Examples:
 
 Multi-host: pass --coordinator_address / --num_processes / --process_id (or set
 JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); every process runs the same
-command and `jax.distributed.initialize()` joins them before any other JAX call.
+command and `jax.distributed.initialize()` joins them before any other JAX call. Every process
+then checks that the job sees the devices it was given (--expect_devices), that all processes
+run the same code, and (with checkpoints) that --workdir is shared; a failed check, or an error
+in any process, ends every process (see `robustjax.distributed`).
 
 Outputs in --workdir: config.json, metrics.jsonl, summary.json, checkpoints/. A rerun of the same
 command resumes (and says from which step); a different config in the same workdir is refused
@@ -32,6 +35,18 @@ def define_flags():
   flags.DEFINE_string('coordinator_address', None, 'Multi-host: address:port of process 0.')
   flags.DEFINE_integer('num_processes', None, 'Multi-host: number of processes.')
   flags.DEFINE_integer('process_id', None, 'Multi-host: this process index.')
+  flags.DEFINE_list(
+    'local_device_ids',
+    None,
+    'Multi-host: the local devices of this process (0,1,2,3: one process per node sees all its '
+    'GPUs); unset: $ROBUSTJAX_LOCAL_DEVICE_IDS, else JAX decides.',
+  )
+  flags.DEFINE_integer(
+    'expect_devices',
+    None,
+    'The total number of devices the job was given; every process checks jax.device_count() '
+    'against it and the job fails if they differ (default: $ROBUSTJAX_EXPECT_DEVICES).',
+  )
   flags.DEFINE_bool(
     'restart', False, 'Discard the run already in --workdir (checkpoints, metrics) and start over.'
   )
@@ -43,12 +58,25 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)
-  from robustjax import training
+  from robustjax import distributed, training
 
-  training.maybe_initialize_distributed(
-    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id
+  several = distributed.initialize(
+    FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.local_device_ids
   )
-  summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+  try:
+    distributed.check_device_count(FLAGS.expect_devices)
+    distributed.check_same_code()
+    summary = training.train_and_evaluate(FLAGS.config, FLAGS.workdir, restart=FLAGS.restart)
+  except Exception as err:
+    if several:
+      # One process's failure ends the job: leave now, without waiting for the others at the
+      # shutdown barrier; they stop at their next collective (or JAX's heartbeat timeout).
+      import os
+      import sys
+
+      print(f'robustjax train: error: {err}', file=sys.stderr, flush=True)
+      os._exit(1)
+    raise
   print(json.dumps({'step': summary['step'], 'rule': summary['rule'], **summary['final']}))
 
 

@@ -25,7 +25,6 @@ Or step by step:
 from robustjax.parallel import (
   AXIS,
   make_mesh,
-  maybe_initialize_distributed,
   put,
   replicated,
   worker_sharded,
@@ -72,7 +71,6 @@ __all__ = [
   'make_optimizer',
   'make_problem',
   'make_step',
-  'maybe_initialize_distributed',
   'put',
   'replicated',
   'result_fields',

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from robustjax import distributed
 from robustjax.training import _outputs, _setup
 
 __all__ = [
@@ -282,6 +283,20 @@ def _truncate_jsonl(path, last_step):
   _atomic_write(path, ''.join(keep))
 
 
+def _build_everywhere(config):
+  """`_setup.build` in every process; one process's failure (a host without the data files,
+  say) fails all of them together, each naming it, instead of leaving them in a collective."""
+  try:
+    exp, error = _setup.build(config), None
+  except (ValueError, OSError, ImportError, RuntimeError) as err:
+    exp, error = None, err
+  if jax.process_count() > 1:
+    distributed.agree(error is None, str(error or ''), 'to build the experiment')
+  if error is not None:
+    raise error
+  return exp
+
+
 def _progress(total, initial, enabled):
   if not enabled:
     return None
@@ -320,7 +335,7 @@ def train_and_evaluate(
     reached).
   """
   lead = jax.process_index() == 0
-  exp = _setup.build(config)  # validates the config before the workdir is touched
+  exp = _build_everywhere(config)  # validates the config before the workdir is touched
   metrics_path = os.path.join(workdir, 'metrics.jsonl')
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   if lead:
@@ -329,6 +344,8 @@ def train_and_evaluate(
     _discard_run(workdir)
   has_state = os.path.isdir(ckpt_dir) and bool(os.listdir(ckpt_dir))
   os.makedirs(workdir, exist_ok=True)
+  if config.checkpoint_every:
+    distributed.check_shared_directory(workdir)  # every process writes the checkpoints
   _check_workdir_config(workdir, config, restart, has_state)
   state = exp.init_state()
   ckpt = None

@@ -52,14 +52,33 @@ def make_optimizer(config) -> optax.GradientTransformation:
 
 
 def choose_backend(config) -> tuple[str, Any]:
+  """The backend and mesh of a config.
+
+  ``backend='auto'``: ``shard_map`` over every device when ``num_workers`` divides evenly, else
+  ``vmap`` on one device (with a warning). With several processes every device must hold the
+  same number of workers and the one-device backends would run a duplicate of the whole job in
+  each process, so an uneven ``num_workers`` (or ``vmap`` / ``pmap``) is refused.
+
+  Raises:
+    ValueError: an unknown backend, or a choice a multi-process job cannot run.
+  """
   backend = config.backend
   k = config.num_devices or len(jax.devices())
+  n, procs = config.num_workers, jax.process_count()
+  if procs > 1 and (backend in ('vmap', 'pmap') or n % k):
+    fit = n + (-n % k)
+    raise ValueError(
+      f'a job of {procs} processes shards the workers over its {k} devices with '
+      f'backend=shard_map: num_workers={n} must be a multiple of {k} (e.g. {fit}) and backend '
+      f'auto or shard_map (got {backend!r}); otherwise each process would run a duplicate of '
+      'the whole job'
+    )
   if backend == 'auto':
-    backend = 'shard_map' if k > 1 and config.num_workers % k == 0 else 'vmap'
+    backend = 'shard_map' if k > 1 and n % k == 0 else 'vmap'
     if k > 1 and backend == 'vmap':
       logging.warning(
         'backend=auto: num_workers=%d is not a multiple of the %d devices; running on one device',
-        config.num_workers,
+        n,
         k,
       )
   if backend not in eng.BACKENDS:
