@@ -471,7 +471,8 @@ class Code:
   Attributes:
     name: one of ``identity``, ``cyclic``, ``fractional_repetition``, ``draco``, ``cyclic_mds``.
     params: the scheme's parameters, a sorted tuple of (name, value) pairs (``d``, ``r``, ``s``;
-      ``redraw`` for cyclic: re-draw π every step, LAD's default).
+      ``redraw`` for cyclic: re-draw π every step, LAD's default; ``byzantine``: which rows of B
+      the f Byzantine workers hold, see `matrix`).
     n: workers = subsets.
     f: Byzantine workers (DRACO sizes its groups with it).
   """
@@ -500,25 +501,40 @@ class Code:
     return None
 
   def matrix(self, key: jax.Array) -> jax.Array:
-    """B (n × n) for one step; `key` re-draws LAD's permutation (ignored by fixed codes)."""
+    """B (n × n) for one step; `key` re-draws LAD's permutation (ignored by fixed codes).
+
+    The engine treats the last f rows as the Byzantine workers'. ``byzantine='last'`` (default)
+    keeps B's order, so the Byzantine workers are contiguous in the cyclic order (with a cyclic
+    code of d ≤ f, f − d + 1 subsets have no honest holder); ``'random'`` permutes the rows once
+    (a fixed random set of workers, drawn from ``seed``); ``'redrawn'`` permutes them every step.
+    """
     p = dict(self.params)
     n = self.n
+    k_code, k_rows = jax.random.split(key)
     if self.name == 'cyclic':
       redraw = p.get('redraw', True)
-      return cyclic(n, p['d'], key=key if redraw else None, coef=p.get('coef'))
-    if self.name == 'fractional_repetition':
-      return fractional_repetition(n, p['d'])
-    if self.name == 'draco':
-      return draco(n, self.f, r=p.get('r'))
-    if self.name == 'cyclic_mds':
-      return jnp.asarray(cyclic_mds(n, p['s'], seed=p.get('seed', 0)), jnp.float32)
-    return jnp.eye(n, dtype=jnp.float32)
+      b = cyclic(n, p['d'], key=k_code if redraw else None, coef=p.get('coef'))
+    elif self.name == 'fractional_repetition':
+      b = fractional_repetition(n, p['d'])
+    elif self.name == 'draco':
+      b = draco(n, self.f, r=p.get('r'))
+    elif self.name == 'cyclic_mds':
+      b = jnp.asarray(cyclic_mds(n, p['s'], seed=p.get('seed', 0)), jnp.float32)
+    else:
+      b = jnp.eye(n, dtype=jnp.float32)
+    placement = p.get('byzantine', 'last')
+    if placement == 'random':
+      b = b[jax.random.permutation(jax.random.key(p.get('seed', 0)), n)]
+    elif placement == 'redrawn':
+      b = b[jax.random.permutation(k_rows, n)]
+    return b
 
 
 def make(spec, *, n: int, f: int) -> Code:
   """A `Code` from a spec string: ``'identity'`` (default), ``'cyclic(d=20)'`` (LAD, π re-drawn
   every step; ``redraw=False`` fixes it), ``'fractional_repetition(d=4)'``, ``'draco'``
-  (``r=2f + 1`` by default), ``'cyclic_mds(s=2)'``.
+  (``r=2f + 1`` by default), ``'cyclic_mds(s=2)'``; coded schemes take
+  ``byzantine='last' | 'random' | 'redrawn'`` (which workers are Byzantine, see `Code.matrix`).
 
   The matrix is built once here for validation, so a bad ``d`` or an impossible DRACO fails at
   build time.
@@ -538,6 +554,14 @@ def make(spec, *, n: int, f: int) -> Code:
   required = {'cyclic': 'd', 'fractional_repetition': 'd', 'cyclic_mds': 's'}.get(name)
   if required and required not in params:
     raise ValueError(f'coding {name!r} needs {required}=..., e.g. {name}({required}=2)')
+  placement = params.get('byzantine', 'last')
+  if placement not in ('last', 'random', 'redrawn'):
+    raise ValueError(f"coding {spec!r}: byzantine must be 'last', 'random' or 'redrawn'")
+  if placement != 'last' and name in ('identity', 'draco'):
+    raise ValueError(
+      f'coding {spec!r}: byzantine={placement!r} needs a coded scheme (cyclic, '
+      'fractional_repetition, cyclic_mds); DRACO is exact wherever the Byzantine workers are'
+    )
   code = Code(name, tuple(sorted(params.items())), int(n), int(f))
   try:
     code.matrix(jax.random.key(0))

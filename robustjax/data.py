@@ -396,6 +396,7 @@ def synthetic_linear_regression(
   *,
   num_samples: int = 100,
   dim: int = 100,
+  num_subsets: int | None = None,
   heterogeneity: float = 1.0,
   noise: float = 0.0,
   seed: int = 0,
@@ -404,37 +405,42 @@ def synthetic_linear_regression(
 
   Li, Allouah, Guerraoui, Skoglund, Xiao (arXiv:2603.28780) train a linear regression of dimension
   100 on 100 samples, one sample per data subset, with a heterogeneity level σ_H across subsets.
-  Their generator is not public; this is a reconstruction:
+  Their generator is not public; this is a reconstruction in which σ_H enters the **covariates**,
+  so that it changes the subset gradients. The samples are split into `num_subsets` consecutive
+  blocks (subset k holds samples k·m … (k + 1)·m − 1, m = N / num_subsets); then
 
   .. math::
-     a_j \sim N(0, I_d), \quad w^\star \sim N(0, I_d), \quad \xi_j \sim N(0, I_d),
-     \quad \varepsilon_j \sim N(0, 1), \quad
-     b_j = \langle a_j, w^\star + \sigma_H \xi_j \rangle + \text{noise}\cdot\varepsilon_j,
+     w^\star \sim N(0, I_d), \quad \eta_k \sim N(0, 1), \quad
+     s_k = e^{\sigma_H \eta_k} / \sqrt{\tfrac{1}{K} \textstyle\sum_{k'} e^{2 \sigma_H \eta_{k'}}},
+     \quad a_j = s_{k(j)} z_j, \; z_j \sim N(0, I_d), \quad
+     b_j = \langle a_j, w^\star \rangle + \text{noise} \cdot \varepsilon_j,
 
-  i.e. subset j follows its own model w⋆ + σ_H ξ_j. The objective is
-  F(w) = (1/N) Σ_j ½ (⟨a_j, w⟩ − b_j)², subset j's gradient is a_j (⟨a_j, w⟩ − b_j), and at the
-  common model w⋆ the subset gradients are −a_j (σ_H ⟨a_j, ξ_j⟩ + noise·ε_j): their spread grows
-  linearly with σ_H (σ_H = 0 and noise = 0 make every subset agree at w⋆).
+  i.e. each subset's covariates have their own scale s_k (log-normal with spread σ_H, normalised
+  to mean square 1, so the objective keeps its size while the subsets drift apart). Subset k's
+  gradient at w is s_k² (1/m) Σ_{j∈k} z_j z_jᵀ (w − w⋆) minus its noise term: σ_H = 0 gives
+  identically distributed subsets, and the spread of the subset gradients around the full
+  gradient grows with σ_H (tested). The objective is F(w) = (1/N) Σ_j ½(⟨a_j, w⟩ − b_j)².
 
-  .. warning::
-     With ``num_samples <= dim`` (the paper's 100 × 100) the least-squares problem interpolates:
-     the minimiser `least_squares_solution` fits every sample exactly and every subset gradient
-     vanishes there, whatever σ_H. Heterogeneity then shows along the optimisation path (and in
-     how far the robust solution lands from the minimiser), not at the minimiser. Use
-     ``num_samples > dim`` for a problem whose subset gradients disagree at the optimum.
+  Two regimes:
+
+  - **interpolating** (N ≤ d, e.g. the paper's 100 × 100): some w fits every sample, F⋆ = 0 and
+    every subset gradient vanishes at the minimiser (with or without noise): G = 0;
+  - **non-interpolating** (N > d and noise > 0): F⋆ > 0 and the subset gradients disagree at the
+    minimiser (G > 0), the floor a rule that does not decode pays.
 
   Args:
-    num_samples: N, the number of samples (= subsets in the paper's setting).
+    num_samples: N.
     dim: d.
+    num_subsets: K (a divisor of N); default N, one sample per subset.
     heterogeneity: σ_H >= 0.
     noise: the standard deviation of the additive label noise.
     seed: seeds everything.
 
   Returns:
     A `Dataset` with ``x_train = A`` (float32 (N, d)), ``y_train = b`` (float32 (N,)),
-    ``num_classes = 0``; the test split is the training split (the experiments report the training
-    objective and the distance to the minimiser). ``info`` holds ``'w_star'`` (the common model),
-    ``'solution'`` (the least-squares minimiser, float64) and ``'heterogeneity'``.
+    ``num_classes = 0``; the test split is the training split. ``info`` holds ``'w_star'`` (the
+    generating model), ``'solution'`` (the float64 least-squares minimiser of the float32 data),
+    ``'optimum'`` (F⋆ at it, float64), ``'scales'`` (s_k) and ``'heterogeneity'``.
 
   Example:
     >>> ds = synthetic_linear_regression(heterogeneity=0.5)
@@ -442,19 +448,27 @@ def synthetic_linear_regression(
   """
   check_positive_int('synthetic_linear_regression', 'num_samples', num_samples)
   check_positive_int('synthetic_linear_regression', 'dim', dim)
+  k = num_samples if num_subsets is None else num_subsets
+  check_positive_int('synthetic_linear_regression', 'num_subsets', k)
+  if num_samples % k:
+    raise ValueError(
+      f'synthetic_linear_regression: num_subsets={k} must divide num_samples={num_samples}'
+    )
   if heterogeneity < 0 or noise < 0:
     raise ValueError(
       'synthetic_linear_regression: heterogeneity and noise must be >= 0; '
       f'got {heterogeneity}, {noise}'
     )
   rng = np.random.default_rng(seed)
-  a = rng.normal(size=(num_samples, dim))
   w_star = rng.normal(size=dim)
-  xi = rng.normal(size=(num_samples, dim))
-  eps = rng.normal(size=num_samples)
-  b = np.einsum('jd,jd->j', a, w_star[None] + heterogeneity * xi) + noise * eps
+  log_s = heterogeneity * rng.normal(size=k)
+  scales = np.exp(log_s - 0.5 * np.log(np.mean(np.exp(2 * log_s))))
+  a = np.repeat(scales, num_samples // k)[:, None] * rng.normal(size=(num_samples, dim))
+  b = a @ w_star + noise * rng.normal(size=num_samples)
   a32, b32 = a.astype(np.float32), b.astype(np.float32)
-  solution = np.linalg.lstsq(a32.astype(np.float64), b32.astype(np.float64), rcond=None)[0]
+  a64, b64 = a32.astype(np.float64), b32.astype(np.float64)
+  solution = np.linalg.lstsq(a64, b64, rcond=None)[0]
+  optimum = 0.5 * float(np.mean((a64 @ solution - b64) ** 2))
   return Dataset(
     a32,
     b32,
@@ -463,7 +477,13 @@ def synthetic_linear_regression(
     0,
     (dim,),
     'synthetic_linear_regression',
-    {'w_star': w_star, 'solution': solution, 'heterogeneity': float(heterogeneity)},
+    {
+      'w_star': w_star,
+      'solution': solution,
+      'optimum': optimum,
+      'scales': scales,
+      'heterogeneity': float(heterogeneity),
+    },
   )
 
 

@@ -13,9 +13,16 @@ except Exception:  # noqa: BLE001  (older jax: the XLA flag above does it)
 
 # A persistent compilation cache for the session: many tests build the same small step (the
 # smoke config) in new closures, whose HLO is identical; a hit skips XLA's compilation. A fresh
-# folder per session, so a test never depends on an earlier run.
+# folder per session (shared by the session's xdist workers), so a test never depends on an
+# earlier run.
 import tempfile  # noqa: E402
 
-jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='robustjax_xla_cache_'))
+_run = os.environ.get('PYTEST_XDIST_TESTRUNUID')  # pytest-xdist's workers share one folder
+_cache = (
+  os.path.join(tempfile.gettempdir(), f'robustjax_xla_cache_{_run}')
+  if _run
+  else tempfile.mkdtemp(prefix='robustjax_xla_cache_')
+)
+jax.config.update('jax_compilation_cache_dir', _cache)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)

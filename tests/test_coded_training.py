@@ -4,6 +4,7 @@ Checked against a float64 NumPy reference of the coded messages (B · subset gra
 three backends, with momentum, checkpoints, sweeps, label flipping and optimal attacks.
 """
 
+import dataclasses
 import json
 import os
 import sys
@@ -225,20 +226,31 @@ def test_bad_coding_specs_fail_at_build():
     compression.make('no_such')
 
 
-def test_experiment_smoke():
-  # the LAD experiment's entry points (`robustjax coding`) on its smoke config, no figures
+def test_lad_study_smoke():
+  """The LAD study's pieces (`robustjax coding`) on its smoke config: every method of a scenario
+  on the one step, DRACO's simulation (exact gradient descent) equal to the registered vote, and
+  the summaries."""
   from robustjax import configs
-  from robustjax.cli import coding as exp
+  from robustjax.cli import coding as study
 
   cfg = configs.get('lad', 'smoke')
-  cfg.rules = ('trimmed_mean',)
-  cfg.compressor = 'none'
-  cfg.num_steps = 3
-  results = exp.run(cfg)
-  rows = exp.summarize(cfg, results)
-  assert {r['d'] for r in rows} == {1, 2, None}
-  assert all(np.isfinite(r['final_error_median']) for r in rows)
-  assert 'LAD-CWTM' in exp.markdown_table(cfg, rows)
+  cfg.num_steps = 4
+  sc = study.Scenario('interpolating', 1.0, 2, 'alie', 'last')
+  prob = study.make_problem(cfg, sc.regime, sc.heterogeneity)
+  res = study.run_scenario(cfg, sc, prob)
+  assert set(res) == {'trimmed_mean|fixed', 'trimmed_mean|lad1', 'trimmed_mean|lad4', 'DRACO'}
+  assert res['trimmed_mean|lad4']['load'] == 4 and res['DRACO']['load'] == 5
+  for v in res.values():
+    assert v['excess_loss'].shape == (cfg.num_seeds, 4)
+  exact = res['DRACO']['excess_loss']
+  assert np.all(np.diff(exact, axis=1) < 0)  # exact gradient descent decreases F
+  assert study.draco_vote_check(cfg, prob, sc.f, sc.attack) < 1e-4
+  meta = {'scenario': dataclasses.asdict(sc)}
+  rows = study.summarize(cfg, {sc.name: (res, meta)})
+  lad = [r for r in rows if r['method'] == 'trimmed_mean|lad4'][0]
+  assert lad['half_draco_budget'] == 4 * 5 and np.isfinite(lad['half_draco_ratio'])
+  blocks = study.markdown_tables(cfg, rows, {sc.name: (res, meta)})
+  assert 'LAD-CWTM, d = 4' in blocks['core_interpolating']
 
 
 def test_local_steps_stateful_attack_and_error_feedback_compose_with_coding():

@@ -194,3 +194,32 @@ def test_validation_errors():
     coding.cyclic_mds(4, 4)
   with pytest.raises(ValueError, match='distinct'):
     coding.decoding_vector(np.eye(3), (0, 0))
+
+
+def test_byzantine_placement_permutes_the_rows_of_b():
+  """'last': the Byzantine rows are B's last f (contiguous in the cyclic order); 'random': a fixed
+  random set of rows; 'redrawn': a new set every step. Coverage is unchanged."""
+  n, f, d = 12, 4, 3
+  keys = [jax.random.key(s) for s in range(6)]
+
+  def byz_rows(placement):
+    code = coding.make(f'cyclic(d={d}, redraw=False, byzantine={placement!r})', n=n, f=f)
+    mats = [np.asarray(code.matrix(k)) for k in keys]
+    base = np.asarray(coding.cyclic(n, d))
+    for m in mats:
+      np.testing.assert_array_equal(np.sort(m, axis=0), np.sort(base, axis=0))  # rows permuted
+      np.testing.assert_array_equal(np.asarray(coding.coverage(m)), d)
+    rows = [{tuple(r) for r in m[n - f :]} for m in mats]
+    positions = [sorted(int(np.flatnonzero((base == r).all(1))[0]) for r in rs) for rs in rows]
+    return positions
+
+  last = byz_rows('last')
+  assert all(p == list(range(n - f, n)) for p in last)
+  fixed = byz_rows('random')
+  assert all(p == fixed[0] for p in fixed) and fixed[0] != list(range(n - f, n))
+  redrawn = byz_rows('redrawn')
+  assert len({tuple(p) for p in redrawn}) > 1
+  with pytest.raises(ValueError, match='DRACO is exact'):
+    coding.make("draco(byzantine='random')", n=9, f=2)
+  with pytest.raises(ValueError, match="'last', 'random' or 'redrawn'"):
+    coding.make("cyclic(d=2, byzantine='first')", n=9, f=2)

@@ -124,15 +124,47 @@ def test_synthetic_linear_regression():
   np.testing.assert_allclose(a.T @ (a @ w_r - b) / 100 + lam * w_r, 0.0, atol=1e-8)
 
 
-def test_linear_regression_heterogeneity_scales_subset_gradients():
-  def spread(sigma):
-    ds = data.synthetic_linear_regression(num_samples=200, dim=20, heterogeneity=sigma, seed=0)
-    a, b, w = ds.x_train.astype(np.float64), ds.y_train.astype(np.float64), ds.info['w_star']
-    g = a * (a @ w - b)[:, None]  # Subset (= sample) gradients at the common model.
-    return np.linalg.norm(g - g.mean(0), axis=1).mean()
+def _subset_gradients(ds, w, k):
+  a, b = ds.x_train.astype(np.float64), ds.y_train.astype(np.float64)
+  g = a * (a @ w - b)[:, None]
+  return g.reshape(k, -1, g.shape[1]).mean(1)
 
-  assert spread(0.0) < 1e-3
-  np.testing.assert_allclose(spread(2.0), 2 * spread(1.0), rtol=1e-4)
+
+def test_linear_regression_heterogeneity_enters_the_covariates():
+  """σ_H spreads the subset gradients around the full gradient (relative to its size)."""
+
+  def relative_spread(sigma):
+    ds = data.synthetic_linear_regression(
+      num_samples=400, dim=20, num_subsets=100, heterogeneity=sigma, seed=0
+    )
+    g = _subset_gradients(ds, np.zeros(20), 100)
+    return np.mean(np.sum((g - g.mean(0)) ** 2, 1)) / np.sum(g.mean(0) ** 2)
+
+  spreads = [relative_spread(s) for s in (0.0, 0.5, 1.0, 2.0)]
+  assert all(x < y for x, y in zip(spreads, spreads[1:])), spreads
+  assert spreads[-1] > 5 * spreads[0]  # 4.8, 9.1, 18.8, 39.4 at this seed
+  ds = data.synthetic_linear_regression(heterogeneity=0.0)
+  np.testing.assert_allclose(ds.info['scales'], 1.0)
+  ds = data.synthetic_linear_regression(heterogeneity=2.0, seed=3)
+  np.testing.assert_allclose(np.mean(ds.info['scales'] ** 2), 1.0)  # the objective keeps its size
+
+
+def test_linear_regression_regimes():
+  # Interpolating (the paper's 100 x 100): F* = 0 and every subset gradient vanishes at w*.
+  ds = data.synthetic_linear_regression(heterogeneity=1.0, noise=0.5, seed=2)
+  assert ds.info['optimum'] < 1e-10
+  g = _subset_gradients(ds, ds.info['solution'], 100)
+  assert np.max(np.abs(g)) < 1e-4
+  # Non-interpolating (more samples than dimensions, label noise): F* > 0 and G > 0.
+  ds = data.synthetic_linear_regression(
+    num_samples=500, dim=100, num_subsets=100, noise=1.0, seed=2
+  )
+  assert ds.info['optimum'] > 0.1
+  g = _subset_gradients(ds, ds.info['solution'], 100)
+  np.testing.assert_allclose(g.mean(0), 0.0, atol=1e-6)
+  assert np.mean(np.sum(g**2, 1)) > 0.1
+  with pytest.raises(ValueError, match='must divide'):
+    data.synthetic_linear_regression(num_samples=100, num_subsets=30)
 
 
 # ------------------------------------------------------------------------------------------------
