@@ -72,6 +72,15 @@ def put(tree, sharding):
   return jax.tree.map(one, tree)
 
 
+def _is_slice_like(tree, stack) -> bool:
+  """Whether `tree` has the structure and shapes of one slice of `stack`."""
+  if jax.tree.structure(tree) != jax.tree.structure(stack):
+    return False
+  return all(
+    jnp.shape(t) == jnp.shape(x)[1:] for t, x in zip(jax.tree.leaves(tree), jax.tree.leaves(stack))
+  )
+
+
 def sharded_update(pipeline, mesh):
   """``update(stack, state, key) -> (aggregate, state)`` of `pipeline` with the coordinates of the
   stack sharded over the mesh axis ``'workers'`` (see the module docstring).
@@ -93,22 +102,30 @@ def sharded_update(pipeline, mesh):
   def update(stack, state, key=None):
     flat = stk.flatten(stack)
     d = flat.shape[1]
-    rows = {name: to_columns(as_row(tree)) for name, tree in state.items()}
+    # A centre (a tree like one slice) is sharded by coordinates as the stack; any other state
+    # (adaptive MultiKrum's scalar estimate) is replicated: every device computes the same value.
+    like_slice = {nm for nm, t in state.items() if _is_slice_like(t, stack)}
+    rows = {nm: to_columns(as_row(state[nm])) for nm in like_slice}
+    other = {nm: t for nm, t in state.items() if nm not in like_slice}
 
-    def body(local, local_rows, key):
+    def body(local, local_rows, other, key):
       with stk.sharded_coordinates(AXIS):
-        out, new = pipeline.update(local, {nm: r[0] for nm, r in local_rows.items()}, key)
-      return out, {nm: v[None] for nm, v in new.items()}
+        out, new = pipeline.update(
+          local, {**{nm: r[0] for nm, r in local_rows.items()}, **other}, key
+        )
+      return out, {nm: new[nm][None] for nm in local_rows}, {nm: new[nm] for nm in other}
 
-    out, new = jax.shard_map(
+    out, new_rows, new_other = jax.shard_map(
       body,
       mesh=mesh,
-      in_specs=(P(None, AXIS), P(None, AXIS), P()),
-      out_specs=(P(AXIS), P(None, AXIS)),
-    )(to_columns(flat), rows, key)
+      in_specs=(P(None, AXIS), P(None, AXIS), P(), P()),
+      out_specs=(P(AXIS), P(None, AXIS), P()),
+    )(to_columns(flat), rows, other, key)
     rep = NamedSharding(mesh, P())
     agg = stk.unflatten(jax.sharding.reshard(out, rep)[:d], stack)
-    new = {nm: stk.unflatten(jax.sharding.reshard(v, rep)[0, :d], stack) for nm, v in new.items()}
-    return agg, new
+    new = {
+      nm: stk.unflatten(jax.sharding.reshard(v, rep)[0, :d], stack) for nm, v in new_rows.items()
+    }
+    return agg, {**new, **new_other}
 
   return update

@@ -265,15 +265,25 @@ class Pipeline:
 
   def init(self, like) -> dict:
     """The state carried across steps: ``{'center': zeros like `like`}`` for a rule with a
-    centre (the previous aggregate), else ``{}``. `like` is one slice (no worker axis)."""
+    centre (the previous aggregate), the rule's declared ``state_init`` for another state (e.g.
+    adaptive MultiKrum's estimate ``f_hat``), else ``{}``. `like` is one slice."""
     if self.center_state:
       return {'center': jax.tree.map(jnp.zeros_like, like)}
+    last = self.stages[-1]
+    if last.properties.state_init is not None:
+      return last.properties.state_init(like, f=self.f, **dict(last.params))
     return {}
 
   def update(self, stack, state, key=None):
-    """``(aggregate, new state)``: the rule applied with its state (optax's update protocol)."""
-    out = self(stack, key, **state)
-    return out, ({'center': out} if self.center_state else {})
+    """``(aggregate, new state)``: the rule applied with its state (optax's update protocol).
+
+    A declared ``state_next`` sees the stack the aggregator saw (after the pre-aggregators)."""
+    last = self.stages[-1]
+    if last.properties.state_next is None:
+      out = self(stack, key, **state)
+      return out, ({'center': out} if self.center_state else {})
+    out, seen = self._apply(stack, key, state)
+    return out, last.properties.state_next(seen, out, state, f=self.f, **dict(last.params))
 
   def __call__(self, stack, key=None, **runtime_kwargs):
     """Applies the pre-aggregators in order, then the aggregator.
@@ -291,21 +301,25 @@ class Pipeline:
     Raises:
       ValueError: if a stage needs a key and none is given (plus the stages' own errors).
     """
-    takers = [i for i, s in enumerate(self.stages) if s.takes_key]
-    keys = {}
-    if takers and key is None:
-      need = [self.stages[i].name for i in takers if not self.stages[i].key_optional]
+    if key is None:
+      need = [s.name for s in self.stages if s.takes_key and not s.key_optional]
       if need:
         raise ValueError(
           f'{self.name}: {", ".join(need)} needs a jax.random key: call pipeline(stack, key)'
         )
-    elif takers:
+    return self._apply(stack, key, runtime_kwargs)[0]
+
+  def _apply(self, stack, key, runtime_kwargs):
+    """``(aggregate, the stack the aggregator saw)``."""
+    takers = [i for i, s in enumerate(self.stages) if s.takes_key]
+    keys = {}
+    if takers and key is not None:
       sub = jax.random.split(key, len(takers))
       keys = {i: sub[j] for j, i in enumerate(takers)}
     for i, s in enumerate(self.stages[:-1]):
       stack = s(stack, self.f, keys.get(i), {})
     last = len(self.stages) - 1
-    return self.stages[-1](stack, self.f, keys.get(last), runtime_kwargs)
+    return self.stages[-1](stack, self.f, keys.get(last), runtime_kwargs), stack
 
 
 def _check_f(owner: str, f) -> None:

@@ -65,6 +65,7 @@ __all__ = [
   'weighted_sum',
   'robust_center_index',
   'flatten',
+  'random_projection',
   'unflatten',
   'tree_index',
   'sq_distance',
@@ -462,6 +463,56 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
     return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(result_dtype(x.dtype))
 
   return jax.tree.map(combine, stack)
+
+
+def random_projection(stack, k: int, key, *, chunk: int = 2048) -> jax.Array:
+  """(n, k) sketch x_i ↦ Rᵀ x_i / √k of every worker's slice, R a keyed ±1 (Rademacher) matrix.
+
+  A Johnson–Lindenstrauss projection: E‖y_i − y_j‖² = ‖x_i − x_j‖², with relative error of order
+  √(2/k) per distance. Row j of R belongs to coordinate j of the flattened stack (leaves in
+  order) and is drawn from ``fold_in(key, j)``, so R is never materialised whole (memory
+  O(chunk · k) whatever d: `chunk` coordinates at a time) and the sketch is the same whether the
+  coordinates are sharded over devices (`sharded_coordinates`) or not. Cost: one streaming pass,
+  n · d · k multiply-adds.
+
+  Args:
+    stack: a pytree stack (leading worker axis n) or an (n, d) array.
+    k: the sketch dimension (static).
+    key: a `jax.random` key (the same key, the same R).
+    chunk: coordinates projected at a time (static).
+
+  Returns:
+    float32 (float64 for float64 leaves) (n, k).
+  """
+  leaves = [as_matrix(leaf) for leaf in jax.tree.leaves(stack)]
+  axis = _COORDINATE_AXIS.get()
+  width = sum(x.shape[1] for x in leaves)
+  start = 0 if axis is None else jax.lax.axis_index(axis) * width
+
+  def rows(first, count, dtype):
+    """Rows first … first + count − 1 of R, (count, k)."""
+    ids = first + jnp.arange(count)
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(ids)
+    return jax.vmap(lambda kk: jax.random.rademacher(kk, (k,), dtype))(keys)
+
+  out = 0.0
+  for x in leaves:
+    d = x.shape[1]
+    c = min(chunk, d)
+    full = d // c
+
+    def part(i, x=x, c=c, offset=start):
+      xs = jax.lax.dynamic_slice_in_dim(x, i * c, c, 1)
+      return jnp.matmul(xs, rows(offset + i * c, c, x.dtype), precision=_HIGHEST)
+
+    # The first chunk starts the sum (a zeros carry would not be device-varying in shard_map).
+    acc = jax.lax.fori_loop(1, full, lambda i, a, part=part: a + part(i), part(0))
+    if d % c:
+      rest = rows(start + full * c, d - full * c, x.dtype)
+      acc = acc + jnp.matmul(x[:, full * c :], rest, precision=_HIGHEST)
+    out = out + acc
+    start = start + d
+  return psum_coordinates(out) * (1.0 / math.sqrt(k))
 
 
 def flatten(stack) -> jax.Array:

@@ -242,3 +242,71 @@ def test_centred_distances_keep_the_float64_selection():
     if m == 1:
       dist = ((x64 - out) ** 2).sum(1)
       assert int(np.argmin(dist)) == idx[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Many workers: the blocked exact scores and the sketched MultiKrum
+
+
+def _with_bad_rows(rng, n, d):
+  x = rng.normal(size=(n, d)).astype(np.float32) + 4.0
+  x[-1] = np.nan
+  x[-2] = 3e30
+  return jnp.asarray(x)
+
+
+@pytest.mark.parametrize('n,f,k', [(31, 4, None), (31, 4, 2), (12, 1, None)])
+def test_blocked_scores_equal_the_full_matrix(n, f, k):
+  """The panels of `_blocked_scores` give the scores of the n × n matrix (both top-k branches,
+  non-finite and overflowing rows included), and MultiKrum with `block` equals MultiKrum."""
+  from robustjax.aggregators import _krum
+
+  x = _with_bad_rows(np.random.default_rng(n), n, 40)
+  nn = n - f - 2 if k is None else k
+  full = _krum._scores(x, nn, None)
+  for block in (1, 5, n):
+    np.testing.assert_allclose(_krum._scores(x, nn, block), full, rtol=2e-5)
+  np.testing.assert_allclose(
+    aggregators.multikrum(x, f=f, block=4), aggregators.multikrum(x, f=f), rtol=1e-6
+  )
+
+
+def test_random_projection_is_chunk_free_and_preserves_distances():
+  from robustjax import stack as st
+
+  rng = np.random.default_rng(0)
+  tree = {'a': jnp.asarray(rng.normal(size=(30, 50)), jnp.float32)}
+  tree['b'] = jnp.asarray(rng.normal(size=(30, 7, 3)), jnp.float32)
+  key = jax.random.key(5)
+  y = st.random_projection(tree, 64, key)
+  # The same rows of R whatever the chunking, and for the flattened stack.
+  np.testing.assert_allclose(st.random_projection(tree, 64, key, chunk=8), y, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    st.random_projection(st.flatten(tree), 64, key), y, rtol=1e-5, atol=1e-5
+  )
+  # Distances: unbiased, relative spread about sqrt(2 / k).
+  x = np.asarray(st.flatten(tree), np.float64)
+  yy = np.asarray(st.random_projection(tree, 512, key), np.float64)
+  iu = np.triu_indices(30, 1)
+  dx = ((x[:, None] - x[None]) ** 2).sum(-1)[iu]
+  dy = ((yy[:, None] - yy[None]) ** 2).sum(-1)[iu]
+  ratio = dy / dx
+  assert abs(ratio.mean() - 1) < 0.02 and abs(ratio.std() - np.sqrt(2 / 512)) < 0.02
+
+
+def test_multikrum_sketch_selects_as_the_exact_rule_on_separated_inputs():
+  from robustjax import stack as st
+  from robustjax.aggregators import _krum
+
+  rng = np.random.default_rng(1)
+  n, f, d = 60, 8, 2000
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  x[-f:] += 3.0  # Byzantine rows clearly apart (score gap >> the sketch's error)
+  x = jnp.asarray(x)
+  exact = aggregators.multikrum(x, f=f)
+  sketched = aggregators.multikrum_sketch(x, f=f, k=128, key=jax.random.key(2))
+  np.testing.assert_allclose(sketched, exact, rtol=1e-5, atol=1e-6)
+  # The sketch's scores rank like the exact ones where the gaps are large.
+  y = st.random_projection(x, 128, jax.random.key(2))
+  top = lambda s: set(np.argsort(np.asarray(s))[: n - f].tolist())
+  assert top(_krum._scores(y, n - f - 2, None)) == top(_krum._scores(x, n - f - 2, None))

@@ -13,6 +13,7 @@ Example:
   >>> aggregators.get('median')(x, f=1)
 """
 
+from robustjax.aggregators._adaptive import adaptive_multikrum, gap_multikrum
 from robustjax.aggregators._base import REGISTRY, Properties, register
 from robustjax.aggregators._coding import draco
 from robustjax.aggregators._coordinatewise import (
@@ -23,7 +24,14 @@ from robustjax.aggregators._coordinatewise import (
   trimmed_mean,
 )
 from robustjax.aggregators._iterative import caf, centered_clipping, geometric_median
-from robustjax.aggregators._krum import bulyan, krum, krum_scores, monna, multikrum
+from robustjax.aggregators._krum import (
+  bulyan,
+  krum,
+  krum_scores,
+  monna,
+  multikrum,
+  multikrum_sketch,
+)
 from robustjax.aggregators._subset import is_exact, mda, mda_mask, smea, smea_mask
 
 get = REGISTRY.get
@@ -33,10 +41,12 @@ properties = REGISTRY.properties
 __all__ = [
   'REGISTRY',
   'Properties',
+  'adaptive_multikrum',
   'bulyan',
   'caf',
   'centered_clipping',
   'draco',
+  'gap_multikrum',
   'geometric_median',
   'get',
   'is_exact',
@@ -50,6 +60,7 @@ __all__ = [
   'median',
   'monna',
   'multikrum',
+  'multikrum_sketch',
   'names',
   'properties',
   'register',

@@ -36,6 +36,10 @@ class Properties:
     distance_based: computes pairwise distances (a Gram product): reducing to the span pays.
     coordinatewise: acts coordinate by coordinate (κ⋆ in d dimensions equals κ⋆ in one).
     center_state: takes ``center=`` (the previous aggregate) as a state carried across steps.
+    state_init: for a rule with another state, ``state_init(like, **params) -> dict`` (the initial
+      state; its entries are passed to the rule as keyword arguments); params holds ``f`` and
+      the rule's parameters.
+    state_next: ``state_next(stack, out, state, **params) -> dict``, the state after a call.
     exponential: its exact form enumerates subsets (cost exponential in n).
     trusted_input: positions of inputs the rule assumes honest (MoNNA's trusted input).
     stochastic: takes an explicit ``key`` (bucketing's permutation).
@@ -50,6 +54,8 @@ class Properties:
   distance_based: bool = False
   coordinatewise: bool = False
   center_state: bool = False
+  state_init: Callable | None = None
+  state_next: Callable | None = None
   exponential: bool = False
   trusted_input: tuple = ()
   stochastic: bool = False

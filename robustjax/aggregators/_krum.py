@@ -43,7 +43,7 @@ from robustjax import stack as st
 from robustjax._checks import check_f, check_positive_int, num_workers
 from robustjax.aggregators._base import Properties, lower_bound_ratio, register
 
-__all__ = ['krum', 'multikrum', 'bulyan', 'monna', 'krum_scores']
+__all__ = ['krum', 'multikrum', 'multikrum_sketch', 'bulyan', 'monna', 'krum_scores']
 
 
 def _check_num_neighbors(rule: str, n: int, f: int, num_neighbors) -> int:
@@ -80,6 +80,73 @@ def _scores_from_dists(d: jax.Array, k: int) -> jax.Array:
   return jnp.where(jnp.isnan(scores), jnp.inf, scores)
 
 
+# Above this many workers the scores come from row blocks of the distance matrix (`_scores`):
+# the full n × n float32 matrix would take 4 n² bytes (1 GiB at n = 16384).
+BLOCKED_ABOVE = 4096
+
+
+def _blocked_scores(stack, k: int, block: int) -> jax.Array:
+  """(n,) Krum scores (k nearest others, in the scaled units of `stack.scaled_sq_dists`) without
+  the n × n matrix: one (block × n) panel of distances at a time.
+
+  The stack is centred on its robust centre and divided by its robust scale (`normaliser`) once
+  (one (n, D) copy), then each panel is one (block × D) × (D × n) product. A score is the sum of
+  the k smallest distances to the others: for k ≥ n/2 the row's sum minus its n − k largest
+  (the worker itself counted at +inf), with a `top_k` of size n − k; +inf where fewer than k
+  finite neighbours exist.
+  """
+  norm = st.normaliser(stack)
+  center = st.tree_index(stack, norm.center)
+  inv = (1.0 / norm.scale).astype(st.acc_dtype(stack))
+  x = jnp.concatenate(
+    [
+      (st.as_matrix(leaf) - jnp.asarray(c).reshape(1, -1).astype(st.acc_dtype(stack))) * inv
+      for leaf, c in zip(jax.tree.leaves(stack), jax.tree.leaves(center))
+    ],
+    axis=1,
+  )
+  n = x.shape[0]
+  sq = jnp.sum(x * x, axis=1)
+  finite = jnp.isfinite(sq) & (sq <= float(jnp.finfo(sq.dtype).max) / (16.0 * n * n))
+  x = jnp.where(finite[:, None], x, 0.0)
+  nb = -(-n // block)
+  rows = jnp.pad(x, ((0, nb * block - n), (0, 0))).reshape(nb, block, -1)
+  ids = jnp.arange(nb * block, dtype=jnp.int32).reshape(nb, block)
+  drop = n - k  # the worker itself and the n − 1 − k farthest others
+
+  def panel(args):
+    xb, ib = args
+    g = jnp.matmul(xb, x.T, precision=jax.lax.Precision.HIGHEST)  # (block, n)
+    sb = jnp.take(sq, jnp.minimum(ib, n - 1))
+    fb = jnp.take(finite, jnp.minimum(ib, n - 1))
+    d = jnp.maximum(sb[:, None] + sq[None, :] - 2.0 * g, 0.0)
+    d = jnp.where(fb[:, None] & finite[None, :], d, jnp.inf)
+    d = jnp.where(ib[:, None] == jnp.arange(n)[None, :], jnp.inf, d)
+    if k <= drop:  # few neighbours: sum the k smallest directly
+      return -jnp.sum(jax.lax.top_k(-d, k)[0], axis=1)
+    top, _ = jax.lax.top_k(d, drop)
+    n_inf = jnp.sum(~jnp.isfinite(d), axis=1)
+    total = jnp.sum(jnp.where(jnp.isfinite(d), d, 0.0), axis=1)
+    kept = total - jnp.sum(jnp.where(jnp.isfinite(top), top, 0.0), axis=1)
+    return jnp.where(n_inf <= drop, kept, jnp.inf)
+
+  scores = jax.lax.map(panel, (rows, ids)).reshape(-1)[:n]
+  return jnp.where(jnp.isnan(scores), jnp.inf, scores)
+
+
+def _scores(stack, k: int, block: int | None) -> jax.Array:
+  """Krum scores (scaled units): the n × n matrix, or row panels when `block` is set or n is
+  above `BLOCKED_ABOVE` (then 1024 rows at a time)."""
+  n = st.num_workers(stack, 'krum')
+  if block is None and n > BLOCKED_ABOVE:
+    block = 1024
+  if block is None:
+    d, _, _ = st.scaled_sq_dists(stack)
+    return _scores_from_dists(d, k)
+  check_positive_int('krum', 'block', block)
+  return _blocked_scores(stack, k, min(int(block), n))
+
+
 def _lowest_weights(scores: jax.Array, m: int) -> jax.Array:
   """(n,) weights 1/m on the m lowest scores (ties: lower index first), 0 elsewhere."""
   n = scores.shape[0]
@@ -105,15 +172,14 @@ def krum_scores(stack, *, f: int, num_neighbors: int | None = None) -> jax.Array
   return _scores_from_dists(d, k) * (scale * scale)
 
 
-def _multikrum(rule, stack, f, m, num_neighbors):
+def _multikrum(rule, stack, f, m, num_neighbors, block=None):
   n, k = _check_krum(rule, stack, f, num_neighbors)
   if m is None:
     m = n - f
   check_positive_int(rule, 'm', m)
   if m > n:
     raise ValueError(f'{rule}: m must be <= n; got m={m}, n={n}')
-  d, _, _ = st.scaled_sq_dists(stack)
-  scores = _scores_from_dists(d, k)
+  scores = _scores(stack, k, block)
   # A selected input of infinite score was chosen without the information Krum needs: NaN.
   return st.weighted_sum(_lowest_weights(scores, m), stack, finite=jnp.isfinite(scores))
 
@@ -178,8 +244,8 @@ def krum(stack, *, f: int, num_neighbors: int | None = None):
     distance_based=True,
   ),
 )
-@functools.partial(jax.jit, static_argnames=('f', 'm', 'num_neighbors'))
-def multikrum(stack, *, f: int, m: int | None = None, num_neighbors: int | None = None):
+@functools.partial(jax.jit, static_argnames=('f', 'm', 'num_neighbors', 'block'))
+def multikrum(stack, *, f: int, m: int | None = None, num_neighbors: int | None = None, block=None):
   """MultiKrum: the average of the m inputs of lowest Krum score (m = 1 is Krum).
 
   Scores as in `krum`: the sum of squared distances to the `num_neighbors` nearest other inputs.
@@ -193,12 +259,18 @@ def multikrum(stack, *, f: int, m: int | None = None, num_neighbors: int | None 
     instead of averaging them: here they are averaged.
 
   Cost: one n × n × d Gram product, O(n² log n) for the scores, one weighted pass over the stack.
+  Memory: the n × n distance matrix up to n = `BLOCKED_ABOVE` (4096) workers; beyond, or with
+  ``block`` set, the exact scores come from panels of ``block`` rows (`_blocked_scores`: at most
+  block × n distances at a time, one centred copy of the stack). For an approximate rule at a
+  fraction of the cost see `multikrum_sketch`.
 
   Args:
     stack: a pytree stack (leading worker axis n) or an (n, d) array.
     f: the declared number of Byzantine inputs (static).
     m: how many inputs to average (static), 1 ≤ m ≤ n; default n − f.
     num_neighbors: neighbours in the score (static); default n − f − 2.
+    block: rows of the distance matrix per panel (static); default: the whole matrix up to
+      n = 4096, 1024 rows beyond.
 
   Returns:
     One tree like a slice of the stack.
@@ -217,7 +289,74 @@ def multikrum(stack, *, f: int, m: int | None = None, num_neighbors: int | None 
   References:
     Blanchard et al., NeurIPS 2017; Allouah et al., "Fixing by Mixing", AISTATS 2023.
   """
-  return _multikrum('multikrum', stack, f, m, num_neighbors)
+  return _multikrum('multikrum', stack, f, m, num_neighbors, block)
+
+
+@register(
+  'multikrum_sketch',
+  properties=Properties(
+    kappa_reference='approximate MultiKrum: no proof known; κ̂ against k measured',
+    distance_based=True,
+  ),
+)
+@functools.partial(jax.jit, static_argnames=('f', 'm', 'num_neighbors', 'k', 'block'))
+def multikrum_sketch(
+  stack,
+  *,
+  f: int,
+  m: int | None = None,
+  num_neighbors: int | None = None,
+  k: int = 256,
+  key=None,
+  block=None,
+):
+  """Approximate MultiKrum for many workers: the selection from a k-dimensional sketch.
+
+  The Krum scores are computed on y_i = Rᵀ x_i / √k (`stack.random_projection`: a keyed ±1
+  Johnson–Lindenstrauss matrix drawn in chunks, never materialised as d × k), whose pairwise
+  distances match the inputs' to a relative error of order √(2/k); the m lowest-scored inputs
+  are then averaged in full dimension. Exactly MultiKrum's definition otherwise (n − f − 2
+  neighbours, m = n − f, ties to the lower index).
+
+  Cost: n · d · k for the sketch (one streaming pass) + n² · k for the scores + one weighted pass,
+  against n² · d for `multikrum`; memory n × k plus one panel of the scores (row blocks of the
+  distance matrix above n = 4096, or with ``block``).
+
+  .. warning::
+    An approximation: inputs whose exact scores are within the sketch's error of each other may
+    be ranked differently (BENCHMARKS.md gives the measured agreement with the exact selection
+    and κ̂ against k). A fixed key makes the projection predictable to an attacker who knows it;
+    pass a fresh ``key`` per step in adversarial settings.
+
+  Args:
+    stack: a pytree stack (leading worker axis n) or an (n, d) array.
+    f: the declared number of Byzantine inputs (static).
+    m: how many inputs to average (static), 1 ≤ m ≤ n; default n − f.
+    num_neighbors: neighbours in the score (static); default n − f − 2.
+    k: the sketch dimension (static).
+    key: the projection's `jax.random` key (default key 0).
+    block: rows per panel of the sketch's distance matrix (static; see `multikrum`).
+
+  Returns:
+    One tree like a slice of the stack.
+
+  Raises:
+    ValueError: as `multikrum`, and k < 1.
+
+  References:
+    Blanchard et al., NeurIPS 2017 (MultiKrum); Johnson and Lindenstrauss 1984, Achlioptas,
+    "Database-friendly random projections", PODS 2001 (±1 projections).
+  """
+  n, nn = _check_krum('multikrum_sketch', stack, f, num_neighbors)
+  check_positive_int('multikrum_sketch', 'k', k)
+  if m is None:
+    m = n - f
+  check_positive_int('multikrum_sketch', 'm', m)
+  if m > n:
+    raise ValueError(f'multikrum_sketch: m must be <= n; got m={m}, n={n}')
+  y = st.random_projection(stack, k, jax.random.key(0) if key is None else key)
+  scores = _scores(y, nn, block)
+  return st.weighted_sum(_lowest_weights(scores, m), stack, finite=jnp.isfinite(scores))
 
 
 def iterated_krum_selection(d: jax.Array, *, f: int, theta: int, num_neighbors: int) -> jax.Array:
