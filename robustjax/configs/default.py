@@ -29,11 +29,21 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   c.num_byzantine = 3  # f: the last f workers
   c.attack = 'alie'
   c.rule = 'nnm+trimmed_mean'
+  # The f the rule is told (unset: num_byzantine). Set it to study a mis-specified f.
+  c.declared_byzantine = config_dict.placeholder(int)
   # Gradient coding (a stage of the same step): identity | cyclic(d=4) (LAD) |
   # fractional_repetition(d=4) | draco (with rule='draco') | cyclic_mds(s=2).
   # Compression: none | rand_k(fraction=0.1) | qsgd(levels=2) | ef+top_k(fraction=0.1).
   c.coding = 'identity'
   c.compression = 'none'
+  # Differential privacy (robustjax.privacy): clip each worker's gradient to dp_clip (unset: off),
+  # local Gaussian noise dp_local_noise * dp_clip per worker, central noise on the aggregate
+  # dp_central_noise * dp_clip / n_honest; the run's ε at dp_delta (unset: 1e-5) is in
+  # summary.json. (Unset fields leave sweep run ids unchanged.)
+  c.dp_clip = config_dict.placeholder(float)
+  c.dp_local_noise = config_dict.placeholder(float)
+  c.dp_central_noise = config_dict.placeholder(float)
+  c.dp_delta = config_dict.placeholder(float)
   # Algorithm.
   # dsgd | local (FedAvg-style: K local SGD steps, robust aggregation of the model deltas; the
   # server applies the aggregate delta times learning_rate, so learning_rate=1.0 is FedAvg).

@@ -45,7 +45,7 @@ from flax import nnx, struct
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from robustjax import coding, compression
+from robustjax import coding, compression, privacy
 from robustjax import stack as stk
 from robustjax.optax_adapter import as_optax
 from robustjax.parallel import AXIS
@@ -114,6 +114,7 @@ class TrainSpec:
     eval_chunk: examples per chunk in the evaluation.
     worker_chunk: vmap at most this many rows at once (a `lax.map` over chunks of them; the
       largest divisor of the local row count not above it); 0 vmaps them all at once.
+    dp: a `robustjax.privacy.DP` (clipping, local and central Gaussian noise), or None.
   """
 
   num_workers: int
@@ -130,6 +131,7 @@ class TrainSpec:
   num_classes: int = 0
   eval_chunk: int = 1024
   worker_chunk: int = 0
+  dp: Any = None
 
   @property
   def num_honest(self) -> int:
@@ -376,8 +378,10 @@ def _worker_stages(spec, problem, params, model_state, workers, rows, keys, data
   if spec.code.identity:
     flip = 'byzantine' if spec.flips_labels else 'none'
     msgs, losses = _gradients(spec, problem, params, model_state, rows, keys['grad'], data, flip)
+    msgs = privacy.privatize(spec.dp, msgs, rows, keys.get('dp'))
   else:
     g, losses = _gradients(spec, problem, params, model_state, rows, keys['grad'], data, 'none')
+    g = privacy.privatize(spec.dp, g, rows, keys.get('dp'))  # each subset's gradient, before coding
     b_rows = b[rows]
     msgs = coding.encode(b_rows, gather(g))
     if spec.flips_labels:
@@ -414,6 +418,9 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys):
     byz = jax.tree.map(lambda z, h: z.astype(h.dtype), byz, honest)
     received = stk.assemble(honest, byz).stack  # the Byzantine rows last, where they were
   agg, agg_state = aggregator.update(received, state.aggregator)
+  if spec.dp is not None and spec.dp.central_noise:  # central DP: noise on the robust aggregate
+    std = spec.dp.central_noise * spec.dp.clip / nh
+    agg = privacy.add_noise(agg, std, jax.random.fold_in(keys['dp'], spec.num_workers))
   agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, state.params)
   updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -444,7 +451,9 @@ def _split_keys(spec, state):
   key = jax.random.wrap_key_data(state.key)
   key, k_grad, k_comp, k_att, k_code = jax.random.split(key, 5)
   b = jnp.zeros((0,), jnp.float32) if spec.code.identity else spec.code.matrix(k_code)
-  keys = {'grad': k_grad, 'comp': k_comp, 'attack': k_att}
+  # The privacy noise's key is folded from the gradients' (the other streams are unchanged).
+  k_dp = jax.random.fold_in(k_grad, 0x70726976)
+  keys = {'grad': k_grad, 'comp': k_comp, 'attack': k_att, 'dp': k_dp}
   return jax.random.key_data(key), keys, b
 
 

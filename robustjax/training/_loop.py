@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from robustjax import distributed
+from robustjax import distributed, privacy
 from robustjax.training import _outputs, _setup
 
 __all__ = [
@@ -423,6 +423,10 @@ def train_and_evaluate(
     'num_byzantine': exp.spec.num_byzantine,
     'backend': exp.backend,
     'num_devices': 1 if exp.mesh is None else int(np.prod(list(exp.mesh.shape.values()))),
+    'declared_byzantine': exp.spec.pipeline.f,
+    'privacy': privacy.run_epsilons(exp.spec.dp, step, config.get('dp_delta') or 1e-5)
+    if exp.spec.dp is not None and _has_accountant()
+    else None,
     'resumed_from': start,
     'steps_per_second_this_run': (step - start) / elapsed if elapsed > 0 else None,
     'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config),
@@ -433,6 +437,15 @@ def train_and_evaluate(
     if config.get('plot', True):
       _plot(config, summary, metrics_path, os.path.join(workdir, 'curves.png'))
   return summary
+
+
+def _has_accountant() -> bool:
+  try:
+    import dp_accounting  # noqa: F401
+  except ImportError:
+    logging.warning("no privacy accounting: pip install 'robustjax[privacy]' (dp-accounting)")
+    return False
+  return True
 
 
 def _plot(config, summary, metrics_path, path) -> None:

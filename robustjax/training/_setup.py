@@ -20,14 +20,21 @@ import optax
 from absl import logging
 from flax import nnx
 
-from robustjax import attacks, coding, compression, parallel
+from robustjax import attacks, coding, compression, parallel, privacy
 from robustjax import data as rdata
 from robustjax import models as rmodels
 from robustjax._spec import parse_spec
 from robustjax.pipeline import as_rule
 from robustjax.training import _engine as eng
 
-__all__ = ['Experiment', 'build', 'check_hyperparameters', 'make_optimizer']
+__all__ = [
+  'Experiment',
+  'build',
+  'check_hyperparameters',
+  'declared_byzantine',
+  'dp_of',
+  'make_optimizer',
+]
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
@@ -150,6 +157,9 @@ def check_hyperparameters(config) -> None:
   for name in ('log_every', 'eval_every', 'checkpoint_every'):
     _number(config, name, low=0, integer=True)
   _number(config, 'keep_checkpoints', low=1, integer=True)
+  for name in ('dp_clip', 'dp_local_noise', 'dp_central_noise'):
+    _number(config, name, low=0)
+  _number(config, 'dp_delta', low=0, high=1, low_open=True, high_open=True)
 
 
 def _validate(spec, dim=3):
@@ -231,6 +241,28 @@ class Experiment:
     return {k: float(v) for k, v in jax.device_get(out).items()}
 
 
+def declared_byzantine(config) -> int:
+  """The f the rule is told: ``config.declared_byzantine``, or the true ``num_byzantine`` when
+  unset. (The attack always controls ``num_byzantine`` workers.)"""
+  declared = config.get('declared_byzantine')
+  if declared is None:
+    return int(config.num_byzantine)
+  if not isinstance(declared, int) or isinstance(declared, bool) or declared < 0:
+    raise ValueError(f'declared_byzantine must be an int >= 0; got {declared!r}')
+  return declared
+
+
+def dp_of(config):
+  """The `robustjax.privacy.DP` of a config (``dp_clip``, ``dp_local_noise``,
+  ``dp_central_noise``), or None when clipping is off."""
+  dp = privacy.DP(
+    clip=float(config.get('dp_clip', 0.0) or 0.0),
+    local_noise=float(config.get('dp_local_noise', 0.0) or 0.0),
+    central_noise=float(config.get('dp_central_noise', 0.0) or 0.0),
+  )
+  return dp if dp.active else None
+
+
 def _data_kwargs(config) -> dict:
   """``data_dir`` for the datasets read from local files (MNIST, Fashion-MNIST, CIFAR-10)."""
   data_dir = config.get('data_dir') or None
@@ -258,7 +290,8 @@ def build(config) -> Experiment:
   _check_counts(n, f)
   check_hyperparameters(config)
   attack = attacks.get(config.attack)
-  pipeline = as_rule(config.rule, f)
+  declared = declared_byzantine(config)
+  pipeline = as_rule(config.rule, declared)
   code = coding.make(config.get('coding', 'identity'), n=n, f=f)
   compressor = _compressor(config.get('compression', 'none'))
   model_name, model_params = parse_spec(config.model)
@@ -294,6 +327,7 @@ def build(config) -> Experiment:
     num_classes=ds.num_classes,
     eval_chunk=int(config.eval_chunk),
     worker_chunk=_worker_chunk(config),
+    dp=dp_of(config),
   )
   _validate(spec)
   backend, mesh = choose_backend(config)
