@@ -5,10 +5,10 @@ through, declared too high, it throws honest gradients away. Both rules here tak
 ``f`` as an upper bound f_max only (Krum's neighbour count n − f_max − 2 needs n > 2 f_max + 2)
 and choose how many inputs to drop, b̂ ∈ {0, …, f_max}, from the data:
 
-- `gap_multikrum`, per step: the largest relative gap in the sorted Krum scores. Honest inputs
-  have scores of one size (their neighbours are honest); an input far from the honest ones has a
-  score larger by a factor. b̂ is where the sorted scores jump by the largest factor, among the
-  last f_max + 1 positions, if that factor exceeds ``ratio``; else b̂ = 0 (no outlier seen).
+- `gap_multikrum`, per step: a gap in the sorted Krum scores. Honest inputs have scores of one
+  size (their neighbours are honest); an input far from the honest ones has a score larger by a
+  factor. Among the last f_max + 1 positions, b̂ counts the scores beyond the first jump by more
+  than ``ratio`` (0 when there is none).
 - `adaptive_multikrum`, across steps: per step, the number of outliers by a robust z-score of the
   inputs' distances to the coordinate-wise median (distance > median + ``threshold`` · MAD /
   0.6745, the Hampel / Leys et al. rule), capped at f_max; an exponential moving average of that
@@ -57,23 +57,29 @@ def _drop_highest(scores: jax.Array, dropped, stack, n: int):
 
 
 def gap_count(scores: jax.Array, f_max: int, ratio: float) -> jax.Array:
-  """b̂ ∈ {0, …, f_max}: how many of the highest scores lie beyond the largest relative jump.
+  """b̂ ∈ {0, …, f_max}: how many of the highest scores lie beyond the first large jump.
 
-  With s_(1) ≤ … ≤ s_(n) sorted, the jump after position j is s_(j+1) / s_(j); among
-  j ∈ {n − f_max, …, n − 1} the largest one, if it exceeds `ratio`, gives b̂ = n − j; else 0.
+  With s_(1) ≤ … ≤ s_(n) sorted, the jump after position j is s_(j+1) / s_(j). Scanning
+  j = n − f_max, …, n − 1 upwards, the first jump above `ratio` gives b̂ = n − j; none gives 0.
+  The *first* jump, not the largest: an adversary who puts one input moderately far and another
+  much farther makes the second jump the largest, and a rule dropping only what lies beyond the
+  largest jump would keep the first input (the κ search found that variant unbounded, κ̂ ≈ 1.5e3
+  at n = 10, f = 2). Beyond the first large jump everything is dropped; below it, the scores grow
+  by at most `ratio` per input, which bounds how far a kept input can be.
   """
   n = scores.shape[0]
   s = jnp.sort(scores)
   tiny = jnp.finfo(s.dtype).tiny
   j = jnp.arange(n - f_max - 1, n - 1)  # 0-based position before each candidate jump
   lo, hi = s[j], s[j + 1]
-  # Finite to infinite (a non-finite or overflowing input) is the largest jump; infinite to
-  # infinite is none (inf / inf would be NaN, which argmax would pick).
+  # Finite to infinite (a non-finite or overflowing input) is a jump; infinite to infinite is not
+  # (inf / inf would be NaN).
   jumps = jnp.where(
     jnp.isfinite(lo), jnp.where(jnp.isfinite(hi), hi / jnp.maximum(lo, tiny), jnp.inf), 0.0
   )
-  best = jnp.argmax(jumps)
-  return jnp.where(jumps[best] > ratio, n - 1 - j[best], 0).astype(jnp.int32)
+  big = jumps > ratio
+  first = jnp.argmax(big)  # the first True (0 when none: then `big[first]` is False)
+  return jnp.where(big[first], n - 1 - j[first], 0).astype(jnp.int32)
 
 
 @register(
@@ -88,8 +94,8 @@ def gap_count(scores: jax.Array, f_max: int, ratio: float) -> jax.Array:
 def gap_multikrum(stack, *, f: int, ratio: float = 1.5):
   """MultiKrum that drops the inputs beyond the largest jump of its sorted scores (f unknown).
 
-  Krum scores with n − f − 2 neighbours (f is the bound f_max), sorted; b̂ = `gap_count` (the
-  largest relative jump among the last f + 1 positions, if above `ratio`, else no input
+  Krum scores with n − f − 2 neighbours (f is the bound f_max), sorted; b̂ = `gap_count` (what
+  lies beyond the first jump by more than `ratio` among the last f + 1 positions; none: no input
   dropped); returns the mean of the n − b̂ lowest-scored inputs. With b̂ = f it is MultiKrum with
   m = n − f; with b̂ = 0, the mean.
 

@@ -5,6 +5,7 @@
   robustjax sweep   run --config=sweep_smoke --out=/tmp/sweep        # a grid (resumable)
   robustjax kappa   --study=kappa --ns=10                           # the (f, κ) search
   robustjax coding  --config=lad:smoke --workdir=/tmp/lad            # LAD / Com-LAD study
+  robustjax multikrum --config=multikrum:smoke --workdir=/tmp/mk     # MultiKrum in practice
   robustjax configs                                                  # the shipped configs
 
 ``python -m robustjax`` is the same command. ``--config=NAME[:variant]`` names a config shipped in
@@ -28,6 +29,7 @@ COMMANDS = {
   'sweep': ('robustjax.cli.sweep', 'run / analyse / report a sweep'),
   'kappa': ('robustjax.cli.kappa', 'the (f, κ)-robustness search over rules'),
   'coding': ('robustjax.cli.coding', 'the LAD / Com-LAD gradient-coding study'),
+  'multikrum': ('robustjax.cli.multikrum', 'MultiKrum in practice: f unknown, large n, privacy'),
   'configs': (None, 'list the shipped configs'),
 }
 
