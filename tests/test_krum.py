@@ -266,6 +266,8 @@ def test_blocked_scores_equal_the_full_matrix(n, f, k):
   full = _krum._scores(x, nn, None)
   for block in (1, 5, n):
     np.testing.assert_allclose(_krum._scores(x, nn, block), full, rtol=2e-5)
+    # The sketch's bisection for the k-th nearest: the same scores to 2^-24 of the range.
+    np.testing.assert_allclose(_krum._scores(x, nn, block, exact=False), full, rtol=1e-4)
   np.testing.assert_allclose(
     aggregators.multikrum(x, f=f, block=4), aggregators.multikrum(x, f=f), rtol=1e-6
   )
