@@ -296,3 +296,42 @@ def test_empty_and_mismatched_stacks(name):
     aggregators.get(name)({'a': jnp.ones((3, 2)), 'b': jnp.ones((4,))}, f=1)
   with pytest.raises(ValueError, match=name):
     aggregators.get(name)({}, f=0)
+
+
+@pytest.mark.parametrize('iters', [3, 8])
+def test_centered_clipping_in_n_space_against_float64(iters):
+  """From 3 iterations on the rule runs on the Gram matrix: the same iterates as the NumPy
+  recursion, non-finite and huge Byzantine rows included, and scale-equivariant."""
+  rng = np.random.default_rng(iters)
+  x = rng.normal(size=(14, 40)) + 3.0
+  c = rng.normal(size=40)
+  ref_x = x.copy()
+
+  def ref(x, v, tau):
+    for _ in range(iters):
+      d = np.linalg.norm(x - v, axis=1)
+      w = np.where(np.isfinite(d), np.minimum(1.0, tau / np.where(np.isfinite(d), d, 1.0)), 0.0)
+      v = v + ((w / len(x))[:, None] * np.where(np.isfinite(x), x - v, 0.0)).sum(0)
+    return v
+
+  got = aggregators.centered_clipping(
+    jnp.asarray(x), f=3, center=jnp.asarray(c), tau=2.0, iters=iters
+  )
+  np.testing.assert_allclose(got, ref(ref_x, c, 2.0), rtol=1e-5, atol=1e-5)
+  bad = x.copy()
+  bad[-1] = np.nan
+  bad[-2] = 1e30
+  out = aggregators.centered_clipping(jnp.asarray(bad, jnp.float32), f=3, tau=2.0, iters=iters)
+  assert np.all(np.isfinite(out))
+  # The two bad rows get weight 0; the others see n = 14 in their weights.
+  np.testing.assert_allclose(
+    out,
+    ref(np.concatenate([x[:-2], np.full((2, 40), np.nan)]), np.zeros(40), 2.0),
+    rtol=1e-5,
+    atol=1e-5,
+  )
+  big = aggregators.centered_clipping(
+    jnp.asarray(x * 1e20, jnp.float32), f=3, tau=2e20, iters=iters
+  )
+  small = aggregators.centered_clipping(jnp.asarray(x, jnp.float32), f=3, tau=2.0, iters=iters)
+  np.testing.assert_allclose(np.asarray(big) / 1e20, small, rtol=1e-4)

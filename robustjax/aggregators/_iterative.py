@@ -41,6 +41,7 @@ from robustjax._checks import (
 )
 from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
+  centred_gram,
   normaliser,
   result_dtype,
   scaled_gram,
@@ -249,9 +250,11 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
   Distances are computed on the stack divided by a power-of-two scale of the spread around v_0
   (τ likewise), so inputs at 1e20 behave as at 1.
 
-  Cost: per iteration one pass for the distances (`sq_dists_to`) and one for the weighted
-  combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
-  w_i = min(1, τ / ‖x_i − v_l‖) / n.
+  Cost: for ``iters`` < 3, per iteration one pass for the distances (`sq_dists_to`) and one for
+  the weighted combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
+  w_i = min(1, τ / ‖x_i − v_l‖) / n. From 3 iterations on it runs in n-space: one centred Gram
+  product around v_0 (n² d), O(n²) per iteration, one final weighted pass (v_l stays an affine
+  combination of v_0 and the inputs, so its distances follow from the Gram matrix).
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
@@ -300,6 +303,8 @@ def _centered_clipping(stack, center, tau, *, f, iters):
   # Distances in units of the spread around the start (τ likewise): no overflow at 1e20.
   scale = normaliser(stack, v).scale
   tau = tau / scale
+  if iters >= CC_GRAM_ITERS:
+    return _centered_clipping_gram(stack, v, tau, scale, iters)
 
   def step(_, carry):
     v, _ = carry
@@ -314,6 +319,36 @@ def _centered_clipping(stack, center, tau, *, f, iters):
   # per-device slice inside `jax.shard_map` and the centre is replicated).
   v, informed = jax.lax.fori_loop(1, iters, step, step(0, (v, True)))
   # No slice at a finite distance: nothing was learnt from the inputs.
+  return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
+
+
+# From this many iterations on, centered clipping runs in n-space (one centred Gram product, then
+# O(n²) per iteration) instead of two streaming passes per iteration (BENCHMARKS.md: the Gram
+# costs about as much as three to four iterations of passes on CPU).
+CC_GRAM_ITERS = 3
+
+
+def _centered_clipping_gram(stack, v0, tau, scale, iters):
+  """Centered clipping in n-space: v_l = v_0 + Σ_j c_j (x_j − v_0), so with G the Gram matrix of
+  the x_j − v_0 (divided by `scale`), ‖x_i − v_l‖² = G_ii − 2 (G c)_i + cᵀ G c and each
+  iteration c ← (1 − Σ w) c + w, w_i = min(1, τ / ‖x_i − v_l‖) / n, costs O(n²). One Gram
+  product and one final weighted pass over the stack, whatever the number of iterations."""
+  n = num_workers(stack, 'centered_clipping')
+  gram, finite = centred_gram(stack, center=v0, scale=scale)
+  diag = jnp.diagonal(gram)
+
+  def step(_, carry):
+    c, _ = carry
+    gc = gram @ c
+    dist = jnp.sqrt(jnp.maximum(diag - 2.0 * gc + c @ gc, 0.0))
+    ok = finite & jnp.isfinite(dist)
+    w = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok, dist, 1.0)), 0.0) / n
+    return (1.0 - jnp.sum(w)) * c + w, jnp.any(ok)
+
+  c, informed = jax.lax.fori_loop(0, iters, step, (jnp.zeros((n,), gram.dtype), True))
+  moved = weighted_sum(c, stack)
+  keep = 1.0 - jnp.sum(c)
+  v = jax.tree.map(lambda a, m: _axpy(keep, a, m), v0, moved)
   return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
 
 
