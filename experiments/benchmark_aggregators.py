@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from robustjax import aggregators
+from robustjax import aggregators, pipeline, stack
 
 try:  # pre-aggregators may not exist yet
   from robustjax import preaggregators
@@ -59,6 +59,9 @@ flags.DEFINE_integer(
   '256); the coordinate-wise rules set 512 themselves when called outside a jit',
 )
 flags.DEFINE_bool('compile_only', False, 'only measure compile times')
+flags.DEFINE_integer(
+  'peak_size', 4096, 'side m of the square matmul measuring the peak (0: skip the Gram section)'
+)
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
 flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
@@ -103,6 +106,9 @@ def _time(fn, *args, repeats: int, warmup: int) -> tuple[float, float]:
 
 def _make_fn(kind: str, name: str, f: int, params: dict):
   """A jitted function of (stack, key) calling the rule."""
+  if kind == 'pipeline':
+    rule = pipeline.as_rule(name, f)
+    return _jit(lambda x, key: rule(x, key=key if rule.stochastic else None))
   if kind == 'aggregator':
     rule = aggregators.get(name)
   else:
@@ -137,6 +143,8 @@ def _requested_rules():
       out.append(('aggregator', r))
     elif r in pre_names:
       out.append(('preaggregator', r))
+    elif '+' in r:
+      out.append(('pipeline', r))
     else:
       out.append(('missing', r))
   return out
@@ -164,6 +172,57 @@ def time_robustjax(kind, name, x, f, *, repeats, warmup, iters, compile_only=Fal
     row['time_1iter_s'] = t1
     row['per_iter_s'] = max(t - t1, 0.0) / (iters - 1)
   return row
+
+
+# --- The Gram product against the machine's peak ----------------------------------------------
+
+
+def gram_section(x, x_np, m: int, repeats: int) -> dict:
+  """Prints and returns GFLOP/s of the Gram products against the measured matmul peak.
+
+  The peak is the best of a jitted square float32 matmul (m × m @ m × m, 2m³ flops) and NumPy's
+  (its BLAS) on the same sizes: a dense-matmul microbenchmark, not a datasheet figure. A Gram
+  product of the (n, d) stack is counted as 2n²d flops (what a dense matmul does; the symmetric
+  half alone is n(n + 1)d): robustjax's centred, scaled Gram (`stack.scaled_gram`, what the
+  distance rules call), the plain jitted `x @ x.T`, and NumPy's `x @ x.T` on the same input.
+  """
+  n, d = x.shape
+  a = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
+  a_np = np.asarray(a)
+  _, t_mm = _time(_jit(lambda a: a @ a), a, repeats=max(repeats, 3), warmup=1)
+  t_np_mm = min(_wall(lambda: a_np @ a_np) for _ in range(max(repeats, 3)))
+  peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
+  flops = 2 * n * n * d
+  _, t_ours = _time(_jit(lambda x: stack.scaled_gram(x)[0]), x, repeats=max(repeats, 3), warmup=1)
+  _, t_xla = _time(_jit(lambda x: x @ x.T), x, repeats=max(repeats, 3), warmup=1)
+  t_np = min(_wall(lambda: x_np @ x_np.T) for _ in range(max(repeats, 3)))
+  out = {
+    'peak_gflops': peak,
+    'matmul_jax_gflops': 2 * m**3 / t_mm / 1e9,
+    'matmul_numpy_gflops': 2 * m**3 / t_np_mm / 1e9,
+    'peak_m': m,
+  }
+  print(
+    f'# peak (square matmul m={m}): jax {out["matmul_jax_gflops"]:.0f} GFLOP/s, '
+    f'NumPy {out["matmul_numpy_gflops"]:.0f} GFLOP/s -> peak {peak:.0f} GFLOP/s'
+  )
+  label = f'Gram (n, d) = ({n}, {d})'
+  print(f'# {label:<34} {"ms":>8} {"GFLOP/s":>8} {"of peak":>8}')
+  for name, t in (
+    ('robustjax scaled_gram (centred)', t_ours),
+    ('jax x @ x.T', t_xla),
+    ('NumPy x @ x.T', t_np),
+  ):
+    g = flops / t / 1e9
+    out[name] = {'ms': t * 1e3, 'gflops': g, 'of_peak': g / peak}
+    print(f'# {name:<34} {t * 1e3:>8.1f} {g:>8.0f} {g / peak:>8.0%}')
+  return out
+
+
+def _wall(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
 
 
 # --- ByzFL (optional) -----------------------------------------------------------------------------
@@ -273,6 +332,8 @@ def main(argv):
   _, gram = _time(gram_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
   print(f'# floor (ones(n) @ x): {floor * 1e3:.2f} ms; Gram (x @ x.T): {gram * 1e3:.2f} ms')
   info.update(floor_s=floor, gram_s=gram)
+  if FLAGS.peak_size and not FLAGS.compile_only:
+    info['gram'] = gram_section(x, x_np, FLAGS.peak_size, FLAGS.repeats)
 
   bz = xt = None
   if FLAGS.byzfl:
@@ -358,7 +419,7 @@ def main(argv):
 
 
 _HEADER = (
-  f'{"rule":<18} {"n":>4} {"d":>9} {"f":>3} {"compile s":>9} {"time ms":>10} '
+  f'{"rule":<22} {"n":>4} {"d":>9} {"f":>3} {"compile s":>9} {"time ms":>10} '
   f'{"×floor":>8} {"×gram":>7} {"ByzFL ms":>10} {"speed-up":>9}  note'
 )
 
@@ -370,7 +431,7 @@ def _line(r):
   if per is not None:
     time_txt = f'{per * 1e3:.1f}/it'
   return (
-    f'{r["rule"]:<18} {r["n"]:>4} {r["d"]:>9} {r["f"]:>3} {_fmt(r.get("compile_s"), ".2f"):>9} '
+    f'{r["rule"]:<22} {r["n"]:>4} {r["d"]:>9} {r["f"]:>3} {_fmt(r.get("compile_s"), ".2f"):>9} '
     f'{time_txt:>10} {_fmt(r.get("vs_floor"), ".2f"):>8} {_fmt(r.get("vs_gram"), ".2f"):>7} '
     f'{_fmt(r.get("byzfl_s") and r["byzfl_s"] * 1e3, ".0f"):>10} '
     f'{_fmt(r.get("speedup_vs_byzfl"), ".0f"):>9}  {r.get("note", "")}'
