@@ -423,7 +423,7 @@ def _curves(ax, res, steps, *, xaxis, rules, ds, metric='excess_loss'):
   if DRACO in res:
     v = res[DRACO]
     x = steps * (v['load'] if xaxis == 'computation' else 1)
-    _band(ax, x, v[metric], f'DRACO (load {v["load"]:g}, exact)', 'tab:red', lw=2)
+    _band(ax, x, v[metric], 'DRACO (load 2f + 1, exact)', 'tab:red', lw=2)
   ax.set_yscale('log')
   if xaxis == 'computation':
     ax.set_xscale('log')
@@ -462,6 +462,14 @@ def _grid_figure(path, panels, steps, *, xaxis, rules, ds, title, metric='excess
     ax.tick_params(labelsize=7)
   for row in axes:
     row[0].set_ylabel(_YLABEL[metric], fontsize=8)
+  for ax in axes.flat[: len(panels)]:
+    # Diverging runs would stretch the axis over dozens of decades: cut 1e3 above the start.
+    starts = [ln.get_ydata()[0] for ln in ax.get_lines() if len(ln.get_ydata())]
+    starts = [v for v in starts if np.isfinite(v) and v > 0]
+    if starts and ax.get_ylim()[1] > 1e3 * max(starts):
+      ax.set_ylim(top=1e3 * max(starts))
+  seeds = sorted({np.shape(res[k][metric])[0] for _, res in panels for k in res})
+  title += f', median and interquartile band over {"/".join(map(str, seeds))} seeds'
   handles, labels = axes.flat[0].get_legend_handles_labels()
   fig.legend(handles, labels, loc='outside lower center', ncols=4, fontsize=7)
   fig.suptitle(title, fontsize=9, wrap=True)
@@ -508,9 +516,8 @@ def make_figures(cfg, results, outdir: str, real=None) -> list[str]:
             rules=('mean', *one_rule) if 'mean' in cfg.rules else one_rule,
             ds=ds_shown,
             title=(
-              f'{_describe(cfg, scene(scs[0]))[: _describe(cfg, scene(scs[0])).index(",")]}'
-              f' regime, {b.attack} on the coded vectors, Byzantine workers {b.placement}: '
-              f'excess loss, median and quartiles over {cfg.num_seeds} seeds'
+              f'{_describe(cfg, scene(scs[0])).split(", σ_H")[0]}, n = {cfg.num_workers}: '
+              f'{b.attack} on the coded vectors, Byzantine workers {b.placement}; excess loss'
             ),
             ncols=len(cfg.byzantine),
           )
