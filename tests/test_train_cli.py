@@ -176,7 +176,10 @@ def test_main_cli(tmp_path, capsys, monkeypatch):
   'extra, message',
   [
     (['--config.num_byzantines=2'], 'unknown config field .num_byzantines.; Did you mean'),
-    (['--config.rule=krumm'], 'unknown aggregator .krumm.; known aggregators: adaptive_multikrum, bulyan'),
+    (
+      ['--config.rule=krumm'],
+      'unknown aggregator .krumm.; known aggregators: adaptive_multikrum, bulyan',
+    ),
     (['--config.attack=ipm(epsilon=10)'], "attack ipm: unknown parameter 'epsilon'; accepted: eps"),
     (['--config.num_byzantine=5'], r'trimmed_mean: needs n > 2f'),
     (['--config.learning_rate=-1.0'], r'learning_rate must be a finite number in \(0, inf\)'),
