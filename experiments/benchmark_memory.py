@@ -1,7 +1,9 @@
 r"""Peak memory and compile time of one training step at many workers.
 
 For each (n, rule) a fresh process (so that its peak resident memory, VmHWM, is its own) builds
-the robust D-SGD step for an MLP of about `--params` parameters on the embedded digits data (batch
+the robust D-SGD step for an MLP of about `--params` parameters on a synthetic 10-class Gaussian
+mixture in dimension 64 with `--samples` training samples (the embedded digits have too few
+samples for 4096 workers; `data.synthetic_classification`), batch
 `--batch_size` per worker, worker momentum, f = n/8 Byzantine workers under ALIE), compiles it,
 reads XLA's memory analysis of the compiled step, and runs `--steps` steps. Columns: n, rule,
 parameters P, compile seconds, seconds per step, peak RSS (GiB), XLA's temporary buffers (GiB),
@@ -14,6 +16,7 @@ O(n·(n − f)·P) intermediate would show a ratio growing like n.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,11 +31,12 @@ flags.DEFINE_list('rules', ['mean', 'trimmed_mean', 'multikrum', 'nnm+trimmed_me
 flags.DEFINE_integer('params', 100_000, 'Approximate number of model parameters.')
 flags.DEFINE_integer('batch_size', 8, 'Examples per worker per step.')
 flags.DEFINE_integer('steps', 2, 'Timed steps after compilation.')
+flags.DEFINE_integer('samples', 40_000, 'Training samples of the synthetic data.')
 flags.DEFINE_string('child', None, 'internal: run one case (JSON) and print its result.')
 
 
 def _hidden(params: int) -> int:
-  # digits: 64 inputs, 10 classes; one hidden layer h has 64h + h + 10h + 10 parameters.
+  # 64 inputs, 10 classes; one hidden layer h has 64h + h + 10h + 10 parameters.
   return max(1, round((params - 10) / 75))
 
 
@@ -49,8 +53,13 @@ def run_case(case: dict) -> dict:
   import numpy as np
 
   from robustjax import configs, training
+  from robustjax import data as rdata
 
+  rdata._LOADERS.register('synthetic_benchmark')(
+    functools.partial(rdata.synthetic_classification, num_samples=case['samples'], dim=64)
+  )
   cfg = configs.get('default')
+  cfg.dataset = 'synthetic_benchmark'
   n = case['n']
   cfg.num_workers, cfg.num_byzantine = n, max(1, n // 8)
   cfg.rule, cfg.attack = case['rule'], 'alie'
@@ -101,6 +110,7 @@ def main(argv):
         'params': FLAGS.params,
         'batch_size': FLAGS.batch_size,
         'steps': FLAGS.steps,
+        'samples': FLAGS.samples,
       }
       env = {**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'}
       proc = subprocess.run(

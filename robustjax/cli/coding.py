@@ -490,7 +490,9 @@ def make_figures(cfg, results, outdir: str, real=None) -> list[str]:
   """The study's figures; returns their paths."""
   os.makedirs(outdir, exist_ok=True)
   steps = np.arange(1, cfg.num_steps + 1, dtype=np.float64)
-  groups = scenarios(cfg)
+  # Scenarios not run (a partial workdir under --plot_only) are left out of the figures.
+  groups = {g: [s for s in scs if s.name in results] for g, scs in scenarios(cfg).items()}
+  groups = {g: scs for g, scs in groups.items() if scs}
   b = cfg.baseline
   paths = []
   ds_shown = [d for d in (2, 5, 20, 50) if d in tuple(cfg.redundancies)]
