@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 
+from _process import peak_rss_gib
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -38,14 +39,6 @@ flags.DEFINE_string('child', None, 'internal: run one case (JSON) and print its 
 def _hidden(params: int) -> int:
   # 64 inputs, 10 classes; one hidden layer h has 64h + h + 10h + 10 parameters.
   return max(1, round((params - 10) / 75))
-
-
-def _peak_rss_gib() -> float:
-  with open('/proc/self/status') as fh:
-    for line in fh:
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) / 2**20
-  return float('nan')
 
 
 def run_case(case: dict) -> dict:
@@ -86,7 +79,7 @@ def run_case(case: dict) -> dict:
     'num_params': num_params,
     'compile_s': compile_s,
     'step_s': min(times),
-    'peak_rss_gib': _peak_rss_gib(),
+    'peak_rss_gib': peak_rss_gib(),
     'temp_gib': None if temp is None else temp / 2**30,
     'temp_per_stack': None if temp is None else temp / (4 * n * num_params),
   }

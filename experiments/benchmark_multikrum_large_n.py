@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 
+from _process import peak_rss_gib
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -36,14 +37,6 @@ flags.DEFINE_list('attacks', ['alie', 'sign_flip'], 'Attacks producing the Byzan
 flags.DEFINE_integer('exact_max_n', 4096, 'Largest n the exact rule runs at.')
 flags.DEFINE_integer('repeats', 2, 'Timed calls (the best is reported).')
 flags.DEFINE_string('child', None, 'internal: run one case (JSON) and print its result.')
-
-
-def _peak_rss_gib() -> float:
-  with open('/proc/self/status') as fh:
-    for line in fh:
-      if line.startswith('VmHWM:'):
-        return int(line.split()[1]) / 2**20
-  return float('nan')
 
 
 def run_case(case: dict) -> dict:
@@ -110,7 +103,7 @@ def run_case(case: dict) -> dict:
     'k': k,
     'seconds': best,
     'compile_and_first_s': compile_s,
-    'peak_rss_gib': _peak_rss_gib(),
+    'peak_rss_gib': peak_rss_gib(),
     'stack_gib': n * d * 4 / 2**30,
     'finite': bool(np.all(np.isfinite(np.asarray(out)))),
   }

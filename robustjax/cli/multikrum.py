@@ -573,12 +573,6 @@ def _cached(path, fn, plot_only):
   return out
 
 
-def update_doc(path: str, blocks: dict[str, str]) -> None:
-  from robustjax.cli.coding import update_doc as rewrite
-
-  rewrite(path, blocks)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -623,6 +617,8 @@ def main(argv):
   for p in paths:
     print('wrote', p)
   if FLAGS.docs:
+    from robustjax.cli.coding import update_doc
+
     update_doc(DOC, blocks)
     print('updated', DOC)
   print(f'total {time.time() - t0:.0f} s')
