@@ -543,6 +543,8 @@ def make_figures(cfg, results, outdir: str, real=None) -> list[str]:
     if group in groups:
       scs = groups[group]
       panels = [(f'{getattr(s, what)}, f = {s.f}', res_of(s)) for s in scs]
+      # The panels vary f: the title names the rest of the setting.
+      setting = f'{_describe(cfg, scene(scs[0])).split(", f = ")[0]}, n = {cfg.num_workers}'
       paths.append(
         _grid_figure(
           os.path.join(outdir, f'lad_{group}.png'),
@@ -552,10 +554,10 @@ def make_figures(cfg, results, outdir: str, real=None) -> list[str]:
           rules=one_rule,
           ds=ds_shown,
           title=(
-            f'{_describe(cfg, scene(scs[0]))} — by {what} '
+            f'{setting} — by {what} '
             '(contiguous = the last f workers; random = a fixed random set; redrawn = every step)'
             if what == 'placement'
-            else f'{_describe(cfg, scene(scs[0]))} — by attack'
+            else f'{setting} — by attack'
           ),
           ncols=len(cfg.byzantine),
         )

@@ -388,6 +388,7 @@ def report_privacy(cfg, records, selection, figures) -> tuple[list[str], dict[st
   ax.set_xlabel('local noise multiplier σ (noise N(0, σ²C²) per coordinate)', fontsize=8)
   ax.set_ylabel("share of Byzantine inputs in MultiKrum's selection", fontsize=8)
   ax.set_xscale('symlog', linthresh=0.25)
+  ax.set_xlim(left=0.0)  # σ ≥ 0: no negative half of the symlog axis
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7)
   ax.set_title(
