@@ -6,7 +6,9 @@ attack (`optimal_alie`, `optimal_ipm`), on one random honest stack of n − f wo
 - *vmapped*: `robustjax.attacks.optimal_*` (one jitted call: a grid of candidate scales and
   refinement rounds, each round's candidates evaluated together; for orthogonally equivariant
   defenders the candidates are evaluated on exact coordinates of the (n − f + 2)-dimensional span,
-  `subspace=None` decides, `--subspace=false` turns it off);
+  and for L-statistics (mean, median, trimmed mean) from the honest columns sorted once: the
+  column *shortcut*, `attacks.evaluation_shortcut` decides, `--subspace=false` /
+  `--order_statistics=false` turn them off);
 - *sequential*: the line search of published code (ByzFL 0.0.11 `Optimal_ALittleIsEnough` /
   `Optimal_InnerProductManipulation`: an expansion phase from τ = `--start` with step `--delta`
   doubling while the error grows, then a contraction phase multiplying the step by `--ratio`),
@@ -60,6 +62,9 @@ flags.DEFINE_integer('refine_rounds', 5, 'refinement rounds')
 flags.DEFINE_float('max_scale', 10.0, 'the grid covers [0, max_scale]')
 flags.DEFINE_integer('batch_size', 8, 'candidates per vmapped batch (lax.map); 0: all at once')
 flags.DEFINE_enum('subspace', 'auto', ['auto', 'true', 'false'], 'span reduction (see attacks)')
+flags.DEFINE_enum(
+  'order_statistics', 'auto', ['auto', 'false'], 'sorted-column evaluation (see attacks)'
+)
 flags.DEFINE_float('start', 0.0, 'line search: first scale (ByzFL default 0.0)')
 flags.DEFINE_float('delta', 10.0, 'line search: first step (ByzFL default 10.0)')
 flags.DEFINE_float('ratio', 0.8, 'line search: contraction ratio (ByzFL default 0.8)')
@@ -143,6 +148,7 @@ def main(argv):
   )
   evals = FLAGS.num_scales + FLAGS.refine_rounds * FLAGS.num_refine
   subspace = {'auto': None, 'true': True, 'false': False}[FLAGS.subspace]
+  order_statistics = {'auto': None, 'false': False}[FLAGS.order_statistics]
   batch_size = FLAGS.batch_size or None
   cpu = platform.processor() or platform.machine()
   print(
@@ -150,7 +156,7 @@ def main(argv):
     f'batch_size={batch_size}, jax {jax.__version__}, {jax.devices()[0].platform}, {cpu}'
   )
   header = (
-    f'{"defender":<18} {"attack":<13} {"evals":>5} {"span":>5} {"vmapped s":>10} '
+    f'{"defender":<18} {"attack":<13} {"evals":>5} {"shortcut":>16} {"vmapped s":>10} '
     f'{"sequential s":>12} {"speed-up":>8} {"dev vmapped":>12} {"dev sequential":>14}'
   )
   print(header)
@@ -160,10 +166,11 @@ def main(argv):
     rule = _defender(spec, f)
     for kind in FLAGS.attacks:
       attack = attacks.get(kind)
-      if subspace is None:
-        used_span = d > n_h + 2 and rule.orthogonally_equivariant and rule.distance_based
-      else:
-        used_span = subspace
+      shortcut = attacks.evaluation_shortcut(rule, n_h, f, d)
+      if subspace is not None:
+        shortcut = 'span' if subspace else (None if shortcut == 'span' else shortcut)
+      if order_statistics is False and shortcut == 'order_statistics':
+        shortcut = None
 
       def run_vmapped(rule=rule, attack=attack):
         return attack(
@@ -176,6 +183,7 @@ def main(argv):
           refine_rounds=FLAGS.refine_rounds,
           batch_size=batch_size,
           subspace=subspace,
+          order_statistics=order_statistics,
           return_scale=True,
         )
 
@@ -196,7 +204,7 @@ def main(argv):
         defender=rule.name,
         attack=kind,
         evals=evals,
-        subspace=used_span,
+        shortcut=shortcut,
         vmapped_s=t_vec,
         sequential_s=t_seq,
         speedup=t_seq / t_vec,
@@ -207,7 +215,7 @@ def main(argv):
       )
       rows.append(row)
       print(
-        f'{rule.name:<18} {kind:<13} {evals:>5} {"yes" if used_span else "no":>5} '
+        f'{rule.name:<18} {kind:<13} {evals:>5} {shortcut or "-":>16} '
         f'{t_vec:>10.3f} {t_seq:>12.3f} {t_seq / t_vec:>7.1f}x '
         f'{dev_vec:>12.4g} {dev_seq:>14.4g}',
         flush=True,

@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from robustjax import aggregators, preaggregators
 from robustjax._registry import Registry
@@ -224,6 +225,15 @@ class Pipeline:
   def coordinatewise(self) -> bool:
     """Every stage acts coordinate by coordinate."""
     return all(s.properties.coordinatewise for s in self.stages)
+
+  def order_weights(self, n: int) -> np.ndarray | None:
+    """For a lone aggregator that is an L-statistic (`Properties.order_weights`): the (n,)
+    weights of the sorted values in each coordinate, with this pipeline's f; else None."""
+    last = self.stages[-1]
+    if len(self.stages) != 1 or last.properties.order_weights is None:
+      return None
+    w = last.properties.order_weights(n, self.f, **dict(last.params))
+    return np.asarray(w, dtype=np.float64)
 
   @property
   def exponential(self) -> bool:

@@ -391,6 +391,57 @@ def test_optimal_subspace_is_exact_and_auto_detected():
   assert not pipeline.as_rule(lambda s, key=None: s.mean(0), F).orthogonally_equivariant
 
 
+@pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean'])
+@pytest.mark.parametrize('n_h, f, defender_f', [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9)])
+def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h, f, defender_f):
+  from robustjax.attacks import _optimal
+
+  rng = np.random.default_rng(n_h + f)
+  # A pytree: a leaf of integers (candidates below land exactly on honest values: ties) and a
+  # continuous one; the candidates μ + τ·v for τ from 0 to 1e8, both signs.
+  honest = {
+    'ints': jnp.asarray(rng.integers(-3, 4, size=(n_h, 2, 5)), jnp.float32),
+    'cont': jnp.asarray(_honest(n_h, n=n_h, d=7)),
+  }
+  base = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), honest)
+  direction = {'ints': jnp.ones((2, 5)), 'cont': jnp.asarray(rng.normal(size=7), jnp.float32)}
+  rule = pipeline.as_rule(spec, defender_f)
+  weights = rule.order_weights(n_h + f)
+  fast = _optimal._order_statistic_evaluator(honest, base, direction, weights, f)
+  slow = _optimal._line_evaluator(honest, base, direction, lambda s, k: rule(s, k), f, None)
+  taus = jnp.asarray([0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -2.5, 7.3, 1e3, -1e8], jnp.float32)
+  a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
+  np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean'])
+def test_declared_order_weights_reproduce_the_rule(spec):
+  # Σ_p w_p x_(p) per coordinate, against the rule itself, in float64 NumPy.
+  x = np.random.default_rng(3).normal(size=(11, 30))
+  for f in (0, 2, 5):
+    w = pipeline.as_rule(spec, f).order_weights(11)
+    want = np.asarray(pipeline.as_rule(spec, f)(jnp.asarray(x, jnp.float32)))
+    np.testing.assert_allclose(w @ np.sort(x, axis=0), want, rtol=1e-5, atol=1e-6)
+  assert pipeline.as_rule('nnm+median', 2).order_weights(11) is None
+  assert pipeline.as_rule('meamed', 2).order_weights(11) is None
+
+
+def test_optimal_order_statistics_is_auto_detected_and_exact():
+  h = _honest(12, d=40)
+  assert attacks.evaluation_shortcut('median', N_H, F, 40) == 'order_statistics'
+  assert attacks.evaluation_shortcut('krum', N_H, F, 40) == 'span'
+  assert attacks.evaluation_shortcut('nnm+trimmed_mean', N_H, F, 40) is None
+  assert attacks.evaluation_shortcut('meamed', N_H, F, 40) is None
+  for name in ('optimal_alie', 'optimal_ipm'):
+    for spec in ('median', 'trimmed_mean'):
+      a, ta = attacks.get(name)(h, f=F, rule=spec, return_scale=True)
+      b, tb = attacks.get(name)(h, f=F, rule=spec, order_statistics=False, return_scale=True)
+      np.testing.assert_allclose(float(ta), float(tb), rtol=1e-5)
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='order_weights'):
+    attacks.optimal_alie(h, f=F, rule='krum', order_statistics=True)
+
+
 def test_optimal_expands_past_the_grid_against_the_mean():
   # The mean's error grows without bound in the scale: the search keeps expanding (×4 per point).
   h = _honest(11)

@@ -35,6 +35,10 @@ class Properties:
       inputs (the optimal attacks do).
     distance_based: computes pairwise distances (a Gram product): reducing to the span pays.
     coordinatewise: acts coordinate by coordinate (κ⋆ in d dimensions equals κ⋆ in one).
+    order_weights: for a coordinate-wise rule that is, in every coordinate, a fixed linear
+      combination of the sorted values (an L-statistic: mean, median, trimmed mean),
+      ``order_weights(n, f, **params) -> (n,) array``, the weight of the p-th smallest value. The
+      optimal attacks then evaluate a candidate exactly from the honest columns sorted once.
     center_state: takes ``center=`` (the previous aggregate) as a state carried across steps.
     state_init: for a rule with another state, ``state_init(like, **params) -> dict`` (the initial
       state; its entries are passed to the rule as keyword arguments); params holds ``f`` and
@@ -53,6 +57,7 @@ class Properties:
   orthogonal_equivariant: bool = False
   distance_based: bool = False
   coordinatewise: bool = False
+  order_weights: Callable | None = None
   center_state: bool = False
   state_init: Callable | None = None
   state_next: Callable | None = None

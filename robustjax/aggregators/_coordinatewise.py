@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from robustjax import _sorting
 from robustjax import stack as stk
@@ -96,6 +97,25 @@ def _select(x: jax.Array, positions, *, symmetric: bool = False) -> list[jax.Arr
     rows = [_clean(x[i]) for i in range(x.shape[0])]
     return _sorting.select(rows, positions, symmetric=symmetric)
   return _sorting.select_layered(_clean(x), positions)
+
+
+def _mean_weights(n: int, f: int, **_) -> np.ndarray:
+  return np.full((n,), 1.0 / n)
+
+
+def _median_weights(n: int, f: int, **_) -> np.ndarray:
+  w = np.zeros((n,))
+  if n % 2:
+    w[n // 2] = 1.0
+  else:
+    w[n // 2 - 1 : n // 2 + 1] = 0.5
+  return w
+
+
+def _trimmed_mean_weights(n: int, f: int, **_) -> np.ndarray:
+  w = np.zeros((n,))
+  w[f : n - f] = 1.0 / (n - 2 * f)
+  return w
 
 
 def _sum_rows(fn, x: jax.Array) -> jax.Array:
@@ -172,6 +192,7 @@ def mean_closest_to_median(stack, *, keep: int):
     kappa_reference='the honest mean when f = 0; not robust (κ⋆ = ∞) when f ≥ 1',
     orthogonal_equivariant=True,
     coordinatewise=True,
+    order_weights=_mean_weights,
     robust=False,
   ),
 )
@@ -215,6 +236,7 @@ def mean(stack, *, f: int = 0):
       'Allouah et al. 2023 prove κ = 4(1 + f/(n−2f))²'
     ),
     coordinatewise=True,
+    order_weights=_median_weights,
   ),
 )
 @_jit_f
@@ -264,6 +286,7 @@ def median(stack, *, f: int = 0):
       'Allouah et al. 2023 prove κ = (6f/(n−2f))(1 + f/(n−2f))'
     ),
     coordinatewise=True,
+    order_weights=_trimmed_mean_weights,
   ),
 )
 @_jit_f

@@ -49,7 +49,7 @@ Example:
 
 from robustjax.attacks._base import KINDS, REGISTRY, Attack, Kind, get, names, register
 from robustjax.attacks._data import flip_labels, label_permutation, permute_labels
-from robustjax.attacks._optimal import optimal_alie, optimal_ipm
+from robustjax.attacks._optimal import evaluation_shortcut, optimal_alie, optimal_ipm
 from robustjax.attacks._shejwalkar import min_max, min_sum
 from robustjax.attacks._simple import alie, alie_z, gaussian, inf, ipm, mimic, nan, none, sign_flip
 from robustjax.attacks._stateful import MimicState, mimic_heuristic, mimic_heuristic_init
@@ -62,6 +62,7 @@ __all__ = [
   'MimicState',
   'alie',
   'alie_z',
+  'evaluation_shortcut',
   'flip_labels',
   'gaussian',
   'get',

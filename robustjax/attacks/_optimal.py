@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustjax import _sorting
 from robustjax._checks import check_positive_int
 from robustjax.attacks._base import (
   _acc,
@@ -20,7 +21,7 @@ from robustjax.attacks._base import (
   register,
 )
 from robustjax.pipeline import Pipeline, as_rule
-from robustjax.stack import acc_dtype, flatten
+from robustjax.stack import acc_dtype, flatten, unflatten
 
 
 def _deviation(out, mu) -> jax.Array:
@@ -44,6 +45,56 @@ def _line_evaluator(honest, base, direction, rule, f, key):
   return evaluate
 
 
+def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: int):
+  """τ -> the same error as `_line_evaluator`, for an L-statistic defender, without its sort.
+
+  The defender outputs, per coordinate, Σ_p w_p v_(p) over the sorted values v of the honest
+  column plus f copies of the candidate value c. With the honest column sorted once (s_0 <= … <=
+  s_{n_h−1}) and r = #{q : s_q < c}, the copies take positions r … r + f − 1, so
+
+    F = Σ_{q<r} w_q s_q + Σ_{q>=r} w_{q+f} s_q + c · W_r,   W_r = Σ_{p=r}^{r+f−1} w_p,
+
+  and since [q < r] = [s_q < c], F = Σ_q (s_q < c ? w_q : w_{q+f}) s_q + c·W_r, where W_r
+  changes only at rows with w_q ≠ w_{q+f}. Rows with w_q = w_{q+f} contribute the same either
+  way (summed once per call); a candidate costs one fused elementwise pass over the others (four
+  rows for the median, 2f for the trimmed mean, none for the mean: one pass over the honest
+  stack). The sort is done once per call, by the layered network. Exact: values equal to c may
+  sit on either side of the copies without changing the sorted multiset. The candidate is
+  rounded to the stack's dtype as the Byzantine rows are.
+  """
+  mu = _mean(honest)
+  n_h = jax.tree.leaves(honest)[0].shape[0]
+  x = flatten(honest)
+  lo, hi = weights[:n_h], weights[f : f + n_h]
+  varying = [q for q in range(n_h) if lo[q] != hi[q]]
+  if not varying and np.all(lo == lo[0]):  # the mean: no order statistic matters, no sort
+    const = jnp.matmul(jnp.full((n_h,), lo[0], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
+  else:
+    rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), range(n_h), chunk=512)
+    fixed = [q for q in range(n_h) if lo[q] and lo[q] == hi[q]]  # same weight either side of c
+    const = functools.reduce(jnp.add, [lo[q] * rows[q] for q in fixed], jnp.zeros_like(x[0]))
+
+  # W_r, summed exactly from the weights (never as W_0 + Σ Δ: c·(rounding) would be large for a
+  # large c), for r just past each varying row.
+  copies = [float(weights[r : r + f].sum()) for r in [0] + [q + 1 for q in varying]]
+
+  def evaluate(tau):
+    point = jax.tree.map(lambda b: b[0], _repeat(_axpy(tau, direction, base), 1, honest))
+    c = flatten(jax.tree.map(lambda p: p[None], point))[0]
+    c = jnp.where(jnp.isnan(c), jnp.inf, c)
+    out, w_copies = const, jnp.full_like(c, copies[0])
+    for j, q in enumerate(varying):
+      below = rows[q] < c
+      out = out + jnp.where(
+        below, lo[q] * rows[q] if lo[q] else 0.0, hi[q] * rows[q] if hi[q] else 0.0
+      )
+      w_copies = jnp.where(below, copies[j + 1], w_copies)
+    out = out + jnp.where(w_copies != 0, w_copies * c, 0.0)
+    return _deviation(unflatten(out, honest), mu)
+
+  return evaluate
+
+
 def _span_coordinates(honest, base, direction):
   """Exact coordinates of the honest inputs, base and direction in an orthonormal basis of
   their span (k = n_h + 2 columns): the R factor of a QR decomposition of [x_1 … x_{n_h}, b, v].
@@ -59,9 +110,28 @@ def _span_coordinates(honest, base, direction):
   return r[:, :n_h].T, r[:, n_h], r[:, n_h + 1]
 
 
-def _span_worthwhile(rule) -> bool:
-  """Equivariant and distance-based (cheap rules gain less than the QR costs), as declared."""
-  return rule.orthogonally_equivariant and rule.distance_based
+SHORTCUTS = ('span', 'order_statistics')
+
+
+def evaluation_shortcut(rule, n_h: int, f: int, dim: int) -> str | None:
+  """The exact shortcut the optimal attacks take against `rule` by default, from its properties.
+
+  ``'span'``: orthogonally equivariant and distance-based (cheaper rules gain less than the QR
+  costs), with dim > n_h + 2: candidates evaluated on the coordinates of the span of the honest
+  inputs, μ and the direction. ``'order_statistics'``: an L-statistic (mean, median, trimmed mean;
+  `Pipeline.order_weights`): candidates evaluated from the honest columns sorted once. None: the
+  defender itself is run on every candidate.
+
+  Args:
+    rule: anything `robustjax.pipeline.as_rule` accepts (resolved with `f`).
+    n_h, f: honest and Byzantine inputs; dim: coordinates per input.
+  """
+  pipeline = rule if isinstance(rule, Pipeline) else as_rule(rule, f)
+  if dim > n_h + 2 and pipeline.orthogonally_equivariant and pipeline.distance_based:
+    return 'span'
+  if pipeline.order_weights(n_h + f) is not None:
+    return 'order_statistics'
+  return None
 
 
 def _map(fn, xs, batch_size):
@@ -150,6 +220,7 @@ def _byzfl_search(evaluate, evals: int, start, delta, ratio):
     'return_scale',
     'ddof',
     'subspace',
+    'order_statistics',
     'search',
     'evals',
     'direction',
@@ -171,6 +242,7 @@ def _optimal_jit(
   return_scale,
   ddof,
   subspace,
+  order_statistics,
   search,
   evals,
   line,
@@ -186,6 +258,10 @@ def _optimal_jit(
     base, direction = jax.tree.map(jnp.zeros_like, mu), jax.tree.map(jnp.negative, mu)
   if subspace:
     evaluate = _line_evaluator(*_span_coordinates(honest, base, direction), defender, f, key)
+  elif order_statistics:
+    n = jax.tree.leaves(honest)[0].shape[0] + f
+    evaluate = _order_statistic_evaluator(honest, base, direction, rule.order_weights(n), f)
+    batch_size = 1  # each candidate is one pass over a few rows: batching only adds traffic
   else:
     evaluate = _line_evaluator(honest, base, direction, defender, f, key)
   if search == 'byzfl':
@@ -214,6 +290,7 @@ def _optimal(
   return_scale,
   defender_f,
   subspace,
+  order_statistics=None,
   ddof=0,
   search='grid',
   evals=20,
@@ -251,10 +328,25 @@ def _optimal(
   else:
     pipeline = as_rule(rule, f if defender_f is None else defender_f)
   dim = sum(int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(honest))
+  default = evaluation_shortcut(pipeline, n_h, f, dim)
   if subspace is None:
-    subspace = dim > n_h + 2 and _span_worthwhile(pipeline)
+    subspace = default == 'span'
   elif subspace not in (True, False):
     raise ValueError(f'{name}: subspace must be None, True or False; got {subspace!r}')
+  weights = pipeline.order_weights(n_h + f)
+  if order_statistics is None:
+    order_statistics = default == 'order_statistics' and not subspace
+  elif order_statistics not in (True, False):
+    raise ValueError(
+      f'{name}: order_statistics must be None, True or False; got {order_statistics!r}'
+    )
+  if order_statistics and weights is None:
+    raise ValueError(
+      f'{name}: order_statistics=True needs a defender that declares `order_weights` '
+      f'(an L-statistic: mean, median, trimmed_mean); {pipeline.spec!r} does not'
+    )
+  if order_statistics and subspace:
+    raise ValueError(f'{name}: choose subspace or order_statistics, not both')
   if scales is None:
     _check_float(name, 'max_scale', max_scale, positive=True)
   else:
@@ -279,6 +371,7 @@ def _optimal(
     return_scale=return_scale,
     ddof=ddof,
     subspace=bool(subspace),
+    order_statistics=bool(order_statistics),
     search=search,
     evals=evals if search == 'byzfl' else 0,
     line=(float(start), float(delta), float(ratio)),
@@ -332,6 +425,12 @@ _OPT_DOC = """
       costs more than it saves); True forces it (your
       responsibility), False turns it off. On CPU the QR runs in LAPACK (OpenBLAS): on a busy
       machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend in the QR; see BENCHMARKS.md).
+    order_statistics: evaluate the candidates exactly from the honest columns sorted once, for a
+      defender that is an L-statistic (declares `order_weights`: mean, median, trimmed mean):
+      per candidate a binary search per coordinate and one gather, instead of the defender's
+      selection network over n rows (candidates one at a time: `batch_size` is not used).
+      None (default) turns it on for such a defender (see `evaluation_shortcut`); False runs the
+      defender itself on every candidate.
 
     search: ``'grid'`` (default: the vmapped grid and refinement above) or ``'byzfl'``: ByzFL
       0.0.11's sequential expansion / contraction line search, step for step, with its
@@ -365,6 +464,7 @@ def optimal_alie(
   return_scale: bool = False,
   defender_f: int | None = None,
   subspace: bool | None = None,
+  order_statistics: bool | None = None,
   direction: str = 'minus',
   search: str = 'grid',
   evals: int = 20,
@@ -390,6 +490,7 @@ def optimal_alie(
     return_scale,
     defender_f,
     subspace,
+    order_statistics,
     ddof,
     search,
     evals,
@@ -428,6 +529,7 @@ def optimal_ipm(
   return_scale: bool = False,
   defender_f: int | None = None,
   subspace: bool | None = None,
+  order_statistics: bool | None = None,
   search: str = 'grid',
   evals: int = 20,
   start: float = 0.0,
@@ -449,6 +551,7 @@ def optimal_ipm(
     return_scale,
     defender_f,
     subspace,
+    order_statistics,
     search=search,
     evals=evals,
     start=start,
