@@ -44,6 +44,7 @@ from robustjax import aggregators, preaggregators
 from robustjax._registry import Registry
 from robustjax._spec import parse_rule
 from robustjax.aggregators import Properties
+from robustjax.stack import weighted_sum
 
 __all__ = ['Pipeline', 'Stage', 'compose', 'as_rule', 'accepts', 'check_params']
 
@@ -320,16 +321,33 @@ class Pipeline:
     return self._apply(stack, key, runtime_kwargs)[0]
 
   def _apply(self, stack, key, runtime_kwargs):
-    """``(aggregate, the stack the aggregator saw)``."""
+    """``(aggregate, the stack the aggregator saw)``.
+
+    Fusion: when the stage before a coordinate-wise aggregator rescales its inputs (declares
+    `Properties.row_scales`: clipping, ARC), only its (n,) factors are computed; the mean then
+    becomes one weighted sum of the original stack, and a network-based rule reads the stack
+    scaled slice by slice (fused into its loop). No rescaled copy of the stack is written.
+    """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
     keys = {}
     if takers and key is not None:
       sub = jax.random.split(key, len(takers))
       keys = {i: sub[j] for j, i in enumerate(takers)}
+    last, agg = len(self.stages) - 1, self.stages[-1]
     for i, s in enumerate(self.stages[:-1]):
-      stack = s(stack, self.f, keys.get(i), {})
-    last = len(self.stages) - 1
-    return self.stages[-1](stack, self.f, keys.get(last), runtime_kwargs), stack
+      if i == last - 1 and s.properties.row_scales and agg.properties.coordinatewise:
+        factors = s.properties.row_scales(stack, f=self.f, **dict(s.params))
+        weights = agg.properties.order_weights
+        n = factors.shape[0]
+        uniform = weights is not None and np.ptp(weights(n, self.f, **dict(agg.params))) == 0
+        if uniform and not runtime_kwargs and agg.properties.state_next is None:
+          # The mean of the rescaled inputs: one weighted sum, factor-0 slices ignored.
+          out = weighted_sum(factors / n, stack, ignore_nonfinite=True)
+          return out, None
+        stack = preaggregators.scale_slices(stack, factors, by_rows=True)
+      else:
+        stack = s(stack, self.f, keys.get(i), {})
+    return agg(stack, self.f, keys.get(last), runtime_kwargs), stack
 
 
 def _check_f(owner: str, f) -> None:

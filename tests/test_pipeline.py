@@ -113,3 +113,38 @@ def test_no_consumer_lists_rule_or_attack_names():
       continue
     offenders += [f'{rel}: {v!r}' for v in _string_constants(path) if v in names]
   assert offenders == []
+
+
+_ROW_SCALED = [
+  ('clipping', {'c': 1.5}, 'mean'),
+  ('arc', {}, 'mean'),
+  ('arc', {}, 'trimmed_mean'),
+  ('clipping', {'c': 1.5}, 'median'),
+  ('arc', {}, 'meamed'),
+]
+
+
+@pytest.mark.parametrize('pre, params, agg', _ROW_SCALED)
+def test_fused_row_scaling_pipelines_equal_their_stages(pre, params, agg):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(16, 40)).astype(np.float32)
+  x[3] = np.nan  # clipped to 0 by the pre-aggregator
+  x[7] *= 1e30  # finite, clipped
+  x = {'a': jnp.asarray(x[:, :30]), 'b': jnp.asarray(x[:, 30:]).reshape(16, 2, 5)}
+  rule = pipeline.compose(agg, pre=[(pre, params)], f=3)
+  staged = aggregators.get(agg)(preaggregators.get(pre)(x, f=3, **params), f=3)
+  fused = jax.jit(rule)(x)
+  for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(staged)):
+    assert np.all(np.isfinite(a))
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('pre, params, agg', _ROW_SCALED)
+def test_fused_row_scaling_pipelines_write_no_scaled_copy(pre, params, agg):
+  # XLA's temporaries of the compiled pipeline: a rescaled (n, d) stack would be >= 1 stack.
+  x = jnp.ones((16, 100_000))
+  rule = pipeline.compose(agg, pre=[(pre, params)], f=3)
+  mem = jax.jit(rule).lower(x).compile().memory_analysis()
+  if mem is None:
+    pytest.skip('this backend gives no memory analysis')
+  assert mem.temp_size_in_bytes < 0.5 * x.size * 4

@@ -343,3 +343,18 @@ def test_as_rule_parses_spec_strings():
     as_rule('nnm+nope', 2)
   with pytest.raises(ValueError, match='cannot parse'):
     as_rule('nnm+krum(3)', 2)
+
+
+@pytest.mark.parametrize('name, kw', [('clipping', {'c': 0.5}), ('arc', {'f': 2})])
+def test_donation_writes_into_the_stack_and_gives_the_same_result(name, kw):
+  fn = preaggregators.get(name)
+  x = jax.random.normal(jax.random.key(0), (9, 7, 3))
+  want = np.asarray(fn(x, **kw))
+  y = x + 0.0
+  got = fn(y, donate=True, **kw)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  assert y.is_deleted()  # the result took its buffer
+  # Inside a trace donation is the caller's business: same result, no error.
+  np.testing.assert_array_equal(np.asarray(jax.jit(lambda s: fn(s, donate=True, **kw))(x)), want)
+  with pytest.raises(ValueError, match='donate must be True or False'):
+    fn(x, donate='yes', **kw)
