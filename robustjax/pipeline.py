@@ -41,7 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustjax import aggregators, preaggregators
+from robustjax._checks import check_f
 from robustjax._registry import Registry
+from robustjax._sorting import NETWORK_MAX_N
 from robustjax._spec import parse_rule
 from robustjax.aggregators import Properties
 from robustjax.stack import weighted_sum
@@ -323,10 +325,11 @@ class Pipeline:
   def _apply(self, stack, key, runtime_kwargs):
     """``(aggregate, the stack the aggregator saw)``.
 
-    Fusion: when the stage before a coordinate-wise aggregator rescales its inputs (declares
-    `Properties.row_scales`: clipping, ARC), only its (n,) factors are computed; the mean then
-    becomes one weighted sum of the original stack, and a network-based rule reads the stack
-    scaled slice by slice (fused into its loop). No rescaled copy of the stack is written.
+    Fusion: when the stage before a coordinate-wise aggregator declares
+    `Properties.row_combination` (clipping, ARC, bucketing), only its (index, weight) are
+    computed; the mean then becomes one weighted sum of the original stack, and a network-based
+    rule (up to `_sorting.NETWORK_MAX_N` inputs) reads the combined slices as they are formed,
+    fused into its loop. No intermediate stack is written.
     """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
     keys = {}
@@ -335,16 +338,22 @@ class Pipeline:
       keys = {i: sub[j] for j, i in enumerate(takers)}
     last, agg = len(self.stages) - 1, self.stages[-1]
     for i, s in enumerate(self.stages[:-1]):
-      if i == last - 1 and s.properties.row_scales and agg.properties.coordinatewise:
-        factors = s.properties.row_scales(stack, f=self.f, **dict(s.params))
-        weights = agg.properties.order_weights
-        n = factors.shape[0]
-        uniform = weights is not None and np.ptp(weights(n, self.f, **dict(agg.params))) == 0
-        if uniform and not runtime_kwargs and agg.properties.state_next is None:
-          # The mean of the rescaled inputs: one weighted sum, factor-0 slices ignored.
-          out = weighted_sum(factors / n, stack, ignore_nonfinite=True)
-          return out, None
-        stack = preaggregators.scale_slices(stack, factors, by_rows=True)
+      combination = s.properties.row_combination
+      if i != last - 1 or combination is None or not agg.properties.coordinatewise:
+        stack = s(stack, self.f, keys.get(i), {})
+        continue
+      kw = dict(s.params, f=self.f, **({'key': keys.get(i)} if s.takes_key else {}))
+      index, weight = combination(stack, **kw)
+      k, n = index.shape[0], jax.tree.leaves(stack)[0].shape[0]
+      weights = agg.properties.order_weights
+      uniform = weights is not None and np.ptp(weights(k, self.f, **dict(agg.params))) == 0
+      if uniform and not runtime_kwargs and agg.properties.state_next is None:
+        # The mean of the combined slices: one weighted sum of the inputs.
+        check_f(agg.name, k, self.f)
+        per_input = jnp.zeros((n,), weight.dtype).at[index].add(weight / k)
+        return weighted_sum(per_input, stack, ignore_nonfinite=True), None
+      if n <= NETWORK_MAX_N:
+        stack = preaggregators.combine_rows(stack, index, weight)
       else:
         stack = s(stack, self.f, keys.get(i), {})
     return agg(stack, self.f, keys.get(last), runtime_kwargs), stack

@@ -46,7 +46,6 @@ import jax.numpy as jnp
 
 from robustjax._checks import check_f, check_positive, check_positive_int, num_workers
 from robustjax._registry import Registry
-from robustjax._sorting import NETWORK_MAX_N
 from robustjax.aggregators import Properties
 from robustjax.stack import (
   acc_dtype,
@@ -69,6 +68,8 @@ __all__ = [
   'clipping_factors',
   'arc_factors',
   'scale_slices',
+  'combine_rows',
+  'bucketing_rows',
 ]
 
 REGISTRY = Registry('pre-aggregator', default_properties=Properties())
@@ -77,32 +78,57 @@ get = REGISTRY.get
 names = REGISTRY.names
 
 
-def scale_slices(stack, factors, *, by_rows: bool = False):
-  """x_i · factors_i per leaf; a slice with factor 0 becomes exactly 0 (even its NaN entries).
-
-  The output of every row-scaling pre-aggregator (`Properties.row_scales`: clipping, ARC). With
-  `by_rows` (and at most `_sorting.NETWORK_MAX_N` workers) the output is assembled slice by slice,
-  so that XLA fuses the scaling into a coordinate-wise aggregator's network that follows instead
-  of writing a scaled copy of the stack (`robustjax.pipeline` does this); standalone, one
-  broadcast product is faster.
-  """
+def scale_slices(stack, factors):
+  """x_i · factors_i per leaf; a slice with factor 0 becomes exactly 0 (even its NaN entries)."""
 
   def one(x):
     x = jnp.asarray(x)
     acc = jnp.promote_types(result_dtype(x.dtype), jnp.float32)
-    out = result_dtype(x.dtype)
-    sc = factors.astype(acc)
-    if by_rows and x.shape[0] <= NETWORK_MAX_N:
-      rows = [jnp.where(sc[i] != 0, x[i].astype(acc) * sc[i], 0.0) for i in range(x.shape[0])]
-      return jnp.stack(rows).astype(out)
     b = (-1,) + (1,) * (x.ndim - 1)
-    return jnp.where(sc.reshape(b) != 0, x.astype(acc) * sc.reshape(b), 0.0).astype(out)
+    sc = factors.astype(acc).reshape(b)
+    return jnp.where(sc != 0, x.astype(acc) * sc, 0.0).astype(result_dtype(x.dtype))
 
   return jax.tree.map(one, stack)
 
 
-_SCALE = jax.jit(scale_slices, static_argnames=('by_rows',))
-_SCALE_DONATED = jax.jit(scale_slices, static_argnames=('by_rows',), donate_argnums=0)
+def combine_rows(stack, index, weight):
+  """Output slice b = Σ_j weight[b, j] · x_{index[b, j]}, non-finite entries counted as 0.
+
+  The form every pre-aggregator with `Properties.row_combination` (clipping, ARC, bucketing)
+  produces, assembled slice by slice: inside a larger jit, XLA fuses it into a coordinate-wise
+  aggregator's network that follows instead of writing the combined stack (`robustjax.pipeline`
+  uses it up to `_sorting.NETWORK_MAX_N` workers; the trace grows with k · s).
+
+  Args:
+    stack: a pytree with leading worker axis n.
+    index: (k, s) int worker indices (may be traced).
+    weight: (k, s) weights (a padding entry has weight 0).
+  """
+  k, width = index.shape
+
+  def one(x):
+    x = jnp.asarray(x)
+    acc = jnp.promote_types(result_dtype(x.dtype), jnp.float32)
+    w = weight.astype(acc)
+    out = []
+    for b in range(k):
+      total = 0.0
+      for j in range(width):
+        row = jax.lax.dynamic_index_in_dim(x, index[b, j], 0, keepdims=False).astype(acc)
+        total = total + jnp.where(jnp.isfinite(row), row, 0.0) * w[b, j]
+      out.append(total)
+    return jnp.stack(out).astype(result_dtype(x.dtype))
+
+  return jax.tree.map(one, stack)
+
+
+def _scaling_rows(factors):
+  """(index, weight) of a row scaling: slice i is x_i · factors_i."""
+  return jnp.arange(factors.shape[0])[:, None], factors[:, None]
+
+
+_SCALE = jax.jit(scale_slices)
+_SCALE_DONATED = jax.jit(scale_slices, donate_argnums=0)
 
 
 def _scale(donate: bool):
@@ -176,7 +202,29 @@ def nnm(stack, *, f: int):
   return weighted_sum(w, stack, finite=finite)
 
 
-@register('bucketing', properties=Properties(orthogonal_equivariant=True, stochastic=True))
+@functools.partial(jax.jit, static_argnames=('f', 's'))
+def bucketing_rows(stack, *, f: int = 0, key, s: int = 2):
+  """`bucketing` as (index, weight), each (⌈n/s⌉, s): bucket b averages the inputs
+  index[b, :] (the last bucket's padding has weight 0). Validated like `bucketing`."""
+  n = num_workers(stack, 'bucketing')
+  check_f('bucketing', n, f)
+  check_positive_int('bucketing', 's', s)
+  if key is None:
+    raise ValueError('bucketing: needs an explicit jax.random key (key=...)')
+  nb = -(-n // s)
+  pad = nb * s - n
+  perm = jnp.concatenate([jax.random.permutation(key, n), jnp.zeros((pad,), jnp.int32)])
+  size = jnp.minimum(s, n - jnp.arange(nb) * s).astype(acc_dtype(stack))
+  real = (jnp.arange(nb * s) < n).reshape(nb, s)
+  return perm.reshape(nb, s), jnp.where(real, 1.0 / size[:, None], 0.0)
+
+
+@register(
+  'bucketing',
+  properties=Properties(
+    orthogonal_equivariant=True, stochastic=True, row_combination=bucketing_rows
+  ),
+)
 @functools.partial(jax.jit, static_argnames=('f', 's'))
 def bucketing(stack, *, f: int = 0, key, s: int = 2):
   """Bucketing: shuffle the inputs with `key`, return the means of consecutive buckets of size s.
@@ -211,23 +259,14 @@ def bucketing(stack, *, f: int = 0, key, s: int = 2):
     Karimireddy, He, Jaggi, "Byzantine-Robust Learning on Heterogeneous Datasets via Bucketing",
     ICLR 2022.
   """
-  n = num_workers(stack, 'bucketing')
-  check_f('bucketing', n, f)
-  check_positive_int('bucketing', 's', s)
-  if key is None:
-    raise ValueError('bucketing: needs an explicit jax.random key (key=...)')
-  nb = -(-n // s)
-  perm = jax.random.permutation(key, n)
-  pos = jnp.arange(n)
-  bucket = pos // s
-  acc = acc_dtype(stack)
-  size = jnp.minimum(s, n - bucket * s).astype(acc)
-  w = jnp.zeros((nb, n), acc).at[bucket, perm].set(1.0 / size)
+  index, weight = bucketing_rows(stack, f=f, key=key, s=s)
+  n, nb = num_workers(stack, 'bucketing'), index.shape[0]
+  w = jnp.zeros((nb, n), weight.dtype).at[jnp.arange(nb)[:, None], index].add(weight)
   return weighted_sum(w, stack)
 
 
 def clipping_factors(stack, *, f: int = 0, c):
-  """The (n,) factors of `clipping` (its `Properties.row_scales`), validated like it."""
+  """The (n,) factors of `clipping`, validated like it."""
   n = num_workers(stack, 'clipping')
   check_f('clipping', n, f)
   check_positive('clipping', 'c', c)
@@ -241,7 +280,11 @@ def _clipping_factors(stack, c):
 
 
 @register(
-  'clipping', properties=Properties(orthogonal_equivariant=True, row_scales=clipping_factors)
+  'clipping',
+  properties=Properties(
+    orthogonal_equivariant=True,
+    row_combination=lambda x, **kw: _scaling_rows(clipping_factors(x, **kw)),
+  ),
 )
 def clipping(stack, *, f: int = 0, c, donate: bool = False):
   """Static clipping: x_i · min(1, c / ‖x_i‖).
@@ -275,7 +318,7 @@ def clipping(stack, *, f: int = 0, c, donate: bool = False):
 
 @functools.partial(jax.jit, static_argnames=('f',))
 def arc_factors(stack, *, f: int):
-  """The (n,) factors of `arc` (its `Properties.row_scales`), validated like it."""
+  """The (n,) factors of `arc`, validated like it."""
   n = num_workers(stack, 'arc')
   check_f('arc', n, f)
   k = (2 * f * (n - f)) // n
@@ -285,7 +328,12 @@ def arc_factors(stack, *, f: int):
   return _clip_factors(nrm, -smallest[-1])
 
 
-@register('arc', properties=Properties(orthogonal_equivariant=True, row_scales=arc_factors))
+@register(
+  'arc',
+  properties=Properties(
+    orthogonal_equivariant=True, row_combination=lambda x, **kw: _scaling_rows(arc_factors(x, **kw))
+  ),
+)
 def arc(stack, *, f: int, donate: bool = False):
   """Adaptive robust clipping: clip the k largest-norm inputs to the largest norm of the rest.
 

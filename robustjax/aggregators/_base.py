@@ -39,9 +39,12 @@ class Properties:
       combination of the sorted values (an L-statistic: mean, median, trimmed mean),
       ``order_weights(n, f, **params) -> (n,) array``, the weight of the p-th smallest value. The
       optimal attacks then evaluate a candidate exactly from the honest columns sorted once.
-    row_scales: for a pre-aggregator that rescales each input (clipping, ARC),
-      ``row_scales(stack, f=f, **params) -> (n,) factors`` (0: the slice becomes exactly 0), so
-      that a pipeline can fuse it into the aggregator that follows (`robustjax.pipeline`).
+    row_combination: for a pre-aggregator whose every output is a weighted sum of a few inputs
+      (clipping, ARC: one each, rescaled; bucketing: a bucket's mean),
+      ``row_combination(stack, f=f, [key=key,] **params) -> (index, weight)``, each (k, s):
+      output b = Σ_j weight[b, j] · x_{index[b, j]}, non-finite entries counted as 0. A
+      pipeline then fuses it into the coordinate-wise aggregator that follows
+      (`robustjax.pipeline`).
     center_state: takes ``center=`` (the previous aggregate) as a state carried across steps.
     state_init: for a rule with another state, ``state_init(like, **params) -> dict`` (the initial
       state; its entries are passed to the rule as keyword arguments); params holds ``f`` and
@@ -61,7 +64,7 @@ class Properties:
   distance_based: bool = False
   coordinatewise: bool = False
   order_weights: Callable | None = None
-  row_scales: Callable | None = None
+  row_combination: Callable | None = None
   center_state: bool = False
   state_init: Callable | None = None
   state_next: Callable | None = None
