@@ -20,6 +20,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import platform
@@ -61,6 +62,11 @@ flags.DEFINE_integer(
 flags.DEFINE_bool('compile_only', False, 'only measure compile times')
 flags.DEFINE_integer(
   'peak_size', 4096, 'side m of the square matmul measuring the peak (0: skip the Gram section)'
+)
+flags.DEFINE_bool(
+  'donation',
+  True,
+  'time the stack -> stack pre-aggregators that accept donate= with a fresh output and donated',
 )
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
@@ -172,6 +178,42 @@ def time_robustjax(kind, name, x, f, *, repeats, warmup, iters, compile_only=Fal
     row['time_1iter_s'] = t1
     row['per_iter_s'] = max(t - t1, 0.0) / (iters - 1)
   return row
+
+
+# --- Buffer donation of stack -> stack pre-aggregators -------------------------------------------
+
+
+def donation_section(x, f: int, repeats: int) -> list[dict]:
+  """Standalone pre-aggregators that accept ``donate=``: a fresh output stack against writing
+  into the input's buffers. Each donated call gets its own copy of the stack (made outside the
+  timer), since donation consumes it."""
+  rows = []
+  n = x.shape[0]
+  print('# donation (standalone, outside jit)      fresh ms  donated ms')
+  for name in preaggregators.names():
+    rule = preaggregators.get(name)
+    if 'donate' not in inspect.signature(rule).parameters:
+      continue
+    params = _params(name, n, f, FLAGS.iters)
+    jax.block_until_ready(rule(x, f=f, **params))  # compile both variants
+    jax.block_until_ready(rule(jnp.array(x, copy=True), f=f, donate=True, **params))
+    fresh, donated = [], []
+    for _ in range(max(repeats, 3)):
+      t0 = time.perf_counter()
+      jax.block_until_ready(rule(x, f=f, **params))
+      fresh.append(time.perf_counter() - t0)
+      y = jax.block_until_ready(jnp.array(x, copy=True))
+      t0 = time.perf_counter()
+      jax.block_until_ready(rule(y, f=f, donate=True, **params))
+      donated.append(time.perf_counter() - t0)
+    row = {
+      'rule': name,
+      'fresh_s': statistics.median(fresh),
+      'donated_s': statistics.median(donated),
+    }
+    print(f'# {name:38s} {row["fresh_s"] * 1e3:9.1f} {row["donated_s"] * 1e3:11.1f}')
+    rows.append(row)
+  return rows
 
 
 # --- The Gram product against the machine's peak ----------------------------------------------
@@ -334,6 +376,8 @@ def main(argv):
   info.update(floor_s=floor, gram_s=gram)
   if FLAGS.peak_size and not FLAGS.compile_only:
     info['gram'] = gram_section(x, x_np, FLAGS.peak_size, FLAGS.repeats)
+  if FLAGS.donation and preaggregators is not None and not FLAGS.compile_only:
+    info['donation'] = donation_section(x, f, FLAGS.repeats)
 
   bz = xt = None
   if FLAGS.byzfl:
