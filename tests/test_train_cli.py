@@ -47,6 +47,8 @@ def test_end_to_end_outputs(smoke, full_run):
     on_disk = json.load(fh)
   assert on_disk['final'] == summary['final']
   assert 0.0 <= summary['final']['test_accuracy'] <= 1.0
+  # The programs are compiled before the clock starts: throughput and compile time apart.
+  assert summary['compile_seconds_this_run'] > 0 and summary['steps_per_second_this_run'] > 0
   recs = _records(workdir)
   assert [r['step'] for r in recs if r['kind'] == 'eval'] == [3, 6]
   assert [r['step'] for r in recs if r['kind'] == 'train'] == [2, 4, 6]

@@ -229,6 +229,19 @@ def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None):
   return jax.jit(advance, static_argnums=2)
 
 
+def _compile_ahead(advance, exp, state, lengths) -> float:
+  """Compiles the run's programs (`advance` for every chunk length, the evaluation) before the
+  clock starts, and returns the seconds it took. The jitted functions then find them in their
+  cache, so ``steps_per_second_this_run`` is the training's throughput and compile time is
+  reported on its own."""
+  t0 = time.perf_counter()
+  if hasattr(advance, 'lower'):  # the legacy pmap backend steps from Python: nothing to compile
+    for length in sorted(lengths):
+      advance.lower(state, exp.data, length).compile()
+  exp.eval_fn.lower(state.params, state.model_state, exp.data).compile()
+  return time.perf_counter() - t0
+
+
 def chunks(start: int, stop: int, every=()):
   """The chunk ends of a run from `start` to `stop`: every multiple of each nonzero entry of
   `every` (evaluation, checkpoint, logging intervals) and `stop` itself."""
@@ -363,41 +376,62 @@ def train_and_evaluate(
   if lead:
     _truncate_jsonl(metrics_path, start)
   stop = total if max_steps is None else min(total, start + int(max_steps))
+  log_every, eval_every = config.log_every, config.eval_every
+  ends = list(chunks(start, stop, (log_every, eval_every, config.checkpoint_every)))
   advance = make_advance(exp.step_fn, exp.backend)
+  compile_s = _compile_ahead(advance, exp, state, {b - a for a, b in zip([start, *ends], ends)})
   writer = _outputs.RunWriter(workdir, start=start, tensorboard=config.get('tensorboard', True))
   bar = _progress(total, start, lead and config.progress)
   last_eval = {}
   t0, step = time.perf_counter(), start
-  log_every, eval_every = config.log_every, config.eval_every
   postfix = {}
+  pending = None  # the last dispatched chunk, published once the next one is dispatched
+
+  def publish(chunk):
+    """Reads a finished chunk's metrics (and evaluation) to the host and writes them."""
+    nonlocal last_eval
+    first, end, stacked, evaluation = chunk
+    records = []
+    if stacked is not None:
+      host = {k: np.asarray(v) for k, v in jax.device_get(stacked).items()}
+      for i, s in enumerate(range(first + 1, end + 1)):
+        if s % log_every == 0 or s == total:
+          records.append({'step': s, 'kind': 'train', **{k: float(v[i]) for k, v in host.items()}})
+    if evaluation is not None:
+      last_eval = _setup.to_floats(evaluation)
+      records.append({'step': end, 'kind': 'eval', **last_eval})
+    if lead:
+      writer.write(records)
+    if bar is not None:
+      bar.update(end - bar.n)
+      train = [r for r in records if r['kind'] == 'train']
+      if train:
+        postfix['loss'] = f'{train[-1]["batch_loss"]:.3f}'
+      if 'test_accuracy' in last_eval:
+        postfix['acc'] = f'{last_eval["test_accuracy"]:.3f}'
+      if postfix:
+        bar.set_postfix(postfix, refresh=False)
+
   try:
-    for end in chunks(start, stop, (log_every, eval_every, config.checkpoint_every)):
+    # Each chunk is dispatched (the steps, then the evaluation) before the previous chunk's
+    # metrics are read and written, so the host's logging overlaps the device's next steps: no
+    # host round trip stalls the device except at checkpoints and at the end.
+    for end in ends:
       state, stacked = advance(state, exp.data, end - step)
-      records = []
-      if log_every:
-        host = {k: np.asarray(v) for k, v in jax.device_get(stacked).items()}
-        for i, s in enumerate(range(step + 1, end + 1)):
-          if s % log_every == 0 or s == total:
-            records.append(
-              {'step': s, 'kind': 'train', **{k: float(v[i]) for k, v in host.items()}}
-            )
+      evaluation = None
+      if (eval_every and end % eval_every == 0) or end == total:
+        evaluation = exp.evaluate_async(state)
+      if pending is not None:
+        publish(pending)
+      pending = (step, end, stacked if log_every else None, evaluation)
       step = end
-      if (eval_every and step % eval_every == 0) or step == total:
-        last_eval = exp.evaluate(state)
-        records.append({'step': step, 'kind': 'eval', **last_eval})
-      if lead:
-        writer.write(records)
-      if bar is not None:
-        bar.update(end - bar.n)
-        train = [r for r in records if r['kind'] == 'train']
-        if train:
-          postfix['loss'] = f'{train[-1]["batch_loss"]:.3f}'
-        if 'test_accuracy' in last_eval:
-          postfix['acc'] = f'{last_eval["test_accuracy"]:.3f}'
-        if postfix:
-          bar.set_postfix(postfix, refresh=False)
       if ckpt is not None and (step % config.checkpoint_every == 0 or step == stop):
+        publish(pending)  # the metrics up to a checkpoint are written before it
+        pending = None
         ckpt.save(step, state)
+    if pending is not None:
+      publish(pending)
+      pending = None
   except KeyboardInterrupt:
     saved = ckpt.latest_step() if ckpt is not None else None
     where = f'checkpoint at step {saved}' if saved is not None else 'no checkpoint'
@@ -429,6 +463,7 @@ def train_and_evaluate(
     else None,
     'resumed_from': start,
     'steps_per_second_this_run': (step - start) / elapsed if elapsed > 0 else None,
+    'compile_seconds_this_run': compile_s,
     'config': config.to_dict() if hasattr(config, 'to_dict') else dict(config),
   }
   if lead:

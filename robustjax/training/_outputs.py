@@ -45,8 +45,11 @@ class RunWriter:
           "no TensorBoard output: tensorboardX is missing (pip install 'robustjax[experiments]')"
         )
       else:
+        # Its own thread writes the events (every 10 s and at close), not the training loop.
         self._tb = SummaryWriter(
-          os.path.join(workdir, 'tensorboard'), purge_step=start + 1 if start else None
+          os.path.join(workdir, 'tensorboard'),
+          purge_step=start + 1 if start else None,
+          flush_secs=10,
         )
 
   def write(self, records: Sequence[Mapping]) -> None:
@@ -62,7 +65,6 @@ class RunWriter:
           if name in ('step', 'kind') or not isinstance(value, (int, float)):
             continue
           self._tb.add_scalar(f'{r["kind"]}/{name}', value, global_step=int(r['step']))
-      self._tb.flush()
 
   def close(self) -> None:
     if self._tb is not None:

@@ -237,8 +237,18 @@ class Experiment:
     return self.step_fn(state, self.data)
 
   def evaluate(self, state) -> dict:
-    out = self.eval_fn(state.params, state.model_state, self.data)
-    return {k: float(v) for k, v in jax.device_get(out).items()}
+    """The evaluation of `state` as Python floats (waits for it)."""
+    return to_floats(self.evaluate_async(state))
+
+  def evaluate_async(self, state) -> dict:
+    """The evaluation of `state` as device scalars: dispatched, not awaited (`to_floats` reads
+    them), so the loop can run the next steps meanwhile."""
+    return self.eval_fn(state.params, state.model_state, self.data)
+
+
+def to_floats(values: dict) -> dict:
+  """A dict of device scalars as Python floats (one transfer)."""
+  return {k: float(v) for k, v in jax.device_get(values).items()}
 
 
 def declared_byzantine(config) -> int:
