@@ -36,6 +36,12 @@ flags.DEFINE_string('model', 'mlp', 'Model spec (default: MLP 64-64).')
 flags.DEFINE_integer('batch_size', 32, 'Examples per worker per step.')
 flags.DEFINE_float('min_time', 2.0, 'Minimum seconds of timed steps per measurement.')
 flags.DEFINE_integer('repeats', 5, 'Minimum number of timed steps per measurement.')
+flags.DEFINE_integer(
+  'train_steps', 1000, 'Steps of the train_and_evaluate runs (0: skip that column).'
+)
+flags.DEFINE_integer(
+  'train_checkpoint_every', 100, 'checkpoint_every of the train_and_evaluate runs (0: none).'
+)
 
 
 def _config(n):
@@ -109,6 +115,25 @@ def _loop_step(exp):
   return step
 
 
+def _train_loop(n):
+  """(seconds per step, compile seconds, final test accuracy) of `train_and_evaluate`, the loop
+  users run: the default config's logging (every 10 steps), evaluation (every 50), TensorBoard
+  and checkpoints (`--train_checkpoint_every`); the better of two runs."""
+  import tempfile
+
+  from robustjax import training
+
+  c = _config(n)
+  c.num_steps, c.checkpoint_every = FLAGS.train_steps, FLAGS.train_checkpoint_every
+  c.progress, c.plot = False, False
+  runs = []
+  for _ in range(2):
+    with tempfile.TemporaryDirectory() as workdir:
+      s = training.train_and_evaluate(c, workdir)
+    runs.append((1.0 / s['steps_per_second_this_run'], s['compile_seconds_this_run'], s['final']))
+  return min(runs, key=lambda r: r[0])
+
+
 def _time(step, state):
   """Fastest single step (seconds) over at least `--min_time` seconds and `--repeats` steps.
 
@@ -151,22 +176,30 @@ def main(argv):
     t_loop = None
     if n <= FLAGS.loop_max_n:
       t_loop, _ = _time(_loop_step(exp), exp.init_state())
-    rows.append((n, t_vmap, t_loop))
+    train = _train_loop(n) if FLAGS.train_steps else None
+    rows.append((n, t_vmap, t_loop, train))
     loop = f'{n / t_loop:10.0f}' if t_loop else '         -'
     ratio = f'{t_loop / t_vmap:6.1f}x' if t_loop else '     -'
+    tr = ''
+    if train:
+      tr = (
+        f'   train_and_evaluate {n / train[0]:10.0f} worker-steps/s ({train[0] * 1e3:.2f} '
+        f'ms/step, compile {train[1]:.1f} s, test accuracy {train[2]["test_accuracy"]:.3f})'
+      )
     print(
       f'n={n:5d}  vmap {n / t_vmap:10.0f} worker-steps/s ({t_vmap * 1e3:8.2f} ms/step)   '
-      f'loop {loop} worker-steps/s   vmap/loop {ratio}',
+      f'loop {loop} worker-steps/s   vmap/loop {ratio}{tr}',
       flush=True,
     )
   print(
     '\n| n | vmap step (ms) | vmap worker-steps/s | loop step (ms) | loop worker-steps/s | '
-    'vmap / loop |'
+    'vmap / loop | train_and_evaluate (ms/step) | its worker-steps/s | its compile (s) |'
   )
-  print('|---:|---:|---:|---:|---:|---:|')
-  for n, tv, tl in rows:
+  print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
+  for n, tv, tl, train in rows:
     loop = f'{tl * 1e3:.1f} | {n / tl:,.0f} | {tl / tv:.1f}×' if tl else '- | - | -'
-    print(f'| {n} | {tv * 1e3:.2f} | {n / tv:,.0f} | {loop} |')
+    tr = f'{train[0] * 1e3:.2f} | {n / train[0]:,.0f} | {train[1]:.1f}' if train else '- | - | -'
+    print(f'| {n} | {tv * 1e3:.2f} | {n / tv:,.0f} | {loop} | {tr} |')
 
 
 if __name__ == '__main__':
