@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustjax import aggregators, preaggregators
+from robustjax import stack as stk
 from robustjax._checks import check_f
 from robustjax._registry import Registry
 from robustjax._sorting import NETWORK_MAX_N
@@ -329,7 +330,9 @@ class Pipeline:
     `Properties.row_combination` (clipping, ARC, bucketing), only its (index, weight) are
     computed; the mean then becomes one weighted sum of the original stack, and a network-based
     rule (up to `_sorting.NETWORK_MAX_N` inputs) reads the combined slices as they are formed,
-    fused into its loop. No intermediate stack is written.
+    fused into its loop. No intermediate stack is written. When the stage before the aggregator
+    declares `Properties.mixing_from_dists` (NNM) and the aggregator `weights_from_dists` (Krum,
+    MultiKrum), both run in distance space (`_in_distance_space`).
     """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
     keys = {}
@@ -338,6 +341,15 @@ class Pipeline:
       keys = {i: sub[j] for j, i in enumerate(takers)}
     last, agg = len(self.stages) - 1, self.stages[-1]
     for i, s in enumerate(self.stages[:-1]):
+      if (
+        i == last - 1
+        and s.properties.mixing_from_dists is not None
+        and agg.properties.weights_from_dists is not None
+        and not runtime_kwargs
+        and agg.properties.state_next is None
+        and jax.tree.leaves(stack)[0].shape[0] <= DISTANCE_FUSION_MAX_N
+      ):
+        return _in_distance_space(s, agg, stack, self.f), None
       combination = s.properties.row_combination
       if i != last - 1 or combination is None or not agg.properties.coordinatewise:
         stack = s(stack, self.f, keys.get(i), {})
@@ -357,6 +369,35 @@ class Pipeline:
       else:
         stack = s(stack, self.f, keys.get(i), {})
     return agg(stack, self.f, keys.get(last), runtime_kwargs), stack
+
+
+# Distance-space fusion holds a few (n, n) matrices: up to Krum's own full-matrix bound.
+DISTANCE_FUSION_MAX_N = 4096
+
+
+def _in_distance_space(pre, agg, stack, f: int):
+  """A mixing pre-aggregator then a distance-selecting aggregator, from one Gram product.
+
+  With G the centred Gram of the (rescaled) inputs and W the mixing, the mixed inputs' centred
+  Gram is W G Wᵀ (each row of W sums to one, so the centre cancels), their distances follow, the
+  aggregator's weights a are chosen from them, and the aggregate is Σ_j (aᵀW)_j x_j: one Gram
+  product and one weighted sum over the stack, where the stages one after the other take two
+  Gram products and two n × n × d combinations. Non-finite inputs as in the stages: a mixed
+  input that uses one is unreadable, and an aggregate that selects an unreadable mixed input
+  (or no readable one) is NaN.
+  """
+  gram, finite, _ = stk.scaled_gram(stack)
+  mix = pre.properties.mixing_from_dists(stk.dists_from_gram(gram, finite), f=f, **dict(pre.params))
+  used = mix != 0
+  readable = jnp.any(used & finite, axis=1) & ~jnp.any(used & ~finite, axis=1)
+  hi = jax.lax.Precision.HIGHEST
+  mixed_gram = jnp.matmul(jnp.matmul(mix, gram, precision=hi), mix.T, precision=hi)
+  mixed_dists = stk.dists_from_gram(mixed_gram, readable)
+  a, chosen_readable = agg.properties.weights_from_dists(mixed_dists, f=f, **dict(agg.params))
+  sel = a != 0
+  bad = jnp.any(sel & ~(chosen_readable & readable)) | ~jnp.any(sel & chosen_readable & readable)
+  out = weighted_sum(jnp.matmul(a, mix, precision=hi), stack)
+  return jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), out)
 
 
 def _check_f(owner: str, f) -> None:

@@ -158,6 +158,7 @@ def _clip_factors(nrm, radius):
     kappa_reference='Allouah et al. 2023: NNM ∘ F is (f, (8f/(n − f))(κ_F + 1))-robust',
     orthogonal_equivariant=True,
     distance_based=True,
+    mixing_from_dists=lambda d2, *, f: _nnm_mixing(d2, f),
   ),
 )
 @functools.partial(jax.jit, static_argnames=('f',))
@@ -193,13 +194,18 @@ def nnm(stack, *, f: int):
     Allouah, Farhadkhani, Guerraoui, Gupta, Pinot, Stephan, "Fixing by Mixing: A Recipe for
     Optimal Byzantine ML under Heterogeneity", AISTATS 2023.
   """
-  n = num_workers(stack, 'nnm')
-  check_f('nnm', n, f)
+  num_workers(stack, 'nnm')
   d2, finite, _ = scaled_sq_dists(stack)
+  return weighted_sum(_nnm_mixing(d2, f), stack, finite=finite)
+
+
+def _nnm_mixing(d2, f: int):
+  """NNM's (n, n) weights from the squared distances: 1/(n − f) on each row's n − f nearest."""
+  n = d2.shape[0]
+  check_f('nnm', n, f)
   k = n - f
   _, idx = jax.lax.top_k(-d2, k)
-  w = jnp.zeros((n, n), d2.dtype).at[jnp.arange(n)[:, None], idx].set(1.0 / k)
-  return weighted_sum(w, stack, finite=finite)
+  return jnp.zeros((n, n), d2.dtype).at[jnp.arange(n)[:, None], idx].set(1.0 / k)
 
 
 @functools.partial(jax.jit, static_argnames=('f', 's'))

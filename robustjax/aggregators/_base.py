@@ -45,6 +45,16 @@ class Properties:
       output b = Σ_j weight[b, j] · x_{index[b, j]}, non-finite entries counted as 0. A
       pipeline then fuses it into the coordinate-wise aggregator that follows
       (`robustjax.pipeline`).
+    mixing_from_dists: for a pre-aggregator whose outputs are weighted sums of the inputs chosen
+      from their pairwise distances (NNM), ``mixing_from_dists(d2, f=f, **params) -> W``, the
+      (n, n) weights (output i = Σ_j W_ij x_j) from the (n, n) squared distances (+inf to and
+      from non-finite inputs).
+    weights_from_dists: for an aggregator whose output is a weighted sum of its inputs chosen
+      from their pairwise distances (Krum, MultiKrum), ``weights_from_dists(d2, f=f, **params)
+      -> (a, readable)``: the (n,) weights, and which inputs the choice could read (a selected
+      unreadable one makes the aggregate NaN). With the pre-aggregator above, a pipeline runs
+      both in distance space: one Gram product, then W G Wᵀ, then one weighted sum
+      (`robustjax.pipeline`).
     center_state: takes ``center=`` (the previous aggregate) as a state carried across steps.
     state_init: for a rule with another state, ``state_init(like, **params) -> dict`` (the initial
       state; its entries are passed to the rule as keyword arguments); params holds ``f`` and
@@ -65,6 +75,8 @@ class Properties:
   coordinatewise: bool = False
   order_weights: Callable | None = None
   row_combination: Callable | None = None
+  mixing_from_dists: Callable | None = None
+  weights_from_dists: Callable | None = None
   center_state: bool = False
   state_init: Callable | None = None
   state_next: Callable | None = None

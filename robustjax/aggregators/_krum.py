@@ -199,13 +199,25 @@ def krum_scores(stack, *, f: int, num_neighbors: int | None = None) -> jax.Array
   return _scores_from_dists(d, k) * (scale * scale)
 
 
-def _multikrum(rule, stack, f, m, num_neighbors, block=None):
-  n, k = _check_krum(rule, stack, f, num_neighbors)
+def _check_m(rule, n, f, m) -> int:
   if m is None:
     m = n - f
   check_positive_int(rule, 'm', m)
   if m > n:
     raise ValueError(f'{rule}: m must be <= n; got m={m}, n={n}')
+  return m
+
+
+def _weights_from_dists(rule, d2, f, m, num_neighbors):
+  """(weights, readable): MultiKrum's selection from the (n, n) scaled squared distances."""
+  n, k = _check_krum(rule, d2, f, num_neighbors)
+  scores = _scores_from_dists(d2, k)
+  return _lowest_weights(scores, _check_m(rule, n, f, m)), jnp.isfinite(scores)
+
+
+def _multikrum(rule, stack, f, m, num_neighbors, block=None):
+  n, k = _check_krum(rule, stack, f, num_neighbors)
+  m = _check_m(rule, n, f, m)
   scores = _scores(stack, k, block)
   # A selected input of infinite score was chosen without the information Krum needs: NaN.
   return st.weighted_sum(_lowest_weights(scores, m), stack, finite=jnp.isfinite(scores))
@@ -218,6 +230,9 @@ def _multikrum(rule, stack, f, m, num_neighbors, block=None):
     kappa_reference='Allouah et al. 2023: Krum, κ = 6(1 + f/(n−2f))',
     orthogonal_equivariant=True,
     distance_based=True,
+    weights_from_dists=lambda d2, *, f, num_neighbors=None: _weights_from_dists(
+      'krum', d2, f, 1, num_neighbors
+    ),
   ),
 )
 @functools.partial(jax.jit, static_argnames=('f', 'num_neighbors'))
@@ -269,6 +284,9 @@ def krum(stack, *, f: int, num_neighbors: int | None = None):
     kappa_reference='m = 1 is Krum; the m > 1 bound of arXiv:2602.03899 is not encoded',
     orthogonal_equivariant=True,
     distance_based=True,
+    weights_from_dists=lambda d2, *, f, m=None, num_neighbors=None, block=None: _weights_from_dists(
+      'multikrum', d2, f, m, num_neighbors
+    ),
   ),
 )
 @functools.partial(jax.jit, static_argnames=('f', 'm', 'num_neighbors', 'block'))
