@@ -382,20 +382,18 @@ def _in_distance_space(pre, agg, stack, f: int):
   Gram is W G Wᵀ (each row of W sums to one, so the centre cancels), their distances follow, the
   aggregator's weights a are chosen from them, and the aggregate is Σ_j (aᵀW)_j x_j: one Gram
   product and one weighted sum over the stack, where the stages one after the other take two
-  Gram products and two n × n × d combinations. Non-finite inputs as in the stages: a mixed
-  input that uses one is unreadable, and an aggregate that selects an unreadable mixed input
-  (or no readable one) is NaN.
+  Gram products, an n × n × d mixing product and a weighted sum. Non-finite inputs as in the
+  stages (`stack.unreadable`): a mixed input that uses one is unreadable, and an aggregate that
+  selects an unreadable mixed input (or no readable one) is NaN.
   """
   gram, finite, _ = stk.scaled_gram(stack)
   mix = pre.properties.mixing_from_dists(stk.dists_from_gram(gram, finite), f=f, **dict(pre.params))
-  used = mix != 0
-  readable = jnp.any(used & finite, axis=1) & ~jnp.any(used & ~finite, axis=1)
+  readable = ~stk.unreadable(mix, finite)
   hi = jax.lax.Precision.HIGHEST
   mixed_gram = jnp.matmul(jnp.matmul(mix, gram, precision=hi), mix.T, precision=hi)
   mixed_dists = stk.dists_from_gram(mixed_gram, readable)
   a, chosen_readable = agg.properties.weights_from_dists(mixed_dists, f=f, **dict(agg.params))
-  sel = a != 0
-  bad = jnp.any(sel & ~(chosen_readable & readable)) | ~jnp.any(sel & chosen_readable & readable)
+  bad = stk.unreadable(a, chosen_readable & readable)
   out = weighted_sum(jnp.matmul(a, mix, precision=hi), stack)
   return jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), out)
 

@@ -63,6 +63,7 @@ __all__ = [
   'scaled_gram',
   'scaled_sq_dists',
   'weighted_sum',
+  'unreadable',
   'robust_center_index',
   'flatten',
   'random_projection',
@@ -422,6 +423,14 @@ def pairwise_sq_dists(stack, *, center=None) -> jax.Array:
   return dists_from_gram(*centred_gram(stack, center=center))
 
 
+def unreadable(weights: jax.Array, finite: jax.Array) -> jax.Array:
+  """Which combinations Σ_i w_i x_i cannot be read: non-zero weight on a non-finite input, or on
+  no finite one (`weights` (..., n), `finite` (n,) bool; the result drops the last axis)."""
+  used = jnp.asarray(weights) != 0
+  finite = jnp.asarray(finite)
+  return jnp.any(used & ~finite, axis=-1) | ~jnp.any(used & finite, axis=-1)
+
+
 def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, finite=None):
   """Σ_i w_i x_i: a `tensordot` per leaf over the worker axis.
 
@@ -442,9 +451,7 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
   """
   weights = jnp.asarray(weights)
   if finite is not None:
-    used = weights != 0
-    finite = jnp.asarray(finite)
-    bad = jnp.any(used & ~finite, axis=-1) | ~jnp.any(used & finite, axis=-1)
+    bad = unreadable(weights, finite)
 
   def combine(x):
     x = jnp.asarray(x)
