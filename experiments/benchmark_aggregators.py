@@ -16,6 +16,7 @@ Examples:
       --json_out=/tmp/agg.json
   python experiments/benchmark_aggregators.py --compile_only --n=256 --d=1000 --f=8 \
       --rules=median,trimmed_mean,meamed
+  python experiments/benchmark_aggregators.py --cc_switch=16,64,256 --repeats=3
 """
 
 from __future__ import annotations
@@ -68,6 +69,16 @@ flags.DEFINE_bool(
   True,
   'time the stack -> stack pre-aggregators that accept donate= with a fresh output and donated',
 )
+flags.DEFINE_list(
+  'cc_switch',
+  [],
+  'only run the centered_clipping switch section: these numbers of workers n (d = '
+  '--cc_switch_elements / n), each path at each of --cc_switch_iters',
+)
+flags.DEFINE_list(
+  'cc_switch_iters', ['1', '2', '3', '4', '6', '8', '12', '16', '24'], 'iterations L'
+)
+flags.DEFINE_integer('cc_switch_elements', 64_000_000, 'n · d of each stack in --cc_switch')
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
 flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
@@ -219,6 +230,40 @@ def donation_section(x, f: int, repeats: int) -> list[dict]:
 # --- The Gram product against the machine's peak ----------------------------------------------
 
 
+def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]:
+  """centered_clipping's two paths ('direct': two passes per iteration; 'gram': one centred Gram,
+  then O(n²) per iteration) at each (n, L), with the one `method='auto'` picks."""
+  from robustjax.aggregators._iterative import CC_GRAM_MIN_ITERS
+
+  rule = aggregators.get('centered_clipping')
+  rows = []
+  print(
+    '# centered_clipping paths        n         d   L  direct ms    gram ms  faster  auto  '
+    'auto / best'
+  )
+  for n in ns:
+    d = elements // n
+    _, x = _stack(n, d, FLAGS.seed, jnp.float32)
+    floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
+    _, floor = _time(floor_fn, x, repeats=max(repeats, 3), warmup=1)
+    for iters in iters_list:
+      t = {}
+      for method in ('direct', 'gram'):
+        fn = _jit(lambda x, m=method, i=iters: rule(x, f=0, tau=10.0, iters=i, method=m))
+        _, t[method] = _time(fn, x, repeats=repeats, warmup=1)
+      auto = 'gram' if iters >= CC_GRAM_MIN_ITERS else 'direct'
+      best = min(t, key=t.get)
+      row = dict(n=n, d=d, iters=iters, floor_s=floor, direct_s=t['direct'], gram_s=t['gram'])
+      row.update(auto=auto, faster=best, auto_over_best=t[auto] / t[best])
+      rows.append(row)
+      print(
+        f'# {"":<28} {n:>4} {d:>9} {iters:>3} {t["direct"] * 1e3:>10.1f} {t["gram"] * 1e3:>10.1f}'
+        f'  {best:>6}  {auto:>6}  {row["auto_over_best"]:>6.2f}',
+        flush=True,
+      )
+  return rows
+
+
 def gram_section(x, x_np, m: int, repeats: int) -> dict:
   """Prints and returns GFLOP/s of the Gram products against the measured matmul peak.
 
@@ -367,6 +412,15 @@ def main(argv):
   }
   print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
   info['xla_cpu_vector_width'] = FLAGS.xla_cpu_vector_width
+
+  if FLAGS.cc_switch:
+    ns = [int(v) for v in FLAGS.cc_switch]
+    iters_list = [int(v) for v in FLAGS.cc_switch_iters]
+    rows = cc_switch_section(ns, iters_list, FLAGS.cc_switch_elements, FLAGS.repeats)
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, 'w') as fh:
+        json.dump({'info': info, 'cc_switch': rows}, fh, indent=1)
+    return
 
   floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
   gram_fn = _jit(lambda x: x @ x.T)

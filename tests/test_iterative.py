@@ -278,6 +278,7 @@ def test_center_can_be_traced_and_tau_traced():
     ('centered_clipping', dict(f=6), 'n > 2f'),
     ('centered_clipping', dict(f=1, tau=0.0), 'tau'),
     ('centered_clipping', dict(f=1, iters=0), 'iters'),
+    ('centered_clipping', dict(f=1, method='newton'), 'method'),
     ('caf', dict(f=-1), 'f must be >= 0'),
     ('caf', dict(f=6), 'n > 2f'),
     ('caf', dict(f=1, power_iters=0), 'power_iters'),
@@ -298,10 +299,12 @@ def test_empty_and_mismatched_stacks(name):
     aggregators.get(name)({}, f=0)
 
 
+@pytest.mark.parametrize('method', ['direct', 'gram', 'auto'])
 @pytest.mark.parametrize('iters', [3, 8])
-def test_centered_clipping_in_n_space_against_float64(iters):
-  """From 3 iterations on the rule runs on the Gram matrix: the same iterates as the NumPy
-  recursion, non-finite and huge Byzantine rows included, and scale-equivariant."""
+def test_centered_clipping_paths_against_float64(iters, method):
+  """Both paths (two passes per iteration, or n-space on the Gram matrix) and the automatic
+  choice give the iterates of the NumPy recursion, non-finite and huge Byzantine rows included,
+  and are scale-equivariant."""
   rng = np.random.default_rng(iters)
   x = rng.normal(size=(14, 40)) + 3.0
   c = rng.normal(size=40)
@@ -315,13 +318,15 @@ def test_centered_clipping_in_n_space_against_float64(iters):
     return v
 
   got = aggregators.centered_clipping(
-    jnp.asarray(x), f=3, center=jnp.asarray(c), tau=2.0, iters=iters
+    jnp.asarray(x), f=3, center=jnp.asarray(c), tau=2.0, iters=iters, method=method
   )
   np.testing.assert_allclose(got, ref(ref_x, c, 2.0), rtol=1e-5, atol=1e-5)
   bad = x.copy()
   bad[-1] = np.nan
   bad[-2] = 1e30
-  out = aggregators.centered_clipping(jnp.asarray(bad, jnp.float32), f=3, tau=2.0, iters=iters)
+  out = aggregators.centered_clipping(
+    jnp.asarray(bad, jnp.float32), f=3, tau=2.0, iters=iters, method=method
+  )
   assert np.all(np.isfinite(out))
   # The two bad rows get weight 0; the others see n = 14 in their weights.
   np.testing.assert_allclose(
@@ -331,7 +336,23 @@ def test_centered_clipping_in_n_space_against_float64(iters):
     atol=1e-5,
   )
   big = aggregators.centered_clipping(
-    jnp.asarray(x * 1e20, jnp.float32), f=3, tau=2e20, iters=iters
+    jnp.asarray(x * 1e20, jnp.float32), f=3, tau=2e20, iters=iters, method=method
   )
-  small = aggregators.centered_clipping(jnp.asarray(x, jnp.float32), f=3, tau=2.0, iters=iters)
+  small = aggregators.centered_clipping(
+    jnp.asarray(x, jnp.float32), f=3, tau=2.0, iters=iters, method=method
+  )
   np.testing.assert_allclose(np.asarray(big) / 1e20, small, rtol=1e-4)
+
+
+def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count():
+  """`method='auto'` runs in n-space (it forms an (n, n) matrix) from `CC_GRAM_MIN_ITERS` on."""
+  from robustjax.aggregators._iterative import CC_GRAM_MIN_ITERS
+
+  n = 16
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 7)), jnp.float32)
+  lowered = {
+    iters: jax.jit(lambda s, i=iters: centered_clipping(s, f=2, iters=i)).lower(x).as_text()
+    for iters in (CC_GRAM_MIN_ITERS - 1, CC_GRAM_MIN_ITERS)
+  }
+  assert f'tensor<{n}x{n}xf32>' not in lowered[CC_GRAM_MIN_ITERS - 1]
+  assert f'tensor<{n}x{n}xf32>' in lowered[CC_GRAM_MIN_ITERS]

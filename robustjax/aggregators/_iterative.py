@@ -230,7 +230,9 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
   'centered_clipping',
   properties=Properties(center_state=True),
 )
-def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 1):
+def centered_clipping(
+  stack, *, f: int = 0, center=None, tau=10.0, iters: int = 1, method: str = 'auto'
+):
   """Centered clipping: v ← v + (1/n) Σ_i (x_i − v) · min(1, τ / ‖x_i − v‖), `iters` times.
 
   Starts from `center`, the previous aggregate: the rule is stateful across training steps, and
@@ -250,11 +252,13 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
   Distances are computed on the stack divided by a power-of-two scale of the spread around v_0
   (τ likewise), so inputs at 1e20 behave as at 1.
 
-  Cost: for ``iters`` < 3, per iteration one pass for the distances (`sq_dists_to`) and one for
-  the weighted combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
-  w_i = min(1, τ / ‖x_i − v_l‖) / n. From 3 iterations on it runs in n-space: one centred Gram
-  product around v_0 (n² d), O(n²) per iteration, one final weighted pass (v_l stays an affine
-  combination of v_0 and the inputs, so its distances follow from the Gram matrix).
+  Cost: two ways to run the same iterations (`method`).
+  ``'direct'``: per iteration one pass for the distances (`sq_dists_to`) and one for the
+  weighted combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
+  w_i = min(1, τ / ‖x_i − v_l‖) / n. ``'gram'`` (n-space): one centred Gram product around v_0
+  (n² d), O(n²) per iteration, one final weighted pass (v_l stays an affine combination of v_0
+  and the inputs, so its distances follow from the Gram matrix). ``'auto'`` picks n-space from
+  `CC_GRAM_MIN_ITERS` = 4 iterations on, where it was measured to pay on CPU (BENCHMARKS.md).
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
@@ -262,13 +266,15 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
     center: the start v_0, a tree like one slice of the stack (a runtime argument); None: zeros.
     tau: the clipping radius τ > 0 (may be traced; checked when it is concrete).
     iters: the number of clipping iterations L (static int ≥ 1).
+    method: ``'auto'`` (default), ``'direct'`` or ``'gram'`` (static; see Cost). The two give the
+      same iterates up to rounding.
 
   Returns:
     A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
 
   Raises:
-    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1, τ ≤ 0 or a
-      center unlike one slice of the stack.
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1, τ ≤ 0, an unknown
+      method or a center unlike one slice of the stack.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -283,11 +289,15 @@ def centered_clipping(stack, *, f: int = 0, center=None, tau=10.0, iters: int = 
   check_f(rule, n, f)
   check_positive_int(rule, 'iters', iters)
   check_positive(rule, 'tau', tau)
-  return _centered_clipping(stack, center, tau, f=f, iters=iters)
+  if method not in CC_METHODS:
+    raise ValueError(f'{rule}: method must be one of {CC_METHODS}, got {method!r}')
+  if method == 'auto':
+    method = 'gram' if iters >= CC_GRAM_MIN_ITERS else 'direct'
+  return _centered_clipping(stack, center, tau, f=f, iters=iters, method=method)
 
 
-@functools.partial(jax.jit, static_argnames=('f', 'iters'))
-def _centered_clipping(stack, center, tau, *, f, iters):
+@functools.partial(jax.jit, static_argnames=('f', 'iters', 'method'))
+def _centered_clipping(stack, center, tau, *, f, iters, method):
   rule = 'centered_clipping'
   n = num_workers(stack, rule)
   leaves, treedef = jax.tree.flatten(stack)
@@ -303,7 +313,7 @@ def _centered_clipping(stack, center, tau, *, f, iters):
   # Distances in units of the spread around the start (τ likewise): no overflow at 1e20.
   scale = normaliser(stack, v).scale
   tau = tau / scale
-  if iters >= CC_GRAM_ITERS:
+  if method == 'gram':
     return _centered_clipping_gram(stack, v, tau, scale, iters)
 
   def step(_, carry):
@@ -322,10 +332,13 @@ def _centered_clipping(stack, center, tau, *, f, iters):
   return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
 
 
-# From this many iterations on, centered clipping runs in n-space (one centred Gram product, then
-# O(n²) per iteration) instead of two streaming passes per iteration (BENCHMARKS.md: the Gram
-# costs about as much as three to four iterations of passes on CPU).
-CC_GRAM_ITERS = 3
+CC_METHODS = ('auto', 'direct', 'gram')
+
+# From this many iterations on, `centered_clipping(method='auto')` runs in n-space. Measured on
+# CPU (BENCHMARKS.md, `--cc_switch`, n · d = 1.6e7): the n-space path was faster from L = 2
+# (n = 16), 5–6 (n = 64) and 3 (n = 256), with no trend in n; at 4 the choice is within 1.7× of
+# the faster path in every measured (n, L).
+CC_GRAM_MIN_ITERS = 4
 
 
 def _centered_clipping_gram(stack, v0, tau, scale, iters):
