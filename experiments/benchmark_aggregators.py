@@ -233,7 +233,7 @@ def donation_section(x, f: int, repeats: int) -> list[dict]:
 def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]:
   """centered_clipping's two paths ('direct': two passes per iteration; 'gram': one centred Gram,
   then O(n²) per iteration) at each (n, L), with the one `method='auto'` picks."""
-  from robustjax.aggregators._iterative import CC_GRAM_MIN_ITERS
+  from robustjax.aggregators._iterative import cc_auto_method
 
   rule = aggregators.get('centered_clipping')
   rows = []
@@ -244,16 +244,14 @@ def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]
   for n in ns:
     d = elements // n
     _, x = _stack(n, d, FLAGS.seed, jnp.float32)
-    floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
-    _, floor = _time(floor_fn, x, repeats=max(repeats, 3), warmup=1)
     for iters in iters_list:
       t = {}
       for method in ('direct', 'gram'):
         fn = _jit(lambda x, m=method, i=iters: rule(x, f=0, tau=10.0, iters=i, method=m))
         _, t[method] = _time(fn, x, repeats=repeats, warmup=1)
-      auto = 'gram' if iters >= CC_GRAM_MIN_ITERS else 'direct'
+      auto = cc_auto_method(iters)
       best = min(t, key=t.get)
-      row = dict(n=n, d=d, iters=iters, floor_s=floor, direct_s=t['direct'], gram_s=t['gram'])
+      row = dict(n=n, d=d, iters=iters, direct_s=t['direct'], gram_s=t['gram'])
       row.update(auto=auto, faster=best, auto_over_best=t[auto] / t[best])
       rows.append(row)
       print(
@@ -410,10 +408,9 @@ def main(argv):
     'f': f,
     'dtype': FLAGS.dtype,
   }
-  print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
   info['xla_cpu_vector_width'] = FLAGS.xla_cpu_vector_width
-
   if FLAGS.cc_switch:
+    print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), float32')
     ns = [int(v) for v in FLAGS.cc_switch]
     iters_list = [int(v) for v in FLAGS.cc_switch_iters]
     rows = cc_switch_section(ns, iters_list, FLAGS.cc_switch_elements, FLAGS.repeats)
@@ -422,6 +419,7 @@ def main(argv):
         json.dump({'info': info, 'cc_switch': rows}, fh, indent=1)
     return
 
+  print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
   floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
   gram_fn = _jit(lambda x: x @ x.T)
   _, floor = _time(floor_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
