@@ -414,6 +414,28 @@ def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h
   np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize('n_h, f', [(1, 1), (3, 5), (7, 2), (8, 3)])
+def test_order_statistic_evaluation_of_any_weights_against_numpy(n_h, f):
+  # Any L-statistic (weights in runs, negative ones too): the window / clamp evaluation against
+  # the float64 sort of the combined column, with ties and candidates beyond every honest value.
+  from robustjax.attacks import _optimal
+
+  rng = np.random.default_rng(10 * n_h + f)
+  honest = jnp.asarray(rng.integers(-3, 4, size=(n_h, 6)), jnp.float32)
+  base, direction = jnp.zeros(6), jnp.asarray([1.0, -1.0, 0.5, 2.0, 0.0, 1.0])
+  taus = np.asarray([0.0, 0.5, 1.0, -2.0, 3.5, 40.0, -1e6], np.float32)
+  for _ in range(6):
+    weights = np.repeat(rng.integers(-2, 3, size=4) / 4.0, rng.multinomial(n_h + f, [0.25] * 4))
+    fast = _optimal._order_statistic_evaluator(honest, base, direction, weights, f)
+    got = np.asarray(jax.jit(jax.vmap(fast))(jnp.asarray(taus)))
+    h = np.asarray(honest, np.float64)
+    for tau, value in zip(taus, got):
+      c = np.asarray(tau * np.asarray(direction) + np.asarray(base), np.float32)
+      column = np.sort(np.concatenate([h, np.repeat(c[None].astype(np.float64), f, 0)]), axis=0)
+      want = np.linalg.norm(weights @ column - h.mean(0))
+      np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5, err_msg=f'{weights}, {tau}')
+
+
 @pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean'])
 def test_declared_order_weights_reproduce_the_rule(spec):
   # Σ_p w_p x_(p) per coordinate, against the rule itself, in float64 NumPy.

@@ -45,51 +45,77 @@ def _line_evaluator(honest, base, direction, rule, f, key):
   return evaluate
 
 
+def _weight_windows(weights: np.ndarray) -> list[tuple[int, int, float]]:
+  """The maximal runs [a, b) of one nonzero weight β: Σ_p w_p v_(p) = Σ β · Σ_{a<=p<b} v_(p)."""
+  runs, a = [], 0
+  for p in range(1, len(weights) + 1):
+    if p == len(weights) or weights[p] != weights[a]:
+      if weights[a]:
+        runs.append((a, p, float(weights[a])))
+      a = p
+  return runs
+
+
+def _clamp(c, lo, hi):
+  """min(max(c, lo), hi), with None for −∞ (lo) or +∞ (hi)."""
+  c = c if lo is None else jnp.maximum(c, lo)
+  return c if hi is None else jnp.minimum(c, hi)
+
+
 def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: int):
   """τ -> the same error as `_line_evaluator`, for an L-statistic defender, without its sort.
 
   The defender outputs, per coordinate, Σ_p w_p v_(p) over the sorted values v of the honest
-  column plus f copies of the candidate value c. With the honest column sorted once (s_0 <= … <=
-  s_{n_h−1}) and r = #{q : s_q < c}, the copies take positions r … r + f − 1, so
+  column plus f copies of the candidate value c: a sum over windows [a, b) of one weight β
+  (`_weight_windows`: one window for the mean, the median and the trimmed mean). With the honest
+  column sorted once (s_0 <= … <= s_{n_h−1}; s_q = −∞ for q < 0 and +∞ for q >= n_h), the sum
+  of positions a … b − 1 of the combined column is
 
-    F = Σ_{q<r} w_q s_q + Σ_{q>=r} w_{q+f} s_q + c · W_r,   W_r = Σ_{p=r}^{r+f−1} w_p,
+    Σ_{q=a}^{b−f−1} s_q + Σ_{j<min(f, b−a)} clamp(c, s_{a−f+j}, s_{max(b−f, a)+j}),
 
-  and since [q < r] = [s_q < c], F = Σ_q (s_q < c ? w_q : w_{q+f}) s_q + c·W_r, where W_r
-  changes only at rows with w_q ≠ w_{q+f}. Rows with w_q = w_{q+f} contribute the same either
-  way (summed once per call); a candidate costs one fused elementwise pass over the others (four
-  rows for the median, 2f for the trimmed mean, none for the mean: one pass over the honest
-  stack). The sort is done once per call, by the layered network. Exact: values equal to c may
-  sit on either side of the copies without changing the sorted multiset. The candidate is
-  rounded to the stack's dtype as the Byzantine rows are.
+  exactly (the f copies shift the window by up to f places; each clamp is the value a pair of
+  honest order statistics lets through). The first sum does not depend on c (summed once per
+  call); a candidate costs one fused elementwise pass over 2·min(f, b − a) sorted rows: none
+  for the mean (no sort at all), four for the median, 2f for the trimmed mean. The sort is the
+  layered network (`_sorting.select_layered`), once per call. The clamp never forms
+  ∞ − ∞, so candidates beyond the float range and infinite honest values give the rule's own
+  output. Non-finite honest values sort as +∞ (NaN included), as the rules treat them; the
+  candidate is rounded to the stack's dtype as the Byzantine rows are.
+
+  References:
+    Checked exhaustively against the sorted combined column in tests/test_attacks.py.
   """
   mu = _mean(honest)
   n_h = jax.tree.leaves(honest)[0].shape[0]
   x = flatten(honest)
-  lo, hi = weights[:n_h], weights[f : f + n_h]
-  varying = [q for q in range(n_h) if lo[q] != hi[q]]
-  if not varying and np.all(lo == lo[0]):  # the mean: no order statistic matters, no sort
-    const = jnp.matmul(jnp.full((n_h,), lo[0], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
+  fixed = np.zeros(n_h)  # weight of each sorted honest row in the candidate-free sum
+  windows = []  # (β, [(low rank or None for −∞, high rank or None for +∞), ...])
+  for a, b, beta in _weight_windows(weights):
+    fixed[a : max(b - f, a)] += beta
+    pairs = [(a - f + j, max(b - f, a) + j) for j in range(min(f, b - a))]
+    windows.append(
+      (beta, [(lo if lo >= 0 else None, hi if hi < n_h else None) for lo, hi in pairs])
+    )
+  ranks = sorted({q for _, pairs in windows for pair in pairs for q in pair if q is not None})
+  if not ranks and np.all(fixed == fixed[0]):  # the mean: the order does not matter, no sort
+    const = jnp.matmul(jnp.full((n_h,), fixed[0], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
+    row = {}
   else:
-    rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), range(n_h), chunk=512)
-    fixed = [q for q in range(n_h) if lo[q] and lo[q] == hi[q]]  # same weight either side of c
-    const = functools.reduce(jnp.add, [lo[q] * rows[q] for q in fixed], jnp.zeros_like(x[0]))
-
-  # W_r, summed exactly from the weights (never as W_0 + Σ Δ: c·(rounding) would be large for a
-  # large c), for r just past each varying row.
-  copies = [float(weights[r : r + f].sum()) for r in [0] + [q + 1 for q in varying]]
+    ranks = sorted(set(ranks) | {q for q in range(n_h) if fixed[q]})
+    rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), ranks, chunk=512)
+    row = dict(zip(ranks, rows))
+    const = functools.reduce(
+      jnp.add, [fixed[q] * row[q] for q in range(n_h) if fixed[q]], jnp.zeros_like(x[0])
+    )
 
   def evaluate(tau):
     point = jax.tree.map(lambda b: b[0], _repeat(_axpy(tau, direction, base), 1, honest))
     c = flatten(jax.tree.map(lambda p: p[None], point))[0]
     c = jnp.where(jnp.isnan(c), jnp.inf, c)
-    out, w_copies = const, jnp.full_like(c, copies[0])
-    for j, q in enumerate(varying):
-      below = rows[q] < c
-      out = out + jnp.where(
-        below, lo[q] * rows[q] if lo[q] else 0.0, hi[q] * rows[q] if hi[q] else 0.0
-      )
-      w_copies = jnp.where(below, copies[j + 1], w_copies)
-    out = out + jnp.where(w_copies != 0, w_copies * c, 0.0)
+    out = const
+    for beta, pairs in windows:
+      clamped = [_clamp(c, row.get(lo), row.get(hi)) for lo, hi in pairs]
+      out = out + beta * functools.reduce(jnp.add, clamped)
     return _deviation(unflatten(out, honest), mu)
 
   return evaluate
@@ -427,10 +453,11 @@ _OPT_DOC = """
       machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend in the QR; see BENCHMARKS.md).
     order_statistics: evaluate the candidates exactly from the honest columns sorted once, for a
       defender that is an L-statistic (declares `order_weights`: mean, median, trimmed mean):
-      per candidate a binary search per coordinate and one gather, instead of the defender's
-      selection network over n rows (candidates one at a time: `batch_size` is not used).
-      None (default) turns it on for such a defender (see `evaluation_shortcut`); False runs the
-      defender itself on every candidate.
+      per candidate one elementwise pass over a few sorted rows (clamps of the candidate between
+      pairs of honest order statistics: four rows for the median, 2f for the trimmed mean, none
+      for the mean) instead of the defender's selection network over n rows (candidates one at
+      a time: `batch_size` is not used). None (default) turns it on for such a defender (see
+      `evaluation_shortcut`); False runs the defender itself on every candidate.
 
     search: ``'grid'`` (default: the vmapped grid and refinement above) or ``'byzfl'``: ByzFL
       0.0.11's sequential expansion / contraction line search, step for step, with its
