@@ -72,6 +72,16 @@ def check_positive_int(rule: str, name: str, value, *, minimum: int = 1) -> None
     raise ValueError(f'{rule}: {name} must be an int >= {minimum}; got {value!r}')
 
 
+def check_choice(rule: str, name: str, value, choices) -> None:
+  """Checks that a static option is one of `choices` (of the same type: True is not 1)."""
+
+  def same(c):
+    return isinstance(value, type(c)) and isinstance(value, bool) == isinstance(c, bool)
+
+  if not any(same(c) and value == c for c in choices):
+    raise ValueError(f'{rule}: {name} must be one of {tuple(choices)}; got {value!r}')
+
+
 def check_positive(rule: str, name: str, value, *, allow_zero: bool = False) -> None:
   """Checks a real parameter (> 0, or >= 0) when it is concrete: a Python number or a concrete
   array (traced values pass unchecked; they cannot be inspected at trace time)."""

@@ -253,6 +253,18 @@ def test_mda_tie_rules_default_and_byzfl():
     aggregators.mda(jnp.asarray(x), f=2, ties='first')
 
 
+def test_a_static_option_must_be_one_of_its_choices():
+  from robustjax._checks import check_choice
+
+  check_choice('rule', 'mode', 'a', ('a', 'b'))
+  check_choice('rule', 'count', 1, (1, 2))
+  for bad in ('c', None, True, 1.0, jnp.asarray(1), ['a']):
+    with pytest.raises(ValueError, match=r"rule: mode must be one of \('a', 'b', 1\); got"):
+      check_choice('rule', 'mode', bad, ('a', 'b', 1))
+  with pytest.raises(ValueError, match='centered_clipping: method must be one of'):
+    aggregators.centered_clipping(jnp.ones((5, 2)), f=1, method='fast')
+
+
 def _top_eig(x):
   c = x - x.mean(0)
   return np.linalg.eigvalsh(c.T @ c / len(x))[-1]

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from robustjax._checks import (
+  check_choice,
   check_f,
   check_like_slice,
   check_positive,
@@ -289,8 +290,7 @@ def centered_clipping(
   check_f(rule, n, f)
   check_positive_int(rule, 'iters', iters)
   check_positive(rule, 'tau', tau)
-  if method not in CC_METHODS:
-    raise ValueError(f'{rule}: method must be one of {CC_METHODS}; got {method!r}')
+  check_choice(rule, 'method', method, CC_METHODS)
   if method == 'auto':
     method = cc_auto_method(iters)
   return _centered_clipping(stack, center, tau, f=f, iters=iters, method=method)
@@ -457,8 +457,7 @@ def caf(stack, *, f: int, power_iters: int | None = None, tau_max: str = 'active
   check_f(rule, n, f)
   if power_iters is not None:
     check_positive_int(rule, 'power_iters', power_iters)
-  if tau_max not in CAF_TAU_MAX:
-    raise ValueError(f'{rule}: tau_max must be one of {CAF_TAU_MAX}; got {tau_max!r}')
+  check_choice(rule, 'tau_max', tau_max, CAF_TAU_MAX)
   gram, ok, _ = scaled_gram(stack)
   c0 = ok.astype(gram.dtype)
   eye = jnp.eye(n, dtype=gram.dtype)

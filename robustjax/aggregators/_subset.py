@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustjax import stack as st
-from robustjax._checks import check_f, check_positive_int, num_workers
+from robustjax._checks import check_choice, check_f, check_positive_int, num_workers
 from robustjax.aggregators._base import Properties, register
 
 __all__ = ['mda', 'smea']
@@ -258,8 +258,7 @@ def _subset_mask_rule(
     check_positive_int(rule, 'max_subsets', max_subsets)
   rounds = n if local_search_rounds is None else local_search_rounds
   check_positive_int(rule, 'local_search_rounds', rounds)
-  if ties not in TIES:
-    raise ValueError(f'{rule}: ties must be one of {TIES}; got {ties!r}')
+  check_choice(rule, 'ties', ties, TIES)
   d, finite, _ = st.scaled_sq_dists(stack)
   if f == 0:
     return jnp.ones((n,), bool), finite

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robustjax._checks import num_workers
+from robustjax._checks import check_choice, num_workers
 from robustjax._registry import Registry
 from robustjax._spec import parse_spec
 from robustjax.stack import acc_dtype, weighted_sum
@@ -57,8 +57,7 @@ REGISTRY = Registry('attack', default_properties=Kind())
 
 def register(name: str, *, kind: str = 'update', needs_rule: bool = False, init=None):
   """Registers an attack function with its declared kind (a decorator)."""
-  if kind not in KINDS:
-    raise ValueError(f'attack {name!r}: kind must be one of {KINDS}; got {kind!r}')
+  check_choice(f'attack {name!r}', 'kind', kind, KINDS)
   if (kind == 'stateful') != (init is not None):
     raise ValueError(f'attack {name!r}: a stateful attack (and only one) declares init')
   return REGISTRY.register(name, properties=Kind(kind, needs_rule, init))

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustjax import _sorting
-from robustjax._checks import check_positive_int
+from robustjax._checks import check_choice, check_positive_int
 from robustjax.attacks._base import (
   _acc,
   _axpy,
@@ -326,10 +326,8 @@ def _optimal(
   direction='minus',
 ):
   n_h = _check_attack(name, honest, f)
-  if search not in SEARCHES:
-    raise ValueError(f'{name}: search must be one of {SEARCHES}; got {search!r}')
-  if direction not in ('minus', 'plus'):
-    raise ValueError(f"{name}: direction must be 'minus' or 'plus'; got {direction!r}")
+  check_choice(name, 'search', search, SEARCHES)
+  check_choice(name, 'direction', direction, ('minus', 'plus'))
   if search == 'byzfl':
     check_positive_int(name, 'evals', evals)
     _check_float(name, 'start', start)

@@ -7,6 +7,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from robustjax._checks import check_choice
 from robustjax.attacks._base import (
   _axpy,
   _check_attack,
@@ -25,14 +26,13 @@ _DIRECTIONS = ('unit', 'std', 'sign')
 
 
 def _perturbation(rule, direction, mu, honest):
+  check_choice(rule, 'direction', direction, _DIRECTIONS)
   if direction == 'unit':
     nrm = jnp.sqrt(_tree_vdot(mu, mu))
     return jax.tree.map(lambda m: -m / jnp.where(nrm > 0, nrm, 1.0), mu)
   if direction == 'std':
     return jax.tree.map(jnp.negative, _std(honest, mu, 0))
-  if direction == 'sign':
-    return jax.tree.map(lambda m: -jnp.sign(m), mu)
-  raise ValueError(f'{rule}: direction must be one of {_DIRECTIONS}; got {direction!r}')
+  return jax.tree.map(lambda m: -jnp.sign(m), mu)  # 'sign'
 
 
 def _bisect_max(g, thr, hi, iters: int):
@@ -51,8 +51,6 @@ def _bisect_max(g, thr, hi, iters: int):
 def _shejwalkar(rule, honest, f, direction, tol, return_gamma, kind):
   _check_attack(rule, honest, f)
   _check_float(rule, 'tol', tol, positive=True)
-  if direction not in _DIRECTIONS:
-    raise ValueError(f'{rule}: direction must be one of {_DIRECTIONS}; got {direction!r}')
   mu = _mean(honest)
   p = _perturbation(rule, direction, mu, honest)
   # ‖μ + γp − x_i‖² = a_i − 2γ b_i + γ² c: one pass for a, one matvec for b, then O(n) per γ.

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robustjax._checks import check_positive_int, num_workers
+from robustjax._checks import check_choice, check_positive_int, num_workers
 from robustjax.attacks._base import (
   _acc,
   _axpy,
@@ -81,8 +81,7 @@ def alie_z(n: int, f: int, variant: str = 'paper', tau: float = 1.5) -> jax.Arra
   """
   check_positive_int('alie', 'n', n)
   check_positive_int('alie', 'f', f)
-  if variant not in _ALIE_VARIANTS:
-    raise ValueError(f'alie: variant must be one of {_ALIE_VARIANTS}; got {variant!r}')
+  check_choice('alie', 'variant', variant, _ALIE_VARIANTS)
   if variant == 'byzfl':
     _check_float('alie', 'tau', tau)
     return jnp.asarray(-float(tau))
