@@ -26,15 +26,16 @@ import json
 import math
 import platform
 import statistics
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _byzfl import import_byzfl
 from absl import app, flags
 
 from robustjax import aggregators, pipeline, stack
+from robustjax._spec import parse_rule
 
 try:  # pre-aggregators may not exist yet
   from robustjax import preaggregators
@@ -313,30 +314,10 @@ def _wall(fn) -> float:
 # --- ByzFL (optional) -----------------------------------------------------------------------------
 
 
-def _import_byzfl():
-  """Imports ByzFL's aggregator modules without its package __init__ (which needs torchvision)."""
-  import importlib
-  import importlib.util
-  import types
-
-  try:
-    import byzfl  # noqa: F401
-
-    return importlib.import_module('byzfl.aggregators')
-  except ImportError:
-    spec = importlib.util.find_spec('byzfl')
-    if spec is None or not spec.submodule_search_locations:
-      raise
-    for mod in [m for m in sys.modules if m == 'byzfl' or m.startswith('byzfl.')]:
-      del sys.modules[mod]
-    pkg = types.ModuleType('byzfl')
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules['byzfl'] = pkg
-    return importlib.import_module('byzfl.aggregators')
-
-
 def _byzfl_rule(bz, name, n, f):
-  """(callable on a torch (n, d) tensor, note) for our rule `name`, or None if ByzFL lacks it."""
+  """(callable on a torch (n, d) tensor) for our rule or pipeline spec `name`, or None if ByzFL
+  lacks a stage. A pipeline ('nnm+krum') is ByzFL's pre-aggregators applied in order, then its
+  aggregator; a stage's parameters ('clipping(c=2.0)') are passed where ByzFL has the same one."""
   table = {
     'mean': lambda: bz.Average(),
     'median': lambda: bz.Median(),
@@ -351,14 +332,25 @@ def _byzfl_rule(bz, name, n, f):
     'monna': lambda: bz.MoNNA(f=f),
     'caf': lambda: bz.CAF(f=f),
     'nnm': lambda: bz.NNM(f=f),
-    'bucketing': lambda: bz.Bucketing(s=2),
-    'clipping': lambda: bz.Clipping(c=1.0),
+    'bucketing': lambda s=2: bz.Bucketing(s=s),
+    'clipping': lambda c=1.0: bz.Clipping(c=c),
     'arc': lambda: bz.ARC(f=f),
   }
-  if name not in table:
-    return None
-  # Fresh object per call: CenteredClipping keeps its centre as state.
-  return lambda v: table[name]()(v)
+  pre, agg, agg_params = parse_rule(name)
+  stages = [*((p, {}) if isinstance(p, str) else p for p in pre), (agg, agg_params)]
+  for stage, params in stages:  # a stage or parameter ByzFL lacks: no like-for-like rule
+    if stage not in table:
+      return None
+    if not all(pipeline.accepts(table[stage], k, var_keyword=False) for k in params):
+      return None
+
+  def run(v):
+    # Fresh objects per call: CenteredClipping keeps its centre as state.
+    for stage, params in stages:
+      v = table[stage](**params)(v)
+    return v
+
+  return run
 
 
 def _byzfl_config(name, n, d, f):
@@ -367,7 +359,7 @@ def _byzfl_config(name, n, d, f):
     return (FLAGS.byzfl_small_n, min(d, FLAGS.byzfl_small_d), FLAGS.byzfl_small_f), (
       f'ByzFL enumerates all C(n, f) = {math.comb(n, f):.2g} subsets'
     )
-  if name == 'nnm' and n * (n - f) * d * 4 > 2e9:
+  if 'nnm' in name.split('+') and n * (n - f) * d * 4 > 2e9:
     return (n, min(d, FLAGS.byzfl_small_d), f), 'ByzFL builds an n × (n − f) × d tensor'
   return None, ''
 
@@ -436,7 +428,7 @@ def main(argv):
     try:
       import torch
 
-      bz = _import_byzfl()
+      bz = import_byzfl('aggregators')
     except ImportError as e:
       raise app.UsageError(
         f'--byzfl needs torch (CPU) and byzfl: `pip install torch` then '

@@ -14,8 +14,19 @@ during at least `--min_time` seconds (and at least `--repeats` steps), after a w
 (compilation excluded): on a shared machine other processes only add time. The loop runs only
 up to ``--loop_max_n`` workers (its time grows linearly with n).
 
+With ``--byzfl`` (torch and ``byzfl==0.0.11`` installed), ByzFL's own training loop runs the same
+task at each n, beside `train_and_evaluate`: its `Client` / `ByzantineClient` / `Server` classes,
+one `Client` per honest worker (its iid share, `robustjax.data.split`, sampled with replacement in
+batches of `--batch_size`), the same MLP in torch, SGD with the config's learning rate, weight
+decay and worker momentum, the rule as ByzFL's pre-aggregator list and aggregator, the attack as
+ByzFL's, the test accuracy every `eval_every` steps. Both report worker-steps/s over their whole
+run (evaluation included) and the time to `--target_accuracy` (first evaluation at or above it,
+× seconds per step).
+
   python experiments/benchmark_training.py
   python experiments/benchmark_training.py --ns=8,128 --rule=trimmed_mean --f=2 --attack=alie
+  python experiments/benchmark_training.py --ns=64,256,1024 --byzfl --rule=trimmed_mean \
+      --attack=sign_flip --f=8 --model="mlp(hidden=(64,))" --batch_size=25 --loop_max_n=0
 """
 
 from __future__ import annotations
@@ -42,6 +53,24 @@ flags.DEFINE_integer(
 flags.DEFINE_integer(
   'train_checkpoint_every', 100, 'checkpoint_every of the train_and_evaluate runs (0: none).'
 )
+flags.DEFINE_bool('byzfl', False, "also run ByzFL 0.0.11's own training loop on the same task")
+flags.DEFINE_integer('byzfl_steps', None, 'steps of the ByzFL runs (default: --train_steps)')
+flags.DEFINE_float('target_accuracy', 0.9, 'test accuracy of the time-to-target columns')
+
+# robustjax stage / attack names -> ByzFL 0.0.11 class names (parameters: f where ByzFL takes it).
+_BYZFL_STAGES = {
+  'mean': 'Average',
+  'median': 'Median',
+  'trimmed_mean': 'TrMean',
+  'meamed': 'Meamed',
+  'krum': 'Krum',
+  'multikrum': 'MultiKrum',
+  'monna': 'MoNNA',
+  'caf': 'CAF',
+  'nnm': 'NNM',
+  'arc': 'ARC',
+}
+_BYZFL_ATTACKS = {'none': 'NoAttack', 'sign_flip': 'SignFlipping'}  # ALIE / IPM scale differently
 
 
 def _config(n):
@@ -116,9 +145,9 @@ def _loop_step(exp):
 
 
 def _train_loop(n):
-  """(seconds per step, compile seconds, final test accuracy) of `train_and_evaluate`, the loop
-  users run: the default config's logging (every 10 steps), evaluation (every 50), TensorBoard
-  and checkpoints (`--train_checkpoint_every`); the better of two runs."""
+  """(seconds per step, compile seconds, final metrics, evaluations) of `train_and_evaluate`, the
+  loop users run: the default config's logging (every 10 steps), evaluation (every 50),
+  TensorBoard and checkpoints (`--train_checkpoint_every`); the better of two runs."""
   import tempfile
 
   from robustjax import training
@@ -130,8 +159,142 @@ def _train_loop(n):
   for _ in range(2):
     with tempfile.TemporaryDirectory() as workdir:
       s = training.train_and_evaluate(c, workdir)
-    runs.append((1.0 / s['steps_per_second_this_run'], s['compile_seconds_this_run'], s['final']))
+      evals = _robustjax_evals(workdir)
+    seconds = 1.0 / s['steps_per_second_this_run']
+    runs.append((seconds, s['compile_seconds_this_run'], s['final'], evals))
   return min(runs, key=lambda r: r[0])
+
+
+def _time_to_target(evals, seconds_per_step):
+  """Seconds to the first evaluation at or above `--target_accuracy` (None if never)."""
+  hits = [step for step, acc in evals if acc >= FLAGS.target_accuracy]
+  return min(hits) * seconds_per_step if hits else None
+
+
+def _robustjax_evals(workdir):
+  """(step, test accuracy) of every evaluation in a run's metrics.jsonl."""
+  import json
+
+  with open(os.path.join(workdir, 'metrics.jsonl')) as fh:
+    rows = [json.loads(line) for line in fh if line.strip()]
+  return [(r['step'], r['test_accuracy']) for r in rows if 'test_accuracy' in r]
+
+
+def _byzfl_loop(n):
+  """(seconds per step, final test accuracy, evaluations) of ByzFL 0.0.11's own loop on the task
+  of `_config(n)` (see the module docstring)."""
+  import numpy as np
+  import torch
+  from _byzfl import import_byzfl
+  from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+
+  from robustjax import data
+  from robustjax._spec import parse_rule, parse_spec
+
+  framework = import_byzfl('fed_framework')
+  Client, ByzantineClient, Server = framework.Client, framework.ByzantineClient, framework.Server
+  c = _config(n)
+  steps = FLAGS.byzfl_steps or FLAGS.train_steps
+  model_name, model_params = parse_spec(c.model)
+  if model_name != 'mlp':
+    raise ValueError(f'--byzfl: only the mlp model has a torch twin here; got {c.model!r}')
+  hidden = tuple(model_params.get('hidden', (64, 64)))
+  ds = data.load(c.dataset, seed=c.seed)
+  width = int(np.prod(ds.input_shape))
+
+  class MLP(torch.nn.Module):  # robustjax's `mlp`: flatten → dense → ReLU → ... → dense
+    def __init__(self):
+      super().__init__()
+      sizes = [width, *hidden]
+      self.hidden = torch.nn.ModuleList(
+        torch.nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:])
+      )
+      self.out = torch.nn.Linear(sizes[-1], ds.num_classes)
+
+    def forward(self, x):
+      x = x.reshape(x.shape[0], -1)
+      for layer in self.hidden:
+        x = torch.relu(layer(x))
+      return self.out(x)
+
+  framework.models.robustjax_mlp = MLP  # ByzFL builds its models by name from this module
+  pre, agg_name, agg_params = parse_rule(c.rule)
+  stages = [*((p, {}) if isinstance(p, str) else p for p in pre), (agg_name, agg_params)]
+
+  def info(name, params):
+    if name not in _BYZFL_STAGES or params:
+      raise ValueError(f'--byzfl: no like-for-like ByzFL stage for {name!r} {params or ""}')
+    takes_f = name not in ('mean', 'median')
+    return {'name': _BYZFL_STAGES[name], 'parameters': {'f': c.num_byzantine} if takes_f else {}}
+
+  attack_name, attack_params = parse_spec(c.attack)
+  if attack_name not in _BYZFL_ATTACKS or attack_params:
+    raise ValueError(f'--byzfl: no like-for-like ByzFL attack for {c.attack!r}')
+  torch.manual_seed(c.seed)
+  x_train = torch.from_numpy(np.asarray(ds.x_train, np.float32))
+  y_train = torch.from_numpy(np.asarray(ds.y_train, np.int64))
+  n_h = n - c.num_byzantine
+  shares = data.split(np.asarray(ds.y_train), n_h, c.split, seed=c.seed)
+  common = {
+    'model_name': 'robustjax_mlp',
+    'device': 'cpu',
+    'optimizer_name': 'SGD',
+    'learning_rate': c.learning_rate,
+    'weight_decay': c.weight_decay,
+    'milestones': [],
+    'learning_rate_decay': 1.0,
+  }
+  clients = []
+  for idx in shares:
+    share = TensorDataset(x_train[idx], y_train[idx])
+    sampler = RandomSampler(share, replacement=True, num_samples=c.batch_size * (steps + 1))
+    loader = DataLoader(share, batch_size=c.batch_size, sampler=sampler)
+    clients.append(
+      Client(
+        {
+          **common,
+          'loss_name': 'CrossEntropyLoss',
+          'LabelFlipping': False,
+          'nb_labels': ds.num_classes,
+          'momentum': float(c.momentum),
+          'training_dataloader': loader,
+          'store_per_client_metrics': False,
+        }
+      )
+    )
+  test = TensorDataset(
+    torch.from_numpy(np.asarray(ds.x_test, np.float32)),
+    torch.from_numpy(np.asarray(ds.y_test, np.int64)),
+  )
+  server = Server(
+    {
+      **common,
+      'test_loader': DataLoader(test, batch_size=c.eval_chunk),
+      'aggregator_info': info(*stages[-1]),
+      'pre_agg_list': [info(*st) for st in stages[:-1]],
+    }
+  )
+  byzantine = ByzantineClient(
+    {'f': c.num_byzantine, 'name': _BYZFL_ATTACKS[attack_name], 'parameters': {}}
+  )
+  state = server.get_dict_parameters()
+  for client in clients:
+    client.set_model_state(state)
+  evals = []
+  t0 = time.perf_counter()
+  for step in range(1, steps + 1):  # ByzFL's documented loop
+    for client in clients:
+      client.compute_gradients()
+    honest = [client.get_flat_gradients_with_momentum() for client in clients]
+    vectors = honest + byzantine.apply_attack(honest)
+    server.update_model_with_gradients(vectors)
+    state = server.get_dict_parameters()
+    for client in clients:
+      client.set_model_state(state)
+    if step % c.eval_every == 0 or step == steps:
+      evals.append((step, server.compute_test_accuracy()))
+  seconds = (time.perf_counter() - t0) / steps
+  return seconds, evals[-1][1], evals
 
 
 def _time(step, state):
@@ -177,7 +340,8 @@ def main(argv):
     if n <= FLAGS.loop_max_n:
       t_loop, _ = _time(_loop_step(exp), exp.init_state())
     train = _train_loop(n) if FLAGS.train_steps else None
-    rows.append((n, t_vmap, t_loop, train))
+    byz = _byzfl_loop(n) if FLAGS.byzfl else None
+    rows.append((n, t_vmap, t_loop, train, byz))
     loop = f'{n / t_loop:10.0f}' if t_loop else '         -'
     ratio = f'{t_loop / t_vmap:6.1f}x' if t_loop else '     -'
     tr = ''
@@ -185,6 +349,11 @@ def main(argv):
       tr = (
         f'   train_and_evaluate {n / train[0]:10.0f} worker-steps/s ({train[0] * 1e3:.2f} '
         f'ms/step, compile {train[1]:.1f} s, test accuracy {train[2]["test_accuracy"]:.3f})'
+      )
+    if byz:
+      tr += (
+        f'   ByzFL loop {n / byz[0]:8.0f} worker-steps/s ({byz[0] * 1e3:.1f} ms/step, test '
+        f'accuracy {byz[1]:.3f})'
       )
     print(
       f'n={n:5d}  vmap {n / t_vmap:10.0f} worker-steps/s ({t_vmap * 1e3:8.2f} ms/step)   '
@@ -196,10 +365,27 @@ def main(argv):
     'vmap / loop | train_and_evaluate (ms/step) | its worker-steps/s | its compile (s) |'
   )
   print('|---:|---:|---:|---:|---:|---:|---:|---:|---:|')
-  for n, tv, tl, train in rows:
+  for n, tv, tl, train, _ in rows:
     loop = f'{tl * 1e3:.1f} | {n / tl:,.0f} | {tl / tv:.1f}×' if tl else '- | - | -'
     tr = f'{train[0] * 1e3:.2f} | {n / train[0]:,.0f} | {train[1]:.1f}' if train else '- | - | -'
     print(f'| {n} | {tv * 1e3:.2f} | {n / tv:,.0f} | {loop} | {tr} |')
+  if FLAGS.byzfl and FLAGS.train_steps:
+    fmt = lambda t: '-' if t is None else f'{t:.1f}'
+    print(
+      f'\n| n | train_and_evaluate worker-steps/s | ByzFL loop worker-steps/s | speed-up | test '
+      f'accuracy (ours / ByzFL) | time to {FLAGS.target_accuracy:.0%} s (ours / ByzFL) | '
+      'speed-up to target |'
+    )
+    print('|---:|---:|---:|---:|---|---|---:|')
+    for n, _, _, train, byz in rows:
+      ours_t = _time_to_target(train[3], train[0])
+      byz_t = _time_to_target(byz[2], byz[0])
+      to_target = f'{byz_t / ours_t:.1f}×' if ours_t and byz_t else '-'
+      print(
+        f'| {n} | {n / train[0]:,.0f} | {n / byz[0]:,.0f} | {byz[0] / train[0]:.1f}× | '
+        f'{train[2]["test_accuracy"]:.3f} / {byz[1]:.3f} | {fmt(ours_t)} / {fmt(byz_t)} | '
+        f'{to_target} |'
+      )
 
 
 if __name__ == '__main__':
