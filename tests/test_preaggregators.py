@@ -90,6 +90,23 @@ def test_clipping_matches_reference(c):
   np.testing.assert_allclose(np.asarray(out), ref_clip(x, c), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('k', [-80, -40, 0, 40, 80])
+def test_clipping_and_arc_factors_are_the_same_at_every_scale(k):
+  # The plain norms (k = 0, ±40) and the rescaled path (k = ±80: squares over- or underflow
+  # float32) give the same factors as float64 NumPy, for x·2^k with radius c·2^k.
+  from robustjax.preaggregators import arc_factors, clipping_factors
+
+  x = _data(12)
+  x[3] = 0.0  # a zero slice
+  nrm = np.linalg.norm(x, axis=1)
+  want_clip = np.minimum(1.0, 1.5 / np.where(nrm > 0, nrm, 1.0))
+  xs = jnp.asarray(x * 2.0**k, jnp.float32)
+  got = clipping_factors(xs, c=1.5 * 2.0**k)
+  np.testing.assert_allclose(np.asarray(got), want_clip, rtol=1e-5)
+  ref = np.asarray(arc_factors(jnp.asarray(x, jnp.float32), f=2))
+  np.testing.assert_allclose(np.asarray(arc_factors(xs, f=2)), ref, rtol=1e-5)
+
+
 @pytest.mark.parametrize('f', [0, 1, 2, 4])
 def test_arc_matches_reference(f):
   x = _data(7)
