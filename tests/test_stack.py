@@ -100,6 +100,12 @@ def test_weighted_sum_ignore_nonfinite():
   w = np.array([0.5, 0.0, 0.0, 0.5], np.float32)
   np.testing.assert_allclose(stk.weighted_sum(w, x), [1.0, 1.0, 1.0])
   assert not np.all(np.isfinite(np.asarray(stk.weighted_sum(w, x, ignore_nonfinite=False))))
+  # The plain product first, the cleaned one only when that is not finite: the same answers
+  # under jit and vmap (where both branches run), for (n,) and (k, n) weights.
+  wk = np.stack([w, np.array([0.0, 0.0, 0.0, 1.0], np.float32)])
+  np.testing.assert_allclose(jax.jit(stk.weighted_sum)(wk, x), [[1.0, 1.0, 1.0]] * 2)
+  batched = jax.vmap(stk.weighted_sum, in_axes=(None, 0))(w, np.stack([x, np.ones_like(x)]))
+  np.testing.assert_allclose(batched, [[1.0, 1.0, 1.0]] * 2)
 
 
 def test_weighted_sum_keeps_dtype():
