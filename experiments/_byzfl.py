@@ -8,6 +8,28 @@ import importlib.util
 import sys
 import types
 
+# robustjax stage name -> (ByzFL 0.0.11 class name, whether its constructor takes f).
+STAGES = {
+  'mean': ('Average', False),
+  'median': ('Median', False),
+  'trimmed_mean': ('TrMean', True),
+  'meamed': ('Meamed', True),
+  'geometric_median': ('GeometricMedian', False),
+  'krum': ('Krum', True),
+  'multikrum': ('MultiKrum', True),
+  'centered_clipping': ('CenteredClipping', False),
+  'mda': ('MDA', True),
+  'smea': ('SMEA', True),
+  'monna': ('MoNNA', True),
+  'caf': ('CAF', True),
+  'nnm': ('NNM', True),
+  'bucketing': ('Bucketing', False),
+  'clipping': ('Clipping', False),
+  'arc': ('ARC', True),
+}
+# Stages whose ByzFL defaults are not robustjax's: a comparison must set their parameters.
+DEFAULTS_DIFFER = ('geometric_median', 'centered_clipping', 'bucketing', 'clipping')
+
 
 def import_byzfl(submodule: str):
   """`byzfl.<submodule>`, without ByzFL's package __init__ where that fails (it imports its

@@ -31,7 +31,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _byzfl import import_byzfl
+from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
 from absl import app, flags
 
 from robustjax import aggregators, pipeline, stack
@@ -318,24 +318,20 @@ def _byzfl_rule(bz, name, n, f):
   """(callable on a torch (n, d) tensor) for our rule or pipeline spec `name`, or None if ByzFL
   lacks a stage. A pipeline ('nnm+krum') is ByzFL's pre-aggregators applied in order, then its
   aggregator; a stage's parameters ('clipping(c=2.0)') are passed where ByzFL has the same one."""
-  table = {
-    'mean': lambda: bz.Average(),
-    'median': lambda: bz.Median(),
-    'trimmed_mean': lambda: bz.TrMean(f=f),
-    'meamed': lambda: bz.Meamed(f=f),
+
+  def make(stage):
+    cls, takes_f = STAGES[stage]
+    return lambda **kw: getattr(bz, cls)(**({'f': f} if takes_f else {}), **kw)
+
+  # `DEFAULTS_DIFFER`: the parameters of the comparison set here.
+  fixed = {
     'geometric_median': lambda: bz.GeometricMedian(nu=0.1, T=FLAGS.iters),
-    'krum': lambda: bz.Krum(f=f),
-    'multikrum': lambda: bz.MultiKrum(f=f),
     'centered_clipping': lambda: bz.CenteredClipping(L=FLAGS.iters, tau=10.0),
-    'mda': lambda: bz.MDA(f=f),
-    'smea': lambda: bz.SMEA(f=f),
-    'monna': lambda: bz.MoNNA(f=f),
-    'caf': lambda: bz.CAF(f=f),
-    'nnm': lambda: bz.NNM(f=f),
     'bucketing': lambda s=2: bz.Bucketing(s=s),
     'clipping': lambda c=1.0: bz.Clipping(c=c),
-    'arc': lambda: bz.ARC(f=f),
   }
+  assert set(fixed) == set(DEFAULTS_DIFFER)
+  table = {stage: fixed.get(stage) or make(stage) for stage in STAGES}
   pre, agg, agg_params = parse_rule(name)
   stages = [*((p, {}) if isinstance(p, str) else p for p in pre), (agg, agg_params)]
   for stage, params in stages:  # a stage or parameter ByzFL lacks: no like-for-like rule

@@ -26,7 +26,8 @@ run (evaluation included) and the time to `--target_accuracy` (first evaluation 
   python experiments/benchmark_training.py
   python experiments/benchmark_training.py --ns=8,128 --rule=trimmed_mean --f=2 --attack=alie
   python experiments/benchmark_training.py --ns=64,256,1024 --byzfl --rule=trimmed_mean \
-      --attack=sign_flip --f=8 --model="mlp(hidden=(64,))" --batch_size=25 --loop_max_n=0
+      --attack=sign_flip --f=2 --model="mlp(hidden=(64,))" --batch_size=25 --loop_max_n=0 \
+      --train_steps=300
 """
 
 from __future__ import annotations
@@ -57,19 +58,6 @@ flags.DEFINE_bool('byzfl', False, "also run ByzFL 0.0.11's own training loop on 
 flags.DEFINE_integer('byzfl_steps', None, 'steps of the ByzFL runs (default: --train_steps)')
 flags.DEFINE_float('target_accuracy', 0.9, 'test accuracy of the time-to-target columns')
 
-# robustjax stage / attack names -> ByzFL 0.0.11 class names (parameters: f where ByzFL takes it).
-_BYZFL_STAGES = {
-  'mean': 'Average',
-  'median': 'Median',
-  'trimmed_mean': 'TrMean',
-  'meamed': 'Meamed',
-  'krum': 'Krum',
-  'multikrum': 'MultiKrum',
-  'monna': 'MoNNA',
-  'caf': 'CAF',
-  'nnm': 'NNM',
-  'arc': 'ARC',
-}
 _BYZFL_ATTACKS = {'none': 'NoAttack', 'sign_flip': 'SignFlipping'}  # ALIE / IPM scale differently
 
 
@@ -185,7 +173,7 @@ def _byzfl_loop(n):
   of `_config(n)` (see the module docstring)."""
   import numpy as np
   import torch
-  from _byzfl import import_byzfl
+  from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
   from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
   from robustjax import data
@@ -222,10 +210,10 @@ def _byzfl_loop(n):
   stages = [*((p, {}) if isinstance(p, str) else p for p in pre), (agg_name, agg_params)]
 
   def info(name, params):
-    if name not in _BYZFL_STAGES or params:
+    if name not in STAGES or name in DEFAULTS_DIFFER or params:
       raise ValueError(f'--byzfl: no like-for-like ByzFL stage for {name!r} {params or ""}')
-    takes_f = name not in ('mean', 'median')
-    return {'name': _BYZFL_STAGES[name], 'parameters': {'f': c.num_byzantine} if takes_f else {}}
+    cls, takes_f = STAGES[name]
+    return {'name': cls, 'parameters': {'f': c.num_byzantine} if takes_f else {}}
 
   attack_name, attack_params = parse_spec(c.attack)
   if attack_name not in _BYZFL_ATTACKS or attack_params:

@@ -25,8 +25,7 @@ from robustjax.stack import pairwise_sq_dists, sq_dists_to
 _DIRECTIONS = ('unit', 'std', 'sign')
 
 
-def _perturbation(rule, direction, mu, honest):
-  check_choice(rule, 'direction', direction, _DIRECTIONS)
+def _perturbation(direction, mu, honest):
   if direction == 'unit':
     nrm = jnp.sqrt(_tree_vdot(mu, mu))
     return jax.tree.map(lambda m: -m / jnp.where(nrm > 0, nrm, 1.0), mu)
@@ -51,8 +50,9 @@ def _bisect_max(g, thr, hi, iters: int):
 def _shejwalkar(rule, honest, f, direction, tol, return_gamma, kind):
   _check_attack(rule, honest, f)
   _check_float(rule, 'tol', tol, positive=True)
+  check_choice(rule, 'direction', direction, _DIRECTIONS)
   mu = _mean(honest)
-  p = _perturbation(rule, direction, mu, honest)
+  p = _perturbation(direction, mu, honest)
   # ‖μ + γp − x_i‖² = a_i − 2γ b_i + γ² c: one pass for a, one matvec for b, then O(n) per γ.
   a = sq_dists_to(_upcast(honest), mu)
   b = _stack_dot(honest, p) - _tree_vdot(mu, p)  # ⟨x_i − μ, p⟩
