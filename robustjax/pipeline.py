@@ -239,6 +239,14 @@ class Pipeline:
     w = last.properties.order_weights(n, self.f, **dict(last.params))
     return np.asarray(w, dtype=np.float64)
 
+  def median_window(self, n: int) -> int | None:
+    """For a lone aggregator that averages the values closest to the coordinate median
+    (`Properties.median_window`): how many it keeps out of n, with this pipeline's f; else None."""
+    last = self.stages[-1]
+    if len(self.stages) != 1 or last.properties.median_window is None:
+      return None
+    return int(last.properties.median_window(n, self.f, **dict(last.params)))
+
   @property
   def exponential(self) -> bool:
     """Some stage's exact form enumerates subsets."""

@@ -391,8 +391,19 @@ def test_optimal_subspace_is_exact_and_auto_detected():
   assert not pipeline.as_rule(lambda s, key=None: s.mean(0), F).orthogonally_equivariant
 
 
-@pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean'])
-@pytest.mark.parametrize('n_h, f, defender_f', [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9)])
+def _sorted_evaluator(rule, honest, base, direction, f):
+  from robustjax.attacks import _optimal
+
+  form, value = _optimal._sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
+  if form == 'weights':
+    return _optimal._order_statistic_evaluator(honest, base, direction, value, f)
+  return _optimal._median_window_evaluator(honest, base, direction, value, f)
+
+
+@pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean', 'meamed'])
+@pytest.mark.parametrize(
+  'n_h, f, defender_f', [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9), (7, 6, 0), (30, 3, 12)]
+)
 def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h, f, defender_f):
   from robustjax.attacks import _optimal
 
@@ -406,12 +417,40 @@ def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h
   base = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), honest)
   direction = {'ints': jnp.ones((2, 5)), 'cont': jnp.asarray(rng.normal(size=7), jnp.float32)}
   rule = pipeline.as_rule(spec, defender_f)
-  weights = rule.order_weights(n_h + f)
-  fast = _optimal._order_statistic_evaluator(honest, base, direction, weights, f)
+  fast = _sorted_evaluator(rule, honest, base, direction, f)
   slow = _optimal._line_evaluator(honest, base, direction, lambda s, k: rule(s, k), f, None)
   taus = jnp.asarray([0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -2.5, 7.3, 1e3, -1e8], jnp.float32)
   a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
   np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize('spec', ['median', 'trimmed_mean', 'meamed'])
+def test_order_statistic_evaluation_with_non_finite_honest_values(spec):
+  # Honest NaN / ±inf entries (sorted as the rules sort them) and candidates beyond the float
+  # range: the sorted-column evaluation gives the defender's own error, +inf where it breaks.
+  from robustjax.attacks import _optimal
+
+  n_h, f = 11, 3
+  rng = np.random.default_rng(5)
+  honest = rng.normal(size=(n_h, 12)).astype(np.float32)
+  honest[0, :4] = np.nan
+  honest[1, 2:6] = np.inf
+  honest[2, 5:9] = -np.inf
+  honest[3:9, 10] = np.inf  # more than the rules tolerate in one coordinate: they break there
+  honest = jnp.asarray(honest)
+  base, direction = jnp.zeros(12), jnp.asarray(rng.normal(size=12), jnp.float32)
+  for defender_f in (1, 3, 5):
+    rule = pipeline.as_rule(spec, defender_f)
+    fast = _sorted_evaluator(rule, honest, base, direction, f)
+    slow = _optimal._line_evaluator(honest, base, direction, lambda s, k: rule(s, k), f, None)
+    taus = jnp.asarray([0.0, 1.0, -2.0, 1e38, -1e38, jnp.inf], jnp.float32)
+    a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
+    honest_ok = honest.at[3:9, 10].set(0.0)
+    fast = _sorted_evaluator(rule, honest_ok, base, direction, f)
+    slow = _optimal._line_evaluator(honest_ok, base, direction, lambda s, k: rule(s, k), f, None)
+    a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
+    np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 
 
 @pytest.mark.parametrize('n_h, f', [(1, 1), (3, 5), (7, 2), (8, 3)])
@@ -453,14 +492,14 @@ def test_optimal_order_statistics_is_auto_detected_and_exact():
   assert attacks.evaluation_shortcut('median', N_H, F, 40) == 'order_statistics'
   assert attacks.evaluation_shortcut('krum', N_H, F, 40) == 'span'
   assert attacks.evaluation_shortcut('nnm+trimmed_mean', N_H, F, 40) is None
-  assert attacks.evaluation_shortcut('meamed', N_H, F, 40) is None
+  assert attacks.evaluation_shortcut('meamed', N_H, F, 40) == 'order_statistics'
   for name in ('optimal_alie', 'optimal_ipm'):
-    for spec in ('median', 'trimmed_mean'):
+    for spec in ('median', 'trimmed_mean', 'meamed'):
       a, ta = attacks.get(name)(h, f=F, rule=spec, return_scale=True)
       b, tb = attacks.get(name)(h, f=F, rule=spec, order_statistics=False, return_scale=True)
       np.testing.assert_allclose(float(ta), float(tb), rtol=1e-5)
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  with pytest.raises(ValueError, match='order_weights'):
+  with pytest.raises(ValueError, match='median_window'):
     attacks.optimal_alie(h, f=F, rule='krum', order_statistics=True)
 
 

@@ -39,6 +39,10 @@ class Properties:
       combination of the sorted values (an L-statistic: mean, median, trimmed mean),
       ``order_weights(n, f, **params) -> (n,) array``, the weight of the p-th smallest value. The
       optimal attacks then evaluate a candidate exactly from the honest columns sorted once.
+    median_window: for a coordinate-wise rule that is, in every coordinate, the mean of the
+      `keep` values closest to the coordinate median (ties at the cut-off: lower values first;
+      MeaMed), ``median_window(n, f, **params) -> keep``. The optimal attacks then evaluate a
+      candidate exactly from the honest columns sorted once, as for `order_weights`.
     row_combination: for a pre-aggregator whose every output is a weighted sum of a few inputs
       (clipping, ARC: one each, rescaled; bucketing: a bucket's mean),
       ``row_combination(stack, f=f, [key=key,] **params) -> (index, weight)``, each (k, s):
@@ -74,6 +78,7 @@ class Properties:
   distance_based: bool = False
   coordinatewise: bool = False
   order_weights: Callable | None = None
+  median_window: Callable | None = None
   row_combination: Callable | None = None
   mixing_from_dists: Callable | None = None
   weights_from_dists: Callable | None = None

@@ -336,7 +336,7 @@ def trimmed_mean(stack, *, f: int):
 
 @register(
   'meamed',
-  properties=Properties(coordinatewise=True),
+  properties=Properties(coordinatewise=True, median_window=lambda n, f, **_: n - f),
 )
 @_jit_f
 def meamed(stack, *, f: int):

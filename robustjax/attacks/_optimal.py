@@ -62,6 +62,21 @@ def _clamp(c, lo, hi):
   return c if hi is None else jnp.minimum(c, hi)
 
 
+def _sorted_rows(x, ranks) -> dict:
+  """{q: the q-th smallest value of each column of x (n_h, D)} for q in ranks, NaN sorted as +∞
+  (as the rules treat it): the layered network, once per call."""
+  rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), list(ranks), chunk=512)
+  return dict(zip(ranks, rows))
+
+
+def _candidate_column(tau, base, direction, honest) -> jax.Array:
+  """The Byzantine row base + τ·direction, flattened like the honest stack, rounded to its dtype
+  as the Byzantine rows are, NaN as +∞."""
+  point = jax.tree.map(lambda b: b[0], _repeat(_axpy(tau, direction, base), 1, honest))
+  c = flatten(jax.tree.map(lambda p: p[None], point))[0]
+  return jnp.where(jnp.isnan(c), jnp.inf, c)
+
+
 def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: int):
   """τ -> the same error as `_line_evaluator`, for an L-statistic defender, without its sort.
 
@@ -101,21 +116,74 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
     const = jnp.matmul(jnp.full((n_h,), fixed[0], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
     row = {}
   else:
-    ranks = sorted(set(ranks) | {q for q in range(n_h) if fixed[q]})
-    rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), ranks, chunk=512)
-    row = dict(zip(ranks, rows))
+    row = _sorted_rows(x, sorted(set(ranks) | {q for q in range(n_h) if fixed[q]}))
     const = functools.reduce(
       jnp.add, [fixed[q] * row[q] for q in range(n_h) if fixed[q]], jnp.zeros_like(x[0])
     )
 
   def evaluate(tau):
-    point = jax.tree.map(lambda b: b[0], _repeat(_axpy(tau, direction, base), 1, honest))
-    c = flatten(jax.tree.map(lambda p: p[None], point))[0]
-    c = jnp.where(jnp.isnan(c), jnp.inf, c)
+    c = _candidate_column(tau, base, direction, honest)
     out = const
     for beta, pairs in windows:
       clamped = [_clamp(c, row.get(lo), row.get(hi)) for lo, hi in pairs]
       out = out + beta * functools.reduce(jnp.add, clamped)
+    return _deviation(unflatten(out, honest), mu)
+
+  return evaluate
+
+
+def _median_window_evaluator(honest, base, direction, keep: int, f: int):
+  """τ -> the same error as `_line_evaluator`, for a mean-around-the-median defender (MeaMed:
+  `Properties.median_window`), without its selection network.
+
+  In sorted order the combined column (the honest values plus f copies of the candidate c) is
+  w_p = clamp(c, s_{p−f}, s_p), with s the honest column sorted once (s_q = −∞ below 0, +∞ from
+  n_h). The defender's own steps are then replayed on these values (`_mean_closest`): the
+  median, the window start among e + 1 = n − keep + 1 positions, its ends lo and hi, and
+  lo + (Σ_i (clip(x_i, lo, hi) − lo) − (e − start)(hi − lo)) / keep. Every window covers the
+  combined positions e … keep − 1, so the honest values ranked e … keep − 1 − f lie inside it
+  whatever c is: their clip is themselves, summed once per call. A candidate costs 2e + 3 clamps,
+  the e comparisons of the window search, and the clip of the other 2e sorted honest rows and of
+  c, instead of the defender's network over n rows. Non-finite honest values sort as +∞; the
+  output is non-finite exactly when the defender's is (both count as +∞).
+
+  References:
+    Checked against the defender on every candidate in tests/test_attacks.py.
+  """
+  mu = _mean(honest)
+  n_h = jax.tree.leaves(honest)[0].shape[0]
+  n, x = n_h + f, flatten(honest)
+  e = n - keep
+  row = _sorted_rows(x, range(n_h))
+  if e == 0:  # the mean of all n values
+
+    def evaluate(tau):
+      c = _candidate_column(tau, base, direction, honest)
+      return _deviation(
+        unflatten((functools.reduce(jnp.add, row.values()) + f * c) / n, honest), mu
+      )
+
+    return evaluate
+  inside = range(e, keep - f)  # honest ranks inside every window
+  edges = [q for q in range(n_h) if q not in inside]
+  inside_sum = functools.reduce(jnp.add, [row[q] for q in inside], jnp.zeros_like(x[0]))
+  mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+
+  def evaluate(tau):
+    c = _candidate_column(tau, base, direction, honest)
+    w = {
+      p: _clamp(c, row.get(p - f), row.get(p)) for p in {*range(e + 1), *range(keep - 1, n), *mid}
+    }
+    med = w[mid[0]] if len(mid) == 1 else 0.5 * w[mid[0]] + 0.5 * w[mid[1]]
+    lo, hi, start = w[0], w[keep - 1], jnp.zeros_like(med)
+    for j in range(e):  # as in `_mean_closest`, step for step
+      up = (w[j + keep] - med) < (med - w[j])
+      lo = jnp.where(up, w[j + 1], lo)
+      hi = jnp.where(up, w[j + keep], hi)
+      start = jnp.where(up, float(j + 1), start)
+    clipped = [jnp.clip(row[q], lo, hi) - lo for q in edges] + [f * (jnp.clip(c, lo, hi) - lo)]
+    inner = functools.reduce(jnp.add, clipped) + (inside_sum - len(inside) * lo)
+    out = lo + (inner - (e - start) * (hi - lo)) / keep
     return _deviation(unflatten(out, honest), mu)
 
   return evaluate
@@ -139,14 +207,25 @@ def _span_coordinates(honest, base, direction):
 SHORTCUTS = ('span', 'order_statistics')
 
 
+def _sorted_form(pipeline, n: int):
+  """('weights', (n,) weights) for an L-statistic, ('keep', keep) for a mean around the median,
+  None for a defender that is neither: what the order-statistic evaluation needs."""
+  weights = pipeline.order_weights(n)
+  if weights is not None:
+    return 'weights', weights
+  keep = pipeline.median_window(n)
+  return None if keep is None else ('keep', keep)
+
+
 def evaluation_shortcut(rule, n_h: int, f: int, dim: int) -> str | None:
   """The exact shortcut the optimal attacks take against `rule` by default, from its properties.
 
   ``'span'``: orthogonally equivariant and distance-based (cheaper rules gain less than the QR
   costs), with dim > n_h + 2: candidates evaluated on the coordinates of the span of the honest
   inputs, μ and the direction. ``'order_statistics'``: an L-statistic (mean, median, trimmed mean;
-  `Pipeline.order_weights`): candidates evaluated from the honest columns sorted once. None: the
-  defender itself is run on every candidate.
+  `Pipeline.order_weights`) or a mean around the median (MeaMed; `Pipeline.median_window`):
+  candidates evaluated from the honest columns sorted once. None: the defender itself is run on
+  every candidate.
 
   Args:
     rule: anything `robustjax.pipeline.as_rule` accepts (resolved with `f`).
@@ -155,7 +234,7 @@ def evaluation_shortcut(rule, n_h: int, f: int, dim: int) -> str | None:
   pipeline = rule if isinstance(rule, Pipeline) else as_rule(rule, f)
   if dim > n_h + 2 and pipeline.orthogonally_equivariant and pipeline.distance_based:
     return 'span'
-  if pipeline.order_weights(n_h + f) is not None:
+  if _sorted_form(pipeline, n_h + f) is not None:
     return 'order_statistics'
   return None
 
@@ -285,8 +364,9 @@ def _optimal_jit(
   if subspace:
     evaluate = _line_evaluator(*_span_coordinates(honest, base, direction), defender, f, key)
   elif order_statistics:
-    n = jax.tree.leaves(honest)[0].shape[0] + f
-    evaluate = _order_statistic_evaluator(honest, base, direction, rule.order_weights(n), f)
+    form, value = _sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
+    evaluator = _order_statistic_evaluator if form == 'weights' else _median_window_evaluator
+    evaluate = evaluator(honest, base, direction, value, f)
     batch_size = 1  # each candidate is one pass over a few rows: batching only adds traffic
   else:
     evaluate = _line_evaluator(honest, base, direction, defender, f, key)
@@ -357,17 +437,18 @@ def _optimal(
     subspace = default == 'span'
   elif subspace not in (True, False):
     raise ValueError(f'{name}: subspace must be None, True or False; got {subspace!r}')
-  weights = pipeline.order_weights(n_h + f)
+  sorted_form = _sorted_form(pipeline, n_h + f)
   if order_statistics is None:
     order_statistics = default == 'order_statistics' and not subspace
   elif order_statistics not in (True, False):
     raise ValueError(
       f'{name}: order_statistics must be None, True or False; got {order_statistics!r}'
     )
-  if order_statistics and weights is None:
+  if order_statistics and sorted_form is None:
     raise ValueError(
       f'{name}: order_statistics=True needs a defender that declares `order_weights` '
-      f'(an L-statistic: mean, median, trimmed_mean); {pipeline.spec!r} does not'
+      f'(an L-statistic: mean, median, trimmed_mean) or `median_window` (meamed); '
+      f'{pipeline.spec!r} does not'
     )
   if order_statistics and subspace:
     raise ValueError(f'{name}: choose subspace or order_statistics, not both')
@@ -450,12 +531,14 @@ _OPT_DOC = """
       responsibility), False turns it off. On CPU the QR runs in LAPACK (OpenBLAS): on a busy
       machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend in the QR; see BENCHMARKS.md).
     order_statistics: evaluate the candidates exactly from the honest columns sorted once, for a
-      defender that is an L-statistic (declares `order_weights`: mean, median, trimmed mean):
-      per candidate one elementwise pass over a few sorted rows (clamps of the candidate between
-      pairs of honest order statistics: four rows for the median, 2f for the trimmed mean, none
-      for the mean) instead of the defender's selection network over n rows (candidates one at
-      a time: `batch_size` is not used). None (default) turns it on for such a defender (see
-      `evaluation_shortcut`); False runs the defender itself on every candidate.
+      defender that is an L-statistic (declares `order_weights`: mean, median, trimmed mean) or
+      a mean around the median (declares `median_window`: meamed): per candidate one
+      elementwise pass over a few sorted rows (clamps of the candidate between pairs of honest
+      order statistics: four rows for the median, 2f for the trimmed mean, none for the mean,
+      about 6e for MeaMed with e = n − keep) instead of the defender's selection network over n
+      rows (candidates one at a time: `batch_size` is not used). None (default) turns it on for
+      such a defender (see `evaluation_shortcut`); False runs the defender itself on every
+      candidate.
 
     search: ``'grid'`` (default: the vmapped grid and refinement above) or ``'byzfl'``: ByzFL
       0.0.11's sequential expansion / contraction line search, step for step, with its
