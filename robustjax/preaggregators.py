@@ -49,11 +49,9 @@ from robustjax._registry import Registry
 from robustjax.aggregators import Properties
 from robustjax.stack import (
   acc_dtype,
-  normaliser,
-  norms,
   result_dtype,
   scaled_sq_dists,
-  sq_norms,
+  scaled_sq_dists_to,
   weighted_sum,
 )
 
@@ -137,31 +135,6 @@ def _scale(donate: bool):
   if donate not in (True, False):
     raise ValueError(f'donate must be True or False; got {donate!r}')
   return _SCALE_DONATED if donate else _SCALE
-
-
-# Squared norms at or above this (and finite) are exact to float32 rounding without rescaling:
-# the squares that underflow (below 2^-126, flushed to zero or not) are off by at most D · 2^-126
-# in all, under 2^-26 of it for any D <= 2^40.
-_SAFE_SQ_NORM = 2.0**-60
-
-
-def _scaled_norms(stack):
-  """(n,) norms / s and a power-of-two scale s: no overflow at 1e20, no underflow at 1e-20.
-
-  Fast path: the plain squared norms (one pass; on XLA:CPU as fast as a matvec, where a pass
-  with the rescaling inside runs at about half that speed). When every one is finite and at
-  least `_SAFE_SQ_NORM`, they are the result with s = 1 (the same values as the rescaled path up
-  to the power of two). Otherwise (a non-finite or huge slice, a tiny or zero one: a 0 may be an
-  underflow) the overflow-free path: s from `stack.normaliser`, then the norms of x / s.
-  """
-  sq = sq_norms(stack)
-  safe = jnp.all(jnp.isfinite(sq) & (sq >= _SAFE_SQ_NORM))  # 0 may be an underflow: rescale
-
-  def rescaled():
-    scale = normaliser(stack).scale
-    return norms(stack, scale=scale), scale
-
-  return jax.lax.cond(safe, lambda: (jnp.sqrt(sq), jnp.ones((), sq.dtype)), rescaled)
 
 
 def _clip_factors(nrm, radius):
@@ -301,7 +274,8 @@ def clipping_factors(stack, *, f: int = 0, c):
 
 @jax.jit
 def _clipping_factors(stack, c):
-  nrm, scale = _scaled_norms(stack)
+  sq, scale = scaled_sq_dists_to(stack)
+  nrm = jnp.sqrt(sq)
   return _clip_factors(nrm, jnp.asarray(c, acc_dtype(stack)) / scale)
 
 
@@ -348,7 +322,7 @@ def arc_factors(stack, *, f: int):
   n = num_workers(stack, 'arc')
   check_f('arc', n, f)
   k = (2 * f * (n - f)) // n
-  nrm, _ = _scaled_norms(stack)  # only ratios of norms matter
+  nrm = jnp.sqrt(scaled_sq_dists_to(stack)[0])  # only ratios of norms matter
   key_norm = jnp.where(jnp.isfinite(nrm), nrm, jnp.inf)
   smallest, _ = jax.lax.top_k(-key_norm, n - k)
   return _clip_factors(nrm, -smallest[-1])

@@ -300,7 +300,7 @@ def test_empty_and_mismatched_stacks(name):
 
 
 @pytest.mark.parametrize('method', ['direct', 'gram', 'auto'])
-@pytest.mark.parametrize('iters', [3, 8])
+@pytest.mark.parametrize('iters', [1, 3, 8])
 def test_centered_clipping_paths_against_float64(iters, method):
   """Both paths (two passes per iteration, or n-space on the Gram matrix) and the automatic
   choice give the iterates of the NumPy recursion, non-finite and huge Byzantine rows included,
@@ -342,6 +342,18 @@ def test_centered_clipping_paths_against_float64(iters, method):
     jnp.asarray(x, jnp.float32), f=3, tau=2.0, iters=iters, method=method
   )
   np.testing.assert_allclose(np.asarray(big) / 1e20, small, rtol=1e-4)
+  # Squared distances that underflow (the rescaled path), from zeros and from a centre.
+  for center in (None, c):
+    tiny = aggregators.centered_clipping(
+      jnp.asarray(x * 1e-25, jnp.float32),
+      f=3,
+      center=None if center is None else jnp.asarray(center * 1e-25, jnp.float32),
+      tau=2e-25,
+      iters=iters,
+      method=method,
+    )
+    want = ref(ref_x, np.zeros(40) if center is None else center, 2.0)
+    np.testing.assert_allclose(np.asarray(tiny, np.float64) / 1e-25, want, rtol=1e-4, atol=1e-4)
 
 
 def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count():

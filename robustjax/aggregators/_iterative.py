@@ -46,6 +46,7 @@ from robustjax.stack import (
   normaliser,
   result_dtype,
   scaled_gram,
+  scaled_sq_dists_to,
   sq_distance,
   sq_dists_to,
   sq_norms,
@@ -250,15 +251,18 @@ def centered_clipping(
   overflows even after rescaling) gets clipping weight 0 (it is treated as if it had been clipped
   to v), so with a finite τ up to f such slices leave the output finite; if no slice is at a
   finite distance the output is NaN. With τ = +inf and finite inputs one iteration is the mean.
-  Distances are computed on the stack divided by a power-of-two scale of the spread around v_0
-  (τ likewise), so inputs at 1e20 behave as at 1.
+  When a squared distance overflows or underflows, the distances are computed on the stack
+  divided by a power-of-two scale of the spread around v_l (τ likewise; around v_0 for the
+  Gram), so inputs at 1e20 behave as at 1.
 
   Cost: two ways to run the same iterations (`method`).
-  ``'direct'``: per iteration one pass for the distances (`sq_dists_to`) and one for the
-  weighted combination (`weighted_sum`): v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with
-  w_i = min(1, τ / ‖x_i − v_l‖) / n. ``'gram'`` (n-space): one centred Gram product around v_0
-  (n² d), O(n²) per iteration, one final weighted pass (v_l stays an affine combination of v_0
-  and the inputs, so its distances follow from the Gram matrix). ``'auto'`` picks n-space from
+  ``'direct'``: per iteration one pass for the distances (`stack.scaled_sq_dists_to`: the plain
+  ones, the norms at a first step from ``center=None``; the rescaled ones only when those
+  overflow or underflow) and one for the weighted combination (`weighted_sum`):
+  v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with w_i = min(1, τ / ‖x_i − v_l‖) / n.
+  ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
+  final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
+  follow from the Gram matrix). ``'auto'`` picks n-space from
   `CC_GRAM_MIN_ITERS` = 4 iterations on, where it was measured to pay on CPU (BENCHMARKS.md).
 
   Args:
@@ -310,24 +314,26 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
       for x, c in zip(leaves, jax.tree.leaves(center))
     ]
   v = jax.tree.unflatten(treedef, v)
-  # Distances in units of the spread around the start (τ likewise): no overflow at 1e20.
-  scale = normaliser(stack, v).scale
-  tau = tau / scale
   if method == 'gram':
-    return _centered_clipping_gram(stack, v, tau, scale, iters)
+    # The Gram in units of the spread around the start (τ likewise): no overflow at 1e20.
+    scale = normaliser(stack, v).scale
+    return _centered_clipping_gram(stack, v, tau / scale, scale, iters)
 
-  def step(_, carry):
-    v, _ = carry
-    dist = jnp.sqrt(sq_dists_to(stack, v, scale=scale))
+  def step(v, point):
+    # Distances to `point` (= v; None: the origin, as v is at a first step from zeros) in
+    # units of s (τ likewise), s = 1 unless a plain distance overflows or underflows.
+    sq, scale = scaled_sq_dists_to(stack, point)
+    dist = jnp.sqrt(sq)
     ok = jnp.isfinite(dist)
-    w = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok, dist, 1.0)), 0.0) / n
+    w = jnp.where(ok, jnp.minimum(1.0, (tau / scale) / jnp.where(ok, dist, 1.0)), 0.0) / n
     moved = weighted_sum(w, stack)
     keep = 1.0 - jnp.sum(w)
     return jax.tree.map(lambda c, m: _axpy(keep, c, m), v, moved), jnp.any(ok)
 
   # The first step outside the loop gives the carry the stack's type (also when the stack is a
   # per-device slice inside `jax.shard_map` and the centre is replicated).
-  v, informed = jax.lax.fori_loop(1, iters, step, step(0, (v, True)))
+  first = step(v, None if center is None else v)
+  v, informed = jax.lax.fori_loop(1, iters, lambda _, carry: step(carry[0], carry[0]), first)
   # No slice at a finite distance: nothing was learnt from the inputs.
   return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
 
