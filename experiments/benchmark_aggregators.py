@@ -250,7 +250,7 @@ def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]
       for method in ('direct', 'gram'):
         fn = _jit(lambda x, m=method, i=iters: rule(x, f=0, tau=10.0, iters=i, method=m))
         _, t[method] = _time(fn, x, repeats=repeats, warmup=1)
-      auto = cc_auto_method(iters)
+      auto = cc_auto_method(iters, n)
       best = min(t, key=t.get)
       row = dict(n=n, d=d, iters=iters, direct_s=t['direct'], gram_s=t['gram'])
       row.update(auto=auto, faster=best, auto_over_best=t[auto] / t[best])

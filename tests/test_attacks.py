@@ -418,7 +418,7 @@ def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h
   direction = {'ints': jnp.ones((2, 5)), 'cont': jnp.asarray(rng.normal(size=7), jnp.float32)}
   rule = pipeline.as_rule(spec, defender_f)
   fast = _sorted_evaluator(rule, honest, base, direction, f)
-  slow = _optimal._line_evaluator(honest, base, direction, lambda s, k: rule(s, k), f, None)
+  slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
   taus = jnp.asarray([0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -2.5, 7.3, 1e3, -1e8], jnp.float32)
   a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
   np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
@@ -442,13 +442,15 @@ def test_order_statistic_evaluation_with_non_finite_honest_values(spec):
   for defender_f in (1, 3, 5):
     rule = pipeline.as_rule(spec, defender_f)
     fast = _sorted_evaluator(rule, honest, base, direction, f)
-    slow = _optimal._line_evaluator(honest, base, direction, lambda s, k: rule(s, k), f, None)
+    slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
     taus = jnp.asarray([0.0, 1.0, -2.0, 1e38, -1e38, jnp.inf], jnp.float32)
     a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
     honest_ok = honest.at[3:9, 10].set(0.0)
     fast = _sorted_evaluator(rule, honest_ok, base, direction, f)
-    slow = _optimal._line_evaluator(honest_ok, base, direction, lambda s, k: rule(s, k), f, None)
+    slow = _optimal._line_evaluator(
+      honest_ok, base, direction, lambda s, k, r=rule: r(s, k), f, None
+    )
     a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 

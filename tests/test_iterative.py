@@ -357,14 +357,18 @@ def test_centered_clipping_paths_against_float64(iters, method):
 
 
 def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count():
-  """`method='auto'` runs in n-space (it forms an (n, n) matrix) from `CC_GRAM_MIN_ITERS` on."""
-  from robustjax.aggregators._iterative import CC_GRAM_MIN_ITERS
+  """`method='auto'` runs in n-space (it forms an (n, n) matrix) for more iterations than
+  `cc_auto_method`'s threshold, which grows with n."""
+  from robustjax.aggregators._iterative import cc_auto_method
 
-  n = 16
-  x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 7)), jnp.float32)
-  lowered = {
-    iters: jax.jit(lambda s, i=iters: centered_clipping(s, f=2, iters=i)).lower(x).as_text()
-    for iters in (CC_GRAM_MIN_ITERS - 1, CC_GRAM_MIN_ITERS)
-  }
-  assert f'tensor<{n}x{n}xf32>' not in lowered[CC_GRAM_MIN_ITERS - 1]
-  assert f'tensor<{n}x{n}xf32>' in lowered[CC_GRAM_MIN_ITERS]
+  for n in (16, 64):
+    first = next(i for i in range(1, 100) if cc_auto_method(i, n) == 'gram')
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(n, 7)), jnp.float32)
+    lowered = {
+      iters: jax.jit(lambda s, i=iters: centered_clipping(s, f=2, iters=i)).lower(x).as_text()
+      for iters in (first - 1, first)
+    }
+    assert f'tensor<{n}x{n}xf32>' not in lowered[first - 1]
+    assert f'tensor<{n}x{n}xf32>' in lowered[first]
+  assert [cc_auto_method(4, n) for n in (16, 64, 256)] == ['gram', 'direct', 'direct']
+  assert cc_auto_method(16, 256) == 'gram'

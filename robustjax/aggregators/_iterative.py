@@ -262,8 +262,9 @@ def centered_clipping(
   v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with w_i = min(1, τ / ‖x_i − v_l‖) / n.
   ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
   final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
-  follow from the Gram matrix). ``'auto'`` picks n-space from
-  `CC_GRAM_MIN_ITERS` = 4 iterations on, where it was measured to pay on CPU (BENCHMARKS.md).
+  follow from the Gram matrix). ``'auto'`` picks n-space for
+  more than 3 + n/27 iterations (`cc_auto_method`), where it was measured to pay on CPU
+  (BENCHMARKS.md).
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
@@ -296,7 +297,7 @@ def centered_clipping(
   check_positive(rule, 'tau', tau)
   check_choice(rule, 'method', method, CC_METHODS)
   if method == 'auto':
-    method = cc_auto_method(iters)
+    method = cc_auto_method(iters, n)
   return _centered_clipping(stack, center, tau, f=f, iters=iters, method=method)
 
 
@@ -340,16 +341,19 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
 
 CC_METHODS = ('auto', 'direct', 'gram')
 
-# From this many iterations on, `centered_clipping(method='auto')` runs in n-space. Measured on
-# CPU (BENCHMARKS.md, `--cc_switch`, n · d = 1.6e7): the n-space path was faster from L = 2
-# (n = 16), 5–6 (n = 64) and 3 (n = 256), with no trend in n; at 4 the choice is within 1.7× of
-# the faster path in every measured (n, L).
-CC_GRAM_MIN_ITERS = 4
+# `centered_clipping(method='auto')` runs in n-space when the iterations cost more than the
+# n-space path, which costs about CC_GRAM_BASE_ITERS + n / CC_GRAM_WORKERS_PER_ITER direct
+# iterations: its Gram (n²d multiply-adds) against a direct iteration's two passes over the n·d
+# entries grows as n, plus a scale pass and the final combination. Fitted on CPU (BENCHMARKS.md,
+# `--cc_switch`: the crossover lay between L = 3 and 4 at n = 16, 4 and 6 at n = 64, 8 and 16
+# at n = 256); other hardware has other ratios.
+CC_GRAM_BASE_ITERS = 3
+CC_GRAM_WORKERS_PER_ITER = 27
 
 
-def cc_auto_method(iters: int) -> str:
-  """The path `centered_clipping(method='auto')` runs for `iters` iterations."""
-  return 'gram' if iters >= CC_GRAM_MIN_ITERS else 'direct'
+def cc_auto_method(iters: int, n: int) -> str:
+  """The path `centered_clipping(method='auto')` runs for `iters` iterations over n workers."""
+  return 'gram' if iters > CC_GRAM_BASE_ITERS + n / CC_GRAM_WORKERS_PER_ITER else 'direct'
 
 
 def _centered_clipping_gram(stack, v0, tau, scale, iters):
