@@ -109,6 +109,10 @@ def test_rules_beyond_network_max_n(monkeypatch, name):
   assert np.all(np.isfinite(out))
   want = RULES[name](np.where(np.isnan(x), np.inf, x).astype(np.float64), 2)
   np.testing.assert_allclose(out[4:], want[4:], rtol=2e-5, atol=2e-6)
+  # Many ties (small integers), so that ties at the cut-off decide: the same as the network.
+  ties = np.random.default_rng(4).integers(-2, 3, size=(11, 13)).astype(np.float32)
+  got = np.asarray(aggregators.get(name)(jnp.asarray(ties), f=3))
+  np.testing.assert_allclose(got, RULES[name](ties.astype(np.float64), 3), rtol=2e-5, atol=2e-6)
 
 
 # --- the rules --------------------------------------------------------------------------------

@@ -155,12 +155,26 @@ def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
   positions = sorted(set(outer) | set(mid))
   w = dict(zip(positions, _select(x, positions)))
   med = w[mid[0]] if len(mid) == 1 else 0.5 * w[mid[0]] + 0.5 * w[mid[1]]
-  lo, hi, start = w[0], w[keep - 1], jnp.zeros_like(med)
-  for j in range(e):
-    up = (w[j + keep] - med) < (med - w[j])  # strict: ties keep the lower window
-    lo = jnp.where(up, w[j + 1], lo)
-    hi = jnp.where(up, w[j + keep], hi)
-    start = jnp.where(up, float(j + 1), start)
+
+  def move(j, window, low, next_low, high):
+    # Window j -> j + 1 (low = w_j, next_low = w_{j+1}, high = w_{j+keep}) if that is closer.
+    lo, hi, start = window
+    up = (high - med) < (med - low)  # strict: ties keep the lower window
+    return jnp.where(up, next_low, lo), jnp.where(up, high, hi), jnp.where(up, j + 1.0, start)
+
+  window = (w[0], w[keep - 1], jnp.zeros_like(med))
+  if _unrolled(x):  # unrolled: the whole rule stays one fused loop over the coordinates
+    for j in range(e):
+      window = move(j, window, w[j], w[j + 1], w[j + keep])
+  else:
+    # A loop: unrolled here, XLA fuses the e-step search into the pass below and recomputes it
+    # for every row (6x the trimmed mean's time at n = 1024).
+    low = jnp.stack([w[j] for j in range(e + 1)])
+    high = jnp.stack([w[j + keep] for j in range(e)])
+    window = jax.lax.fori_loop(
+      0, e, lambda j, win: move(j.astype(med.dtype), win, low[j], low[j + 1], high[j]), window
+    )
+  lo, hi, start = window
   inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - (e - start) * (hi - lo)
   return lo + inner / keep
 
