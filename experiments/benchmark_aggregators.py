@@ -17,6 +17,7 @@ Examples:
   python experiments/benchmark_aggregators.py --compile_only --n=256 --d=1000 --f=8 \
       --rules=median,trimmed_mean,meamed
   python experiments/benchmark_aggregators.py --cc_switch=16,64,256 --repeats=3
+  python experiments/benchmark_aggregators.py --scaling=128,129,256,1024 --repeats=5
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ flags.DEFINE_list(
   'cc_switch_iters', ['1', '2', '3', '4', '6', '8', '12', '16', '24'], 'iterations L'
 )
 flags.DEFINE_integer('cc_switch_elements', 64_000_000, 'n · d of each stack in --cc_switch')
+flags.DEFINE_list(
+  'scaling',
+  [],
+  'only run the worker-scaling section: these numbers of workers n (each rule at f = n/8, d = '
+  '--scaling_d), per-worker cost against the first n',
+)
+flags.DEFINE_list('scaling_rules', ['median', 'trimmed_mean', 'meamed'], 'rules of --scaling')
+flags.DEFINE_integer('scaling_d', 4810, 'coordinates per worker in --scaling')
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
 flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
@@ -225,6 +234,42 @@ def donation_section(x, f: int, repeats: int) -> list[dict]:
     }
     print(f'# {name:38s} {row["fresh_s"] * 1e3:9.1f} {row["donated_s"] * 1e3:11.1f}')
     rows.append(row)
+  return rows
+
+
+def scaling_section(ns, rules, d: int, repeats: int) -> list[dict]:
+  """Each rule at each n (f = n/8, d fixed): ms, ns per worker-coordinate, and that per-worker
+  cost over the first n's (the coordinate-wise rules leave their unrolled network above
+  `robustjax._sorting.NETWORK_MAX_N`)."""
+  rows, base = [], {}
+  print(
+    f'# {"rule":<14} {"n":>5} {"d":>7} {"f":>4} {"compile s":>9} {"ms":>9} '
+    f'{"ns/(worker·coord)":>18} {"× first n":>9}'
+  )
+  for n in ns:
+    _, x = _stack(n, d, FLAGS.seed, jnp.float32)
+    for name in rules:
+      f = n // 8
+      fn = _make_fn('aggregator', name, f, _params(name, n, f, FLAGS.iters))
+      compile_s, t = _time(fn, x, jax.random.key(0), repeats=repeats, warmup=1)
+      per = t / (n * d) * 1e9
+      base.setdefault(name, per)
+      row = dict(
+        rule=name,
+        n=n,
+        d=d,
+        f=f,
+        compile_s=compile_s,
+        time_s=t,
+        ns_per_entry=per,
+        over_first=per / base[name],
+      )
+      rows.append(row)
+      print(
+        f'# {name:<14} {n:>5} {d:>7} {f:>4} {compile_s:>9.1f} {t * 1e3:>9.2f} {per:>18.2f} '
+        f'{row["over_first"]:>9.2f}',
+        flush=True,
+      )
   return rows
 
 
@@ -405,6 +450,15 @@ def main(argv):
     if FLAGS.json_out:
       with open(FLAGS.json_out, 'w') as fh:
         json.dump({'info': info, 'cc_switch': rows}, fh, indent=1)
+    return
+
+  if FLAGS.scaling:
+    print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), float32')
+    ns = [int(v) for v in FLAGS.scaling]
+    rows = scaling_section(ns, FLAGS.scaling_rules, FLAGS.scaling_d, FLAGS.repeats)
+    if FLAGS.json_out:
+      with open(FLAGS.json_out, 'w') as fh:
+        json.dump({'info': info, 'scaling': rows}, fh, indent=1)
     return
 
   print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')

@@ -3,8 +3,9 @@
 #   1. every aggregator and pre-aggregator, and the pipelines, on one (n, d) stack, with the HBM
 #      floor (one streaming pass, `ones(n) @ x`), the Gram product (`x @ x.T`: cuBLAS on a GPU)
 #      and the measured matmul peak (benchmark_aggregators.py prints all three);
-#   2. the training step's throughput (vmapped workers) at n = 128 and 1024, trimmed mean under ALIE.
-# Outputs: $OUT/aggregators.json, $OUT/*.txt (the printed tables); paste them into BENCHMARKS.md.
+#   2. the training step's throughput (vmapped workers) at n = 128 and 1024, trimmed mean under ALIE;
+#   3. the coordinate-wise rules' cost per worker from n = 128 to 1024 (`--scaling`).
+# Outputs: $OUT/aggregators.json, $OUT/scaling.json, $OUT/*.txt (the printed tables); paste them into BENCHMARKS.md.
 #
 #   OUT=/tmp/gpu bash experiments/benchmark_gpu.sh            # the full sizes
 #   SMALL=1 OUT=/tmp/gpu_small bash experiments/benchmark_gpu.sh   # seconds, any machine (a test)
@@ -13,10 +14,11 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/robustjax_gpu_bench}
 mkdir -p "$OUT"
 if [[ -n "${SMALL:-}" ]]; then
-  N=16 D=20000 F=3 PEAK=256 REPEATS=2 NS=16,32 MIN_TIME=0.1
+  N=16 D=20000 F=3 PEAK=256 REPEATS=2 NS=16,32 MIN_TIME=0.1 SCALE_NS=16,24 SCALE_D=1000
   RULES=mean,median,trimmed_mean,krum,multikrum,nnm
 else
-  N=64 D=1000000 F=8 PEAK=8192 REPEATS=5 NS=128,1024 MIN_TIME=2
+  N=64 D=1000000 F=8 PEAK=8192 REPEATS=5 NS=128,1024 MIN_TIME=2 SCALE_NS=128,129,256,1024
+  SCALE_D=100000
   RULES=""
 fi
 PIPELINES="clipping(c=1.0)+mean,arc+trimmed_mean,bucketing+median,nnm+krum,nnm+trimmed_mean"
@@ -32,4 +34,7 @@ python experiments/benchmark_aggregators.py --n=$N --d=$D --f=$F --repeats=$REPE
 python experiments/benchmark_training.py --ns=$NS --loop_max_n=0 --rule=trimmed_mean \
   --f=$((N / 8)) --attack=alie --min_time=$MIN_TIME \
   2>&1 | grep -v -i 'warning\|xla_bridge' | tee "$OUT/training.txt"
+python experiments/benchmark_aggregators.py --scaling=$SCALE_NS --scaling_d=$SCALE_D \
+  --repeats=$REPEATS --json_out="$OUT/scaling.json" \
+  2>&1 | grep -v -i 'warning\|xla_bridge' | tee "$OUT/scaling.txt"
 echo "# wrote $OUT"

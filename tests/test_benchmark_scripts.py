@@ -29,3 +29,7 @@ def test_gpu_benchmark_script_small(tmp_path):
     assert rules[name].get('time_s', 0) > 0, rules[name]
   assert result['info']['gram']['peak_gflops'] > 0
   assert 'worker-steps/s' in (tmp_path / 'training.txt').read_text()
+  with open(tmp_path / 'scaling.json') as fh:
+    scaling = json.load(fh)['scaling']
+  assert {r['rule'] for r in scaling} == {'median', 'trimmed_mean', 'meamed'}
+  assert all(r['time_s'] > 0 for r in scaling)
