@@ -308,9 +308,11 @@ def sq_dists_to(stack, point, *, scale=None) -> jax.Array:
 _SAFE_SQ_DIST = 2.0**-60
 
 
-def scaled_sq_dists_to(stack, point=None) -> tuple[jax.Array, jax.Array]:
+def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, jax.Array]:
   """(n,) squared distances ‖x_i − point‖² / s² and a power-of-two scale s: no overflow at 1e20,
   no underflow at 1e-20. `point`: a tree like one slice; None is the origin (the norms).
+  `member`: the index of a worker whose slice is the point (its distance, exactly 0, is not
+  taken for an underflow).
 
   Fast path: the plain squared distances (one pass; `sq_norms` for the origin, on XLA:CPU as
   fast as a matvec). When every one is finite and at least `_SAFE_SQ_DIST` they are the result
@@ -323,7 +325,10 @@ def scaled_sq_dists_to(stack, point=None) -> tuple[jax.Array, jax.Array]:
     plain = sq_norms(stack)
   else:
     plain = sq_dists_to(stack, point)
-  safe = jnp.all(jnp.isfinite(plain) & (plain >= _SAFE_SQ_DIST))  # 0 may be an underflow
+  big = plain >= _SAFE_SQ_DIST  # 0 may be an underflow
+  if member is not None:
+    big = big | (jnp.arange(plain.shape[0]) == member)
+  safe = jnp.all(jnp.isfinite(plain) & big)
 
   def rescaled():
     scale = normaliser(stack, point).scale

@@ -147,6 +147,20 @@ def test_translation_equivariance(name):
   np.testing.assert_allclose(rule(x + c, f=F), np.asarray(rule(x, f=F)) + c, atol=1e-4)
 
 
+@pytest.mark.parametrize('k', [-80, -20, 0, 20, 80])
+def test_monna_at_every_scale(k):
+  # Distances from the plain pass (s = 1) or, where squares under- or overflow, the rescaled one:
+  # the same neighbours either way. A second input equal to the trusted one (a true 0 distance
+  # besides the trusted input's own) takes the rescaled path at every scale.
+  x = make_stack(4)
+  want = ref_monna(x.astype(np.float64), F)
+  got = np.asarray(aggregators.monna(jnp.asarray(x * 2.0**k, jnp.float32), f=F), np.float64)
+  np.testing.assert_allclose(got / 2.0**k, want, rtol=1e-5, atol=1e-5)
+  x[5] = x[0]
+  got = np.asarray(aggregators.monna(jnp.asarray(x * 2.0**k, jnp.float32), f=F), np.float64)
+  np.testing.assert_allclose(got / 2.0**k, ref_monna(x.astype(np.float64), F), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf, 1e38])
 @pytest.mark.parametrize('name', ['krum', 'multikrum', 'bulyan', 'monna'])
 def test_nonfinite_byzantine_inputs(name, bad):

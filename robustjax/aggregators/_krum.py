@@ -518,7 +518,7 @@ def monna(stack, *, f: int, trusted_index: int = 0):
   if not isinstance(trusted_index, int) or not 0 <= trusted_index < n:
     raise ValueError(f'monna: trusted_index must be an int in [0, n); got {trusted_index!r}, n={n}')
   trusted = st.tree_index(stack, trusted_index)
-  d = st.sq_dists_to(stack, trusted, scale=st.normaliser(stack, trusted).scale)
+  d, _ = st.scaled_sq_dists_to(stack, trusted, member=trusted_index)  # only their order matters
   finite = jnp.isfinite(d)
   d = jnp.where(finite, d, jnp.inf)
   return st.weighted_sum(_lowest_weights(d, n - f), stack, finite=finite)
