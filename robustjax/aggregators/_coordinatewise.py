@@ -136,24 +136,32 @@ def _median(x: jax.Array) -> jax.Array:
   return 0.5 * a + 0.5 * b
 
 
-def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
-  """Per coordinate, the mean of the `keep` values closest to the median (ties: lower first).
+def median_window_positions(n: int, keep: int) -> list[int]:
+  """The sorted positions `median_window` reads: the e + 1 lowest, the e + 1 highest
+  (e = n − keep) and the median's one or two."""
+  mid = {n // 2} if n % 2 else {n // 2 - 1, n // 2}
+  return sorted({*range(n - keep + 1), *range(keep - 1, n), *mid})
 
-  In sorted order w_0 <= ... <= w_{n-1} the `keep` values closest to the median m are a window
-  [s, s + keep − 1], s in [0, e] with e = n − keep. Moving the window up by one swaps w_j for
-  w_{j+keep}, which is better iff w_{j+keep} − m < m − w_j; that difference grows with j, so s is
-  the number of j < e for which it holds. Only the e + 1 lowest and e + 1 highest order statistics
-  and the median are selected (one pruned network); the window sum then comes from one clipped
-  pass: Σ_window w = Σ_i clip(x_i, lo, hi) − s·lo − (e − s)·hi with lo = w_s, hi = w_{s+keep−1}.
+
+def median_window(w: dict, n: int, keep: int, *, rolled: bool = False):
+  """The window of the `keep` sorted values closest to the median (ties: the lower window).
+
+  In sorted order w_0 <= ... <= w_{n-1} those values are a window [s, s + keep − 1], s in
+  [0, e] with e = n − keep. Moving the window up by one swaps w_j for w_{j+keep}, which is better
+  iff w_{j+keep} − m < m − w_j; that difference grows with j, so s is the number of j < e for
+  which it holds.
+
+  Args:
+    w: {position: the sorted value there} for `median_window_positions(n, keep)`, arrays of one
+      shape (a value per coordinate).
+    n, keep: 1 <= keep < n.
+    rolled: search in a `fori_loop` instead of unrolled (see `_mean_closest`).
+
+  Returns:
+    (lo, hi, start): w_s, w_{s+keep−1} and s (as a float).
   """
-  n = x.shape[0]
   e = n - keep
-  if e == 0:
-    return _sum_rows(lambda r: r, x) / n
   mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
-  outer = list(range(e + 1)) + list(range(keep - 1, n))
-  positions = sorted(set(outer) | set(mid))
-  w = dict(zip(positions, _select(x, positions)))
   med = w[mid[0]] if len(mid) == 1 else 0.5 * w[mid[0]] + 0.5 * w[mid[1]]
 
   def move(j, window, low, next_low, high):
@@ -163,18 +171,34 @@ def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
     return jnp.where(up, next_low, lo), jnp.where(up, high, hi), jnp.where(up, j + 1.0, start)
 
   window = (w[0], w[keep - 1], jnp.zeros_like(med))
-  if _unrolled(x):  # unrolled: the whole rule stays one fused loop over the coordinates
+  if not rolled:
     for j in range(e):
       window = move(j, window, w[j], w[j + 1], w[j + keep])
-  else:
-    # A loop: unrolled here, XLA fuses the e-step search into the pass below and recomputes it
-    # for every row (6x the trimmed mean's time at n = 1024).
-    low = jnp.stack([w[j] for j in range(e + 1)])
-    high = jnp.stack([w[j + keep] for j in range(e)])
-    window = jax.lax.fori_loop(
-      0, e, lambda j, win: move(j.astype(med.dtype), win, low[j], low[j + 1], high[j]), window
-    )
-  lo, hi, start = window
+    return window
+  low = jnp.stack([w[j] for j in range(e + 1)])
+  high = jnp.stack([w[j + keep] for j in range(e)])
+  return jax.lax.fori_loop(
+    0, e, lambda j, win: move(j.astype(med.dtype), win, low[j], low[j + 1], high[j]), window
+  )
+
+
+def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
+  """Per coordinate, the mean of the `keep` values closest to the median (ties: lower first).
+
+  Only the order statistics `median_window` reads are selected (one pruned network); the window
+  sum then comes from one clipped pass: Σ_window w = Σ_i clip(x_i, lo, hi) − s·lo − (e − s)·hi
+  with lo = w_s, hi = w_{s+keep−1}.
+  """
+  n = x.shape[0]
+  e = n - keep
+  if e == 0:
+    return _sum_rows(lambda r: r, x) / n
+  positions = median_window_positions(n, keep)
+  w = dict(zip(positions, _select(x, positions)))
+  # Unrolled, the whole rule stays one fused loop over the coordinates. Beyond the unrolled
+  # network, an unrolled search would be fused into the clipped pass below and recomputed for
+  # every row (6x the trimmed mean's time at n = 1024): there it runs as a loop.
+  lo, hi, start = median_window(w, n, keep, rolled=not _unrolled(x))
   inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - (e - start) * (hi - lo)
   return lo + inner / keep
 

@@ -262,9 +262,8 @@ def centered_clipping(
   v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with w_i = min(1, τ / ‖x_i − v_l‖) / n.
   ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
   final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
-  follow from the Gram matrix). ``'auto'`` picks n-space for
-  more than 3 + n/27 iterations (`cc_auto_method`), where it was measured to pay on CPU
-  (BENCHMARKS.md).
+  follow from the Gram matrix). ``'auto'`` picks n-space for more than 3 + n/27 iterations
+  (`cc_auto_method`), where it was measured to pay on CPU (BENCHMARKS.md).
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.

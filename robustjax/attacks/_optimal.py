@@ -10,6 +10,7 @@ import numpy as np
 
 from robustjax import _sorting
 from robustjax._checks import check_choice, check_positive_int
+from robustjax.aggregators._coordinatewise import median_window, median_window_positions
 from robustjax.attacks._base import (
   _acc,
   _axpy,
@@ -138,8 +139,8 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
 
   In sorted order the combined column (the honest values plus f copies of the candidate c) is
   w_p = clamp(c, s_{p−f}, s_p), with s the honest column sorted once (s_q = −∞ below 0, +∞ from
-  n_h). The defender's own steps are then replayed on these values (`_mean_closest`): the
-  median, the window start among e + 1 = n − keep + 1 positions, its ends lo and hi, and
+  n_h). The defender's own window search (`median_window`) runs on these values: the median,
+  the window start among e + 1 = n − keep + 1 positions, its ends lo and hi; then, as the rule,
   lo + (Σ_i (clip(x_i, lo, hi) − lo) − (e − start)(hi − lo)) / keep. Every window covers the
   combined positions e … keep − 1, so the honest values ranked e … keep − 1 − f lie inside it
   whatever c is: their clip is themselves, summed once per call. A candidate costs 2e + 3 clamps,
@@ -167,20 +168,12 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
   inside = range(e, keep - f)  # honest ranks inside every window
   edges = [q for q in range(n_h) if q not in inside]
   inside_sum = functools.reduce(jnp.add, [row[q] for q in inside], jnp.zeros_like(x[0]))
-  mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+  positions = median_window_positions(n, keep)
 
   def evaluate(tau):
     c = _candidate_column(tau, base, direction, honest)
-    w = {
-      p: _clamp(c, row.get(p - f), row.get(p)) for p in {*range(e + 1), *range(keep - 1, n), *mid}
-    }
-    med = w[mid[0]] if len(mid) == 1 else 0.5 * w[mid[0]] + 0.5 * w[mid[1]]
-    lo, hi, start = w[0], w[keep - 1], jnp.zeros_like(med)
-    for j in range(e):  # as in `_mean_closest`, step for step
-      up = (w[j + keep] - med) < (med - w[j])
-      lo = jnp.where(up, w[j + 1], lo)
-      hi = jnp.where(up, w[j + keep], hi)
-      start = jnp.where(up, float(j + 1), start)
+    w = {p: _clamp(c, row.get(p - f), row.get(p)) for p in positions}
+    lo, hi, start = median_window(w, n, keep)  # the defender's own search
     clipped = [jnp.clip(row[q], lo, hi) - lo for q in edges] + [f * (jnp.clip(c, lo, hi) - lo)]
     inner = functools.reduce(jnp.add, clipped) + (inside_sum - len(inside) * lo)
     out = lo + (inner - (e - start) * (hi - lo)) / keep
