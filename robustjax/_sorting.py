@@ -136,8 +136,11 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
       b = jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=1)
       return jax.lax.dynamic_update_slice_in_dim(out, sort_block(b), k * chunk, axis=1)
 
+    # The first block is sorted outside the loop: inside `jax.shard_map` the carry must vary over
+    # the devices as the blocks do, which a plain zeros array does not.
     init = jnp.zeros((len(positions), blocks * chunk), x.dtype)
-    parts.append(jax.lax.fori_loop(0, blocks, body, init))
+    init = jax.lax.dynamic_update_slice_in_dim(init, sort_block(x[:, :chunk]), 0, axis=1)
+    parts.append(jax.lax.fori_loop(1, blocks, body, init))
   if total % chunk:
     parts.append(sort_block(x[:, blocks * chunk :]))
   out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)

@@ -72,6 +72,7 @@ __all__ = [
   'tree_index',
   'sq_distance',
   'sharded_coordinates',
+  'coordinates_sharded',
   'psum_coordinates',
 ]
 
@@ -96,6 +97,11 @@ def sharded_coordinates(axis_name):
     yield
   finally:
     _COORDINATE_AXIS.reset(token)
+
+
+def coordinates_sharded() -> bool:
+  """Whether the trace runs under `sharded_coordinates` (inside a coordinate-sharded shard_map)."""
+  return _COORDINATE_AXIS.get() is not None
 
 
 def psum_coordinates(x):
@@ -178,7 +184,12 @@ def _blocked_columns(fn, mat, cols, out_rows):
     blk = jax.lax.dynamic_slice_in_dim(mat, i * cols, cols, 1)
     return jax.lax.dynamic_update_slice_in_dim(out, fn(blk), i * cols, 1)
 
-  out = jax.lax.fori_loop(0, full, body, jnp.zeros((out_rows, d), mat.dtype))
+  # The first block is written outside the loop: inside `jax.shard_map` the carry must vary over
+  # the devices as the blocks do, which a plain zeros array does not.
+  first = jax.lax.dynamic_update_slice_in_dim(
+    jnp.zeros((out_rows, d), mat.dtype), fn(mat[:, :cols]), 0, 1
+  )
+  out = jax.lax.fori_loop(1, full, body, first)
   if d % cols:
     out = out.at[:, full * cols :].set(fn(mat[:, full * cols :]))
   return out

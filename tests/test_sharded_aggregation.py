@@ -72,3 +72,53 @@ def test_sharded_gram_is_a_psum_of_partials():
   ref = ((x64[:, None] - x64[None]) ** 2).sum(-1)
   np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-3)
   assert aggregators.get('krum') is aggregators.krum
+
+
+@pytest.mark.filterwarnings('ignore:smea:UserWarning')
+@pytest.mark.parametrize('n,d', [(11, 2 * 100_000), (130, 2 * 4_096)])
+def test_sharded_update_traces_the_cpu_loops(n, d):
+  """Every rule traces under `sharded_update` at sizes where the CPU kernels loop over column
+  blocks (n = 11: each device's 100,000 coordinates exceed two Gram / weighted-sum blocks) or run
+  the layered network (n = 130): a loop carry built from zeros does not vary over the devices, and
+  `jax.shard_map` rejects it. Traced only (`jax.eval_shape`); the values are compared above."""
+  if len(jax.devices()) < 2:
+    pytest.skip('needs 2 (simulated) devices')
+  mesh = parallel.make_mesh(2)
+  x = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  for name, pre in RULES:
+    rule = pipeline.compose(name, pre=pre, f=F)
+    state = rule.init(jnp.zeros(d))
+    jax.eval_shape(parallel.sharded_update(rule, mesh), x, state, jax.random.key(0))
+
+
+_SMEA_SHARDED = """
+import jax, jax.numpy as jnp
+jax.config.update('jax_num_cpu_devices', 2)
+from jax.sharding import NamedSharding, PartitionSpec as P
+from robustjax import parallel, pipeline
+mesh = parallel.make_mesh()
+x = jax.device_put(jax.random.normal(jax.random.key(0), (16, 40_000)),
+                   NamedSharding(mesh, P(None, 'workers')))
+rule = pipeline.as_rule('smea', 3)
+update = jax.jit(parallel.sharded_update(rule, mesh))
+for _ in range(3):
+  jax.block_until_ready(update(x, {}, None))
+print('done')
+"""
+
+
+def test_exact_smea_sharded_over_cpu_devices_does_not_hang():
+  """SMEA's exact search (560 batched eigvalsh at n = 16, f = 3) on 2 CPU devices: jaxlib's
+  batched LAPACK kernel waits on the CPU thread pool that the two device programs occupy, which
+  hung every run before the search went one subset at a time there. In a subprocess (its own
+  device count) with a timeout, so that a regression fails instead of hanging the suite."""
+  import subprocess
+  import sys
+
+  if jax.default_backend() != 'cpu':
+    pytest.skip('a CPU thread-pool deadlock')
+  out = subprocess.run(
+    [sys.executable, '-c', _SMEA_SHARDED], capture_output=True, text=True, timeout=120
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert 'done' in out.stdout

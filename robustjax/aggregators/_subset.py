@@ -142,6 +142,13 @@ def _exact_mask(d: jax.Array, f: int, objective, ties: str = 'left_out') -> jax.
   table = jnp.asarray(_left_out_sets(n, f))
   count = table.shape[0]
   batch = max(1, min(count, _BLOCK_ELEMENTS // (m * m)))
+  if st.coordinates_sharded() and jax.default_backend() == 'cpu':
+    # jaxlib's batched LAPACK kernels (SMEA's eigvalsh) split a batch over the CPU thread pool
+    # and block until it is done; with the coordinates sharded over several CPU devices, every
+    # pool thread may be running a device's program, and that wait never ends (a deadlock,
+    # reproduced at n = 16, f = 3 on 2 CPU devices and 2 cores). One subset at a time there: the
+    # matrices are (n − f) × (n − f) and the subsets' table is the same on every device.
+    batch = 1
   values = jax.lax.map(lambda out: objective(d, _kept(out, n)), table, batch_size=batch)
   values = jnp.where(jnp.isnan(values), jnp.inf, values)
   if ties == 'kept':
