@@ -18,6 +18,14 @@ Examples:
       --rules=median,trimmed_mean,meamed
   python experiments/benchmark_aggregators.py --cc_switch=16,64,256 --repeats=3
   python experiments/benchmark_aggregators.py --scaling=128,129,256,1024 --repeats=5
+  python experiments/benchmark_aggregators.py --n=64 --d=1000000 --f=8 --cpu_devices=2 \
+      --rules=krum,multikrum,caf
+
+With `--cpu_devices=K` (CPU only) the process sees K CPU devices (`jax_num_cpu_devices`) and every
+aggregator runs as the engine's sharded path runs it, `parallel.sharded_update` with the stack's
+coordinates split over the K devices: each device reduces its D / K coordinates on its own thread
+and the distance rules exchange only n × n partial Gram matrices. On XLA:CPU a Gram product with
+a small output (n ≤ 64) runs on one thread, so this is how such a Gram uses every core.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ import numpy as np
 from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
 from absl import app, flags
 
-from robustjax import aggregators, pipeline, stack
+from robustjax import aggregators, parallel, pipeline, stack
 from robustjax._spec import parse_rule
 
 try:  # pre-aggregators may not exist yet
@@ -89,6 +97,12 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list('scaling_rules', ['median', 'trimmed_mean', 'meamed'], 'rules of --scaling')
 flags.DEFINE_integer('scaling_d', 4810, 'coordinates per worker in --scaling')
+flags.DEFINE_integer(
+  'cpu_devices',
+  1,
+  'CPU only: split the coordinates over this many CPU devices (jax_num_cpu_devices) and run each '
+  'aggregator through parallel.sharded_update, as the engine does on a multi-device mesh',
+)
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
 flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
@@ -131,8 +145,40 @@ def _time(fn, *args, repeats: int, warmup: int) -> tuple[float, float]:
   return compile_s, statistics.median(times)
 
 
+def _spec(name: str, params: dict) -> str:
+  """The rule spec string of a name and its parameters, e.g. 'multikrum(m=56)'."""
+  if not params:
+    return name
+  return f'{name}({", ".join(f"{k}={v!r}" for k, v in params.items())})'
+
+
+def _sharded() -> bool:
+  return FLAGS.cpu_devices > 1
+
+
+def _place(x):
+  """The stack as the timed functions take it: coordinates split over the devices if sharded."""
+  if not _sharded() or x.shape[1] % FLAGS.cpu_devices:
+    return x  # sharded_update pads and reshards it inside the timed call
+  sharding = jax.sharding.NamedSharding(
+    parallel.make_mesh(), jax.sharding.PartitionSpec(None, 'workers')
+  )
+  return jax.device_put(x, sharding)
+
+
 def _make_fn(kind: str, name: str, f: int, params: dict):
   """A jitted function of (stack, key) calling the rule."""
+  if _sharded():
+    if kind == 'preaggregator':
+      raise ValueError('--cpu_devices times aggregators and pipelines (stack -> vector) only')
+    rule = pipeline.as_rule(name if kind == 'pipeline' else _spec(name, params), f)
+    update = parallel.sharded_update(rule, parallel.make_mesh())
+
+    def run(x, key):
+      state = rule.init(jnp.zeros(x.shape[1:], x.dtype))
+      return update(x, state, key if rule.stochastic else None)[0]
+
+    return _jit(run)
   if kind == 'pipeline':
     rule = pipeline.as_rule(name, f)
     return _jit(lambda x, key: rule(x, key=key if rule.stochastic else None))
@@ -185,6 +231,7 @@ def _stack(n, d, seed, dtype):
 def time_robustjax(kind, name, x, f, *, repeats, warmup, iters, compile_only=False):
   """Dict with compile_s and time_s (and per_iter_s for iterative rules)."""
   n = x.shape[0]
+  x = _place(x)  # the references (floor, x @ x.T) stay on one device
   key = jax.random.key(0)
   params = _params(name, n, f, iters)
   fn = _make_fn(kind, name, f, params)
@@ -324,7 +371,21 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   t_np_mm = min(_wall(lambda: a_np @ a_np) for _ in range(max(repeats, 3)))
   peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
   flops = 2 * n * n * d
-  _, t_ours = _time(_jit(lambda x: stack.scaled_gram(x)[0]), x, repeats=max(repeats, 3), warmup=1)
+  ours = lambda x: stack.scaled_gram(x)[0]  # noqa: E731
+  ours_label = 'robustjax scaled_gram (centred)'
+  if _sharded():
+    mesh = parallel.make_mesh()
+    spec = jax.sharding.PartitionSpec
+
+    def local(xl):
+      with stack.sharded_coordinates('workers'):
+        return stack.scaled_gram(xl)[0]
+
+    ours = jax.shard_map(local, mesh=mesh, in_specs=spec(None, 'workers'), out_specs=spec())
+    ours_label = f'robustjax scaled_gram, {FLAGS.cpu_devices} devices'
+  pad = (-d) % FLAGS.cpu_devices  # zero columns: the centred Gram is unchanged
+  x_ours = _place(jnp.pad(x, ((0, 0), (0, pad))) if pad else x)
+  _, t_ours = _time(_jit(ours), x_ours, repeats=max(repeats, 3), warmup=1)
   _, t_xla = _time(_jit(lambda x: x @ x.T), x, repeats=max(repeats, 3), warmup=1)
   t_np = min(_wall(lambda: x_np @ x_np.T) for _ in range(max(repeats, 3)))
   out = {
@@ -340,7 +401,7 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   label = f'Gram (n, d) = ({n}, {d})'
   print(f'# {label:<34} {"ms":>8} {"GFLOP/s":>8} {"of peak":>8}')
   for name, t in (
-    ('robustjax scaled_gram (centred)', t_ours),
+    (ours_label, t_ours),
     ('jax x @ x.T', t_xla),
     ('NumPy x @ x.T', t_np),
   ):
@@ -429,6 +490,9 @@ def _fmt(v, spec):
 def main(argv):
   del argv
   n, d, f = FLAGS.n, FLAGS.d, FLAGS.f
+  if _sharded():
+    # Before the first array is made: the CPU client starts with this many devices.
+    jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
   dtype = jnp.dtype(FLAGS.dtype)
   x_np, x = _stack(n, d, FLAGS.seed, dtype)
   info = {
@@ -440,6 +504,7 @@ def main(argv):
     'd': d,
     'f': f,
     'dtype': FLAGS.dtype,
+    'cpu_devices': FLAGS.cpu_devices,
   }
   info['xla_cpu_vector_width'] = FLAGS.xla_cpu_vector_width
   if FLAGS.cc_switch:
@@ -470,7 +535,7 @@ def main(argv):
   info.update(floor_s=floor, gram_s=gram)
   if FLAGS.peak_size and not FLAGS.compile_only:
     info['gram'] = gram_section(x, x_np, FLAGS.peak_size, FLAGS.repeats)
-  if FLAGS.donation and preaggregators is not None and not FLAGS.compile_only:
+  if FLAGS.donation and preaggregators is not None and not FLAGS.compile_only and not _sharded():
     info['donation'] = donation_section(x, f, FLAGS.repeats)
 
   bz = xt = None

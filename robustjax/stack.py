@@ -195,6 +195,52 @@ def _blocked_columns(fn, mat, cols, out_rows):
   return out
 
 
+# The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks"): the rows are cut
+# into row blocks of at most `_GRAM_ROW_BLOCK` and only the blocks on and above the diagonal are
+# multiplied (k(k + 1)/2 of k² products, 3/4 of the work for two blocks, about 1/2 for many); each
+# column block holds about `_GRAM_PART_ELEMENTS` elements per row block. XLA:CPU runs a dot with
+# an output of up to 64 × 64 on one thread: with n ≤ 64 the Gram uses one core unless the
+# coordinates are sharded over several CPU devices (`parallel.sharded_update`).
+_GRAM_ROW_BLOCK = 128
+_GRAM_MIN_SPLIT = 16
+_GRAM_PART_ELEMENTS = 1 << 19
+
+
+def _gram_row_block(n: int) -> int:
+  """Rows per block of the symmetric Gram product (n itself: one product)."""
+  if jax.default_backend() != 'cpu' or n < _GRAM_MIN_SPLIT:
+    return n
+  return min(-(-n // 2), _GRAM_ROW_BLOCK)
+
+
+def _gram_column_block(n: int, d: int) -> int | None:
+  """Columns per block of the centred Gram on CPU, or None for one piece."""
+  if jax.default_backend() != 'cpu':
+    return None
+  cols = max(256, _GRAM_PART_ELEMENTS // _gram_row_block(n))
+  return cols if d > 2 * cols else None
+
+
+def _symmetric_gram(x: jax.Array, row_block: int) -> jax.Array:
+  """x xᵀ for an (n, d) matrix from the row blocks on and above the diagonal (the rest mirrored).
+
+  With row_block ≥ n it is one product. Otherwise the k = ⌈n / row_block⌉ row blocks x_a give
+  the k(k + 1)/2 products x_a x_bᵀ, a ≤ b, and the blocks below the diagonal are their transposes.
+  """
+  n = x.shape[0]
+  if row_block >= n:
+    return jnp.matmul(x, x.T, precision=_HIGHEST)
+  parts = [x[a : a + row_block] for a in range(0, n, row_block)]
+  k = len(parts)
+  blocks = [[None] * k for _ in range(k)]
+  for a in range(k):
+    for b in range(a, k):
+      blocks[a][b] = jnp.matmul(parts[a], parts[b].T, precision=_HIGHEST)
+      if b > a:
+        blocks[b][a] = blocks[a][b].T
+  return jnp.block(blocks)
+
+
 def _sum_over_leaves(fn, stack):
   parts = [fn(as_matrix(leaf)) for leaf in jax.tree.leaves(stack)]
   total = parts[0]
@@ -390,7 +436,8 @@ def centred_gram(stack, *, center=None, scale=None) -> tuple[jax.Array, jax.Arra
   summing to one, ‖Σ a_i x_i − Σ b_j x_j‖² = (a − b)ᵀ G (a − b).
 
   Cost: one n × n × d Gram product. On CPU it runs over column blocks that stay in cache, the
-  centring and scaling fused into each block (no centred copy of the stack is written).
+  centring and scaling fused into each block (no centred copy of the stack is written), and only
+  the row blocks on and above the diagonal are multiplied (`_symmetric_gram`).
 
   Returns:
     `(gram, finite)`: float32 (float64 for float64 leaves) (n, n), and bool (n,).
@@ -405,16 +452,16 @@ def centred_gram(stack, *, center=None, scale=None) -> tuple[jax.Array, jax.Arra
     if len(centers) != len(leaves):
       raise ValueError('centred_gram: center must have the same pytree structure as the stack')
   gram = 0.0
+  row_block = _gram_row_block(n)
   for x, c in zip(leaves, centers):
     xm = as_matrix(x)
     cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
     inv = _inverse(scale, xm.dtype)
 
     def block_gram(xb, cb, inv=inv):
-      xc = (xb - cb) * inv
-      return jnp.matmul(xc, xc.T, precision=_HIGHEST)
+      return _symmetric_gram((xb - cb) * inv, row_block)
 
-    gram = gram + _blocked_sum(block_gram, [xm, cm], _column_block(n, xm.shape[1]))
+    gram = gram + _blocked_sum(block_gram, [xm, cm], _gram_column_block(n, xm.shape[1]))
   gram = psum_coordinates(gram)
   diag = jnp.diagonal(gram)
   finite = jnp.isfinite(diag) & (diag <= _overflow_limit(n, gram.dtype))

@@ -33,3 +33,23 @@ def test_gpu_benchmark_script_small(tmp_path):
     scaling = json.load(fh)['scaling']
   assert {r['rule'] for r in scaling} == {'median', 'trimmed_mean', 'meamed'}
   assert all(r['time_s'] > 0 for r in scaling)
+
+
+@pytest.mark.slow
+def test_aggregator_benchmark_on_two_cpu_devices(tmp_path):
+  """`--cpu_devices=2`: the rules through `parallel.sharded_update`, the Gram through shard_map."""
+  out = tmp_path / 'agg.json'
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark_aggregators.py')]
+    + ['--n=16', '--d=3001', '--f=3', '--repeats=1', '--peak_size=64', '--cpu_devices=2']
+    + ['--rules=krum,median,nnm+krum', f'--json_out={out}'],
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  result = json.loads(out.read_text())
+  assert result['info']['cpu_devices'] == 2
+  assert all(r.get('time_s', 0) > 0 for r in result['rows']), result['rows']
+  assert 'robustjax scaled_gram, 2 devices' in result['info']['gram']

@@ -39,3 +39,18 @@ def test_worker_finite_large():
   np.testing.assert_array_equal(
     np.asarray(stk.worker_finite(jnp.asarray(x))), [True, False, False, True]
   )
+
+
+def test_symmetric_blocked_gram_matches_float64():
+  # Row blocks of ⌈n / 2⌉ (n = 37: 19 + 18) and of 128 (n = 300: 128 + 128 + 44), in column blocks
+  # with a ragged tail; one non-finite worker is flagged and zeroed.
+  for n, d in [(37, 60_001), (300, 9_001)]:
+    rng = np.random.default_rng(n)
+    x = (rng.normal(size=(n, d)) + 5.0).astype(np.float32)
+    x[n // 3, d // 2] = np.nan
+    center = x[1]
+    gram, finite = stk.centred_gram(jnp.asarray(x), center=jnp.asarray(center))
+    ok = np.isfinite(x).all(axis=1)
+    xc = np.where(ok[:, None], x.astype(np.float64) - center.astype(np.float64), 0.0)
+    np.testing.assert_array_equal(np.asarray(finite), ok)
+    np.testing.assert_allclose(np.asarray(gram), xc @ xc.T, rtol=2e-5, atol=1e-3 * d)
