@@ -196,28 +196,33 @@ def _blocked_columns(fn, mat, cols, out_rows):
 
 
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks"): the rows are cut
-# into row blocks of at most `_GRAM_ROW_BLOCK` and only the blocks on and above the diagonal are
-# multiplied (k(k + 1)/2 of k² products, 3/4 of the work for two blocks, about 1/2 for many); each
+# into row blocks (`_gram_row_block`) and only the blocks on and above the diagonal are multiplied
+# (k(k + 1)/2 of k² products, 3/4 of the work for two blocks, about 1/2 for many); each
 # column block holds about `_GRAM_PART_ELEMENTS` elements per row block. XLA:CPU runs a dot with
 # an output of up to 64 × 64 on one thread: with n ≤ 64 the Gram uses one core unless the
 # coordinates are sharded over several CPU devices (`parallel.sharded_update`).
 _GRAM_ROW_BLOCK = 128
 _GRAM_MIN_SPLIT = 16
+_GRAM_HALVES_MAX_N = 64
 _GRAM_PART_ELEMENTS = 1 << 19
 
 
 def _gram_row_block(n: int) -> int:
-  """Rows per block of the symmetric Gram product (n itself: one product)."""
+  """Rows per block of the symmetric Gram product (≥ n: one product).
+
+  Measured on XLA:CPU: two blocks pay from 16 to 64 workers; from 65 to 128 one product is faster
+  (its output is large enough to run on both cores, the halves' are not); above, blocks of 128.
+  """
   if jax.default_backend() != 'cpu' or n < _GRAM_MIN_SPLIT:
     return n
-  return min(-(-n // 2), _GRAM_ROW_BLOCK)
+  return -(-n // 2) if n <= _GRAM_HALVES_MAX_N else _GRAM_ROW_BLOCK
 
 
 def _gram_column_block(n: int, d: int) -> int | None:
   """Columns per block of the centred Gram on CPU, or None for one piece."""
   if jax.default_backend() != 'cpu':
     return None
-  cols = max(256, _GRAM_PART_ELEMENTS // _gram_row_block(n))
+  cols = max(256, _GRAM_PART_ELEMENTS // min(_gram_row_block(n), n))
   return cols if d > 2 * cols else None
 
 
