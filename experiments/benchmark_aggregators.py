@@ -145,13 +145,6 @@ def _time(fn, *args, repeats: int, warmup: int) -> tuple[float, float]:
   return compile_s, statistics.median(times)
 
 
-def _spec(name: str, params: dict) -> str:
-  """The rule spec string of a name and its parameters, e.g. 'multikrum(m=56)'."""
-  if not params:
-    return name
-  return f'{name}({", ".join(f"{k}={v!r}" for k, v in params.items())})'
-
-
 def _sharded() -> bool:
   return FLAGS.cpu_devices > 1
 
@@ -171,7 +164,10 @@ def _make_fn(kind: str, name: str, f: int, params: dict):
   if _sharded():
     if kind == 'preaggregator':
       raise ValueError('--cpu_devices times aggregators and pipelines (stack -> vector) only')
-    rule = pipeline.as_rule(name if kind == 'pipeline' else _spec(name, params), f)
+    if kind == 'pipeline':
+      rule = pipeline.as_rule(name, f)
+    else:
+      rule = pipeline.compose(name, f=f, **params)
     update = parallel.sharded_update(rule, parallel.make_mesh())
 
     def run(x, key):
@@ -371,16 +367,19 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   t_np_mm = min(_wall(lambda: a_np @ a_np) for _ in range(max(repeats, 3)))
   peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
   flops = 2 * n * n * d
-  ours = lambda x: stack.scaled_gram(x)[0]  # noqa: E731
+
+  def ours(x):
+    return stack.scaled_gram(x)[0]
+
   ours_label = 'robustjax scaled_gram (centred)'
   if _sharded():
-    mesh = parallel.make_mesh()
-    spec = jax.sharding.PartitionSpec
 
     def local(xl):
       with stack.sharded_coordinates('workers'):
         return stack.scaled_gram(xl)[0]
 
+    spec = jax.sharding.PartitionSpec
+    mesh = parallel.make_mesh()
     ours = jax.shard_map(local, mesh=mesh, in_specs=spec(None, 'workers'), out_specs=spec())
     ours_label = f'robustjax scaled_gram, {FLAGS.cpu_devices} devices'
   pad = (-d) % FLAGS.cpu_devices  # zero columns: the centred Gram is unchanged
@@ -493,6 +492,8 @@ def main(argv):
   if _sharded():
     # Before the first array is made: the CPU client starts with this many devices.
     jax.config.update('jax_num_cpu_devices', FLAGS.cpu_devices)
+    if jax.default_backend() != 'cpu':
+      raise app.UsageError('--cpu_devices splits the coordinates over CPU devices: CPU only')
   dtype = jnp.dtype(FLAGS.dtype)
   x_np, x = _stack(n, d, FLAGS.seed, dtype)
   info = {
