@@ -371,4 +371,5 @@ def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count
     assert f'tensor<{n}x{n}xf32>' not in lowered[first - 1]
     assert f'tensor<{n}x{n}xf32>' in lowered[first]
   assert [cc_auto_method(4, n) for n in (16, 64, 256)] == ['gram', 'direct', 'direct']
+  assert [cc_auto_method(3, n) for n in (16, 64)] == ['gram', 'direct']
   assert cc_auto_method(16, 256) == 'gram'

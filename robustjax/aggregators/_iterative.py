@@ -262,7 +262,7 @@ def centered_clipping(
   v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with w_i = min(1, τ / ‖x_i − v_l‖) / n.
   ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
   final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
-  follow from the Gram matrix). ``'auto'`` picks n-space for more than 3 + n/27 iterations
+  follow from the Gram matrix). ``'auto'`` picks n-space for more than 2 + n/27 iterations
   (`cc_auto_method`), where it was measured to pay on CPU (BENCHMARKS.md).
 
   Args:
@@ -344,9 +344,9 @@ CC_METHODS = ('auto', 'direct', 'gram')
 # n-space path, which costs about CC_GRAM_BASE_ITERS + n / CC_GRAM_WORKERS_PER_ITER direct
 # iterations: its Gram (n²d multiply-adds) against a direct iteration's two passes over the n·d
 # entries grows as n, plus a scale pass and the final combination. Fitted on CPU (BENCHMARKS.md,
-# `--cc_switch`: the crossover lay between L = 3 and 4 at n = 16, 4 and 6 at n = 64, 8 and 16
-# at n = 256); other hardware has other ratios.
-CC_GRAM_BASE_ITERS = 3
+# `--cc_switch`: after the symmetric Gram the crossover lay between L = 2 and 3 at n = 16, 4 and 6
+# at n = 64, 8 and 16 at n = 256); other hardware has other ratios.
+CC_GRAM_BASE_ITERS = 2
 CC_GRAM_WORKERS_PER_ITER = 27
 
 
