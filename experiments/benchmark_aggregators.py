@@ -316,9 +316,6 @@ def scaling_section(ns, rules, d: int, repeats: int) -> list[dict]:
   return rows
 
 
-# --- The Gram product against the machine's peak ----------------------------------------------
-
-
 def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]:
   """centered_clipping's two paths ('direct': two passes per iteration; 'gram': one centred Gram,
   then O(n²) per iteration) at each (n, L), with the one `method='auto'` picks."""
@@ -349,6 +346,9 @@ def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]
         flush=True,
       )
   return rows
+
+
+# --- The Gram product against the machine's peak ----------------------------------------------
 
 
 def gram_section(x, x_np, m: int, repeats: int) -> dict:

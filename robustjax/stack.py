@@ -72,7 +72,6 @@ __all__ = [
   'tree_index',
   'sq_distance',
   'sharded_coordinates',
-  'coordinates_sharded',
   'psum_coordinates',
 ]
 
@@ -97,11 +96,6 @@ def sharded_coordinates(axis_name):
     yield
   finally:
     _COORDINATE_AXIS.reset(token)
-
-
-def coordinates_sharded() -> bool:
-  """Whether the trace runs under `sharded_coordinates` (inside a coordinate-sharded shard_map)."""
-  return _COORDINATE_AXIS.get() is not None
 
 
 def psum_coordinates(x):

@@ -91,34 +91,39 @@ def test_sharded_update_traces_the_cpu_loops(n, d):
     jax.eval_shape(parallel.sharded_update(rule, mesh), x, state, jax.random.key(0))
 
 
-_SMEA_SHARDED = """
+_LAPACK_ON_CPU_DEVICES = """
 import jax, jax.numpy as jnp
 jax.config.update('jax_num_cpu_devices', 2)
 from jax.sharding import NamedSharding, PartitionSpec as P
-from robustjax import parallel, pipeline
+from robustjax import aggregators, parallel, pipeline
 mesh = parallel.make_mesh()
 x = jax.device_put(jax.random.normal(jax.random.key(0), (16, 40_000)),
                    NamedSharding(mesh, P(None, 'workers')))
-rule = pipeline.as_rule('smea', 3)
-update = jax.jit(parallel.sharded_update(rule, mesh))
+update = jax.jit(parallel.sharded_update(pipeline.as_rule('smea', 3), mesh))
+xs = jax.random.normal(jax.random.key(1), (8, 16, 1_000))
+def vmapped(xs):  # as the optimal attacks run a defender over candidates, on every device
+  return (jax.vmap(lambda s: aggregators.smea(s, f=3))(xs)
+          + jax.vmap(lambda s: aggregators.caf(s, f=3))(xs))
+both = jax.jit(jax.shard_map(vmapped, mesh=mesh, in_specs=P(), out_specs=P()))
 for _ in range(3):
-  jax.block_until_ready(update(x, {}, None))
+  jax.block_until_ready((update(x, {}, None), both(xs)))
 print('done')
 """
 
 
-def test_exact_smea_sharded_over_cpu_devices_does_not_hang():
-  """SMEA's exact search (560 batched eigvalsh at n = 16, f = 3) on 2 CPU devices: jaxlib's
-  batched LAPACK kernel waits on the CPU thread pool that the two device programs occupy, which
-  hung every run before the search went one subset at a time there. In a subprocess (its own
-  device count) with a timeout, so that a regression fails instead of hanging the suite."""
+def test_eigen_solvers_on_two_cpu_devices_do_not_hang():
+  """SMEA's exact search (560 eigvalsh at n = 16, f = 3) sharded over 2 CPU devices, and SMEA /
+  CAF vmapped on each of them: jaxlib's batched LAPACK kernel waits on the CPU thread pool that
+  the device programs occupy, which hung every run before `robustjax._lapack` solved a batch one
+  matrix at a time there. In a subprocess (its own device count) with a timeout, so that a
+  regression fails instead of hanging the suite."""
   import subprocess
   import sys
 
   if jax.default_backend() != 'cpu':
     pytest.skip('a CPU thread-pool deadlock')
   out = subprocess.run(
-    [sys.executable, '-c', _SMEA_SHARDED], capture_output=True, text=True, timeout=120
+    [sys.executable, '-c', _LAPACK_ON_CPU_DEVICES], capture_output=True, text=True, timeout=120
   )
   assert out.returncode == 0, out.stderr[-2000:]
   assert 'done' in out.stdout

@@ -204,3 +204,20 @@ def test_blocked_enumeration_with_a_remainder(kind, monkeypatch):
   monkeypatch.setattr(_subset, '_BLOCK_ELEMENTS', 5 * (N - F) ** 2)
   x = make_stack(8, d=3)  # a new shape: compiled afresh with the small blocks
   np.testing.assert_allclose(aggregators.get(kind)(x, f=F), ref_rule(x, F, kind), atol=1e-5)
+
+
+def test_lapack_eigen_solvers_match_numpy_under_vmap():
+  """`robustjax._lapack`: eigh / eigvalsh of a batch (vmap, nested vmap), solved one matrix at a
+  time when the process has several CPU devices (the tests run with 8), equal NumPy's."""
+  from robustjax import _lapack
+
+  rng = np.random.default_rng(0)
+  a = rng.normal(size=(2, 3, 5, 5))
+  m = (a @ np.swapaxes(a, -1, -2)).astype(np.float32)
+  ref_w, ref_v = np.linalg.eigh(m.astype(np.float64))
+  w = jax.jit(jax.vmap(jax.vmap(_lapack.eigvalsh)))(m)
+  np.testing.assert_allclose(np.asarray(w), ref_w, rtol=1e-4, atol=1e-4)
+  w2, v2 = jax.jit(jax.vmap(_lapack.eigh))(m[0])
+  np.testing.assert_allclose(np.asarray(w2), ref_w[0], rtol=1e-4, atol=1e-4)
+  top = np.abs(np.sum(np.asarray(v2)[..., -1] * ref_v[0][..., -1], axis=-1))
+  np.testing.assert_allclose(top, 1.0, atol=1e-4)  # the top eigenvector, up to sign

@@ -40,6 +40,7 @@ from robustjax._checks import (
   check_positive_int,
   num_workers,
 )
+from robustjax._lapack import eigh
 from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
   centred_gram,
@@ -388,7 +389,7 @@ def _axpy(a, c, m):
 def _caf_top_eig(m, power_iters):
   """Top eigenpair of the symmetric PSD n × n matrix m: exact (eigh) or by power iteration."""
   if power_iters is None:
-    lam, vec = jnp.linalg.eigh(m)
+    lam, vec = eigh(m)
     return lam[-1], vec[:, -1]
   u = m[:, jnp.argmax(jnp.diagonal(m))]
   u = u / jnp.maximum(jnp.linalg.norm(u), jnp.finfo(m.dtype).tiny)

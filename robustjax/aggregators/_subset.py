@@ -36,6 +36,7 @@ import numpy as np
 
 from robustjax import stack as st
 from robustjax._checks import check_choice, check_f, check_positive_int, num_workers
+from robustjax._lapack import eigh, eigvalsh
 from robustjax.aggregators._base import Properties, register
 
 __all__ = ['mda', 'smea']
@@ -85,7 +86,7 @@ def _top_eig(d: jax.Array, kept: jax.Array) -> jax.Array:
   ds = _sub(d, kept)
   ok = jnp.isfinite(ds)
   g = _centred_gram(jnp.where(ok, ds, 0.0))
-  return jnp.where(jnp.all(ok), jnp.linalg.eigvalsh(g)[-1], jnp.inf)
+  return jnp.where(jnp.all(ok), eigvalsh(g)[-1], jnp.inf)
 
 
 def _diameter_out_candidates(d: jax.Array, kept: jax.Array):
@@ -101,7 +102,7 @@ def _eig_out_candidates(d: jax.Array, kept: jax.Array):
   that direction (in sample space: the top eigenvector of the centred Gram matrix)."""
   ds = _sub(d, kept)
   ok = jnp.isfinite(ds)
-  _, vecs = jnp.linalg.eigh(_centred_gram(jnp.where(ok, ds, 0.0)))
+  _, vecs = eigh(_centred_gram(jnp.where(ok, ds, 0.0)))
   top = vecs[:, -1]
   weight = jnp.where(jnp.all(ok, axis=1), jnp.abs(top), jnp.inf)
   return jax.lax.top_k(weight, 2)[1], top
@@ -142,13 +143,6 @@ def _exact_mask(d: jax.Array, f: int, objective, ties: str = 'left_out') -> jax.
   table = jnp.asarray(_left_out_sets(n, f))
   count = table.shape[0]
   batch = max(1, min(count, _BLOCK_ELEMENTS // (m * m)))
-  if st.coordinates_sharded() and jax.default_backend() == 'cpu':
-    # jaxlib's batched LAPACK kernels (SMEA's eigvalsh) split a batch over the CPU thread pool
-    # and block until it is done; with the coordinates sharded over several CPU devices, every
-    # pool thread may be running a device's program, and that wait never ends (a deadlock,
-    # reproduced at n = 16, f = 3 on 2 CPU devices and 2 cores). One subset at a time there: the
-    # matrices are (n − f) × (n − f) and the subsets' table is the same on every device.
-    batch = 1
   values = jax.lax.map(lambda out: objective(d, _kept(out, n)), table, batch_size=batch)
   values = jnp.where(jnp.isnan(values), jnp.inf, values)
   if ties == 'kept':
