@@ -317,8 +317,8 @@ def scaling_section(ns, rules, d: int, repeats: int) -> list[dict]:
 
 
 def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]:
-  """centered_clipping's two paths ('direct': two passes per iteration; 'gram': one centred Gram,
-  then O(n²) per iteration) at each (n, L), with the one `method='auto'` picks."""
+  """centered_clipping's two paths ('direct': about one pass per iteration; 'gram': one centred
+  Gram, then O(n²) per iteration) at each (n, L), with the one `method='auto'` picks."""
   from robustjax.aggregators._iterative import cc_auto_method
 
   rule = aggregators.get('centered_clipping')

@@ -64,6 +64,7 @@ __all__ = [
   'scaled_sq_dists',
   'scaled_sq_dists_to',
   'weighted_sum',
+  'combine_and_sq_dists',
   'unreadable',
   'robust_center_index',
   'flatten',
@@ -143,11 +144,18 @@ def as_matrix(leaf: jax.Array) -> jax.Array:
 _BLOCK_ELEMENTS = 1 << 18
 
 
-def _column_block(n: int, d: int) -> int | None:
-  """Columns per block on CPU, or None to process the leaf in one piece (accelerators, small d)."""
+# `combine_and_sq_dists` reads each block twice (the combination, then the distances) and
+# gains from longer blocks: at n = 64, d = 1e6 its pass took 29 / 25 / 21 / 21 / 38 ms with 2^18,
+# 2^19, 2^20, 2^21 and 2^22 elements per block (BENCHMARKS.md).
+_COMBINE_BLOCK_ELEMENTS = 1 << 20
+
+
+def _column_block(n: int, d: int, elements: int = _BLOCK_ELEMENTS) -> int | None:
+  """Columns per block on CPU (about `elements` per block), or None to process the leaf in one
+  piece (accelerators, small d)."""
   if jax.default_backend() != 'cpu':
     return None
-  cols = max(256, _BLOCK_ELEMENTS // max(n, 1))
+  cols = max(256, elements // max(n, 1))
   return cols if d > 2 * cols else None
 
 
@@ -169,24 +177,35 @@ def _blocked_sum(fn, mats, cols):
 
 def _blocked_columns(fn, mat, cols, out_rows):
   """fn applied to column blocks of mat (rows, d), results (out_rows, cols) concatenated."""
-  d = mat.shape[1]
+  out, _ = _blocked_columns_and_sum(lambda b: (fn(b), ()), [mat], cols, out_rows, mat.dtype)
+  return out
+
+
+def _blocked_columns_and_sum(fn, mats, cols, out_rows, dtype):
+  """Over column blocks of the mats (each (rows, d), sliced alike), fn(*blocks) gives
+  `(columns, partial)`: the (out_rows, cols) columns are concatenated, the partials (a pytree)
+  summed. One pass over the mats, each block used while it is in cache."""
+  d = mats[0].shape[1]
   if cols is None:
-    return fn(mat)
+    return fn(*mats)
   full = d // cols
 
-  def body(i, out):
-    blk = jax.lax.dynamic_slice_in_dim(mat, i * cols, cols, 1)
-    return jax.lax.dynamic_update_slice_in_dim(out, fn(blk), i * cols, 1)
+  def body(i, carry):
+    out, acc = carry
+    cols_i, part = fn(*[jax.lax.dynamic_slice_in_dim(m, i * cols, cols, 1) for m in mats])
+    out = jax.lax.dynamic_update_slice_in_dim(out, cols_i, i * cols, 1)
+    return out, jax.tree.map(jnp.add, acc, part)
 
   # The first block is written outside the loop: inside `jax.shard_map` the carry must vary over
   # the devices as the blocks do, which a plain zeros array does not.
-  first = jax.lax.dynamic_update_slice_in_dim(
-    jnp.zeros((out_rows, d), mat.dtype), fn(mat[:, :cols]), 0, 1
-  )
-  out = jax.lax.fori_loop(1, full, body, first)
+  cols_0, acc = fn(*[m[:, :cols] for m in mats])
+  first = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((out_rows, d), dtype), cols_0, 0, 1)
+  out, acc = jax.lax.fori_loop(1, full, body, (first, acc))
   if d % cols:
-    out = out.at[:, full * cols :].set(fn(mat[:, full * cols :]))
-  return out
+    cols_r, part = fn(*[m[:, full * cols :] for m in mats])
+    out = out.at[:, full * cols :].set(cols_r)
+    acc = jax.tree.map(jnp.add, acc, part)
+  return out, acc
 
 
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks"): the rows are cut
@@ -361,7 +380,7 @@ def sq_dists_to(stack, point, *, scale=None) -> jax.Array:
 # Squared distances at or above this (and finite) are exact to float32 rounding without
 # rescaling: the squares that underflow (below 2^-126, flushed to zero or not) are off by at most
 # D · 2^-126 in all, under 2^-26 of it for any D <= 2^40.
-_SAFE_SQ_DIST = 2.0**-60
+SAFE_SQ_DIST = 2.0**-60
 
 
 def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, jax.Array]:
@@ -371,7 +390,7 @@ def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, ja
   taken for an underflow).
 
   Fast path: the plain squared distances (one pass; `sq_norms` for the origin, on XLA:CPU as
-  fast as a matvec). When every one is finite and at least `_SAFE_SQ_DIST` they are the result
+  fast as a matvec). When every one is finite and at least `SAFE_SQ_DIST` they are the result
   with s = 1 (the rescaled path's values up to the power of two). Otherwise (a non-finite or huge
   slice, a tiny or zero one: a 0 may be an underflow) the overflow-free path: s from `normaliser`
   around the point, then the distances of the rescaled differences. Ratios of distances, and a
@@ -381,7 +400,7 @@ def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, ja
     plain = sq_norms(stack)
   else:
     plain = sq_dists_to(stack, point)
-  big = plain >= _SAFE_SQ_DIST  # 0 may be an underflow
+  big = plain >= SAFE_SQ_DIST  # 0 may be an underflow
   if member is not None:
     big = big | (jnp.arange(plain.shape[0]) == member)
   safe = jnp.all(jnp.isfinite(plain) & big)
@@ -570,6 +589,58 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
     return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(result_dtype(x.dtype))
 
   return jax.tree.map(combine, stack)
+
+
+def combine_and_sq_dists(weights: jax.Array, stack, base, keep) -> tuple:
+  """The point p = keep · base + Σ_i w_i x_i and the (n,) squared distances ‖x_i − p‖², in one pass.
+
+  An iteration of centred clipping or Weiszfeld combines the inputs into a new point, then needs
+  every input's distance to it: as two calls (`weighted_sum`, `sq_dists_to`) that is two passes
+  over the stack. Here each column block of the stack gives its block of p and, while it is still
+  in cache, its share of the distances (on CPU; elsewhere one piece, left to the compiler).
+
+  Plain arithmetic, no safeguards: a non-finite entry makes the point non-finite in its
+  coordinate whatever its weight, and squares may overflow or underflow. The caller checks the
+  result and falls back to `weighted_sum` (which ignores the non-finite entries of weight-0
+  slices) and `scaled_sq_dists_to` (which rescales) when it must.
+
+  Args:
+    weights: (n,) the w_i.
+    stack: a pytree with leading axis n.
+    base: a tree like one slice of the stack.
+    keep: a scalar, the weight of `base`.
+
+  Returns:
+    `(point, sq)`: p, a tree like one slice (each leaf's result dtype, accumulated in float32 at
+    least), and the (n,) squared distances of the inputs to p as rounded, as `sq_dists_to`
+    computes them.
+  """
+  weights = jnp.asarray(weights)
+  keep = jnp.asarray(keep)
+  leaves, treedef = jax.tree.flatten(stack)
+  bases = jax.tree.leaves(base)
+  if len(bases) != len(leaves):
+    raise ValueError('combine_and_sq_dists: base must have the same pytree structure as a slice')
+  points, total = [], 0.0
+  for x, b in zip(leaves, bases):
+    x = jnp.asarray(x)
+    xm = as_matrix(x)
+    acc = jnp.promote_types(xm.dtype, jnp.float32)
+    out_dtype = result_dtype(x.dtype)
+    w = weights.astype(xm.dtype).reshape(1, -1)
+    bm = jnp.asarray(b).reshape(1, -1).astype(acc)
+
+    def block(xb, bb, w=w, acc=acc, out_dtype=out_dtype):
+      moved = jnp.matmul(w, xb, precision=_HIGHEST).astype(acc)
+      point = (keep.astype(acc) * bb + moved).astype(out_dtype)
+      diff = xb - point.astype(xb.dtype)
+      return point, jnp.sum(diff * diff, axis=1)
+
+    cols = _column_block(xm.shape[0], xm.shape[1], _COMBINE_BLOCK_ELEMENTS)
+    point, sq = _blocked_columns_and_sum(block, [xm, bm], cols, 1, out_dtype)
+    points.append(point.reshape(x.shape[1:]))
+    total = total + sq
+  return jax.tree.unflatten(treedef, points), psum_coordinates(total)
 
 
 def random_projection(stack, k: int, key, *, chunk: int = 2048) -> jax.Array:

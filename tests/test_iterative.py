@@ -356,6 +356,27 @@ def test_centered_clipping_paths_against_float64(iters, method):
     np.testing.assert_allclose(np.asarray(tiny, np.float64) / 1e-25, want, rtol=1e-4, atol=1e-4)
 
 
+def test_centered_clipping_direct_in_column_blocks_matches_float64():
+  """At a size where each iteration's combination and distances share one blocked pass
+  (`stack.combine_and_sq_dists`), the direct path gives the float64 recursion's iterates."""
+  rng = np.random.default_rng(7)
+  n, d, iters = 16, 150_001, 3
+  spread = np.linspace(0.5, 1.5, n)[:, None]  # distances about 190 to 580
+  x = (spread * rng.normal(size=(n, d)) + 0.01 * rng.normal(size=(1, d))).astype(np.float32)
+  c = (0.1 * rng.normal(size=d)).astype(np.float32)
+  tau = 300.0  # some inputs clipped, others not
+  v = c.astype(np.float64)
+  x64 = x.astype(np.float64)
+  for _ in range(iters):
+    dist = np.linalg.norm(x64 - v, axis=1)
+    w = np.minimum(1.0, tau / dist) / n
+    v = v + (w[:, None] * (x64 - v)).sum(0)
+  got = centered_clipping(
+    jnp.asarray(x), f=3, center=jnp.asarray(c), tau=tau, iters=iters, method='direct'
+  )
+  np.testing.assert_allclose(np.asarray(got, np.float64), v, rtol=1e-4, atol=1e-5)
+
+
 def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count():
   """`method='auto'` runs in n-space (it forms an (n, n) matrix) for more iterations than
   `cc_auto_method`'s threshold, which grows with n."""
@@ -372,4 +393,10 @@ def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count
     assert f'tensor<{n}x{n}xf32>' in lowered[first]
   assert [cc_auto_method(4, n) for n in (16, 64, 256)] == ['gram', 'direct', 'direct']
   assert [cc_auto_method(3, n) for n in (16, 64)] == ['gram', 'direct']
-  assert cc_auto_method(16, 256) == 'gram'
+  assert [cc_auto_method(2, n) for n in (8, 16)] == ['direct', 'direct']
+  assert [cc_auto_method(7, 64), cc_auto_method(8, 256), cc_auto_method(16, 256)] == [
+    'gram',
+    'direct',
+    'gram',
+  ]
+  assert [cc_auto_method(16, 1024), cc_auto_method(24, 1024)] == ['direct', 'gram']

@@ -75,17 +75,20 @@ def test_sharded_gram_is_a_psum_of_partials():
 
 
 @pytest.mark.filterwarnings('ignore:smea:UserWarning')
-@pytest.mark.parametrize('n,d', [(11, 2 * 100_000), (130, 2 * 4_096)])
+@pytest.mark.parametrize('n,d', [(11, 2 * 200_000), (130, 2 * 4_096)])
 def test_sharded_update_traces_the_cpu_loops(n, d):
   """Every rule traces under `sharded_update` at sizes where the CPU kernels loop over column
-  blocks (n = 11: each device's 100,000 coordinates exceed two Gram / weighted-sum blocks) or run
-  the layered network (n = 130): a loop carry built from zeros does not vary over the devices, and
-  `jax.shard_map` rejects it. Traced only (`jax.eval_shape`); the values are compared above."""
+  blocks (n = 11: each device's 200,000 coordinates exceed two Gram / weighted-sum / combination
+  blocks) or run the layered network (n = 130): a loop carry built from zeros does not vary over
+  the devices, and `jax.shard_map` rejects it. Traced only (`jax.eval_shape`); the values are
+  compared above."""
   if len(jax.devices()) < 2:
     pytest.skip('needs 2 (simulated) devices')
   mesh = parallel.make_mesh(2)
   x = jax.ShapeDtypeStruct((n, d), jnp.float32)
-  for name, pre in RULES:
+  # centered_clipping's direct path with iters ≥ 2 loops over `stack.combine_and_sq_dists`.
+  cc_direct = [(('centered_clipping', {'iters': 3, 'method': 'direct'}), ())]
+  for name, pre in RULES + cc_direct:
     rule = pipeline.compose(name, pre=pre, f=F)
     state = rule.init(jnp.zeros(d))
     jax.eval_shape(parallel.sharded_update(rule, mesh), x, state, jax.random.key(0))

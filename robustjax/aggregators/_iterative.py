@@ -1,9 +1,11 @@
 """Iterative aggregators: geometric median (smoothed Weiszfeld), centered clipping, CAF.
 
 Each iteration of `geometric_median` and `centered_clipping` is "weights from geometry, then
-combine": one streaming pass for the distances to the current point (`stack.sq_dists_to`) and one
-for the weighted combination (`stack.weighted_sum`). `caf` needs only the n × n Gram matrix (one
-`stack.pairwise_sq_dists`) and one final weighted combination: its filtering runs in n-space.
+combine": the distances to the current point (`stack.sq_dists_to`) and the weighted combination
+(`stack.weighted_sum`); `centered_clipping` takes each combination and the next distances from
+one pass (`stack.combine_and_sq_dists`). From a start in the span of the inputs both can also
+run in n-space on the centred Gram matrix. `caf` needs only the n × n Gram matrix and one final
+weighted combination: its filtering runs in n-space.
 
 Scale: distances are computed on the stack divided by a robust power-of-two scale
 (`stack.normaliser`), with ν (GM) and τ (CC) divided by the same scale, so inputs at 1e20 behave
@@ -28,6 +30,7 @@ So up to f such slices (f < n/2) never make the output non-finite.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +46,9 @@ from robustjax._checks import (
 from robustjax._lapack import eigh
 from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
+  SAFE_SQ_DIST,
   centred_gram,
+  combine_and_sq_dists,
   normaliser,
   result_dtype,
   scaled_gram,
@@ -257,13 +262,16 @@ def centered_clipping(
   Gram), so inputs at 1e20 behave as at 1.
 
   Cost: two ways to run the same iterations (`method`).
-  ``'direct'``: per iteration one pass for the distances (`stack.scaled_sq_dists_to`: the plain
-  ones, the norms at a first step from ``center=None``; the rescaled ones only when those
-  overflow or underflow) and one for the weighted combination (`weighted_sum`):
-  v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i with w_i = min(1, τ / ‖x_i − v_l‖) / n.
+  ``'direct'``: L + 1 passes over the stack. The first gives the distances to v_0
+  (`stack.scaled_sq_dists_to`; the norms at a first step from ``center=None``), each of the
+  next L − 1 both the move v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i, w_i = min(1, τ / ‖x_i − v_l‖)
+  / n, and the distances to v_{l+1} (`stack.combine_and_sq_dists`), the last the final move
+  (`weighted_sum`). When a pass's distances are not all finite and above underflow (a
+  non-finite or huge input, a tiny spread) that iteration is redone the safe way: the move
+  ignoring the non-finite entries of weight-0 inputs, the distances rescaled.
   ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
   final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
-  follow from the Gram matrix). ``'auto'`` picks n-space for more than 2 + n/27 iterations
+  follow from the Gram matrix). ``'auto'`` picks n-space for more than 0.72 √n iterations
   (`cc_auto_method`), where it was measured to pay on CPU (BENCHMARKS.md).
 
   Args:
@@ -320,21 +328,45 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
     scale = normaliser(stack, v).scale
     return _centered_clipping_gram(stack, v, tau / scale, scale, iters)
 
-  def step(v, point):
-    # Distances to `point` (= v; None: the origin, as v is at a first step from zeros) in
-    # units of s (τ likewise), s = 1 unless a plain distance overflows or underflows.
-    sq, scale = scaled_sq_dists_to(stack, point)
+  def weights(sq, scale):
+    # w_i = min(1, τ / ‖x_i − v‖) / n from distances in units of s (τ likewise); weight 0 for a
+    # slice at a non-finite distance. Also whether any slice was at a finite distance.
     dist = jnp.sqrt(sq)
     ok = jnp.isfinite(dist)
     w = jnp.where(ok, jnp.minimum(1.0, (tau / scale) / jnp.where(ok, dist, 1.0)), 0.0) / n
-    moved = weighted_sum(w, stack)
-    keep = 1.0 - jnp.sum(w)
-    return jax.tree.map(lambda c, m: _axpy(keep, c, m), v, moved), jnp.any(ok)
+    return w, jnp.any(ok)
 
-  # The first step outside the loop gives the carry the stack's type (also when the stack is a
-  # per-device slice inside `jax.shard_map` and the centre is replicated).
-  first = step(v, None if center is None else v)
-  v, informed = jax.lax.fori_loop(1, iters, lambda _, carry: step(carry[0], carry[0]), first)
+  def combine(w, v):
+    # v ← (1 − Σ w_i) v + Σ w_i x_i, ignoring the non-finite entries of weight-0 slices.
+    moved = weighted_sum(w, stack)
+    return jax.tree.map(lambda c, m: _axpy(1.0 - jnp.sum(w), c, m), v, moved)
+
+  def advance(w, v):
+    # The next v and the distances to it from one pass over the stack; the safe passes (the
+    # non-finite entries ignored, the distances rescaled) only when that pass's distances are
+    # not all finite and above underflow (a non-finite entry of v makes every one non-finite).
+    point, plain = combine_and_sq_dists(w, stack, v, 1.0 - jnp.sum(w))
+    fine = jnp.all(jnp.isfinite(plain) & (plain >= SAFE_SQ_DIST))
+
+    def safe():
+      v_next = combine(w, v)
+      return (v_next, *scaled_sq_dists_to(stack, v_next))
+
+    return jax.lax.cond(fine, lambda: (point, plain, jnp.ones((), plain.dtype)), safe)
+
+  def body(_, carry):
+    v, w, _ = carry
+    v, sq, scale = advance(w, v)
+    return (v, *weights(sq, scale))
+
+  # Distances to v_0 (None: the origin, as v is at a first step from zeros): the norms.
+  w, informed = weights(*scaled_sq_dists_to(stack, None if center is None else v))
+  if iters > 1:
+    # The first move outside the loop gives the carry the stack's type (also when the stack is a
+    # per-device slice inside `jax.shard_map` and the centre is replicated).
+    v, w, informed = body(0, (v, w, informed))
+    v, w, informed = jax.lax.fori_loop(2, iters, body, (v, w, informed))
+  v = combine(w, v)
   # No slice at a finite distance: nothing was learnt from the inputs.
   return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
 
@@ -342,18 +374,17 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
 CC_METHODS = ('auto', 'direct', 'gram')
 
 # `centered_clipping(method='auto')` runs in n-space when the iterations cost more than the
-# n-space path, which costs about CC_GRAM_BASE_ITERS + n / CC_GRAM_WORKERS_PER_ITER direct
-# iterations: its Gram (n²d multiply-adds) against a direct iteration's two passes over the n·d
-# entries grows as n, plus a scale pass and the final combination. Fitted on CPU (BENCHMARKS.md,
-# `--cc_switch`: after the symmetric Gram the crossover lay between L = 2 and 3 at n = 16, 4 and 6
-# at n = 64, 8 and 16 at n = 256); other hardware has other ratios.
-CC_GRAM_BASE_ITERS = 2
-CC_GRAM_WORKERS_PER_ITER = 27
+# n-space path. A direct iteration is one pass over the n·d entries; the n-space path is a Gram
+# product (n²d multiply-adds, at a rate that grows with n on CPU), a scale pass and the final
+# combination. Measured on CPU (BENCHMARKS.md, `--cc_switch`, after the fused direct pass) the
+# n-space path pays from L = 2–3 at n = 8, 3 at n = 16, 7 at n = 64, 9–16 at n = 256 and 17–24 at
+# n = 1024: about CC_GRAM_ITERS_PER_SQRT_N · √n iterations. Other hardware has other ratios.
+CC_GRAM_ITERS_PER_SQRT_N = 0.72
 
 
 def cc_auto_method(iters: int, n: int) -> str:
   """The path `centered_clipping(method='auto')` runs for `iters` iterations over n workers."""
-  return 'gram' if iters > CC_GRAM_BASE_ITERS + n / CC_GRAM_WORKERS_PER_ITER else 'direct'
+  return 'gram' if iters > CC_GRAM_ITERS_PER_SQRT_N * math.sqrt(n) else 'direct'
 
 
 def _centered_clipping_gram(stack, v0, tau, scale, iters):
