@@ -147,6 +147,38 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   return [out[k] for k in range(len(positions))]
 
 
+def select_each(
+  x: jax.Array, positions: Sequence[int], *, nan_last: bool = False
+) -> list[jax.Array]:
+  """Order statistics along axis 0 of an (n, D) matrix (n <= `NETWORK_MAX_N`), each from its own
+  network pruned for that one rank: for a few ranks wanted as separate arrays.
+
+  XLA:CPU fuses networks over the same rows whose outputs are written separately into one
+  multi-output loop that recomputes each output's cone: two ranks of 52 rows × 100,000 took 3.5 s
+  that way, against 2 ms for one. Here each network is its own computation (a branch of a
+  `lax.switch` inside a `lax.scan` over the positions): four ranks took 8.9 ms, against 38 ms to
+  sort the columns with `select_layered` (BENCHMARKS.md). With `nan_last`, NaN sorts as +∞ (mapped
+  inside each network: a separate mapped copy of x was fused with the caller's other passes over
+  x, into a loop that cost more than the four networks).
+  """
+  n = x.shape[0]
+  positions = [int(p) for p in positions]
+  if n > NETWORK_MAX_N or not all(0 <= p < n for p in positions):
+    raise ValueError(f'select_each: positions {positions} for n={n} (at most {NETWORK_MAX_N})')
+
+  def rows(x):
+    return [jnp.where(jnp.isnan(r), jnp.inf, r) if nan_last else r for r in x]
+
+  def branch(p):
+    return lambda x: select(rows(x), [p])[0]
+
+  branches = [branch(p) for p in positions]
+  _, out = jax.lax.scan(
+    lambda carry, i: (carry, jax.lax.switch(i, branches, x)), None, jnp.arange(len(positions))
+  )
+  return [out[k] for k in range(len(positions))]
+
+
 def apply_network(rows: Sequence[jax.Array], comps) -> list[jax.Array]:
   """Runs compare-exchanges over a list of equally shaped arrays (one per wire)."""
   w = list(rows)

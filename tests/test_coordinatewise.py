@@ -84,6 +84,24 @@ def test_pruned_network_is_smaller_and_exact():
     np.testing.assert_allclose(np.asarray(g), s[p], rtol=1e-6)
 
 
+def test_select_each_matches_sort_with_ties_and_infinities():
+  import robustjax._sorting as sorting
+
+  rng = np.random.default_rng(4)
+  x = rng.integers(-3, 4, size=(52, 301)).astype(np.float32)  # many ties
+  x[5, :7] = np.inf
+  x[9, 3:9] = -np.inf
+  ranks = [0, 19, 20, 31, 32, 51]
+  got = jax.jit(lambda x: sorting.select_each(x, ranks))(jnp.asarray(x))
+  np.testing.assert_array_equal(np.stack(got), np.sort(x, 0)[ranks])
+  x[7, 2:5] = np.nan  # sorted as +inf with nan_last (NumPy sorts NaN last too)
+  got = sorting.select_each(jnp.asarray(x), ranks, nan_last=True)
+  want = np.sort(np.where(np.isnan(x), np.inf, x), 0)[ranks]
+  np.testing.assert_array_equal(np.stack(got), want)
+  with pytest.raises(ValueError, match='select_each'):
+    sorting.select_each(jnp.asarray(x), [52])
+
+
 def test_select_layered_fallback(monkeypatch):
   import robustjax._sorting as sorting
 
