@@ -594,10 +594,12 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
 def combine_and_sq_dists(weights: jax.Array, stack, base, keep) -> tuple:
   """The point p = keep · base + Σ_i w_i x_i and the (n,) squared distances ‖x_i − p‖², in one pass.
 
-  An iteration of centred clipping or Weiszfeld combines the inputs into a new point, then needs
-  every input's distance to it: as two calls (`weighted_sum`, `sq_dists_to`) that is two passes
-  over the stack. Here each column block of the stack gives its block of p and, while it is still
-  in cache, its share of the distances (on CPU; elsewhere one piece, left to the compiler).
+  An iteration of centred clipping combines the inputs into a new point, then needs every
+  input's distance to it: as two calls (`weighted_sum`, `sq_dists_to`) that is two passes over
+  the stack. Here each column block of the stack gives its block of p and, while it is still in
+  cache, its share of the distances (on CPU; elsewhere one piece, left to the compiler).
+  (`geometric_median` from a given start still makes the two passes: its distances are always
+  rescaled, and its combination marks unreadable outputs.)
 
   Plain arithmetic, no safeguards: a non-finite entry makes the point non-finite in its
   coordinate whatever its weight, and squares may overflow or underflow. The caller checks the
