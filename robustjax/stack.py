@@ -63,6 +63,7 @@ __all__ = [
   'scaled_gram',
   'scaled_sq_dists',
   'scaled_sq_dists_to',
+  'rescaled_sq_dists_to',
   'weighted_sum',
   'combine_and_sq_dists',
   'unreadable',
@@ -404,14 +405,19 @@ def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, ja
   if member is not None:
     big = big | (jnp.arange(plain.shape[0]) == member)
   safe = jnp.all(jnp.isfinite(plain) & big)
+  return jax.lax.cond(
+    safe, lambda: (plain, jnp.ones((), plain.dtype)), lambda: rescaled_sq_dists_to(stack, point)
+  )
 
-  def rescaled():
-    scale = normaliser(stack, point).scale
-    if point is None:
-      return sq_norms(stack, scale=scale), scale
-    return sq_dists_to(stack, point, scale=scale), scale
 
-  return jax.lax.cond(safe, lambda: (plain, jnp.ones((), plain.dtype)), rescaled)
+def rescaled_sq_dists_to(stack, point=None) -> tuple[jax.Array, jax.Array]:
+  """`scaled_sq_dists_to`'s overflow-free path alone: the power-of-two scale s of the spread around
+  `point` (`normaliser`, one pass), then the (n,) squared distances ‖x_i − point‖² / s² (one
+  pass). For callers that already know the plain distances overflow or underflow."""
+  scale = normaliser(stack, point).scale
+  if point is None:
+    return sq_norms(stack, scale=scale), scale
+  return sq_dists_to(stack, point, scale=scale), scale
 
 
 def sq_distance(a, b) -> jax.Array:
@@ -604,7 +610,7 @@ def combine_and_sq_dists(weights: jax.Array, stack, base, keep) -> tuple:
   Plain arithmetic, no safeguards: a non-finite entry makes the point non-finite in its
   coordinate whatever its weight, and squares may overflow or underflow. The caller checks the
   result and falls back to `weighted_sum` (which ignores the non-finite entries of weight-0
-  slices) and `scaled_sq_dists_to` (which rescales) when it must.
+  slices) and `rescaled_sq_dists_to` when it must.
 
   Args:
     weights: (n,) the w_i.

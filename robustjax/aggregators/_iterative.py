@@ -50,6 +50,7 @@ from robustjax.stack import (
   centred_gram,
   combine_and_sq_dists,
   normaliser,
+  rescaled_sq_dists_to,
   result_dtype,
   scaled_gram,
   scaled_sq_dists_to,
@@ -345,12 +346,14 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
     # The next v and the distances to it from one pass over the stack; the safe passes (the
     # non-finite entries ignored, the distances rescaled) only when that pass's distances are
     # not all finite and above underflow (a non-finite entry of v makes every one non-finite).
+    # Then the plain distances to the safe v would fail the same test (a non-finite input, an
+    # overflow, an underflow): they are not tried again.
     point, plain = combine_and_sq_dists(w, stack, v, 1.0 - jnp.sum(w))
     fine = jnp.all(jnp.isfinite(plain) & (plain >= SAFE_SQ_DIST))
 
     def safe():
       v_next = combine(w, v)
-      return (v_next, *scaled_sq_dists_to(stack, v_next))
+      return (v_next, *rescaled_sq_dists_to(stack, v_next))
 
     return jax.lax.cond(fine, lambda: (point, plain, jnp.ones((), plain.dtype)), safe)
 
