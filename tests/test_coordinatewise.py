@@ -98,6 +98,11 @@ def test_select_each_matches_sort_with_ties_and_infinities():
   got = sorting.select_each(jnp.asarray(x), ranks, nan_last=True)
   want = np.sort(np.where(np.isnan(x), np.inf, x), 0)[ranks]
   np.testing.assert_array_equal(np.stack(got), want)
+  # A group of ranks gives their sum.
+  low, middle = sorting.select_each(jnp.asarray(x), [2, range(12, 40)], nan_last=True)
+  clean = np.sort(np.where(np.isnan(x), np.inf, x), 0)
+  np.testing.assert_array_equal(np.asarray(low), clean[2])
+  np.testing.assert_allclose(np.asarray(middle), clean[12:40].sum(0), rtol=1e-6)
   with pytest.raises(ValueError, match='select_each'):
     sorting.select_each(jnp.asarray(x), [52])
 

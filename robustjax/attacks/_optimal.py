@@ -103,8 +103,9 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
   honest order statistics lets through). The first sum does not depend on c (summed once per
   call); a candidate costs one fused elementwise pass over 2·min(f, b − a) sorted rows: none
   for the mean (no sort at all), four for the median, 2f for the trimmed mean. The rows come
-  from `_sorted_rows`, once per call: the median's four from a pruned network each, the others
-  from the columns sorted by the layered network. The clamp never forms
+  once per call from one pruned network each when they are few (the median's four; the trimmed
+  mean's 2f < 8, its candidate-free rows then one summed network), else from the columns sorted
+  by the layered network. The clamp never forms
   ∞ − ∞, so candidates beyond the float range and infinite honest values give the rule's own
   output. Non-finite honest values sort as +∞ (NaN included), as the rules treat them; the
   candidate is rounded to the stack's dtype as the Byzantine rows are.
@@ -124,9 +125,21 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
       (beta, [(lo if lo >= 0 else None, hi if hi < n_h else None) for lo, hi in pairs])
     )
   ranks = sorted({q for _, pairs in windows for pair in pairs for q in pair if q is not None})
+  support = tuple(q for q in range(n_h) if fixed[q])
   if not ranks and np.all(fixed == fixed[0]):  # the mean: the order does not matter, no sort
     const = jnp.matmul(jnp.full((n_h,), fixed[0], x.dtype), x, precision=jax.lax.Precision.HIGHEST)
     row = {}
+  elif (
+    support
+    and len(ranks) < _FEW_RANKS
+    and np.all(fixed[list(support)] == fixed[support[0]])
+    and n_h <= _sorting.NETWORK_MAX_N
+  ):
+    # A few clamp ranks (the trimmed mean at small f): each from its own network, and the
+    # candidate-free rows (one weight) as one summed network, instead of sorting the columns.
+    *parts, total = _sorting.select_each(x, [*ranks, support], nan_last=True)
+    row = dict(zip(ranks, parts))
+    const = fixed[support[0]] * total
   else:
     row = _sorted_rows(x, sorted(set(ranks) | {q for q in range(n_h) if fixed[q]}))
     const = functools.reduce(
