@@ -280,6 +280,23 @@ def worker_finite(stack) -> jax.Array:
   return jnp.isfinite(_sum_over_leaves(lambda x: jnp.sum(x * 0, axis=1), stack))
 
 
+def _max_abs_rows(x: jax.Array) -> jax.Array:
+  """(rows,) max_j |x_ij| of a float matrix (as `as_matrix` gives); NaN where a row holds one.
+
+  One variadic reduction gives each row's maximum and minimum together, and |x| is never formed:
+  on XLA:CPU that is one streaming pass, where `max(abs(x))` was two to four times slower
+  (BENCHMARKS.md: 64 × 10⁶ float32, 7.6 against 17.9–29.3 ms; centred 8.5 against 39 ms).
+  """
+  lowest, highest = jnp.array(-jnp.inf, x.dtype), jnp.array(jnp.inf, x.dtype)
+  top, bottom = jax.lax.reduce(
+    (x, x),
+    (lowest, highest),
+    lambda a, b: (jnp.maximum(a[0], b[0]), jnp.minimum(a[1], b[1])),
+    (1,),
+  )
+  return jnp.maximum(top, -bottom)  # NaN propagates through max and min
+
+
 def row_max_abs(stack, center=None) -> jax.Array:
   """(n,) max_j |x_ij − c_j| over every entry of worker i's slice; +inf where one is not finite.
 
@@ -288,7 +305,7 @@ def row_max_abs(stack, center=None) -> jax.Array:
   """
   leaves = jax.tree.leaves(stack)
   if center is None:
-    parts = [jnp.max(jnp.abs(as_matrix(x)), axis=1) for x in leaves]
+    parts = [_max_abs_rows(as_matrix(x)) for x in leaves]
   else:
     centers = jax.tree.leaves(center)
     if len(centers) != len(leaves):
@@ -296,7 +313,7 @@ def row_max_abs(stack, center=None) -> jax.Array:
     parts = []
     for x, c in zip(leaves, centers):
       xm = as_matrix(x)
-      parts.append(jnp.max(jnp.abs(xm - jnp.asarray(c).reshape(1, -1).astype(xm.dtype)), axis=1))
+      parts.append(_max_abs_rows(xm - jnp.asarray(c).reshape(1, -1).astype(xm.dtype)))
   total = parts[0]
   for p in parts[1:]:
     total = jnp.maximum(total, p.astype(total.dtype))

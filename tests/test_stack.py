@@ -126,6 +126,32 @@ def test_norms_and_dists_to():
   )
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16, jnp.int32])
+def test_row_max_abs_matches_numpy_with_nonfinite_rows_and_a_centre(dtype):
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(6, 301)) * 10
+  x[0, 17] = -1e3  # the largest magnitude is negative
+  x[1, 3] = 2e3
+  center = rng.normal(size=301)
+  if jnp.issubdtype(dtype, jnp.floating):
+    x[2, 5] = np.nan
+    x[3, 9] = -np.inf
+    x[4, 2] = np.inf
+  x = np.asarray(jnp.asarray(x, dtype), np.float64)
+  center = np.asarray(jnp.asarray(center, dtype), np.float64)
+  stack = {'a': jnp.asarray(x[:, :200], dtype), 'b': jnp.asarray(x[:, 200:], dtype)}
+  got = np.asarray(stk.row_max_abs(stack), np.float64)
+  want = np.abs(x).max(1)
+  want = np.where(np.isnan(want), np.inf, want)  # every non-finite slice is +inf
+  np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-7)
+  c = {'a': jnp.asarray(center[:200], dtype), 'b': jnp.asarray(center[200:], dtype)}
+  got = np.asarray(stk.row_max_abs(stack, c), np.float64)
+  cast = np.asarray(jnp.asarray(x - center, dtype), np.float64)  # the difference as rounded
+  want = np.abs(cast).max(1)
+  want = np.where(np.isnan(want), np.inf, want)
+  np.testing.assert_allclose(got, want, rtol=1e-2 if dtype == jnp.bfloat16 else 1e-6)
+
+
 def test_worker_finite():
   x = np.zeros((4, 3), np.float32)
   x[2, 1] = np.nan
