@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustjax._blocks import over_column_blocks
+
 # Largest n sorted by a network (measured compile times: BENCHMARKS.md, `aggregators`).
 NETWORK_MAX_N = 128
 
@@ -116,7 +118,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   small whatever n, and the run costs about depth × (a few passes over a cached block), where
   `jnp.sort` along the worker axis is one to two orders of magnitude slower on XLA:CPU.
   """
-  n, total = x.shape
+  n = x.shape[0]
   partner, is_low = network_layers(n)
   partner, is_low = jnp.asarray(partner), jnp.asarray(is_low)
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
@@ -128,22 +130,9 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 
     return jnp.take(jax.lax.fori_loop(0, partner.shape[0], layer, b), pos, axis=0)
 
-  blocks = total // chunk
-  parts = []
-  if blocks:
-
-    def body(k, out):
-      b = jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=1)
-      return jax.lax.dynamic_update_slice_in_dim(out, sort_block(b), k * chunk, axis=1)
-
-    # The first block is sorted outside the loop: inside `jax.shard_map` the carry must vary over
-    # the devices as the blocks do, which a plain zeros array does not.
-    init = jnp.zeros((len(positions), blocks * chunk), x.dtype)
-    init = jax.lax.dynamic_update_slice_in_dim(init, sort_block(x[:, :chunk]), 0, axis=1)
-    parts.append(jax.lax.fori_loop(1, blocks, body, init))
-  if total % chunk:
-    parts.append(sort_block(x[:, blocks * chunk :]))
-  out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+  out, _ = over_column_blocks(
+    lambda b: (sort_block(b), ()), [x], chunk, out_rows=len(positions), dtype=x.dtype
+  )
   return [out[k] for k in range(len(positions))]
 
 

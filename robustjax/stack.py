@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustjax._blocks import over_column_blocks
 from robustjax._checks import num_workers
 
 __all__ = [
@@ -64,6 +65,7 @@ __all__ = [
   'scaled_sq_dists',
   'scaled_sq_dists_to',
   'rescaled_sq_dists_to',
+  'plain_sq_dists_exact',
   'weighted_sum',
   'combine_and_sq_dists',
   'unreadable',
@@ -162,51 +164,14 @@ def _column_block(n: int, d: int, elements: int = _BLOCK_ELEMENTS) -> int | None
 
 def _blocked_sum(fn, mats, cols):
   """Σ over column blocks of fn(*blocks), each mat (rows, d) sliced the same way."""
-  d = mats[0].shape[1]
-  if cols is None:
-    return fn(*mats)
-  full = d // cols
-
-  def body(i, acc):
-    return acc + fn(*[jax.lax.dynamic_slice_in_dim(m, i * cols, cols, 1) for m in mats])
-
-  acc = jax.lax.fori_loop(1, full, body, fn(*[m[:, :cols] for m in mats]))
-  if d % cols:
-    acc = acc + fn(*[m[:, full * cols :] for m in mats])
-  return acc
+  return over_column_blocks(lambda *b: (None, fn(*b)), mats, cols)[1]
 
 
 def _blocked_columns(fn, mat, cols, out_rows):
   """fn applied to column blocks of mat (rows, d), results (out_rows, cols) concatenated."""
-  out, _ = _blocked_columns_and_sum(lambda b: (fn(b), ()), [mat], cols, out_rows, mat.dtype)
-  return out
-
-
-def _blocked_columns_and_sum(fn, mats, cols, out_rows, dtype):
-  """Over column blocks of the mats (each (rows, d), sliced alike), fn(*blocks) gives
-  `(columns, partial)`: the (out_rows, cols) columns are concatenated, the partials (a pytree)
-  summed. One pass over the mats, each block used while it is in cache."""
-  d = mats[0].shape[1]
-  if cols is None:
-    return fn(*mats)
-  full = d // cols
-
-  def body(i, carry):
-    out, acc = carry
-    cols_i, part = fn(*[jax.lax.dynamic_slice_in_dim(m, i * cols, cols, 1) for m in mats])
-    out = jax.lax.dynamic_update_slice_in_dim(out, cols_i, i * cols, 1)
-    return out, jax.tree.map(jnp.add, acc, part)
-
-  # The first block is written outside the loop: inside `jax.shard_map` the carry must vary over
-  # the devices as the blocks do, which a plain zeros array does not.
-  cols_0, acc = fn(*[m[:, :cols] for m in mats])
-  first = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((out_rows, d), dtype), cols_0, 0, 1)
-  out, acc = jax.lax.fori_loop(1, full, body, (first, acc))
-  if d % cols:
-    cols_r, part = fn(*[m[:, full * cols :] for m in mats])
-    out = out.at[:, full * cols :].set(cols_r)
-    acc = jax.tree.map(jnp.add, acc, part)
-  return out, acc
+  return over_column_blocks(lambda b: (fn(b), ()), [mat], cols, out_rows=out_rows, dtype=mat.dtype)[
+    0
+  ]
 
 
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks"): the rows are cut
@@ -388,17 +353,32 @@ def sq_dists_to(stack, point, *, scale=None) -> jax.Array:
     inv = _inverse(scale, xm.dtype)
 
     def block(xb, pb, inv=inv):
-      diff = (xb - pb) * inv
-      return jnp.sum(diff * diff, axis=1)
+      return _row_sq_dists(xb, pb, inv)
 
     total = total + _blocked_sum(block, [xm, pm], _column_block(*xm.shape))
   return psum_coordinates(total)
 
 
+def _row_sq_dists(xb, pb, inv=1.0):
+  """(rows,) Σ_j ((x_ij − p_j) · inv)² of a block and a (1, c) point: the distance kernel."""
+  diff = (xb - pb) * inv
+  return jnp.sum(diff * diff, axis=1)
+
+
 # Squared distances at or above this (and finite) are exact to float32 rounding without
 # rescaling: the squares that underflow (below 2^-126, flushed to zero or not) are off by at most
 # D · 2^-126 in all, under 2^-26 of it for any D <= 2^40.
-SAFE_SQ_DIST = 2.0**-60
+_SAFE_SQ_DIST = 2.0**-60
+
+
+def plain_sq_dists_exact(plain, member=None) -> jax.Array:
+  """Whether plain squared distances need no rescaling: every one finite and at least 2^-60
+  (below, a square may have underflowed; a 0 is exact only for `member`, the index of the worker
+  that is the point). A bool scalar; `scaled_sq_dists_to` rescales when it is False."""
+  big = plain >= _SAFE_SQ_DIST
+  if member is not None:
+    big = big | (jnp.arange(plain.shape[0]) == member)
+  return jnp.all(jnp.isfinite(plain) & big)
 
 
 def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, jax.Array]:
@@ -408,22 +388,21 @@ def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, ja
   taken for an underflow).
 
   Fast path: the plain squared distances (one pass; `sq_norms` for the origin, on XLA:CPU as
-  fast as a matvec). When every one is finite and at least `SAFE_SQ_DIST` they are the result
-  with s = 1 (the rescaled path's values up to the power of two). Otherwise (a non-finite or huge
-  slice, a tiny or zero one: a 0 may be an underflow) the overflow-free path: s from `normaliser`
-  around the point, then the distances of the rescaled differences. Ratios of distances, and a
-  radius divided by s, are the same on both paths. Under `vmap` both branches run.
+  fast as a matvec). When every one is finite and at least 2^-60 (`plain_sq_dists_exact`) they
+  are the result with s = 1 (the rescaled path's values up to the power of two). Otherwise (a
+  non-finite or huge slice, a tiny or zero one: a 0 may be an underflow) the overflow-free path
+  (`rescaled_sq_dists_to`): s from `normaliser` around the point, then the distances of the
+  rescaled differences. Ratios of distances, and a radius divided by s, are the same on both
+  paths. Under `vmap` both branches run.
   """
   if point is None:
     plain = sq_norms(stack)
   else:
     plain = sq_dists_to(stack, point)
-  big = plain >= SAFE_SQ_DIST  # 0 may be an underflow
-  if member is not None:
-    big = big | (jnp.arange(plain.shape[0]) == member)
-  safe = jnp.all(jnp.isfinite(plain) & big)
   return jax.lax.cond(
-    safe, lambda: (plain, jnp.ones((), plain.dtype)), lambda: rescaled_sq_dists_to(stack, point)
+    plain_sq_dists_exact(plain, member),
+    lambda: (plain, jnp.ones((), plain.dtype)),
+    lambda: rescaled_sq_dists_to(stack, point),
   )
 
 
@@ -658,11 +637,10 @@ def combine_and_sq_dists(weights: jax.Array, stack, base, keep) -> tuple:
     def block(xb, bb, w=w, acc=acc, out_dtype=out_dtype):
       moved = jnp.matmul(w, xb, precision=_HIGHEST).astype(acc)
       point = (keep.astype(acc) * bb + moved).astype(out_dtype)
-      diff = xb - point.astype(xb.dtype)
-      return point, jnp.sum(diff * diff, axis=1)
+      return point, _row_sq_dists(xb, point.astype(xb.dtype))
 
     cols = _column_block(xm.shape[0], xm.shape[1], _COMBINE_BLOCK_ELEMENTS)
-    point, sq = _blocked_columns_and_sum(block, [xm, bm], cols, 1, out_dtype)
+    point, sq = over_column_blocks(block, [xm, bm], cols, out_rows=1, dtype=out_dtype)
     points.append(point.reshape(x.shape[1:]))
     total = total + sq
   return jax.tree.unflatten(treedef, points), psum_coordinates(total)

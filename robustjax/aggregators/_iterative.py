@@ -46,10 +46,10 @@ from robustjax._checks import (
 from robustjax._lapack import eigh
 from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
-  SAFE_SQ_DIST,
   centred_gram,
   combine_and_sq_dists,
   normaliser,
+  plain_sq_dists_exact,
   rescaled_sq_dists_to,
   result_dtype,
   scaled_gram,
@@ -349,13 +349,13 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
     # Then the plain distances to the safe v would fail the same test (a non-finite input, an
     # overflow, an underflow): they are not tried again.
     point, plain = combine_and_sq_dists(w, stack, v, 1.0 - jnp.sum(w))
-    fine = jnp.all(jnp.isfinite(plain) & (plain >= SAFE_SQ_DIST))
 
     def safe():
       v_next = combine(w, v)
       return (v_next, *rescaled_sq_dists_to(stack, v_next))
 
-    return jax.lax.cond(fine, lambda: (point, plain, jnp.ones((), plain.dtype)), safe)
+    unit = jnp.ones((), plain.dtype)
+    return jax.lax.cond(plain_sq_dists_exact(plain), lambda: (point, plain, unit), safe)
 
   def body(_, carry):
     v, w, _ = carry
