@@ -168,7 +168,12 @@ def main(argv):
       attack = attacks.get(kind)
       shortcut = attacks.evaluation_shortcut(rule, n_h, f, d)
       if subspace is not None:
-        shortcut = 'span' if subspace else (None if shortcut == 'span' else shortcut)
+        spans = ('span', 'span_mixing')
+        shortcut = (
+          (shortcut if shortcut in spans else 'span')
+          if subspace
+          else (None if shortcut in spans else shortcut)
+        )
       if order_statistics is False and shortcut == 'order_statistics':
         shortcut = None
 

@@ -493,7 +493,8 @@ def test_optimal_order_statistics_is_auto_detected_and_exact():
   h = _honest(12, d=40)
   assert attacks.evaluation_shortcut('median', N_H, F, 40) == 'order_statistics'
   assert attacks.evaluation_shortcut('krum', N_H, F, 40) == 'span'
-  assert attacks.evaluation_shortcut('nnm+trimmed_mean', N_H, F, 40) is None
+  assert attacks.evaluation_shortcut('nnm+trimmed_mean', N_H, F, 40) == 'span_mixing'
+  assert attacks.evaluation_shortcut('nnm+trimmed_mean', N_H, F, N_H + 2) is None
   assert attacks.evaluation_shortcut('meamed', N_H, F, 40) == 'order_statistics'
   for name in ('optimal_alie', 'optimal_ipm'):
     for spec in ('median', 'trimmed_mean', 'meamed'):
@@ -503,6 +504,41 @@ def test_optimal_order_statistics_is_auto_detected_and_exact():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match='median_window'):
     attacks.optimal_alie(h, f=F, rule='krum', order_statistics=True)
+
+
+@pytest.mark.parametrize('spec', ['nnm+trimmed_mean', 'nnm+median', 'nnm+meamed'])
+def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec):
+  # The mixing chosen on the span, the aggregator on the mixed stack: the defender's own error
+  # for every candidate, small, at the switch of the neighbour sets, huge and non-finite, for a
+  # defender told fewer Byzantine inputs than there are (more honest rows in each mixing).
+  from robustjax.attacks import _optimal
+
+  h = jnp.asarray(_honest(13, d=40))
+  tree = {'a': h[:, :25], 'b': h[:, 25:].reshape(N_H, 3, 5)}
+  mu = _optimal._mean(tree)
+  sigma = _optimal._std(tree, mu, 0)
+  taus = jnp.asarray([0.0, 0.3, 1.0, 1.5, 2.0, 3.0, 8.0, 1e6, 1e38, jnp.inf], jnp.float32)
+  for defender_f in (1, F):
+    rule = pipeline.as_rule(spec, defender_f)
+    assert attacks.evaluation_shortcut(rule, N_H, F, 40) == 'span_mixing'
+    for base, direction in (
+      (mu, jax.tree.map(jnp.negative, sigma)),
+      (jax.tree.map(jnp.zeros_like, mu), mu),
+    ):
+      fast = _optimal._mixing_evaluator(tree, base, direction, rule, F, None)
+      slow = _optimal._line_evaluator(tree, base, direction, lambda s, k, r=rule: r(s, k), F, None)
+      a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
+      assert np.unique(np.asarray(b)[:7]).size > 2  # the error varies over the candidates
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_optimal_span_mixing_matches_the_full_search():
+  h = _honest(14, d=40)
+  for name in ('optimal_alie', 'optimal_ipm'):
+    a, ta = attacks.get(name)(h, f=F, rule='nnm+trimmed_mean', return_scale=True)
+    b, tb = attacks.get(name)(h, f=F, rule='nnm+trimmed_mean', subspace=False, return_scale=True)
+    np.testing.assert_allclose(float(ta), float(tb), rtol=1e-5)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_optimal_expands_past_the_grid_against_the_mean():

@@ -22,7 +22,15 @@ from robustjax.attacks._base import (
   register,
 )
 from robustjax.pipeline import Pipeline, as_rule
-from robustjax.stack import acc_dtype, flatten, unflatten
+from robustjax.stack import (
+  acc_dtype,
+  as_matrix,
+  flatten,
+  result_dtype,
+  scaled_sq_dists,
+  unflatten,
+  unreadable,
+)
 
 
 def _deviation(out, mu) -> jax.Array:
@@ -221,7 +229,60 @@ def _span_coordinates(honest, base, direction):
   return r[:, :n_h].T, r[:, n_h], r[:, n_h + 1]
 
 
-SHORTCUTS = ('span', 'order_statistics')
+def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
+  """τ -> the same error as `_line_evaluator`, for a mixing pre-aggregator (NNM: declares
+  `Properties.mixing_from_dists`) followed by an aggregator that is not orthogonally equivariant
+  (e.g. nnm+trimmed_mean), without the mixing's Gram product.
+
+  The mixing weights W (n × n) depend only on the pairwise distances, so they are chosen on the
+  exact coordinates of the span of the honest inputs, the base and the direction
+  (`_span_coordinates`: one QR per call, then O(n² (n_h + 2)) per candidate) by the
+  pre-aggregator's own `mixing_from_dists`. The f Byzantine inputs are one row c, so the mixed
+  stack is W applied to the honest rows plus c times the summed Byzantine columns of W, and the
+  f Byzantine outputs (one row of W) are computed once: one (n_h + 1) × n_h × d product per
+  candidate, the honest rows cleaned of non-finite entries once per call, and an output that
+  uses an input it cannot read is NaN, as the pre-aggregator's `weighted_sum` with `finite`
+  gives. The aggregator itself then runs on the mixed stack. A
+  candidate costs one mixing product and the aggregator, where the defender takes a Gram
+  product, a mixing product over n rows and the aggregator. Exact up to the rounding of the
+  distances, as the span evaluation (a near tie between two distances may fall the other way).
+
+  References:
+    Checked against the defender on every candidate in tests/test_attacks.py.
+  """
+  mu = _mean(honest)
+  pre, agg = pipeline.stages
+  h_span, b_span, v_span = _span_coordinates(honest, base, direction)
+  n_h = h_span.shape[0]
+  hi = jax.lax.Precision.HIGHEST
+  clean = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
+  honest_rows = [clean(as_matrix(x)) for x in jax.tree.leaves(honest)]  # once per call
+
+  def evaluate(tau):
+    byz = jnp.broadcast_to(b_span + tau * v_span, (f,) + b_span.shape)
+    d2, finite, _ = scaled_sq_dists(jnp.concatenate([h_span, byz]))
+    mix = pre.properties.mixing_from_dists(d2, f=pipeline.f, **dict(pre.params))
+    # The f Byzantine outputs share one row of weights: the n_h + 1 distinct outputs, each a
+    # combination of the honest rows and c (its f columns summed).
+    mix_h, mix_c = mix[: n_h + 1, :n_h], jnp.sum(mix[: n_h + 1, n_h:], axis=1)
+    bad = unreadable(jnp.concatenate([mix_h, mix_c[:, None]], axis=1), finite[: n_h + 1])
+    point = _repeat(_axpy(tau, direction, base), 1, honest)
+
+    def mixed_leaf(x, rows, c):
+      out = jnp.matmul(mix_h.astype(rows.dtype), rows, precision=hi)
+      out = out + mix_c.astype(rows.dtype)[:, None] * clean(as_matrix(c))
+      out = jnp.where(bad[:, None], jnp.nan, out).astype(result_dtype(x.dtype))
+      out = jnp.concatenate([out, jnp.broadcast_to(out[n_h:], (f - 1, out.shape[1]))])
+      return out.reshape((n_h + f,) + x.shape[1:])
+
+    leaves = map(mixed_leaf, jax.tree.leaves(honest), honest_rows, jax.tree.leaves(point))
+    mixed = jax.tree.unflatten(jax.tree.structure(honest), list(leaves))
+    return _deviation(agg(mixed, pipeline.f, key, {}), mu)
+
+  return evaluate
+
+
+SHORTCUTS = ('span', 'span_mixing', 'order_statistics')
 
 
 def _sorted_form(pipeline, n: int):
@@ -234,23 +295,45 @@ def _sorted_form(pipeline, n: int):
   return None if keep is None else ('keep', keep)
 
 
+def _mixing_form(pipeline) -> bool:
+  """A mixing pre-aggregator (declares `mixing_from_dists`: NNM) then a deterministic aggregator,
+  what `_mixing_evaluator` evaluates."""
+  return (
+    len(pipeline.stages) == 2
+    and pipeline.stages[0].properties.mixing_from_dists is not None
+    and not pipeline.stochastic
+  )
+
+
+def _span_kind(pipeline) -> str:
+  """How the span reduction applies: the whole defender ('span') or only its mixing."""
+  if not pipeline.orthogonally_equivariant and _mixing_form(pipeline):
+    return 'span_mixing'
+  return 'span'
+
+
 def evaluation_shortcut(rule, n_h: int, f: int, dim: int) -> str | None:
   """The exact shortcut the optimal attacks take against `rule` by default, from its properties.
 
   ``'span'``: orthogonally equivariant and distance-based (cheaper rules gain less than the QR
   costs), with dim > n_h + 2: candidates evaluated on the coordinates of the span of the honest
-  inputs, μ and the direction. ``'order_statistics'``: an L-statistic (mean, median, trimmed mean;
-  `Pipeline.order_weights`) or a mean around the median (MeaMed; `Pipeline.median_window`):
-  candidates evaluated from the honest columns sorted once. None: the defender itself is run on
-  every candidate.
+  inputs, μ and the direction. ``'span_mixing'``: a mixing pre-aggregator (NNM) then an
+  aggregator that is not orthogonally equivariant (``'nnm+trimmed_mean'``), with dim > n_h + 2:
+  the mixing weights chosen on the span, the aggregator run on the mixed stack.
+  ``'order_statistics'``: an L-statistic (mean, median, trimmed mean; `Pipeline.order_weights`)
+  or a mean around the median (MeaMed; `Pipeline.median_window`): candidates evaluated from the
+  honest columns sorted once. None: the defender itself is run on every candidate.
 
   Args:
     rule: anything `robustjax.pipeline.as_rule` accepts (resolved with `f`).
     n_h, f: honest and Byzantine inputs; dim: coordinates per input.
   """
   pipeline = rule if isinstance(rule, Pipeline) else as_rule(rule, f)
-  if dim > n_h + 2 and pipeline.orthogonally_equivariant and pipeline.distance_based:
-    return 'span'
+  if dim > n_h + 2 and pipeline.distance_based:
+    if pipeline.orthogonally_equivariant:
+      return 'span'
+    if _mixing_form(pipeline):
+      return 'span_mixing'
   if _sorted_form(pipeline, n_h + f) is not None:
     return 'order_statistics'
   return None
@@ -341,8 +424,7 @@ def _byzfl_search(evaluate, evals: int, start, delta, ratio):
     'batch_size',
     'return_scale',
     'ddof',
-    'subspace',
-    'order_statistics',
+    'shortcut',
     'search',
     'evals',
     'direction',
@@ -363,8 +445,7 @@ def _optimal_jit(
   batch_size,
   return_scale,
   ddof,
-  subspace,
-  order_statistics,
+  shortcut,
   search,
   evals,
   line,
@@ -378,9 +459,12 @@ def _optimal_jit(
     base, direction = mu, sigma if direction == 'plus' else jax.tree.map(jnp.negative, sigma)
   else:
     base, direction = jax.tree.map(jnp.zeros_like, mu), jax.tree.map(jnp.negative, mu)
-  if subspace:
+  if shortcut == 'span':
     evaluate = _line_evaluator(*_span_coordinates(honest, base, direction), defender, f, key)
-  elif order_statistics:
+  elif shortcut == 'span_mixing':
+    evaluate = _mixing_evaluator(honest, base, direction, rule, f, key)
+    batch_size = 1  # one mixing product and the aggregator each: batching only adds traffic
+  elif shortcut == 'order_statistics':
     form, value = _sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
     evaluator = _order_statistic_evaluator if form == 'weights' else _median_window_evaluator
     evaluate = evaluator(honest, base, direction, value, f)
@@ -451,7 +535,7 @@ def _optimal(
   dim = sum(int(np.prod(np.shape(x)[1:])) for x in jax.tree.leaves(honest))
   default = evaluation_shortcut(pipeline, n_h, f, dim)
   if subspace is None:
-    subspace = default == 'span'
+    subspace = default in ('span', 'span_mixing')
   elif subspace not in (True, False):
     raise ValueError(f'{name}: subspace must be None, True or False; got {subspace!r}')
   sorted_form = _sorted_form(pipeline, n_h + f)
@@ -492,8 +576,7 @@ def _optimal(
     batch_size=batch_size,
     return_scale=return_scale,
     ddof=ddof,
-    subspace=bool(subspace),
-    order_statistics=bool(order_statistics),
+    shortcut=_span_kind(pipeline) if subspace else 'order_statistics' if order_statistics else None,
     search=search,
     evals=evals if search == 'byzfl' else 0,
     line=(float(start), float(delta), float(ratio)),
@@ -541,12 +624,16 @@ _OPT_DOC = """
       the honest inputs, μ and the attack direction (one QR, then every candidate costs
       O(n² (n_h + 2)) instead of a pass over d coordinates). Exact only for orthogonally
       equivariant defenders (F(Qx) = Q F(x): mean, Krum, MultiKrum, NNM, bucketing, static
-      clipping, ...; *not* coordinate-wise rules such as median or trimmed mean). None (default)
-      turns it on when d > n_h + 2 for a Pipeline whose stages all declare
-      `orthogonal_equivariant` and one declares `distance_based` (for cheaper defenders the QR
-      costs more than it saves); True forces it (your
-      responsibility), False turns it off. On CPU the QR runs in LAPACK (OpenBLAS): on a busy
-      machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend in the QR; see BENCHMARKS.md).
+      clipping, ...; *not* coordinate-wise rules such as median or trimmed mean). After a mixing
+      pre-aggregator (NNM) such a rule is still sped up: only the mixing weights are chosen on
+      the span, and the rule runs on the mixed stack (``'nnm+trimmed_mean'``; one mixing product
+      and the rule per candidate). None (default) turns it on when d > n_h + 2 for a Pipeline
+      whose stages all declare `orthogonal_equivariant` and one declares `distance_based` (for
+      cheaper defenders the QR costs more than it saves), or that is a mixing pre-aggregator
+      then a deterministic aggregator (`evaluation_shortcut`); True forces it (your
+      responsibility for a defender that is neither), False turns it off. On CPU the QR runs
+      in LAPACK (OpenBLAS): on a busy machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend
+      in the QR; see BENCHMARKS.md).
     order_statistics: evaluate the candidates exactly from the honest columns sorted once, for a
       defender that is an L-statistic (declares `order_weights`: mean, median, trimmed mean) or
       a mean around the median (declares `median_window`: meamed): per candidate one
