@@ -33,11 +33,19 @@ from robustjax.stack import (
 )
 
 
+def _sum_sq(x, pieces: int = 2) -> jax.Array:
+  """Σ x², over `pieces` slices of the flattened array summed apart: on XLA:CPU the reduction
+  with the evaluator's elementwise pass fused into it ran 3-4x slower as one piece."""
+  x = x.reshape(-1)
+  cut = -(-x.shape[0] // pieces)
+  return functools.reduce(
+    jnp.add, [jnp.sum(jnp.square(x[i : i + cut])) for i in range(0, x.shape[0], cut)]
+  )
+
+
 def _deviation(out, mu) -> jax.Array:
   """‖out − μ‖ summed over leaves; a non-finite output counts as +inf (the defender broke)."""
-  parts = [
-    jnp.sum(jnp.square(_acc(o) - m)) for o, m in zip(jax.tree.leaves(out), jax.tree.leaves(mu))
-  ]
+  parts = [_sum_sq(_acc(o) - m) for o, m in zip(jax.tree.leaves(out), jax.tree.leaves(mu))]
   dev = jnp.sqrt(functools.reduce(jnp.add, parts))
   return jnp.where(jnp.isnan(dev), jnp.inf, dev)
 
