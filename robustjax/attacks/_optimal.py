@@ -250,10 +250,10 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   f Byzantine outputs (one row of W) are computed once: one (n_h + 1) × n_h × d product per
   candidate, the honest rows cleaned of non-finite entries once per call, and an output that
   uses an input it cannot read is NaN, as the pre-aggregator's `weighted_sum` with `finite`
-  gives. The aggregator itself then runs on the mixed stack. A
-  candidate costs one mixing product and the aggregator, where the defender takes a Gram
-  product, a mixing product over n rows and the aggregator. Exact up to the rounding of the
-  distances, as the span evaluation (a near tie between two distances may fall the other way).
+  gives. The aggregator itself then runs on the mixed stack. A candidate costs one mixing
+  product and the aggregator, where the defender takes a Gram product, a mixing product over n
+  rows and the aggregator. Exact up to the rounding of the distances, as the span evaluation (a
+  near tie between two distances may fall the other way).
 
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
@@ -635,11 +635,12 @@ _OPT_DOC = """
       clipping, ...; *not* coordinate-wise rules such as median or trimmed mean). After a mixing
       pre-aggregator (NNM) such a rule is still sped up: only the mixing weights are chosen on
       the span, and the rule runs on the mixed stack (``'nnm+trimmed_mean'``; one mixing product
-      and the rule per candidate). None (default) turns it on when d > n_h + 2 for a Pipeline
-      whose stages all declare `orthogonal_equivariant` and one declares `distance_based` (for
-      cheaper defenders the QR costs more than it saves), or that is a mixing pre-aggregator
-      then a deterministic aggregator (`evaluation_shortcut`); True forces it (your
-      responsibility for a defender that is neither), False turns it off. On CPU the QR runs
+      and the rule per candidate, candidates one at a time: `batch_size` is not used). None
+      (default) turns it on when d > n_h + 2 for a Pipeline whose stages all declare
+      `orthogonal_equivariant` and one declares `distance_based` (for cheaper defenders the QR
+      costs more than it saves), or that is a mixing pre-aggregator then a deterministic
+      aggregator (`evaluation_shortcut`); True forces it (your responsibility for a defender
+      that is neither), False turns it off. On CPU the QR runs
       in LAPACK (OpenBLAS): on a busy machine set ``OPENBLAS_NUM_THREADS=1`` (threads contend
       in the QR; see BENCHMARKS.md).
     order_statistics: evaluate the candidates exactly from the honest columns sorted once, for a
