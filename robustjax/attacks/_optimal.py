@@ -290,9 +290,6 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   return evaluate
 
 
-SHORTCUTS = ('span', 'span_mixing', 'order_statistics')
-
-
 def _sorted_form(pipeline, n: int):
   """('weights', (n,) weights) for an L-statistic, ('keep', keep) for a mean around the median,
   None for a defender that is neither: what the order-statistic evaluation needs."""
