@@ -168,13 +168,11 @@ def main(argv):
     for kind in FLAGS.attacks:
       attack = attacks.get(kind)
       shortcut = attacks.evaluation_shortcut(rule, n_h, f, d)
-      if subspace is not None:
-        spans = ('span', 'span_mixing')
-        shortcut = (
-          (shortcut if shortcut in spans else 'span')
-          if subspace
-          else (None if shortcut in spans else shortcut)
-        )
+      spans = ('span', 'span_mixing')
+      if subspace is True and shortcut not in spans:
+        shortcut = 'span'
+      elif subspace is False and shortcut in spans:
+        shortcut = None
       if order_statistics is False and shortcut == 'order_statistics':
         shortcut = None
 

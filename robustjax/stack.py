@@ -169,9 +169,10 @@ def _blocked_sum(fn, mats, cols):
 
 def _blocked_columns(fn, mat, cols, out_rows):
   """fn applied to column blocks of mat (rows, d), results (out_rows, cols) concatenated."""
-  return over_column_blocks(lambda b: (fn(b), ()), [mat], cols, out_rows=out_rows, dtype=mat.dtype)[
-    0
-  ]
+  out, _ = over_column_blocks(
+    lambda b: (fn(b), ()), [mat], cols, out_rows=out_rows, dtype=mat.dtype
+  )
+  return out
 
 
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks"): the rows are cut

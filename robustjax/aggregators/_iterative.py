@@ -380,8 +380,9 @@ CC_METHODS = ('auto', 'direct', 'gram')
 # n-space path. A direct iteration is one pass over the n·d entries; the n-space path is a Gram
 # product (n²d multiply-adds, at a rate that grows with n on CPU), a scale pass and the final
 # combination. Measured on CPU (BENCHMARKS.md, `--cc_switch`, after the fused direct pass) the
-# n-space path pays from L = 2–3 at n = 8, 3 at n = 16, 7 at n = 64, 9–16 at n = 256 and 17–24 at
-# n = 1024: about CC_GRAM_ITERS_PER_SQRT_N · √n iterations. Other hardware has other ratios.
+# n-space path pays from L = 1 at n = 4, 3 at n = 8 and 16, 7 at n = 64, 9–16 at n = 256 and
+# 17–24 at n = 1024: about CC_GRAM_ITERS_PER_SQRT_N · √n iterations. Other hardware has other
+# ratios.
 CC_GRAM_ITERS_PER_SQRT_N = 0.72
 
 

@@ -80,8 +80,13 @@ def _clamp(c, lo, hi):
 
 
 # Up to this many ranks are selected one pruned network each (`_sorting.select_each`: about 2 ms
-# per rank at 52 × 100,000), more by sorting the columns once (`select_layered`: 38 ms there).
+# per rank at 52 × 100,000), more by sorting the columns once (`select_layered`: 22–38 ms there).
 _FEW_RANKS = 8
+
+
+def _by_networks(count: int, n_h: int) -> bool:
+  """Whether `count` networks (ranks, or groups of ranks summed) beat sorting the n_h rows."""
+  return count <= _FEW_RANKS and n_h <= _sorting.NETWORK_MAX_N
 
 
 def _sorted_rows(x, ranks) -> dict:
@@ -89,7 +94,7 @@ def _sorted_rows(x, ranks) -> dict:
   (as the rules treat it), once per call: one pruned network per rank for a few ranks, else
   the columns sorted by the layered network."""
   ranks = list(ranks)
-  if len(ranks) <= _FEW_RANKS and x.shape[0] <= _sorting.NETWORK_MAX_N:
+  if _by_networks(len(ranks), x.shape[0]):
     rows = _sorting.select_each(x, ranks, nan_last=True)
   else:
     rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), ranks, chunk=512)
@@ -121,10 +126,10 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
   for the mean (no sort at all), four for the median, 2f for the trimmed mean. The rows come
   once per call from one pruned network each when they are few (the median's four; the trimmed
   mean's 2f < 8, its candidate-free rows then one summed network), else from the columns sorted
-  by the layered network. The clamp never forms
-  ∞ − ∞, so candidates beyond the float range and infinite honest values give the rule's own
-  output. Non-finite honest values sort as +∞ (NaN included), as the rules treat them; the
-  candidate is rounded to the stack's dtype as the Byzantine rows are.
+  by the layered network. The clamp never forms ∞ − ∞, so candidates beyond the float range and
+  infinite honest values give the rule's own output. Non-finite honest values sort as +∞ (NaN
+  included), as the rules treat them; the candidate is rounded to the stack's dtype as the
+  Byzantine rows are.
 
   References:
     Checked exhaustively against the sorted combined column in tests/test_attacks.py.
@@ -147,9 +152,8 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
     row = {}
   elif (
     support
-    and len(ranks) < _FEW_RANKS
     and np.all(fixed[list(support)] == fixed[support[0]])
-    and n_h <= _sorting.NETWORK_MAX_N
+    and _by_networks(len(ranks) + 1, n_h)
   ):
     # A few clamp ranks (the trimmed mean at small f): each from its own network, and the
     # candidate-free rows (one weight) as one summed network, instead of sorting the columns.
@@ -157,10 +161,8 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
     row = dict(zip(ranks, parts))
     const = fixed[support[0]] * total
   else:
-    row = _sorted_rows(x, sorted(set(ranks) | {q for q in range(n_h) if fixed[q]}))
-    const = functools.reduce(
-      jnp.add, [fixed[q] * row[q] for q in range(n_h) if fixed[q]], jnp.zeros_like(x[0])
-    )
+    row = _sorted_rows(x, sorted(set(ranks) | set(support)))
+    const = functools.reduce(jnp.add, [fixed[q] * row[q] for q in support], jnp.zeros_like(x[0]))
 
   def evaluate(tau):
     c = _candidate_column(tau, base, direction, honest)
