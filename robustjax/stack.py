@@ -61,6 +61,7 @@ __all__ = [
   'pairwise_sq_dists',
   'centred_gram',
   'dists_from_gram',
+  'overflow_limit',
   'scaled_gram',
   'scaled_sq_dists',
   'scaled_sq_dists_to',
@@ -437,7 +438,7 @@ def robust_center_index(stack) -> jax.Array:
   return normaliser(stack).center
 
 
-def _overflow_limit(n: int, dtype) -> float:
+def overflow_limit(n: int, dtype) -> float:
   """The largest centred squared norm kept finite: n × n sums of such terms cannot overflow."""
   return float(jnp.finfo(dtype).max) / (16.0 * n * n)
 
@@ -485,7 +486,7 @@ def centred_gram(stack, *, center=None, scale=None) -> tuple[jax.Array, jax.Arra
     gram = gram + _blocked_sum(block_gram, [xm, cm], _gram_column_block(n, xm.shape[1]))
   gram = psum_coordinates(gram)
   diag = jnp.diagonal(gram)
-  finite = jnp.isfinite(diag) & (diag <= _overflow_limit(n, gram.dtype))
+  finite = jnp.isfinite(diag) & (diag <= overflow_limit(n, gram.dtype))
   gram = jnp.where(finite[:, None] & finite[None, :], gram, 0.0)
   return gram, finite
 

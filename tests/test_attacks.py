@@ -513,16 +513,18 @@ def test_optimal_order_statistics_is_auto_detected_and_exact():
 
 @pytest.mark.parametrize('spec', ['nnm+trimmed_mean', 'nnm+median', 'nnm+meamed'])
 def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec):
-  # The mixing chosen on the span, the aggregator on the mixed stack: the defender's own error
-  # for every candidate, small, at the switch of the neighbour sets, huge and non-finite, for a
-  # defender told fewer Byzantine inputs than there are (more honest rows in each mixing).
+  # The mixing chosen from the line's distances, the aggregator on the mixed stack: the
+  # defender's own error for every candidate, small, at the switch of the neighbour sets, huge
+  # and non-finite, for a defender told fewer Byzantine inputs than there are (more honest rows
+  # in each mixing); 2e17 is past the largest squared distance the Gram keeps finite (the
+  # candidate is unreadable).
   from robustjax.attacks import _optimal
 
   h = jnp.asarray(_honest(13, d=40))
   tree = {'a': h[:, :25], 'b': h[:, 25:].reshape(N_H, 3, 5)}
   mu = _optimal._mean(tree)
   sigma = _optimal._std(tree, mu, 0)
-  taus = jnp.asarray([0.0, 0.3, 1.0, 1.5, 2.0, 3.0, 8.0, 1e6, 1e38, jnp.inf], jnp.float32)
+  taus = jnp.asarray([0.0, 0.3, 1.0, 1.5, 2.0, 3.0, 8.0, 1e6, 2e17, 1e38, jnp.inf], jnp.float32)
   for defender_f in (1, F):
     rule = pipeline.as_rule(spec, defender_f)
     assert attacks.evaluation_shortcut(rule, N_H, F, 40) == 'span_mixing'

@@ -25,9 +25,14 @@ from robustjax.pipeline import Pipeline, as_rule
 from robustjax.stack import (
   acc_dtype,
   as_matrix,
+  centred_gram,
+  dists_from_gram,
   flatten,
+  normaliser,
+  num_workers,
+  overflow_limit,
   result_dtype,
-  scaled_sq_dists,
+  sq_dists_to,
   unflatten,
   unreadable,
 )
@@ -239,38 +244,78 @@ def _span_coordinates(honest, base, direction):
   return r[:, :n_h].T, r[:, n_h], r[:, n_h + 1]
 
 
+def _line_sq_dists(honest, base, direction, f: int):
+  """τ -> the (n, n) squared distances among the stack [honest; c × f], c = b + τv, and which of
+  its rows are finite, as `stack.scaled_sq_dists` gives them for that stack (in units of a
+  power-of-two scale; +inf to and from an unreadable row), without a pass over d per candidate.
+
+  Once per call: the honest distances from one centred Gram product (around μ, in the scale of
+  the spread around it), A_i = ‖x_i − b‖² (exact differences) and B_i = ⟨x_i − b, v⟩ from one
+  pass each, V = ‖v‖²; then ‖x_i − c‖² = A_i − 2τ B_i + τ² V costs O(n_h) per candidate. A
+  candidate at a non-finite distance, or whose squared distance exceeds what the Gram keeps
+  finite (`stack.overflow_limit`), is unreadable, as the defender's own Gram finds it.
+  """
+  n_h = num_workers(honest, 'optimal attack')
+  n = n_h + f
+  mu = _mean(honest)
+  scale = normaliser(honest, mu).scale
+  gram, finite_h = centred_gram(honest, center=mu, scale=scale)
+  d2_h = dists_from_gram(gram, finite_h)
+  a = sq_dists_to(honest, base, scale=scale)
+  inv = 1.0 / scale
+  b, v2 = 0.0, 0.0
+  for x, c, u in zip(*(jax.tree.leaves(t) for t in (honest, base, direction)), strict=True):
+    xm = as_matrix(x)
+    um = jnp.asarray(u).reshape(-1).astype(xm.dtype) * inv
+    cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
+    b = b + jnp.matmul((xm - cm) * inv, um, precision=jax.lax.Precision.HIGHEST)
+    v2 = v2 + jnp.sum(jnp.square(um))
+  limit = overflow_limit(n, gram.dtype)
+  eye = jnp.eye(f, dtype=bool)
+
+  def sq_dists(tau):
+    to_c = a - 2.0 * tau * b + tau * tau * v2
+    readable = jnp.all(~finite_h | (jnp.isfinite(to_c) & (to_c <= limit)))
+    hc = jnp.where(finite_h & readable, jnp.maximum(to_c, 0.0), jnp.inf)
+    cc = jnp.where(readable | eye, 0.0, jnp.inf).astype(hc.dtype)
+    top = jnp.concatenate([d2_h, jnp.broadcast_to(hc[:, None], (n_h, f))], axis=1)
+    bottom = jnp.concatenate([jnp.broadcast_to(hc[None], (f, n_h)), cc], axis=1)
+    finite = jnp.concatenate([finite_h, jnp.broadcast_to(readable, (f,))])
+    return jnp.concatenate([top, bottom]), finite
+
+  return sq_dists
+
+
 def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   """τ -> the same error as `_line_evaluator`, for a mixing pre-aggregator (NNM: declares
   `Properties.mixing_from_dists`) followed by an aggregator that is not orthogonally equivariant
   (e.g. nnm+trimmed_mean), without the mixing's Gram product.
 
-  The mixing weights W (n × n) depend only on the pairwise distances, so they are chosen on the
-  exact coordinates of the span of the honest inputs, the base and the direction
-  (`_span_coordinates`: one QR per call, then O(n² (n_h + 2)) per candidate) by the
-  pre-aggregator's own `mixing_from_dists`. The f Byzantine inputs are one row c, so the mixed
-  stack is W applied to the honest rows plus c times the summed Byzantine columns of W, and the
-  f Byzantine outputs (one row of W) are computed once: one (n_h + 1) × n_h × d product per
-  candidate, the honest rows cleaned of non-finite entries once per call, and an output that
-  uses an input it cannot read is NaN, as the pre-aggregator's `weighted_sum` with `finite`
-  gives. The aggregator itself then runs on the mixed stack. A candidate costs one mixing
-  product and the aggregator, where the defender takes a Gram product, a mixing product over n
-  rows and the aggregator. Exact up to the rounding of the distances, as the span evaluation (a
-  near tie between two distances may fall the other way).
+  The mixing weights W (n × n) depend only on the pairwise distances, so they are chosen from
+  the distances among the honest inputs and the candidate (`_line_sq_dists`: one centred Gram
+  product of the honest inputs per call, then O(n_h) per candidate) by the pre-aggregator's own
+  `mixing_from_dists`. The f Byzantine inputs are one row c, so the mixed stack is W applied to
+  the honest rows plus c times the summed Byzantine columns of W, and the f Byzantine outputs
+  (one row of W) are computed once: one (n_h + 1) × n_h × d product per candidate, the honest
+  rows cleaned of non-finite entries once per call, and an output that uses an input it cannot
+  read is NaN, as the pre-aggregator's `weighted_sum` with `finite` gives. The aggregator itself
+  then runs on the mixed stack. A candidate costs one mixing product and the aggregator, where
+  the defender takes a Gram product, a mixing product over n rows and the aggregator. Exact up
+  to the rounding of the distances (a near tie between two distances may fall the other way).
 
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
   """
   mu = _mean(honest)
   pre, agg = pipeline.stages
-  h_span, b_span, v_span = _span_coordinates(honest, base, direction)
-  n_h = h_span.shape[0]
+  line_sq_dists = _line_sq_dists(honest, base, direction, f)
+  n_h = num_workers(honest, 'optimal attack')
   hi = jax.lax.Precision.HIGHEST
   clean = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
   honest_rows = [clean(as_matrix(x)) for x in jax.tree.leaves(honest)]  # once per call
 
   def evaluate(tau):
-    byz = jnp.broadcast_to(b_span + tau * v_span, (f,) + b_span.shape)
-    d2, finite, _ = scaled_sq_dists(jnp.concatenate([h_span, byz]))
+    d2, finite = line_sq_dists(tau)
     mix = pre.properties.mixing_from_dists(d2, f=pipeline.f, **dict(pre.params))
     # The f Byzantine outputs share one row of weights: the n_h + 1 distinct outputs, each a
     # combination of the honest rows and c (its f columns summed).
@@ -326,7 +371,8 @@ def evaluation_shortcut(rule, n_h: int, f: int, dim: int) -> str | None:
   costs), with dim > n_h + 2: candidates evaluated on the coordinates of the span of the honest
   inputs, μ and the direction. ``'span_mixing'``: a mixing pre-aggregator (NNM) then an
   aggregator that is not orthogonally equivariant (``'nnm+trimmed_mean'``), with dim > n_h + 2:
-  the mixing weights chosen on the span, the aggregator run on the mixed stack.
+  the mixing weights chosen from the distances among the honest inputs and the candidate (one
+  centred Gram product of the honest inputs per call), the aggregator run on the mixed stack.
   ``'order_statistics'``: an L-statistic (mean, median, trimmed mean; `Pipeline.order_weights`)
   or a mean around the median (MeaMed; `Pipeline.median_window`): candidates evaluated from the
   honest columns sorted once. None: the defender itself is run on every candidate.
@@ -632,9 +678,10 @@ _OPT_DOC = """
       O(n² (n_h + 2)) instead of a pass over d coordinates). Exact only for orthogonally
       equivariant defenders (F(Qx) = Q F(x): mean, Krum, MultiKrum, NNM, bucketing, static
       clipping, ...; *not* coordinate-wise rules such as median or trimmed mean). After a mixing
-      pre-aggregator (NNM) such a rule is still sped up: only the mixing weights are chosen on
-      the span, and the rule runs on the mixed stack (``'nnm+trimmed_mean'``; one mixing product
-      and the rule per candidate, candidates one at a time: `batch_size` is not used). None
+      pre-aggregator (NNM) such a rule is still sped up: only the mixing weights are chosen
+      without a pass over d (from one centred Gram product of the honest inputs per call, no
+      QR), and the rule runs on the mixed stack (``'nnm+trimmed_mean'``; one mixing product and
+      the rule per candidate, candidates one at a time: `batch_size` is not used). None
       (default) turns it on when d > n_h + 2 for a Pipeline whose stages all declare
       `orthogonal_equivariant` and one declares `distance_based` (for cheaper defenders the QR
       costs more than it saves), or that is a mixing pre-aggregator then a deterministic
