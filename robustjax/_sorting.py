@@ -16,7 +16,8 @@ dead-code elimination then removes the `min` or `max` halves whose outputs are n
 
 Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much and
 `select` runs the same network layer by layer in a loop over column blocks (`select_layered`);
-`jnp.sort` along the worker axis is slower still.
+`jnp.sort` along the worker axis is slower still. Ranks a few places from either end (a trimmed
+mean with a small f) are cheaper there by insertion chains (`select_extremes`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -134,6 +135,58 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
     lambda b: (sort_block(b), ()), [x], chunk, out_rows=len(positions), dtype=x.dtype
   )
   return [out[k] for k in range(len(positions))]
+
+
+# `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:
+# its cost grows with the rank (4 (k + 1) min / max per entry), the layered network's does not.
+# Measured in the trimmed mean at n = 129 / 256 / 1024, d = 4,810 and 100,000 (BENCHMARKS.md):
+# 3.0-6.7x faster than `select_layered` at k <= 2, 2.2-4.4x at 4, 1.0-2.2x at 8; k = 12 even.
+EXTREMES_MAX_RANK = 8
+
+# Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused
+# networks up to about 224 rows, then XLA:CPU split it into fusions that recompute each other;
+# steps of 16 or 32 rows were fastest, steps of 8 rows 10-50x slower (BENCHMARKS.md).
+_EXTREMES_ROWS_PER_STEP = 16
+
+
+def select_extremes(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """The k-th smallest and the k-th largest value (0-based) of each column of x (n, D), for a
+  small k and any n: what a trimmed mean needs beyond `NETWORK_MAX_N` workers.
+
+  Two insertion chains stream over the rows: the k + 1 smallest values seen so far, kept sorted
+  (a new value moves down the list with one `minimum` and one `maximum` per place), and the
+  k + 1 largest. Exact, with ties, branch-free and vectorised over the columns; 4 (k + 1)
+  min / max per entry, against the network's depth × (a gather, a min, a max, a select).
+  A `fori_loop` inserts `_EXTREMES_ROWS_PER_STEP` rows per step, unrolled (one fused loop over
+  the columns per step); the last step starts at n − 16 and skips the rows it repeats (as ±inf).
+  x must not contain NaN (map it to +inf first).
+  """
+  n, d = x.shape
+  if not 0 <= k < n:
+    raise ValueError(f'select_extremes: rank {k} out of range for n={n}')
+  m = k + 1
+  rows = min(_EXTREMES_ROWS_PER_STEP, n)
+  steps = -(-n // rows)
+  inf = jnp.asarray(jnp.inf, x.dtype)
+
+  def step(i, carry):
+    low, high = list(carry[0]), list(carry[1])
+    start = jnp.minimum(i * rows, n - rows)
+    block = jax.lax.dynamic_slice_in_dim(x, start, rows, 0)
+    for r in range(rows):
+      fresh = start + r >= i * rows  # not inserted by an earlier step
+      a = jnp.where(fresh, block[r], inf)
+      b = jnp.where(fresh, block[r], -inf)
+      for j in range(m):
+        low[j], a = jnp.minimum(low[j], a), jnp.maximum(low[j], a)
+        high[j], b = jnp.maximum(high[j], b), jnp.minimum(high[j], b)
+    return low, high
+
+  # The first step outside the loop gives the carry the stack's type (also when the stack is a
+  # per-device slice inside `jax.shard_map`, where a carry of constants would not vary).
+  carry = step(0, ([jnp.full((d,), inf)] * m, [jnp.full((d,), -inf)] * m))
+  low, high = jax.lax.fori_loop(1, steps, step, carry)
+  return low[k], high[k]
 
 
 def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) -> list[jax.Array]:

@@ -120,12 +120,33 @@ def test_select_layered_fallback(monkeypatch):
   np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 3, 10]])
 
 
+@pytest.mark.parametrize('n', [1, 5, 16, 17, 37, 131])
+def test_select_extremes(n):
+  # The insertion chains against a sort: ties (small integers), ±inf, ranks 0 … 8; n = 17, 37
+  # and 131 end with a step that overlaps the previous one (its repeated rows must be skipped).
+  import robustjax._sorting as sorting
+
+  rng = np.random.default_rng(n)
+  x = rng.integers(-3, 4, size=(n, 23)).astype(np.float32)
+  x[rng.random(x.shape) < 0.05] = np.inf
+  x[rng.random(x.shape) < 0.05] = -np.inf
+  s = np.sort(x, axis=0)
+  for k in sorted({0, min(1, n - 1), min(3, n - 1), min(8, n - 1)}):
+    low, high = sorting.select_extremes(jnp.asarray(x), k)
+    np.testing.assert_array_equal(low, s[k])
+    np.testing.assert_array_equal(high, s[n - 1 - k])
+  with pytest.raises(ValueError, match='select_extremes'):
+    sorting.select_extremes(jnp.asarray(x), n)
+
+
+@pytest.mark.parametrize('extremes_max_rank', [0, 8])  # the trimmed mean: network or chains
 @pytest.mark.parametrize('name', ROBUST)
-def test_rules_beyond_network_max_n(monkeypatch, name):
+def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank):
   import robustjax._sorting as sorting
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
-  x = _data(9, 13, seed=21)  # a shape no other test uses: a fresh trace
+  monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', extremes_max_rank)
+  x = _data(19, 13, seed=21)  # a shape no other test uses: a fresh trace
   x[0, :2] = np.nan
   x[0, 3] = -np.inf
   out = np.asarray(aggregators.get(name)(jnp.asarray(x), f=2))
@@ -133,7 +154,7 @@ def test_rules_beyond_network_max_n(monkeypatch, name):
   want = RULES[name](np.where(np.isnan(x), np.inf, x).astype(np.float64), 2)
   np.testing.assert_allclose(out[4:], want[4:], rtol=2e-5, atol=2e-6)
   # Many ties (small integers), so that ties at the cut-off decide: the same as the network.
-  ties = np.random.default_rng(4).integers(-2, 3, size=(11, 13)).astype(np.float32)
+  ties = np.random.default_rng(4).integers(-2, 3, size=(21, 13)).astype(np.float32)
   got = np.asarray(aggregators.get(name)(jnp.asarray(ties), f=3))
   np.testing.assert_allclose(got, RULES[name](ties.astype(np.float64), 3), rtol=2e-5, atol=2e-6)
 

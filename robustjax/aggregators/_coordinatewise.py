@@ -339,7 +339,9 @@ def trimmed_mean(stack, *, f: int):
   at most f non-finite values per coordinate (NaN counts as +inf) the result is finite.
 
   Cost: one selection network for the two order statistics, and one more elementwise pass, fused
-  into the same loop.
+  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` workers, for f up to
+  `EXTREMES_MAX_RANK` the two order statistics come from insertion chains (4 (f + 1) min / max
+  per entry, `select_extremes`), else from the network run layer by layer.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
@@ -365,7 +367,10 @@ def trimmed_mean(stack, *, f: int):
   def fn(x):
     if f == 0:
       return _sum_rows(lambda r: r, x) / n
-    lo, hi = _select(x, [f, n - f - 1])
+    if _unrolled(x) or f > _sorting.EXTREMES_MAX_RANK:
+      lo, hi = _select(x, [f, n - f - 1])
+    else:
+      lo, hi = _sorting.select_extremes(_clean(x), f)
     inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - f * (hi - lo)
     return lo + inner / (n - 2 * f)
 
