@@ -145,7 +145,7 @@ EXTREMES_MAX_RANK = 8
 
 # Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused
 # networks up to about 224 rows, then XLA:CPU split it into fusions that recompute each other;
-# steps of 16 or 32 rows were fastest, steps of 8 rows 10-50x slower (BENCHMARKS.md).
+# steps of 16 or 32 rows were fastest, steps of 8 rows about 11x slower (BENCHMARKS.md).
 _EXTREMES_ROWS_PER_STEP = 16
 
 

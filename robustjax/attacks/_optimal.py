@@ -261,20 +261,20 @@ def _line_sq_dists(honest, base, direction, f: int):
   scale = normaliser(honest, mu).scale
   gram, finite_h = centred_gram(honest, center=mu, scale=scale)
   d2_h = dists_from_gram(gram, finite_h)
-  a = sq_dists_to(honest, base, scale=scale)
+  base_sq = sq_dists_to(honest, base, scale=scale)  # A_i
   inv = 1.0 / scale
-  b, v2 = 0.0, 0.0
+  base_dot, dir_sq = 0.0, 0.0  # B_i, V
   for x, c, u in zip(*(jax.tree.leaves(t) for t in (honest, base, direction)), strict=True):
     xm = as_matrix(x)
     um = jnp.asarray(u).reshape(-1).astype(xm.dtype) * inv
     cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
-    b = b + jnp.matmul((xm - cm) * inv, um, precision=jax.lax.Precision.HIGHEST)
-    v2 = v2 + jnp.sum(jnp.square(um))
+    base_dot = base_dot + jnp.matmul((xm - cm) * inv, um, precision=jax.lax.Precision.HIGHEST)
+    dir_sq = dir_sq + jnp.sum(jnp.square(um))
   limit = overflow_limit(n, gram.dtype)
   eye = jnp.eye(f, dtype=bool)
 
   def sq_dists(tau):
-    to_c = a - 2.0 * tau * b + tau * tau * v2
+    to_c = base_sq - 2.0 * tau * base_dot + tau * tau * dir_sq
     readable = jnp.all(~finite_h | (jnp.isfinite(to_c) & (to_c <= limit)))
     hc = jnp.where(finite_h & readable, jnp.maximum(to_c, 0.0), jnp.inf)
     cc = jnp.where(readable | eye, 0.0, jnp.inf).astype(hc.dtype)
