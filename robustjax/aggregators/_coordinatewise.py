@@ -339,9 +339,10 @@ def trimmed_mean(stack, *, f: int):
   at most f non-finite values per coordinate (NaN counts as +inf) the result is finite.
 
   Cost: one selection network for the two order statistics, and one more elementwise pass, fused
-  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` workers, for f up to
-  `EXTREMES_MAX_RANK` the two order statistics come from insertion chains (4 (f + 1) min / max
-  per entry, `select_extremes`), else from the network run layer by layer.
+  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 8
+  (`_sorting.EXTREMES_MAX_RANK`) the two order statistics come from insertion chains
+  (4 (f + 1) min / max per entry, `_sorting.select_extremes`), else from the network run layer by
+  layer.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.

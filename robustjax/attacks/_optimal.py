@@ -244,20 +244,20 @@ def _span_coordinates(honest, base, direction):
   return r[:, :n_h].T, r[:, n_h], r[:, n_h + 1]
 
 
-def _line_sq_dists(honest, base, direction, f: int):
+def _line_sq_dists(honest, mu, base, direction, f: int):
   """τ -> the (n, n) squared distances among the stack [honest; c × f], c = b + τv, and which of
   its rows are finite, as `stack.scaled_sq_dists` gives them for that stack (in units of a
   power-of-two scale; +inf to and from an unreadable row), without a pass over d per candidate.
 
-  Once per call: the honest distances from one centred Gram product (around μ, in the scale of
-  the spread around it), A_i = ‖x_i − b‖² (exact differences) and B_i = ⟨x_i − b, v⟩ from one
-  pass each, V = ‖v‖²; then ‖x_i − c‖² = A_i − 2τ B_i + τ² V costs O(n_h) per candidate. A
-  candidate at a non-finite distance, or whose squared distance exceeds what the Gram keeps
-  finite (`stack.overflow_limit`), is unreadable, as the defender's own Gram finds it.
+  Once per call: the honest distances from one centred Gram product (around μ, the honest mean,
+  in the scale of the spread around it), A_i = ‖x_i − b‖² (exact differences) and
+  B_i = ⟨x_i − b, v⟩ from one pass each, V = ‖v‖²; then ‖x_i − c‖² = A_i − 2τ B_i + τ² V
+  costs O(n_h) per candidate. A candidate at a non-finite distance, or whose squared distance
+  exceeds what the Gram keeps finite (`stack.overflow_limit`), is unreadable, as the defender's
+  own Gram finds it.
   """
   n_h = num_workers(honest, 'optimal attack')
   n = n_h + f
-  mu = _mean(honest)
   scale = normaliser(honest, mu).scale
   gram, finite_h = centred_gram(honest, center=mu, scale=scale)
   d2_h = dists_from_gram(gram, finite_h)
@@ -308,7 +308,7 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   """
   mu = _mean(honest)
   pre, agg = pipeline.stages
-  line_sq_dists = _line_sq_dists(honest, base, direction, f)
+  line_sq_dists = _line_sq_dists(honest, mu, base, direction, f)
   n_h = num_workers(honest, 'optimal attack')
   hi = jax.lax.Precision.HIGHEST
   clean = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
