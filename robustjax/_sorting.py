@@ -140,7 +140,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 # `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:
 # its cost grows with the rank (4 (k + 1) min / max per entry), the layered network's does not.
 # Measured in the trimmed mean at n = 129 / 256 / 1024, d = 4,810 and 100,000 (BENCHMARKS.md):
-# 3.0-6.7x faster than `select_layered` at k <= 2, 2.2-4.4x at 4, 1.0-2.2x at 8; k = 12 even.
+# 3.0-6.7x faster than `select_layered` at k <= 2, 2.2-4.4x at 4, 1.0-2.6x at 8; k = 12 even.
 EXTREMES_MAX_RANK = 8
 
 # Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused

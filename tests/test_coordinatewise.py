@@ -146,7 +146,9 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank):
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
   monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', extremes_max_rank)
-  x = _data(19, 13, seed=21)  # a shape no other test uses: a fresh trace
+  # A shape no other test (and no other parameter) uses: a fresh trace, so the patched limits apply.
+  d = 13 + extremes_max_rank
+  x = _data(19, d, seed=21)
   x[0, :2] = np.nan
   x[0, 3] = -np.inf
   out = np.asarray(aggregators.get(name)(jnp.asarray(x), f=2))
@@ -154,7 +156,7 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank):
   want = RULES[name](np.where(np.isnan(x), np.inf, x).astype(np.float64), 2)
   np.testing.assert_allclose(out[4:], want[4:], rtol=2e-5, atol=2e-6)
   # Many ties (small integers), so that ties at the cut-off decide: the same as the network.
-  ties = np.random.default_rng(4).integers(-2, 3, size=(21, 13)).astype(np.float32)
+  ties = np.random.default_rng(4).integers(-2, 3, size=(21, d)).astype(np.float32)
   got = np.asarray(aggregators.get(name)(jnp.asarray(ties), f=3))
   np.testing.assert_allclose(got, RULES[name](ties.astype(np.float64), 3), rtol=2e-5, atol=2e-6)
 
