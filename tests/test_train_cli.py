@@ -71,16 +71,16 @@ def test_resume_after_kill_equals_uninterrupted(smoke, full_run, tmp_path):
 
 
 def _tensorboard_scalars(workdir, purges=None):
-  """{(tag, step): value} of the event files, read as TensorBoard reads them: files in order, and
-  a SessionLog START at step s (a resumed run) purging the events at steps >= s (the steps s are
-  appended to `purges`)."""
+  """{(tag, step): value} of the event files, read as TensorBoard reads them: files in name
+  order, and a SessionLog START at step s (a resumed run) purging the events at steps >= s (the
+  steps s are appended to `purges`)."""
   import struct
 
   from tensorboardX.proto import event_pb2
 
   folder = os.path.join(workdir, 'tensorboard')
   out = {}
-  for name in sorted(os.listdir(folder), key=lambda n: os.path.getmtime(os.path.join(folder, n))):
+  for name in sorted(os.listdir(folder)):
     with open(os.path.join(folder, name), 'rb') as fh:
       raw = fh.read()
     pos = 0
@@ -95,6 +95,26 @@ def _tensorboard_scalars(workdir, purges=None):
       for v in event.summary.value:
         out[(v.tag, event.step)] = v.simple_value
   return out
+
+
+def test_restart_within_the_same_second_keeps_both_event_files(tmp_path, monkeypatch):
+  """tensorboardX names an event file by the second it opens it: a run resumed within that
+  second must not overwrite the interrupted call's file (it did, and lost steps 2-4)."""
+  import time
+
+  from robustjax.training import _outputs
+
+  monkeypatch.setattr(time, 'time', lambda: 1.8e9)  # both writers open in the same second
+  for start, step in ((0, 2), (4, 6)):
+    writer = _outputs.RunWriter(str(tmp_path), start=start)
+    writer.write([{'step': step, 'kind': 'train', 'batch_loss': float(step)}])
+    writer.close()
+  monkeypatch.undo()
+  assert len(os.listdir(tmp_path / 'tensorboard')) == 2
+  purges = []
+  scalars = _tensorboard_scalars(str(tmp_path), purges)
+  assert scalars == {('train/batch_loss', 2): 2.0, ('train/batch_loss', 6): 6.0}
+  assert purges == [5]
 
 
 def test_tensorboard_events_and_curves_png(full_run):

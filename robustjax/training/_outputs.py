@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from absl import logging
@@ -46,10 +47,14 @@ class RunWriter:
         )
       else:
         # Its own thread writes the events (every 10 s and at close), not the training loop.
+        # tensorboardX names the file by the second it opens it: a restart within the same
+        # second would overwrite the earlier call's file. The nanosecond suffix keeps both, and
+        # their names sort in the order they were opened (TensorBoard reads files by name).
         self._tb = SummaryWriter(
           os.path.join(workdir, 'tensorboard'),
           purge_step=start + 1 if start else None,
           flush_secs=10,
+          filename_suffix=f'.{time.time_ns()}',
         )
 
   def write(self, records: Sequence[Mapping]) -> None:
