@@ -3,8 +3,8 @@ r"""Times every registered aggregator (and pre-aggregator) on one (n, d) stack.
 Prints one table: rule, n, d, f, compile time, median run time, the ratio to the floor (one
 streaming pass over the stack: the jitted matvec `ones(n) @ x`, re-timed next to each rule since
 the load of a shared machine drifts), for distance-based rules the ratio to one n × n Gram product
-(`x @ x.T`, also re-timed), and with `--byzfl` the speed-up over ByzFL 0.0.11
-(torch, CPU) on the same input.
+(`x @ x.T` in full float32, `Precision.HIGHEST` as the rules' own, also re-timed), and with
+`--byzfl` the speed-up over ByzFL 0.0.11 (torch, CPU) on the same input.
 
 Iterative rules (geometric_median, centered_clipping) run a fixed number of iterations (`--iters`,
 no early stop); their ratio to the floor is per iteration, measured as
@@ -52,6 +52,7 @@ except ImportError:  # pragma: no cover
   preaggregators = None
 
 FLAGS = flags.FLAGS
+HIGHEST = jax.lax.Precision.HIGHEST
 flags.DEFINE_integer('n', 16, 'number of workers')
 flags.DEFINE_integer('d', 100_000, 'dimension of each worker slice')
 flags.DEFINE_integer('f', 3, 'declared number of Byzantine workers')
@@ -359,11 +360,16 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   product of the (n, d) stack is counted as 2n²d flops (what a dense matmul does; the symmetric
   half alone is n(n + 1)d): robustjax's centred, scaled Gram (`stack.scaled_gram`, what the
   distance rules call), the plain jitted `x @ x.T`, and NumPy's `x @ x.T` on the same input.
+
+  The jitted products run at `Precision.HIGHEST`, full float32, as the rules' Gram does (on a
+  CPU every precision is that). At the default precision a GPU multiplies float32 in TF32 (a
+  10-bit mantissa): that product is printed beside them, for scale, not as the reference.
   """
   n, d = x.shape
   a = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
   a_np = np.asarray(a)
-  _, t_mm = _time(_jit(lambda a: a @ a), a, repeats=max(repeats, 3), warmup=1)
+  mm = _jit(lambda a: jnp.matmul(a, a, precision=HIGHEST))
+  _, t_mm = _time(mm, a, repeats=max(repeats, 3), warmup=1)
   t_np_mm = min(_wall(lambda: a_np @ a_np) for _ in range(max(repeats, 3)))
   peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
   flops = 2 * n * n * d
@@ -385,7 +391,9 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   pad = (-d) % FLAGS.cpu_devices  # zero columns: the centred Gram is unchanged
   x_ours = _place(jnp.pad(x, ((0, 0), (0, pad))) if pad else x)
   _, t_ours = _time(_jit(ours), x_ours, repeats=max(repeats, 3), warmup=1)
-  _, t_xla = _time(_jit(lambda x: x @ x.T), x, repeats=max(repeats, 3), warmup=1)
+  gram = _jit(lambda x: jnp.matmul(x, x.T, precision=HIGHEST))
+  _, t_xla = _time(gram, x, repeats=max(repeats, 3), warmup=1)
+  _, t_default = _time(_jit(lambda x: x @ x.T), x, repeats=max(repeats, 3), warmup=1)
   t_np = min(_wall(lambda: x_np @ x_np.T) for _ in range(max(repeats, 3)))
   out = {
     'peak_gflops': peak,
@@ -394,7 +402,7 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
     'peak_m': m,
   }
   print(
-    f'# peak (square matmul m={m}): jax {out["matmul_jax_gflops"]:.0f} GFLOP/s, '
+    f'# peak (square float32 matmul m={m}): jax {out["matmul_jax_gflops"]:.0f} GFLOP/s, '
     f'NumPy {out["matmul_numpy_gflops"]:.0f} GFLOP/s -> peak {peak:.0f} GFLOP/s'
   )
   label = f'Gram (n, d) = ({n}, {d})'
@@ -402,6 +410,7 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   for name, t in (
     (ours_label, t_ours),
     ('jax x @ x.T', t_xla),
+    ('jax x @ x.T, default precision', t_default),
     ('NumPy x @ x.T', t_np),
   ):
     g = flops / t / 1e9
@@ -529,11 +538,15 @@ def main(argv):
 
   print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
   floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
-  gram_fn = _jit(lambda x: x @ x.T)
+  gram_fn = _jit(lambda x: jnp.matmul(x, x.T, precision=HIGHEST))
   _, floor = _time(floor_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
   _, gram = _time(gram_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)
-  print(f'# floor (ones(n) @ x): {floor * 1e3:.2f} ms; Gram (x @ x.T): {gram * 1e3:.2f} ms')
-  info.update(floor_s=floor, gram_s=gram)
+  gbps = x.size * x.dtype.itemsize / floor / 1e9  # the floor's bandwidth: one read of the stack
+  print(
+    f'# floor (ones(n) @ x): {floor * 1e3:.2f} ms ({gbps:.0f} GB/s); '
+    f'Gram (x @ x.T, float32): {gram * 1e3:.2f} ms'
+  )
+  info.update(floor_s=floor, floor_gbps=gbps, gram_s=gram)
   if FLAGS.peak_size and not FLAGS.compile_only:
     info['gram'] = gram_section(x, x_np, FLAGS.peak_size, FLAGS.repeats)
   if FLAGS.donation and preaggregators is not None and not FLAGS.compile_only and not _sharded():
