@@ -120,6 +120,28 @@ def test_select_layered_fallback(monkeypatch):
   np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 3, 10]])
 
 
+def test_select_layered_is_one_piece_on_accelerators(monkeypatch):
+  # On an accelerator the column blocks would be a sequence of small kernel launches: the
+  # network runs on all columns at once (one loop over the layers, not a loop of loops).
+  import robustjax._sorting as sorting
+
+  x = jnp.asarray(_data(11, 37, seed=3))
+
+  def loops(jaxpr):  # a fori_loop with static bounds traces to a scan
+    return str(jaxpr).count('scan[') + str(jaxpr).count('while[')
+
+  def traced():
+    return jax.make_jaxpr(lambda x: sorting.select_layered(x, [0, 3, 10], chunk=8))(x)
+
+  assert loops(traced()) == 4  # CPU: the blocks' loop; the layers' in the first, each, the rest
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  one_piece = traced()
+  monkeypatch.undo()
+  assert loops(one_piece) == 1
+  got = jax.core.eval_jaxpr(one_piece.jaxpr, one_piece.consts, x)
+  np.testing.assert_allclose(np.stack(got), np.sort(np.asarray(x), 0)[[0, 3, 10]])
+
+
 @pytest.mark.parametrize('n', [1, 5, 16, 17, 37, 131])
 def test_select_extremes(n):
   # The insertion chains against a sort: ties (small integers), ±inf, ranks 0 … 8; n = 17, 37
