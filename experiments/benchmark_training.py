@@ -14,6 +14,9 @@ during at least `--min_time` seconds (and at least `--repeats` steps), after a w
 (compilation excluded): on a shared machine other processes only add time. The loop runs only
 up to ``--loop_max_n`` workers (its time grows linearly with n).
 
+Every loop runs in this one process, with the host allocator of `robustjax.host` (a step's
+freed memory kept for the next; `training.build` sets it on CPU): ByzFL's loop gets it too.
+
 With ``--byzfl`` (torch and ``byzfl==0.0.11`` installed), ByzFL's own training loop runs the same
 task at each n, beside `train_and_evaluate`: its `Client` / `ByzantineClient` / `Server` classes,
 one `Client` per honest worker (its iid share, `robustjax.data.split`, sampled with replacement in
@@ -310,14 +313,17 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
   import jax
 
-  from robustjax import training
+  from robustjax import host, training
 
+  # Every loop below (the library's, the Python loop, ByzFL's) runs in this process with the
+  # same host allocator: the freed memory kept, as `training.build` sets on CPU.
+  retained = host.retain_freed_memory()
   dev = jax.devices()[0]
   print(
     f'jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), '
     f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
     f'rule={FLAGS.rule}, f={FLAGS.f}, attack={FLAGS.attack}, model={FLAGS.model}, '
-    f'batch {FLAGS.batch_size}/worker',
+    f'batch {FLAGS.batch_size}/worker; freed host memory kept: {retained}',
     flush=True,
   )
   rows = []

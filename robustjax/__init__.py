@@ -11,6 +11,7 @@ Modules (the stages of the training step in brackets):
   optax_adapter   `as_optax(rule)` / `robust_optimizer`: a robust rule in an optax chain [server]
   parallel        meshes, placement, coordinate-sharded aggregation
   distributed     multi-process start-up and the checks all processes agree on
+  host            the host allocator: a step's freed memory kept for the next (XLA:CPU)
   training        the staged step, `build(config)`, `train_and_evaluate` [the step]
   sweeps          resumable grids of runs, seeds vmapped
   analysis        tidy tables, worst cases, figures of sweeps
@@ -29,6 +30,7 @@ from robustjax import (
   configs,
   data,
   distributed,
+  host,
   models,
   optax_adapter,
   parallel,
@@ -51,6 +53,7 @@ __all__ = [
   'configs',
   'data',
   'distributed',
+  'host',
   'models',
   'optax_adapter',
   'parallel',

@@ -20,7 +20,7 @@ import optax
 from absl import logging
 from flax import nnx
 
-from robustjax import attacks, coding, compression, parallel, privacy
+from robustjax import attacks, coding, compression, host, parallel, privacy
 from robustjax import data as rdata
 from robustjax import models as rmodels
 from robustjax._spec import parse_spec
@@ -291,6 +291,9 @@ def _compressor(spec):
 def build(config) -> Experiment:
   """Builds an `Experiment` from a config (see ``experiments/configs/default.py``).
 
+  On a CPU backend it also keeps the host memory a step frees for the next step
+  (`robustjax.host.retain_freed_memory`: without it every step page-faults its buffers in anew).
+
   Raises:
     ValueError: for unknown dataset / model / split / rule / attack / coding / compressor /
       optimiser / backend names (listing the known ones), impossible (n, f) choices (naming the
@@ -299,6 +302,8 @@ def build(config) -> Experiment:
   n, f = config.num_workers, config.num_byzantine
   _check_counts(n, f)
   check_hyperparameters(config)
+  if jax.default_backend() == 'cpu':
+    host.retain_freed_memory()
   attack = attacks.get(config.attack)
   declared = declared_byzantine(config)
   pipeline = as_rule(config.rule, declared)
