@@ -6,6 +6,11 @@ the load of a shared machine drifts), for distance-based rules the ratio to one 
 (`x @ x.T` in full float32, `Precision.HIGHEST` as the rules' own, also re-timed), and with
 `--byzfl` the speed-up over ByzFL 0.0.11 (torch, CPU) on the same input.
 
+The process keeps the host memory a call frees for the next (`robustjax.host`, as
+`training.build` sets on CPU; ByzFL, in the same process, gets it too): without it a rule that
+returns a fresh stack maps and page-faults its output anew at every call.
+`--noretain_host_memory` keeps glibc's defaults.
+
 Iterative rules (geometric_median, centered_clipping) run a fixed number of iterations (`--iters`,
 no early stop); their ratio to the floor is per iteration, measured as
 (t(iters) − t(1)) / (iters − 1).
@@ -43,7 +48,7 @@ import numpy as np
 from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
 from absl import app, flags
 
-from robustjax import aggregators, parallel, pipeline, stack
+from robustjax import aggregators, host, parallel, pipeline, stack
 from robustjax._spec import parse_rule
 
 try:  # pre-aggregators may not exist yet
@@ -105,6 +110,12 @@ flags.DEFINE_integer(
   'aggregator through parallel.sharded_update, as the engine does on a multi-device mesh',
 )
 flags.DEFINE_string('json_out', None, 'write the rows as JSON here')
+flags.DEFINE_bool(
+  'retain_host_memory',
+  True,
+  'keep the host memory a call frees for the next (robustjax.host, as training.build does on '
+  'CPU); ByzFL, in this process, gets it too',
+)
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
 flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
 flags.DEFINE_integer('byzfl_small_d', 100_000, 'd for ByzFL rules too slow / too big at full size')
@@ -517,6 +528,7 @@ def main(argv):
     'cpu_devices': FLAGS.cpu_devices,
   }
   info['xla_cpu_vector_width'] = FLAGS.xla_cpu_vector_width
+  info['retain_host_memory'] = FLAGS.retain_host_memory and host.retain_freed_memory()
   if FLAGS.cc_switch:
     print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), float32')
     ns = [int(v) for v in FLAGS.cc_switch]
@@ -536,7 +548,10 @@ def main(argv):
         json.dump({'info': info, 'scaling': rows}, fh, indent=1)
     return
 
-  print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}')
+  print(
+    f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}; '
+    f'freed host memory kept: {info["retain_host_memory"]}'
+  )
   floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
   gram_fn = _jit(lambda x: jnp.matmul(x, x.T, precision=HIGHEST))
   _, floor = _time(floor_fn, x, repeats=max(FLAGS.repeats, 3), warmup=1)

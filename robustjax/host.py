@@ -5,8 +5,9 @@ the end. glibc serves blocks above its mmap threshold (128 KiB, raised on the fl
 with a fresh `mmap` and returns them at `free`, and trims the heap's free top back to the
 system. A step over a stack of a few MB per leaf so touches its buffers for the first time every
 step: each 4 KiB page is a page fault the kernel zeroes. The training step at n = 1,024 workers
-(MLP of 4,810 parameters, trimmed mean) took about 9,600 minor page faults per step, and 40-47
-ms against 28-36 ms once the freed memory is kept (BENCHMARKS.md, "The host allocator").
+(MLP of 4,810 parameters, trimmed mean) took about 9,600 minor page faults per step and 35-47
+ms, against 1.5 faults and 25-36 ms once the freed memory is kept (BENCHMARKS.md, "The host
+allocator").
 
 `retain_freed_memory` raises both thresholds (`mallopt`), so freed blocks stay in the process
 and the next step reuses the same, already mapped pages. The cost: the process keeps the memory
