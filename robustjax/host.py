@@ -5,14 +5,18 @@ the end. glibc serves blocks above its mmap threshold (128 KiB, raised on the fl
 with a fresh `mmap` and returns them at `free`, and trims the heap's free top back to the
 system. A step over a stack of a few MB per leaf so touches its buffers for the first time every
 step: each 4 KiB page is a page fault the kernel zeroes. The training step at n = 1,024 workers
-(MLP of 4,810 parameters, trimmed mean) took about 9,600 minor page faults per step and 35-47
-ms, against 1.5 faults and 25-36 ms once the freed memory is kept (BENCHMARKS.md, "The host
-allocator").
+(MLP of 4,810 parameters, trimmed mean) took about 14,000 minor page faults and 40-50 ms per
+step, against about 1 fault and 26-28 ms once the freed memory is kept (one process, the
+settings alternated; BENCHMARKS.md, "The host allocator").
 
-`retain_freed_memory` raises both thresholds (`mallopt`), so freed blocks stay in the process
-and the next step reuses the same, already mapped pages. The cost: the process keeps the memory
-of its largest step, as a long training job does anyway. `robustjax.training.build` calls it on
-CPU backends; set ``ROBUSTJAX_RETAIN_HOST_MEMORY=0`` to keep glibc's defaults.
+`retain_freed_memory` raises both thresholds to 256 MiB (`mallopt`), so freed blocks up to that
+size stay in the process and the next step reuses the same, already mapped pages. glibc's own
+cap, 32 MiB, was not enough (36-41 ms, 10,500 faults): some of the step's blocks are larger.
+Larger blocks are still mapped afresh: at 1 GiB, a step over stacks of 400 MB (n = 1,024, 10⁵
+parameters) kept 0.7 GiB more at its peak for no gain, where 256 MiB keeps 0.1 GiB more. The
+cost otherwise: the process keeps the memory of its largest step, as a long training job does
+anyway. `robustjax.training.build` calls it on CPU backends; set
+``ROBUSTJAX_RETAIN_HOST_MEMORY=0`` to keep glibc's defaults.
 
 References:
   glibc manual, "Memory Allocation Tunables" and mallopt(3) (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD).
@@ -32,8 +36,8 @@ __all__ = ['retain_freed_memory']
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
-# Blocks up to this size come from the heap: a stack of 1,024 workers × 10⁵ float32 is 410 MB.
-_THRESHOLD = 1 << 30
+# Blocks up to this size come from the heap and stay there once freed.
+_THRESHOLD = 256 << 20
 
 
 @functools.cache
@@ -57,5 +61,5 @@ def retain_freed_memory() -> bool:
     mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
   )
   if applied:
-    logging.info('host allocator: freed memory kept for reuse (mmap and trim thresholds 1 GiB)')
+    logging.info('host allocator: freed memory kept for reuse (mmap and trim thresholds 256 MiB)')
   return applied
