@@ -5,9 +5,9 @@ the end. glibc serves blocks above its mmap threshold (128 KiB, raised on the fl
 with a fresh `mmap` and returns them at `free`, and trims the heap's free top back to the
 system. A step over a stack of a few MB per leaf so touches its buffers for the first time every
 step: each 4 KiB page is a page fault the kernel zeroes. The training step at n = 1,024 workers
-(MLP of 4,810 parameters, trimmed mean) took about 14,000 minor page faults and 40-50 ms per
-step, against about 1 fault and 26-28 ms once the freed memory is kept (one process, the
-settings alternated; BENCHMARKS.md, "The host allocator").
+(MLP of 4,810 parameters, trimmed mean) took 9,600-14,000 minor page faults and 35-50 ms per
+step, against 1-1,400 faults (8,100 in one run of eight: glibc's placement varies) and 24-30
+ms once the freed memory is kept (BENCHMARKS.md, "The host allocator").
 
 `retain_freed_memory` raises both thresholds to 256 MiB (`mallopt`), so freed blocks up to that
 size stay in the process and the next step reuses the same, already mapped pages. glibc's own
