@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The GPU benchmark, one script (about 6 minutes on one H100/H200-class GPU; rerunnable):
+# The GPU benchmark, one script (293 s on one H200 on 2026-12-04, BENCHMARKS.md; rerunnable):
 #   1. every aggregator and pre-aggregator, and the pipelines, on one (n, d) stack, with the HBM
 #      floor (one streaming pass, `ones(n) @ x`), the Gram product (`x @ x.T`: cuBLAS on a GPU)
-#      and the measured matmul peak (benchmark_aggregators.py prints all three);
+#      and the measured matmul peak (benchmark_aggregators.py prints all three); each timed run
+#      dispatches 10 calls back to back, so that the host's dispatch stays out of the times;
 #   2. the training step's throughput (vmapped workers) at n = 128 and 1024, trimmed mean under ALIE;
 #   3. the coordinate-wise rules' cost per worker from n = 128 to 1024 (`--scaling`).
 # Outputs: $OUT/aggregators.json, $OUT/scaling.json, $OUT/*.txt (the printed tables); paste them
@@ -46,11 +47,12 @@ if [[ -z "$RULES" ]]; then
 print(",".join(aggregators.names() + p.names()))'),$PIPELINES"
 fi
 section aggregators "$PY" experiments/benchmark_aggregators.py --n=$N --d=$D --f=$F \
-  --repeats=$REPEATS --peak_size=$PEAK --rules="$rules" --json_out="$OUT/aggregators.json"
+  --repeats=$REPEATS --peak_size=$PEAK --rules="$rules" --json_out="$OUT/aggregators.json" \
+  --calls_per_time=10
 section training "$PY" experiments/benchmark_training.py --ns=$NS --loop_max_n=0 \
   --rule=trimmed_mean --f=$((N / 8)) --attack=alie --min_time=$MIN_TIME --train_steps=$STEPS
 section scaling "$PY" experiments/benchmark_aggregators.py --scaling=$SCALE_NS \
-  --scaling_d=$SCALE_D --repeats=$REPEATS --json_out="$OUT/scaling.json"
+  --scaling_d=$SCALE_D --repeats=$REPEATS --json_out="$OUT/scaling.json" --calls_per_time=10
 echo "# wrote $OUT"
 if [[ ${#failed[@]} -gt 0 ]]; then
   echo "# failed: ${failed[*]}" >&2
