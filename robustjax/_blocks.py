@@ -3,7 +3,11 @@
 On XLA:CPU a kernel that reads the stack several times (a Gram product, a combination followed
 by the distances to it, a sorting network layer by layer) is run over blocks of columns in a
 `lax.fori_loop`, so that each block comes from memory once. The callers choose the block width
-(`stack._column_block`, `stack._gram_column_block`, `_sorting.select_layered`'s chunk).
+(`stack._column_block`, `stack._gram_column_block`, `_sorting.select_layered`'s chunk). On an
+accelerator the matrices are one piece whatever the width: there each loop step is at least one
+kernel launch, and blocks × (the steps inside) small launches in sequence cost more than the
+cache saves (on an H200 the layered sorting network over blocks of 2,048 columns took 26-52 ms
+at n = 129-1,024, d = 1e5, against 0.4 ms for the unrolled one at n = 128; BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ def over_column_blocks(fn, mats, cols, *, out_rows=None, dtype=None):
     fn: called on blocks (rows, c) of each mat; returns `(columns, partial)`: an
       (out_rows, c) array (None when `out_rows` is None) and a pytree of arrays.
     mats: matrices (rows, d) with the same d.
-    cols: columns per block, or None for one piece.
+    cols: columns per block, or None for one piece (always one piece off CPU).
     out_rows, dtype: the rows and dtype of the concatenated columns; None: fn gives none.
 
   Returns:
@@ -27,7 +31,7 @@ def over_column_blocks(fn, mats, cols, *, out_rows=None, dtype=None):
     partials summed.
   """
   d = mats[0].shape[1]
-  if cols is None or d < cols:
+  if cols is None or d < cols or jax.default_backend() != 'cpu':
     return fn(*mats)
   full = d // cols
 

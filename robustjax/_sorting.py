@@ -118,10 +118,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   network's layers (a row gather, a minimum, a maximum and a select per layer): the compiled
   program stays small whatever n, and the run costs about depth × (a few passes over a cached
   block), where `jnp.sort` along the worker axis is one to two orders of magnitude slower on
-  XLA:CPU. On an accelerator the columns are one piece (as `stack`'s blocked passes): there each
-  loop step is at least one kernel launch, and the blocks made a sequence of blocks × depth small
-  launches (on an H200, n = 129 … 1,024 and D = 1e5: 49 blocks × 36-55 layers, 26-52 ms against
-  0.4 ms at n = 128; BENCHMARKS.md).
+  XLA:CPU. On an accelerator the columns are one piece (`_blocks.over_column_blocks`).
   """
   n = x.shape[0]
   partner, is_low = network_layers(n)
@@ -135,9 +132,8 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 
     return jnp.take(jax.lax.fori_loop(0, partner.shape[0], layer, b), pos, axis=0)
 
-  cols = chunk if jax.default_backend() == 'cpu' else None
   out, _ = over_column_blocks(
-    lambda b: (sort_block(b), ()), [x], cols, out_rows=len(positions), dtype=x.dtype
+    lambda b: (sort_block(b), ()), [x], chunk, out_rows=len(positions), dtype=x.dtype
   )
   return [out[k] for k in range(len(positions))]
 

@@ -6,7 +6,7 @@ with a fresh `mmap` and returns them at `free`, and trims the heap's free top ba
 system. A step over a stack of a few MB per leaf so touches its buffers for the first time every
 step: each 4 KiB page is a page fault the kernel zeroes. The training step at n = 1,024 workers
 (MLP of 4,810 parameters, trimmed mean) took 9,600-14,000 minor page faults and 35-50 ms per
-step, against 1-1,400 faults (8,100 in one run of eight: glibc's placement varies) and 24-30
+step, against 1-1,450 faults (8,100 in one run of eight: glibc's placement varies) and 24-30
 ms once the freed memory is kept (BENCHMARKS.md, "The host allocator").
 
 `retain_freed_memory` raises both thresholds to 256 MiB (`mallopt`), so freed blocks up to that

@@ -156,9 +156,7 @@ _COMBINE_BLOCK_ELEMENTS = 1 << 20
 
 def _column_block(n: int, d: int, elements: int = _BLOCK_ELEMENTS) -> int | None:
   """Columns per block on CPU (about `elements` per block), or None to process the leaf in one
-  piece (accelerators, small d)."""
-  if jax.default_backend() != 'cpu':
-    return None
+  piece (small d; accelerators always run one piece, `over_column_blocks`)."""
   cols = max(256, elements // max(n, 1))
   return cols if d > 2 * cols else None
 
@@ -201,8 +199,6 @@ def _gram_row_block(n: int) -> int:
 
 def _gram_column_block(n: int, d: int) -> int | None:
   """Columns per block of the centred Gram on CPU, or None for one piece."""
-  if jax.default_backend() != 'cpu':
-    return None
   cols = max(256, _GRAM_PART_ELEMENTS // min(_gram_row_block(n), n))
   return cols if d > 2 * cols else None
 

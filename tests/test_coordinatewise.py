@@ -120,9 +120,10 @@ def test_select_layered_fallback(monkeypatch):
   np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 3, 10]])
 
 
-def test_select_layered_is_one_piece_on_accelerators(monkeypatch):
-  # On an accelerator the column blocks would be a sequence of small kernel launches: the
-  # network runs on all columns at once (one loop over the layers, not a loop of loops).
+def test_column_blocks_are_one_piece_on_accelerators(monkeypatch):
+  # On an accelerator the column blocks (`_blocks.over_column_blocks`, here under the layered
+  # network) would be a sequence of small kernel launches: one loop over the layers on all
+  # columns at once, not a loop of loops.
   import robustjax._sorting as sorting
 
   x = jnp.asarray(_data(11, 37, seed=3))
