@@ -14,10 +14,12 @@ walking the network backwards, a comparator whose two output wires are interchan
 rest of the computation (both unused, or both summed with the same weight) is dropped; XLA's
 dead-code elimination then removes the `min` or `max` halves whose outputs are never read.
 
-Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much and
-`select` runs the same network layer by layer in a loop over column blocks (`select_layered`);
-`jnp.sort` along the worker axis is slower still. Ranks a few places from either end (a trimmed
-mean with a small f) are cheaper there by insertion chains (`select_extremes`).
+Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much.
+There a few ranks (a median, a trimmed mean's two cut-offs) are found by bisecting the bits of
+the value (`select_bisect`: 32 counting passes over a block of columns in cache, whatever the
+data), more ranks by running the same network layer by layer in a loop over column blocks
+(`select_layered`); `jnp.sort` along the worker axis is slower still. Ranks a few places from
+either end (a trimmed mean with a small f) are cheaper by insertion chains (`select_extremes`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -138,11 +140,143 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   return [out[k] for k in range(len(positions))]
 
 
+# Above `NETWORK_MAX_N`, up to this many ranks are found by bisection (`select_bisect`), more by
+# sorting the columns (`select_layered`). Measured on CPU at n = 129 … 2,048 (BENCHMARKS.md):
+# bisection costs about 1.3-2.2 ns per worker · coordinate and rank, the layered network 7-8 ns
+# for any number of ranks.
+BISECT_MAX_RANKS = 3
+
+# `select_bisect`'s blocks: columns per block, and rows per group whose counts are summed in
+# uint8 before the groups are added. Both chosen from a sweep (n = 129 … 2,048, 128-512 columns,
+# 8-32 rows): these were within 15 % of the best everywhere, where other layouts let XLA:CPU
+# fuse the two levels of the count into one unvectorised loop (10-30x slower).
+_BISECT_COLUMNS = 256
+_BISECT_GROUP_ROWS = 16
+
+
+def select_large(x: jax.Array, positions: Sequence[int]) -> list[jax.Array]:
+  """Order statistics along axis 0 of an (n, D) matrix for any n, NaN counted as +inf: by
+  bisection for up to `BISECT_MAX_RANKS` ranks, else by the layered network."""
+  if len(positions) <= BISECT_MAX_RANKS:
+    return select_bisect(x, positions)
+  return select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), positions)
+
+
+def _flip_negatives(k: jax.Array) -> jax.Array:
+  """Reverses the order of the negative integers' low bits: the map between a float's bits and
+  an integer key in the floats' order (−0 just below +0); its own inverse."""
+  return k ^ ((k >> (8 * k.dtype.itemsize - 1)) & jnp.iinfo(k.dtype).max)
+
+
+def _order_keys(x: jax.Array) -> jax.Array:
+  """Signed integers of the floats' width, in the floats' order."""
+  itype = jnp.dtype(f'int{8 * x.dtype.itemsize}')
+  return _flip_negatives(jax.lax.bitcast_convert_type(x, itype))
+
+
+def _from_order_keys(k: jax.Array, dtype) -> jax.Array:
+  return jax.lax.bitcast_convert_type(_flip_negatives(k), dtype)
+
+
+def _halving_sum(p: jax.Array, axis: int) -> jax.Array:
+  """Sum over `axis` as a tree of slice additions (XLA:CPU keeps each level vectorised; a
+  `jnp.sum` there was fused with the level before into a strided loop)."""
+  while p.shape[axis] > 1:
+    half = p.shape[axis] // 2
+    pairs = jax.lax.slice_in_dim(p, 0, half, axis=axis) + jax.lax.slice_in_dim(
+      p, half, 2 * half, axis=axis
+    )
+    rest = jax.lax.slice_in_dim(p, 2 * half, p.shape[axis], axis=axis)
+    p = jnp.concatenate([pairs, rest], axis) if rest.shape[axis] else pairs
+  return jax.lax.index_in_dim(p, 0, axis, keepdims=False)
+
+
+def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[jax.Array]:
+  """Order statistics along axis 0 of an (n, D) float matrix, for a few ranks and any n: the
+  value's bits bisected.
+
+  Each float maps to an integer key of its width in the same order (`_order_keys`). The q-th
+  smallest value of a column is the smallest key t with #{i : key_i <= t} >= q + 1; a bisection
+  over the keys' whole range finds it in exactly as many counting passes as the key has bits
+  (32 for float32), whatever the data, so an input cannot make it slower. Exact (the selected
+  value is an input bit for bit), with ties and ±inf; NaN counts as +inf (mapped block by
+  block, so that no cleaned copy of the stack is written). On CPU the passes run over blocks of
+  `_BISECT_COLUMNS` columns kept in cache (`_blocks.over_column_blocks`); each pass compares
+  every entry with each rank's midpoint and counts in uint8 over groups of `_BISECT_GROUP_ROWS`
+  rows (rows padded with the largest key), then adds the groups' counts. All ranks share the
+  passes.
+
+  Cost: about 1.3-2.2 ns per worker · coordinate and rank on a Zen 5 core (n = 129 … 2,048),
+  against 7-8 ns for the layered network whatever the ranks (BENCHMARKS.md).
+
+  Args:
+    x: (n, D), floating point.
+    positions: the 0-based ranks wanted (0 is the smallest).
+    then: optional ``then(block, stats) -> rows``: a further computation on each column block
+      while it is in cache, from the block (n, c) and its order statistics (one row per
+      position); its (k, c) rows, k the same for every block, are returned instead of the
+      order statistics (the trimmed mean's clipped sum, without a second pass over x).
+
+  Returns:
+    A list with the order statistic of each position (or the k rows of `then`).
+  """
+  n = x.shape[0]
+  positions = [int(p) for p in positions]
+  if not all(0 <= p < n for p in positions):
+    raise ValueError(f'select_bisect: positions {positions} out of range for n={n}')
+  keys_dtype = _order_keys(jnp.zeros((), x.dtype)).dtype
+  bits = 8 * keys_dtype.itemsize
+  top = jnp.iinfo(keys_dtype).max
+  rows = _BISECT_GROUP_ROWS
+  groups = -(-n // rows)
+  need = jnp.asarray(np.asarray(positions) + 1, keys_dtype)[:, None]
+
+  def order_statistics(xb):
+    c = xb.shape[1]
+    keys = _order_keys(jnp.where(jnp.isnan(xb), jnp.inf, xb))
+    if groups * rows > n:
+      keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys_dtype)])
+    keys = keys.reshape(groups, rows, c)
+
+    def halve(_, bounds):  # the q-th smallest key lies in [low, high]
+      low, high = bounds
+      mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
+      below = (keys[None] <= mid[:, None, None, :]).astype(jnp.uint8)
+      count = _halving_sum(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys_dtype), 1)
+      enough = count >= need
+      return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
+
+    # The first halving outside the loop gives the carry the stack's type (inside
+    # `jax.shard_map` a carry of constants would not vary over the devices).
+    start = (
+      jnp.full((len(positions), c), -top - 1, keys_dtype),
+      jnp.full((len(positions), c), top, keys_dtype),
+    )
+    _, high = jax.lax.fori_loop(1, bits, halve, halve(0, start))
+    return _from_order_keys(high, x.dtype)
+
+  def block(xb):
+    stats = order_statistics(xb)
+    return (stats if then is None else then(xb, stats)), ()
+
+  out_rows = len(positions)
+  if then is not None:
+    probe = (x.shape[0], min(x.shape[1], _BISECT_COLUMNS))
+    out_rows = jax.eval_shape(
+      then,
+      jax.ShapeDtypeStruct(probe, x.dtype),
+      jax.ShapeDtypeStruct((len(positions), probe[1]), x.dtype),
+    ).shape[0]
+  out, _ = over_column_blocks(block, [x], _BISECT_COLUMNS, out_rows=out_rows, dtype=x.dtype)
+  return [out[k] for k in range(out_rows)]
+
+
 # `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:
-# its cost grows with the rank (4 (k + 1) min / max per entry), the layered network's does not.
-# Measured in the trimmed mean at n = 129 / 256 / 1024, d = 4,810 and 100,000 (BENCHMARKS.md):
-# 3.0-6.7x faster than `select_layered` at k <= 2, 2.2-4.4x at 4, 1.0-2.6x at 8; k = 12 even.
-EXTREMES_MAX_RANK = 8
+# its cost grows with the rank (4 (k + 1) min / max per entry), bisection's (`select_bisect`,
+# two ranks) does not. Measured in the trimmed mean at n = 129 / 256 / 1024, d = 4,810 and
+# 100,000 (BENCHMARKS.md): the chains were faster up to k = 5, even at 6, slower at 8 (1.3-1.4x
+# at n >= 256 and d = 100,000).
+EXTREMES_MAX_RANK = 6
 
 # Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused
 # networks up to about 224 rows, then XLA:CPU split it into fusions that recompute each other;
@@ -252,7 +386,7 @@ def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bo
   if not all(0 <= p < n for p in positions):
     raise ValueError(f'select: positions {positions} out of range for n={n}')
   if n > NETWORK_MAX_N:
-    return select_layered(jnp.stack(rows), positions)
+    return select_large(jnp.stack(rows), positions)
   labels = [None] * n
   for p in positions:
     labels[p] = 'wanted' if symmetric else ('rank', p)

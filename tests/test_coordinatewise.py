@@ -143,6 +143,33 @@ def test_column_blocks_are_one_piece_on_accelerators(monkeypatch):
   np.testing.assert_allclose(np.stack(got), np.sort(np.asarray(x), 0)[[0, 3, 10]])
 
 
+@pytest.mark.parametrize('n', [1, 2, 5, 16, 17, 37, 131, 300])
+def test_select_bisect(n):
+  # Bisection of the values' bits against a sort, bit for bit: ties (small integers), ±inf, −0,
+  # values from 1e-38 to 1e38 (subnormals, both signs); n = 17, 37, 131, 300 pad the last
+  # group of rows; 300 columns make a block loop with a remainder; the median's ranks and both
+  # ends; half precision has 16-bit keys.
+  import robustjax._sorting as sorting
+
+  rng = np.random.default_rng(n)
+  ties = rng.integers(-3, 4, size=(n, 300)).astype(np.float32)
+  for value, share in ((np.inf, 0.05), (-np.inf, 0.05), (-0.0, 0.1)):
+    ties[rng.random(ties.shape) < share] = value
+  spread = (rng.normal(size=(n, 300)) * 10.0 ** rng.integers(-45, 38, size=(n, 300))).astype(
+    np.float32
+  )
+  ranks = sorted({0, (n - 1) // 2, n // 2, n - 1})
+  for x in (ties, spread, spread.astype(jnp.bfloat16)):
+    got = jax.jit(lambda x: jnp.stack(sorting.select_bisect(x, ranks)))(jnp.asarray(x))
+    # The reference sorts in the floats' total order (−0 below +0), then compares the bits.
+    bits = np.asarray(x, np.float32).view(np.int32)
+    keys = np.sort(bits ^ ((bits >> 31) & 0x7FFFFFFF), axis=0)[ranks]
+    want = (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(np.float32)
+    np.testing.assert_array_equal(np.asarray(got, np.float32).view(np.int32), want.view(np.int32))
+  with pytest.raises(ValueError, match='select_bisect'):
+    sorting.select_bisect(jnp.asarray(ties), [n])
+
+
 @pytest.mark.parametrize('n', [1, 5, 16, 17, 37, 131])
 def test_select_extremes(n):
   # The insertion chains against a sort: ties (small integers), ±inf, ranks 0 … 8; n = 17, 37
@@ -162,15 +189,19 @@ def test_select_extremes(n):
     sorting.select_extremes(jnp.asarray(x), n)
 
 
-@pytest.mark.parametrize('extremes_max_rank', [0, 8])  # the trimmed mean: network or chains
+@pytest.mark.parametrize(
+  'extremes_max_rank,bisect_max_ranks',
+  [(0, 0), (0, 3), (8, 3)],  # the layered network, bisection, chains (the trimmed mean)
+)
 @pytest.mark.parametrize('name', ROBUST)
-def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank):
+def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect_max_ranks):
   import robustjax._sorting as sorting
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
   monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', extremes_max_rank)
+  monkeypatch.setattr(sorting, 'BISECT_MAX_RANKS', bisect_max_ranks)
   # A shape no other test (and no other parameter) uses: a fresh trace, so the patched limits apply.
-  d = 13 + extremes_max_rank
+  d = 13 + extremes_max_rank + 20 * bisect_max_ranks
   x = _data(19, d, seed=21)
   x[0, :2] = np.nan
   x[0, 3] = -np.inf

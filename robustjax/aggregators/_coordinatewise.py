@@ -96,7 +96,7 @@ def _select(x: jax.Array, positions, *, symmetric: bool = False) -> list[jax.Arr
     # Row by row, so the NaN mapping fuses into the network's loop.
     rows = [_clean(x[i]) for i in range(x.shape[0])]
     return _sorting.select(rows, positions, symmetric=symmetric)
-  return _sorting.select_layered(_clean(x), positions)
+  return _sorting.select_large(x, positions)  # NaN as +inf, mapped inside
 
 
 def _mean_weights(n: int, f: int, **_) -> np.ndarray:
@@ -289,8 +289,9 @@ def median(stack, *, f: int = 0):
   finite and lies within the range of the finite values.
 
   Cost: a pruned Batcher selection network over the n worker slices (≈ 440 compare-exchanges for
-  n = 64), fused by XLA into one elementwise pass; `jnp.sort` along the worker axis beyond
-  n = `robustjax._sorting.NETWORK_MAX_N`.
+  n = 64), fused by XLA into one elementwise pass. Beyond n = `robustjax._sorting.NETWORK_MAX_N`
+  the one or two middle values come from a bisection of their bits (`_sorting.select_bisect`: 32
+  counting passes over blocks of columns in cache).
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
@@ -339,10 +340,11 @@ def trimmed_mean(stack, *, f: int):
   at most f non-finite values per coordinate (NaN counts as +inf) the result is finite.
 
   Cost: one selection network for the two order statistics, and one more elementwise pass, fused
-  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 8
+  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 6
   (`_sorting.EXTREMES_MAX_RANK`) the two order statistics come from insertion chains
-  (4 (f + 1) min / max per entry, `_sorting.select_extremes`), else from the network run layer by
-  layer.
+  (4 (f + 1) min / max per entry, `_sorting.select_extremes`), else from a bisection of their bits
+  (`_sorting.select_bisect`: 32 counting passes, whatever f), each block of columns clipped and
+  summed while it is in cache.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
@@ -365,15 +367,24 @@ def trimmed_mean(stack, *, f: int):
   n = stk.num_workers(stack, 'trimmed_mean')
   check_f('trimmed_mean', n, f)
 
+  def trimmed(x, lo, hi):
+    inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - f * (hi - lo)
+    return lo + inner / (n - 2 * f)
+
   def fn(x):
     if f == 0:
       return _sum_rows(lambda r: r, x) / n
-    if _unrolled(x) or f > _sorting.EXTREMES_MAX_RANK:
-      lo, hi = _select(x, [f, n - f - 1])
-    else:
-      lo, hi = _sorting.select_extremes(_clean(x), f)
-    inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - f * (hi - lo)
-    return lo + inner / (n - 2 * f)
+    if _unrolled(x):
+      return trimmed(x, *_select(x, [f, n - f - 1]))
+    if f <= _sorting.EXTREMES_MAX_RANK:
+      return trimmed(x, *_sorting.select_extremes(_clean(x), f))
+    if _sorting.BISECT_MAX_RANKS >= 2:
+      # The clipped sum of each column block while it is in cache, after its bisection.
+      (out,) = _sorting.select_bisect(
+        x, [f, n - f - 1], then=lambda b, stats: trimmed(b, stats[0], stats[1])[None]
+      )
+      return out
+    return trimmed(x, *_select(x, [f, n - f - 1]))
 
   return _columnwise(fn, stack, nan_if_nonfinite=True)
 
@@ -399,7 +410,9 @@ def meamed(stack, *, f: int):
 
   Cost: one pruned selection network (the median and the f + 1 lowest and highest order
   statistics: in sorted order the n − f closest values form a window, see `_mean_closest`) and one
-  clipped pass, fused into one loop: about the cost of `trimmed_mean`.
+  clipped pass, fused into one loop: about the cost of `trimmed_mean`. Above
+  `robustjax._sorting.NETWORK_MAX_N` (128) workers those 2f + 3 order statistics come from the
+  network run layer by layer (`_sorting.select_layered`), several times the trimmed mean's cost.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
