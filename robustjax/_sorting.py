@@ -224,51 +224,54 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   positions = [int(p) for p in positions]
   if not all(0 <= p < n for p in positions):
     raise ValueError(f'select_bisect: positions {positions} out of range for n={n}')
+
+  def block(xb):
+    stats = bisect_columns(xb, positions)
+    return (stats if then is None else then(xb, stats)), ()
+
+  out_rows = len(positions)
+  if then is not None:
+    c = min(x.shape[1], _BISECT_COLUMNS)
+    out_rows = jax.eval_shape(
+      then,
+      jax.ShapeDtypeStruct((n, c), x.dtype),
+      jax.ShapeDtypeStruct((len(positions), c), x.dtype),
+    ).shape[0]
+  out, _ = over_column_blocks(block, [x], _BISECT_COLUMNS, out_rows=out_rows, dtype=x.dtype)
+  return [out[k] for k in range(out_rows)]
+
+
+def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
+  """`select_bisect`'s kernel on one block: the (len(positions), c) order statistics of the
+  columns of x (n, c), NaN as +inf, all columns at once (the caller keeps x in cache)."""
+  n, c = x.shape
   keys_dtype = _order_keys(jnp.zeros((), x.dtype)).dtype
   bits = 8 * keys_dtype.itemsize
   top = jnp.iinfo(keys_dtype).max
   rows = _BISECT_GROUP_ROWS
   groups = -(-n // rows)
   need = jnp.asarray(np.asarray(positions) + 1, keys_dtype)[:, None]
+  keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
+  if groups * rows > n:
+    keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys_dtype)])
+  keys = keys.reshape(groups, rows, c)
 
-  def order_statistics(xb):
-    c = xb.shape[1]
-    keys = _order_keys(jnp.where(jnp.isnan(xb), jnp.inf, xb))
-    if groups * rows > n:
-      keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys_dtype)])
-    keys = keys.reshape(groups, rows, c)
+  def halve(_, bounds):  # the q-th smallest key lies in [low, high]
+    low, high = bounds
+    mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
+    below = (keys[None] <= mid[:, None, None, :]).astype(jnp.uint8)
+    count = _halving_sum(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys_dtype), 1)
+    enough = count >= need
+    return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
 
-    def halve(_, bounds):  # the q-th smallest key lies in [low, high]
-      low, high = bounds
-      mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
-      below = (keys[None] <= mid[:, None, None, :]).astype(jnp.uint8)
-      count = _halving_sum(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys_dtype), 1)
-      enough = count >= need
-      return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
-
-    # The first halving outside the loop gives the carry the stack's type (inside
-    # `jax.shard_map` a carry of constants would not vary over the devices).
-    start = (
-      jnp.full((len(positions), c), -top - 1, keys_dtype),
-      jnp.full((len(positions), c), top, keys_dtype),
-    )
-    _, high = jax.lax.fori_loop(1, bits, halve, halve(0, start))
-    return _from_order_keys(high, x.dtype)
-
-  def block(xb):
-    stats = order_statistics(xb)
-    return (stats if then is None else then(xb, stats)), ()
-
-  out_rows = len(positions)
-  if then is not None:
-    probe = (x.shape[0], min(x.shape[1], _BISECT_COLUMNS))
-    out_rows = jax.eval_shape(
-      then,
-      jax.ShapeDtypeStruct(probe, x.dtype),
-      jax.ShapeDtypeStruct((len(positions), probe[1]), x.dtype),
-    ).shape[0]
-  out, _ = over_column_blocks(block, [x], _BISECT_COLUMNS, out_rows=out_rows, dtype=x.dtype)
-  return [out[k] for k in range(out_rows)]
+  # The first halving outside the loop gives the carry the stack's type (inside `jax.shard_map`
+  # a carry of constants would not vary over the devices).
+  start = (
+    jnp.full((len(positions), c), -top - 1, keys_dtype),
+    jnp.full((len(positions), c), top, keys_dtype),
+  )
+  _, high = jax.lax.fori_loop(1, bits, halve, halve(0, start))
+  return _from_order_keys(high, x.dtype)
 
 
 # `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:
