@@ -405,17 +405,34 @@ def _sorted_evaluator(rule, honest, base, direction, f):
   'n_h, f, defender_f', [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9), (7, 6, 0), (30, 3, 12)]
 )
 def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h, f, defender_f):
+  _check_order_statistic_evaluation(spec, n_h, f, defender_f)
+
+
+@pytest.mark.parametrize('spec', ['median', 'trimmed_mean', 'meamed'])
+def test_order_statistic_evaluation_beyond_the_network(monkeypatch, spec):
+  # The network's limit patched to 4 rows: the honest columns come from bisection (the median
+  # of 13 values reads two honest ranks) or from the layered network (more ranks), and the
+  # defender runs its large-n paths.
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
+  for defender_f in (1, 2, 4):
+    # Shapes of their own: fresh traces, so the patched limit applies.
+    _check_order_statistic_evaluation(spec, 11, 2, defender_f, ints=(3, 4), cont=9)
+
+
+def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), cont=7):
   from robustjax.attacks import _optimal
 
   rng = np.random.default_rng(n_h + f)
   # A pytree: a leaf of integers (candidates below land exactly on honest values: ties) and a
   # continuous one; the candidates μ + τ·v for τ from 0 to 1e8, both signs.
   honest = {
-    'ints': jnp.asarray(rng.integers(-3, 4, size=(n_h, 2, 5)), jnp.float32),
-    'cont': jnp.asarray(_honest(n_h, n=n_h, d=7)),
+    'ints': jnp.asarray(rng.integers(-3, 4, size=(n_h, *ints)), jnp.float32),
+    'cont': jnp.asarray(_honest(n_h, n=n_h, d=cont)),
   }
   base = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), honest)
-  direction = {'ints': jnp.ones((2, 5)), 'cont': jnp.asarray(rng.normal(size=7), jnp.float32)}
+  direction = {'ints': jnp.ones(ints), 'cont': jnp.asarray(rng.normal(size=cont), jnp.float32)}
   rule = pipeline.as_rule(spec, defender_f)
   fast = _sorted_evaluator(rule, honest, base, direction, f)
   slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)

@@ -96,11 +96,13 @@ def _by_networks(count: int, n_h: int) -> bool:
 
 def _sorted_rows(x, ranks) -> dict:
   """{q: the q-th smallest value of each column of x (n_h, D)} for q in ranks, NaN sorted as +∞
-  (as the rules treat it), once per call: one pruned network per rank for a few ranks, else
-  the columns sorted by the layered network."""
+  (as the rules treat it), once per call: one pruned network per rank for a few ranks, by
+  bisection for a few ranks of many rows, else the columns sorted by the layered network."""
   ranks = list(ranks)
   if _by_networks(len(ranks), x.shape[0]):
     rows = _sorting.select_each(x, ranks, nan_last=True)
+  elif len(ranks) <= _sorting.BISECT_MAX_RANKS:
+    rows = _sorting.select_bisect(x, ranks)
   else:
     rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), ranks, chunk=512)
   return dict(zip(ranks, rows))
