@@ -243,7 +243,16 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
 
 def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
   """`select_bisect`'s kernel on one block: the (len(positions), c) order statistics of the
-  columns of x (n, c), NaN as +inf, all columns at once (the caller keeps x in cache)."""
+  columns of x (n, c), NaN as +inf, all columns at once (the caller keeps x in cache).
+
+  Differentiable as the networks are: an order statistic's derivative is the selected entry's
+  (the first row holding the value, for ties), so gradients through the rules beyond
+  `NETWORK_MAX_N` are those of the unrolled networks."""
+  return _bisect_columns(x, tuple(int(p) for p in positions))
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   n, c = x.shape
   keys_dtype = _order_keys(jnp.zeros((), x.dtype)).dtype
   bits = 8 * keys_dtype.itemsize
@@ -272,6 +281,14 @@ def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
   )
   _, high = jax.lax.fori_loop(1, bits, halve, halve(0, start))
   return _from_order_keys(high, x.dtype)
+
+
+@_bisect_columns.defjvp
+def _bisect_columns_jvp(positions, primals, tangents):
+  (x,), (dx,) = primals, tangents
+  out = _bisect_columns(x, positions)
+  held = jnp.where(jnp.isnan(x), jnp.inf, x)[None] == out[:, None, :]
+  return out, jnp.take_along_axis(dx, jnp.argmax(held, axis=1), axis=0)
 
 
 # `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:

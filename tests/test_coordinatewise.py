@@ -215,6 +215,31 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect
   np.testing.assert_allclose(got, RULES[name](ties.astype(np.float64), 3), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize('name', ROBUST)
+def test_gradients_beyond_network_max_n(monkeypatch, name):
+  # Bisection's order statistics differentiate as the networks' do (the selected entry's
+  # derivative): the same gradient as the layered network; the median's is the one-hot of the
+  # middle row.
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
+  monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', 0)
+  x = jnp.asarray(_data(19, 11, seed=8))
+  weights = jnp.arange(1.0, 12.0)
+  grads = {}
+  for ranks in (3, 0):  # bisection, then the layered network
+    monkeypatch.setattr(sorting, 'BISECT_MAX_RANKS', ranks)
+    jax.clear_caches()
+    grads[ranks] = np.asarray(
+      jax.grad(lambda x: (aggregators.get(name)(x, f=3) * weights).sum())(x)
+    )
+  np.testing.assert_allclose(grads[3], grads[0], atol=1e-6)
+  np.testing.assert_allclose(grads[3].sum(0), weights, rtol=1e-5)  # a shift moves the output
+  if name == 'median':
+    middle = np.argsort(np.asarray(x), axis=0)[9]
+    np.testing.assert_array_equal(np.argmax(grads[3], axis=0), middle)
+
+
 # --- the rules --------------------------------------------------------------------------------
 
 
