@@ -142,7 +142,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 
 # Above `NETWORK_MAX_N`, up to this many ranks are found by bisection (`select_bisect`), more by
 # sorting the columns (`select_layered`). Measured on CPU at n = 129 … 2,048 (BENCHMARKS.md):
-# bisection costs about 1.3-2.2 ns per worker · coordinate and rank, the layered network 7-8 ns
+# bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 7-8 ns
 # for any number of ranks.
 BISECT_MAX_RANKS = 3
 
@@ -206,7 +206,7 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   rows (rows padded with the largest key), then adds the groups' counts. All ranks share the
   passes.
 
-  Cost: about 1.3-2.2 ns per worker · coordinate and rank on a Zen 5 core (n = 129 … 2,048),
+  Cost: about 1.0-2.2 ns per worker · coordinate and rank on a Zen 5 core (n = 129 … 2,048),
   against 7-8 ns for the layered network whatever the ranks (BENCHMARKS.md).
 
   Args:
