@@ -449,8 +449,10 @@ def meamed(stack, *, f: int):
   Cost: one pruned selection network (the median and the f + 1 lowest and highest order
   statistics: in sorted order the n − f closest values form a window, see `_mean_closest`) and one
   clipped pass, fused into one loop: about the cost of `trimmed_mean`. Above
-  `robustjax._sorting.NETWORK_MAX_N` (128) workers those 2f + 3 order statistics come from the
-  network run layer by layer (`_sorting.select_layered`), several times the trimmed mean's cost.
+  `robustjax._sorting.NETWORK_MAX_N` (128) workers, two bisections per block of columns instead
+  (`_sorting.select_bisect`): the median, then the distance of the (n − f)-th closest value, and
+  one clipped sum around the median (`_mean_closest_bisected`): about twice the trimmed mean's
+  cost there.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
