@@ -154,12 +154,13 @@ _BISECT_COLUMNS = 256
 _BISECT_GROUP_ROWS = 16
 
 
-def select_large(x: jax.Array, positions: Sequence[int]) -> list[jax.Array]:
+def select_large(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048) -> list[jax.Array]:
   """Order statistics along axis 0 of an (n, D) matrix for any n, NaN counted as +inf: by
-  bisection for up to `BISECT_MAX_RANKS` ranks, else by the layered network."""
+  bisection for up to `BISECT_MAX_RANKS` ranks, else by the layered network (over blocks of
+  `chunk` columns)."""
   if len(positions) <= BISECT_MAX_RANKS:
     return select_bisect(x, positions)
-  return select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), positions)
+  return select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), positions, chunk=chunk)
 
 
 def _flip_negatives(k: jax.Array) -> jax.Array:

@@ -101,10 +101,8 @@ def _sorted_rows(x, ranks) -> dict:
   ranks = list(ranks)
   if _by_networks(len(ranks), x.shape[0]):
     rows = _sorting.select_each(x, ranks, nan_last=True)
-  elif len(ranks) <= _sorting.BISECT_MAX_RANKS:
-    rows = _sorting.select_bisect(x, ranks)
   else:
-    rows = _sorting.select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), ranks, chunk=512)
+    rows = _sorting.select_large(x, ranks, chunk=512)
   return dict(zip(ranks, rows))
 
 
