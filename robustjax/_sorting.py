@@ -142,7 +142,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 
 # Above `NETWORK_MAX_N`, up to this many ranks are found by bisection (`select_bisect`), more by
 # sorting the columns (`select_layered`). Measured on CPU at n = 129 … 2,048 (BENCHMARKS.md):
-# bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 7-8 ns
+# bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 7-13 ns
 # for any number of ranks.
 BISECT_MAX_RANKS = 3
 
@@ -154,13 +154,16 @@ _BISECT_COLUMNS = 256
 _BISECT_GROUP_ROWS = 16
 
 
-def select_large(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048) -> list[jax.Array]:
+def select_large(
+  x: jax.Array, positions: Sequence[int], *, then=None, chunk: int = 2048
+) -> list[jax.Array] | jax.Array:
   """Order statistics along axis 0 of an (n, D) matrix for any n, NaN counted as +inf: by
   bisection for up to `BISECT_MAX_RANKS` ranks, else by the layered network (over blocks of
-  `chunk` columns)."""
+  `chunk` columns). With `then`, ``then(x, stats)``'s row instead (see `select_bisect`)."""
   if len(positions) <= BISECT_MAX_RANKS:
-    return select_bisect(x, positions)
-  return select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), positions, chunk=chunk)
+    return select_bisect(x, positions, then=then)
+  stats = select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), positions, chunk=chunk)
+  return stats if then is None else then(x, jnp.stack(stats))
 
 
 def _flip_negatives(k: jax.Array) -> jax.Array:
@@ -208,18 +211,18 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   passes.
 
   Cost: about 1.0-2.2 ns per worker · coordinate and rank on a Zen 5 core (n = 129 … 2,048),
-  against 7-8 ns for the layered network whatever the ranks (BENCHMARKS.md).
+  against 7-13 ns for the layered network whatever the ranks (BENCHMARKS.md).
 
   Args:
     x: (n, D), floating point.
     positions: the 0-based ranks wanted (0 is the smallest).
-    then: optional ``then(block, stats) -> rows``: a further computation on each column block
+    then: optional ``then(block, stats) -> row``: a further computation on each column block
       while it is in cache, from the block (n, c) and its order statistics (one row per
-      position); its (k, c) rows, k the same for every block, are returned instead of the
-      order statistics (the trimmed mean's clipped sum, without a second pass over x).
+      position), giving one value per column (the trimmed mean's clipped sum, without a second
+      pass over x).
 
   Returns:
-    A list with the order statistic of each position (or the k rows of `then`).
+    A list with the order statistic of each position, or with `then`, its (D,) row.
   """
   n = x.shape[0]
   positions = [int(p) for p in positions]
@@ -228,18 +231,11 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
 
   def block(xb):
     stats = bisect_columns(xb, positions)
-    return (stats if then is None else then(xb, stats)), ()
+    return (stats if then is None else then(xb, stats)[None]), ()
 
-  out_rows = len(positions)
-  if then is not None:
-    c = min(x.shape[1], _BISECT_COLUMNS)
-    out_rows = jax.eval_shape(
-      then,
-      jax.ShapeDtypeStruct((n, c), x.dtype),
-      jax.ShapeDtypeStruct((len(positions), c), x.dtype),
-    ).shape[0]
+  out_rows = len(positions) if then is None else 1
   out, _ = over_column_blocks(block, [x], _BISECT_COLUMNS, out_rows=out_rows, dtype=x.dtype)
-  return [out[k] for k in range(out_rows)]
+  return [out[k] for k in range(out_rows)] if then is None else out[0]
 
 
 def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
@@ -295,8 +291,8 @@ def _bisect_columns_jvp(positions, primals, tangents):
 # `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:
 # its cost grows with the rank (4 (k + 1) min / max per entry), bisection's (`select_bisect`,
 # two ranks) does not. Measured in the trimmed mean at n = 129 / 256 / 1024, d = 4,810 and
-# 100,000 (BENCHMARKS.md): the chains were faster up to k = 5, even at 6, slower at 8 (1.3-1.4x
-# at n >= 256 and d = 100,000).
+# 100,000 (BENCHMARKS.md): the chains were faster up to k = 5, even at 6, slower at 8 (by
+# 1.3-1.4x at n = 256 and 1024).
 EXTREMES_MAX_RANK = 6
 
 # Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused

@@ -127,20 +127,24 @@ def _sum_rows(fn, x: jax.Array) -> jax.Array:
   return jnp.dot(ones, fn(_clean(x)), precision=jax.lax.Precision.HIGHEST)
 
 
+def _median_ranks(n: int) -> list[int]:
+  """The one or two middle ranks (0-based) of n values."""
+  return [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+
+
 def _median(x: jax.Array) -> jax.Array:
-  n = x.shape[0]
-  if n % 2:
-    (m,) = _select(x, [n // 2])
+  ranks = _median_ranks(x.shape[0])
+  if len(ranks) == 1:
+    (m,) = _select(x, ranks)
     return m
-  a, b = _select(x, [n // 2 - 1, n // 2], symmetric=True)
+  a, b = _select(x, ranks, symmetric=True)
   return 0.5 * a + 0.5 * b
 
 
 def median_window_positions(n: int, keep: int) -> list[int]:
   """The sorted positions `median_window` reads: the e + 1 lowest, the e + 1 highest
   (e = n − keep) and the median's one or two."""
-  mid = {n // 2} if n % 2 else {n // 2 - 1, n // 2}
-  return sorted({*range(n - keep + 1), *range(keep - 1, n), *mid})
+  return sorted({*range(n - keep + 1), *range(keep - 1, n), *_median_ranks(n)})
 
 
 def median_window(w: dict, n: int, keep: int, *, rolled: bool = False):
@@ -161,7 +165,7 @@ def median_window(w: dict, n: int, keep: int, *, rolled: bool = False):
     (lo, hi, start): w_s, w_{s+keep−1} and s (as a float).
   """
   e = n - keep
-  mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
+  mid = _median_ranks(n)
   med = w[mid[0]] if len(mid) == 1 else 0.5 * w[mid[0]] + 0.5 * w[mid[1]]
 
   def move(j, window, low, next_low, high):
@@ -193,7 +197,7 @@ def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
   e = n - keep
   if e == 0:
     return _sum_rows(lambda r: r, x) / n
-  if not _unrolled(x) and _sorting.BISECT_MAX_RANKS >= 2:
+  if not _unrolled(x) and len(_median_ranks(n)) <= _sorting.BISECT_MAX_RANKS:
     return _mean_closest_bisected(x, keep)
   positions = median_window_positions(n, keep)
   w = dict(zip(positions, _select(x, positions)))
@@ -215,30 +219,27 @@ def _mean_closest_bisected(x: jax.Array, keep: int) -> jax.Array:
   r = keep − #{δ < D}. Their sum around m comes from one clipped sum,
   Σ_i clip(x_i − m, −D, D) + D (#{x_i − m <= −D} − take_low) − D (#{x_i − m >= D} − take_high).
   """
-  n = x.shape[0]
-  mid = [n // 2] if n % 2 else [n // 2 - 1, n // 2]
-
-  def rows_sum(v):
-    return jnp.dot(jnp.ones((n,), v.dtype), v, precision=jax.lax.Precision.HIGHEST)
+  mid = _median_ranks(x.shape[0])
 
   def window(block, stats):
     med = stats[0] if len(mid) == 1 else 0.5 * stats[0] + 0.5 * stats[1]
     centred = _clean(block) - med
-    dist = jnp.abs(centred)
-    bound = _sorting.bisect_columns(dist, [keep - 1])[0]
-    dtype = centred.dtype
-    inside = rows_sum((dist < bound).astype(dtype))
-    low_at = rows_sum(((dist == bound) & (centred <= 0)).astype(dtype))
-    below = rows_sum((centred <= -bound).astype(dtype))
-    above = rows_sum((centred >= bound).astype(dtype))
-    clipped = rows_sum(jnp.clip(centred, -bound, bound))
+    bound = _sorting.bisect_columns(jnp.abs(centred), [keep - 1])[0]
+
+    def count(test):
+      return _sum_rows(lambda c: test(c).astype(c.dtype), centred)
+
+    inside = count(lambda c: jnp.abs(c) < bound)
+    low_at = count(lambda c: (jnp.abs(c) == bound) & (c <= 0))
+    below = count(lambda c: c <= -bound)
+    above = count(lambda c: c >= bound)
+    clipped = _sum_rows(lambda c: jnp.clip(c, -bound, bound), centred)
     take_low = jnp.minimum(keep - inside, low_at)
     take_high = keep - inside - take_low
     total = clipped + bound * (below - take_low) - bound * (above - take_high)
-    return (med + total / keep)[None]
+    return med + total / keep
 
-  (out,) = _sorting.select_bisect(x, mid, then=window)
-  return out
+  return _sorting.select_bisect(x, mid, then=window)
 
 
 def mean_closest_to_median(stack, *, keep: int):
@@ -416,13 +417,10 @@ def trimmed_mean(stack, *, f: int):
       return trimmed(x, *_select(x, [f, n - f - 1]))
     if f <= _sorting.EXTREMES_MAX_RANK:
       return trimmed(x, *_sorting.select_extremes(_clean(x), f))
-    if _sorting.BISECT_MAX_RANKS >= 2:
-      # The clipped sum of each column block while it is in cache, after its bisection.
-      (out,) = _sorting.select_bisect(
-        x, [f, n - f - 1], then=lambda b, stats: trimmed(b, stats[0], stats[1])[None]
-      )
-      return out
-    return trimmed(x, *_select(x, [f, n - f - 1]))
+    # By bisection, each column block clipped and summed while it is in cache.
+    return _sorting.select_large(
+      x, [f, n - f - 1], then=lambda b, stats: trimmed(b, stats[0], stats[1])
+    )
 
   return _columnwise(fn, stack, nan_if_nonfinite=True)
 
