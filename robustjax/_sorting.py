@@ -172,10 +172,14 @@ def _flip_negatives(k: jax.Array) -> jax.Array:
   return k ^ ((k >> (8 * k.dtype.itemsize - 1)) & jnp.iinfo(k.dtype).max)
 
 
+def _key_dtype(dtype) -> jnp.dtype:
+  """The signed integer type of a float type's width: its order keys' type."""
+  return jnp.dtype(f'int{8 * jnp.dtype(dtype).itemsize}')
+
+
 def _order_keys(x: jax.Array) -> jax.Array:
   """Signed integers of the floats' width, in the floats' order."""
-  itype = jnp.dtype(f'int{8 * x.dtype.itemsize}')
-  return _flip_negatives(jax.lax.bitcast_convert_type(x, itype))
+  return _flip_negatives(jax.lax.bitcast_convert_type(x, _key_dtype(x.dtype)))
 
 
 def _from_order_keys(k: jax.Array, dtype) -> jax.Array:
@@ -251,7 +255,7 @@ def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   n, c = x.shape
-  keys_dtype = _order_keys(jnp.zeros((), x.dtype)).dtype
+  keys_dtype = _key_dtype(x.dtype)
   bits = 8 * keys_dtype.itemsize
   top = jnp.iinfo(keys_dtype).max
   rows = _BISECT_GROUP_ROWS

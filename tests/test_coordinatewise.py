@@ -191,7 +191,8 @@ def test_select_extremes(n):
 
 @pytest.mark.parametrize(
   'extremes_max_rank,bisect_max_ranks',
-  [(0, 0), (0, 3), (8, 3)],  # the layered network, bisection, chains (the trimmed mean)
+  # the layered network (MeaMed bisects in every mode), bisection, chains (the trimmed mean)
+  [(0, 0), (0, 3), (8, 3)],
 )
 @pytest.mark.parametrize('name', ROBUST)
 def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect_max_ranks):
@@ -218,26 +219,26 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect
 @pytest.mark.parametrize('name', ROBUST)
 def test_gradients_beyond_network_max_n(monkeypatch, name):
   # Bisection's order statistics differentiate as the networks' do (the selected entry's
-  # derivative): the same gradient as the layered network; the median's is the one-hot of the
-  # middle row.
+  # derivative): beyond the (patched) network limit, the same gradient as the unrolled network
+  # gives for the same 19 rows; the median's is the one-hot of the middle row.
   import robustjax._sorting as sorting
 
-  monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
-  monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', 0)
+  monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', 0)  # the trimmed mean bisects too
   x = jnp.asarray(_data(19, 11, seed=8))
   weights = jnp.arange(1.0, 12.0)
   grads = {}
-  for ranks in (3, 0):  # bisection, then the layered network
-    monkeypatch.setattr(sorting, 'BISECT_MAX_RANKS', ranks)
+  for limit in (sorting.NETWORK_MAX_N, 4):  # the unrolled network, then bisection
+    monkeypatch.setattr(sorting, 'NETWORK_MAX_N', limit)
     jax.clear_caches()
-    grads[ranks] = np.asarray(
+    grads[limit] = np.asarray(
       jax.grad(lambda x: (aggregators.get(name)(x, f=3) * weights).sum())(x)
     )
-  np.testing.assert_allclose(grads[3], grads[0], atol=1e-6)
-  np.testing.assert_allclose(grads[3].sum(0), weights, rtol=1e-5)  # a shift moves the output
+  bisected, unrolled = grads[4], grads[max(grads)]
+  np.testing.assert_allclose(bisected, unrolled, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(bisected.sum(0), weights, rtol=1e-5)  # a shift moves the output
   if name == 'median':
     middle = np.argsort(np.asarray(x), axis=0)[9]
-    np.testing.assert_array_equal(np.argmax(grads[3], axis=0), middle)
+    np.testing.assert_array_equal(np.argmax(bisected, axis=0), middle)
 
 
 # --- the rules --------------------------------------------------------------------------------

@@ -147,7 +147,7 @@ def median_window_positions(n: int, keep: int) -> list[int]:
   return sorted({*range(n - keep + 1), *range(keep - 1, n), *_median_ranks(n)})
 
 
-def median_window(w: dict, n: int, keep: int, *, rolled: bool = False):
+def median_window(w: dict, n: int, keep: int):
   """The window of the `keep` sorted values closest to the median (ties: the lower window).
 
   In sorted order w_0 <= ... <= w_{n-1} those values are a window [s, s + keep − 1], s in
@@ -159,7 +159,6 @@ def median_window(w: dict, n: int, keep: int, *, rolled: bool = False):
     w: {position: the sorted value there} for `median_window_positions(n, keep)`, arrays of one
       shape (a value per coordinate).
     n, keep: 1 <= keep < n.
-    rolled: search in a `fori_loop` instead of unrolled (see `_mean_closest`).
 
   Returns:
     (lo, hi, start): w_s, w_{s+keep−1} and s (as a float).
@@ -175,36 +174,28 @@ def median_window(w: dict, n: int, keep: int, *, rolled: bool = False):
     return jnp.where(up, next_low, lo), jnp.where(up, high, hi), jnp.where(up, j + 1.0, start)
 
   window = (w[0], w[keep - 1], jnp.zeros_like(med))
-  if not rolled:
-    for j in range(e):
-      window = move(j, window, w[j], w[j + 1], w[j + keep])
-    return window
-  low = jnp.stack([w[j] for j in range(e + 1)])
-  high = jnp.stack([w[j + keep] for j in range(e)])
-  return jax.lax.fori_loop(
-    0, e, lambda j, win: move(j.astype(med.dtype), win, low[j], low[j + 1], high[j]), window
-  )
+  for j in range(e):
+    window = move(j, window, w[j], w[j + 1], w[j + keep])
+  return window
 
 
 def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
   """Per coordinate, the mean of the `keep` values closest to the median (ties: lower first).
 
-  Only the order statistics `median_window` reads are selected (one pruned network); the window
-  sum then comes from one clipped pass: Σ_window w = Σ_i clip(x_i, lo, hi) − s·lo − (e − s)·hi
-  with lo = w_s, hi = w_{s+keep−1}.
+  Up to `NETWORK_MAX_N` rows only the order statistics `median_window` reads are selected (one
+  pruned network, the whole rule one fused loop over the coordinates); the window sum then comes
+  from one clipped pass: Σ_window w = Σ_i clip(x_i, lo, hi) − s·lo − (e − s)·hi with lo = w_s,
+  hi = w_{s+keep−1}. Beyond, three bisections instead (`_mean_closest_bisected`).
   """
   n = x.shape[0]
   e = n - keep
   if e == 0:
     return _sum_rows(lambda r: r, x) / n
-  if not _unrolled(x) and len(_median_ranks(n)) <= _sorting.BISECT_MAX_RANKS:
+  if not _unrolled(x):
     return _mean_closest_bisected(x, keep)
   positions = median_window_positions(n, keep)
   w = dict(zip(positions, _select(x, positions)))
-  # Unrolled, the whole rule stays one fused loop over the coordinates. Beyond the unrolled
-  # network, an unrolled search would be fused into the clipped pass below and recomputed for
-  # every row (6x the trimmed mean's time at n = 1024): there it runs as a loop.
-  lo, hi, start = median_window(w, n, keep, rolled=not _unrolled(x))
+  lo, hi, start = median_window(w, n, keep)
   inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - (e - start) * (hi - lo)
   return lo + inner / keep
 
