@@ -174,44 +174,66 @@ def _blocked_columns(fn, mat, cols, out_rows):
   return out
 
 
-# The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks"): the rows are cut
-# into row blocks (`_gram_row_block`) and only the blocks on and above the diagonal are multiplied
-# (k(k + 1)/2 of k² products, 3/4 of the work for two blocks, about 1/2 for many); each
-# column block holds about `_GRAM_PART_ELEMENTS` elements per row block. XLA:CPU runs a dot with
-# an output of up to 64 × 64 on one thread: with n ≤ 64 the Gram uses one core unless the
-# coordinates are sharded over several CPU devices (`parallel.sharded_update`).
+# The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks" and "The Gram
+# padded to 65 rows"): the rows are cut into row blocks (`_gram_row_block`) and only the blocks on
+# and above the diagonal are multiplied (k(k + 1)/2 of k² products, 3/4 of the work for two
+# blocks, about 1/2 for many); each column block holds about `_GRAM_PART_ELEMENTS` elements per
+# row block. XLA:CPU (YNNPACK) runs a dot with an output of up to 64 × 64 on one thread and
+# splits a larger one over its threads: from `_GRAM_PAD_MIN_N` to 64 workers the Gram is one
+# product padded with zero rows to `_GRAM_THREADED_ROWS`, 1.3-1.6x faster there than the two
+# half blocks on one thread (below 52 the padding's extra work costs more than the second core
+# gains). With n < 52 the Gram uses one core unless the coordinates are sharded over several
+# CPU devices (`parallel.sharded_update`).
 _GRAM_ROW_BLOCK = 128
 _GRAM_MIN_SPLIT = 16
 _GRAM_HALVES_MAX_N = 64
 _GRAM_PART_ELEMENTS = 1 << 19
+_GRAM_THREADED_ROWS = 65
+_GRAM_PAD_MIN_N = 52
+
+
+def _gram_padded_rows(n: int) -> int:
+  """Rows of the Gram's one product once padded with zero rows (n: no padding)."""
+  if jax.default_backend() == 'cpu' and _GRAM_PAD_MIN_N <= n < _GRAM_THREADED_ROWS:
+    return _GRAM_THREADED_ROWS
+  return n
 
 
 def _gram_row_block(n: int) -> int:
   """Rows per block of the symmetric Gram product (≥ n: one product).
 
-  Measured on XLA:CPU: two blocks pay from 16 to 64 workers; from 65 to 128 one product is faster
-  (its output is large enough to run on both cores, the halves' are not); above, blocks of 128.
+  Measured on XLA:CPU: two blocks pay from 16 to 51 workers; from 52 to 64 one product padded to
+  65 rows (`_gram_padded_rows`), and from 65 to 128 one product, are faster (their output is
+  large enough to run on both cores, the halves' are not); above, blocks of 128.
   """
-  if jax.default_backend() != 'cpu' or n < _GRAM_MIN_SPLIT:
+  if jax.default_backend() != 'cpu' or n < _GRAM_MIN_SPLIT or _gram_padded_rows(n) > n:
     return n
   return -(-n // 2) if n <= _GRAM_HALVES_MAX_N else _GRAM_ROW_BLOCK
 
 
 def _gram_column_block(n: int, d: int) -> int | None:
-  """Columns per block of the centred Gram on CPU, or None for one piece."""
-  cols = max(256, _GRAM_PART_ELEMENTS // min(_gram_row_block(n), n))
+  """Columns per block of the centred Gram on CPU, or None for one piece. A padded product runs
+  on two threads, each with about half the rows: its blocks are as wide as two half blocks'."""
+  rows = min(_gram_row_block(n), n)
+  if _gram_padded_rows(n) > n:
+    rows = -(-n // 2)
+  cols = max(256, _GRAM_PART_ELEMENTS // rows)
   return cols if d > 2 * cols else None
 
 
 def _symmetric_gram(x: jax.Array, row_block: int) -> jax.Array:
   """x xᵀ for an (n, d) matrix from the row blocks on and above the diagonal (the rest mirrored).
 
-  With row_block ≥ n it is one product. Otherwise the k = ⌈n / row_block⌉ row blocks x_a give
-  the k(k + 1)/2 products x_a x_bᵀ, a ≤ b, and the blocks below the diagonal are their transposes.
+  With row_block ≥ n it is one product, with zero rows appended up to `_gram_padded_rows(n)`.
+  Otherwise the k = ⌈n / row_block⌉ row blocks x_a give the k(k + 1)/2 products x_a x_bᵀ, a ≤ b,
+  and the blocks below the diagonal are their transposes.
   """
   n = x.shape[0]
   if row_block >= n:
-    return jnp.matmul(x, x.T, precision=_HIGHEST)
+    rows = _gram_padded_rows(n)
+    if rows > n:
+      x = jnp.concatenate([x, jnp.zeros((rows - n, x.shape[1]), x.dtype)])
+    return jnp.matmul(x, x.T, precision=_HIGHEST)[:n, :n]
   parts = [x[a : a + row_block] for a in range(0, n, row_block)]
   k = len(parts)
   blocks = [[None] * k for _ in range(k)]
