@@ -180,6 +180,17 @@ def test_nonfinite_byzantine_inputs(name, bad):
   assert np.all(out <= honest.max(0) + 1e-5) and np.all(out >= honest.min(0) - 1e-5)
 
 
+@pytest.mark.parametrize('name', ['krum', 'multikrum'])
+def test_too_few_finite_neighbours_is_nan_even_on_a_finite_input(name):
+  # F + 3 non-finite inputs at the end: every finite input has fewer finite neighbours than its
+  # score needs, so all scores are +inf and the lowest index (a finite input) is "selected"
+  # without the information Krum needs; the rule says so with NaN instead of returning it.
+  x = make_stack(5, outliers=0)
+  x[N - F - 3 :] = np.nan
+  out = np.asarray(aggregators.get(name)(jnp.asarray(x), f=F))
+  assert np.all(np.isnan(out))
+
+
 @pytest.mark.parametrize(
   'name,n,f,match',
   [

@@ -220,6 +220,12 @@ def _multikrum(rule, stack, f, m, num_neighbors, block=None):
   m = _check_m(rule, n, f, m)
   scores = _scores(stack, k, block)
   # A selected input of infinite score was chosen without the information Krum needs: NaN.
+  if m == 1:  # Krum: read the one selected slice, not a weighted pass over the whole stack
+    i = jnp.argmin(scores)  # ties: the lowest index, as `_lowest_weights`
+    readable = jnp.isfinite(scores[i])
+    return jax.tree.map(
+      lambda x: jnp.where(readable, x[i].astype(st.result_dtype(x.dtype)), jnp.nan), stack
+    )
   return st.weighted_sum(_lowest_weights(scores, m), stack, finite=jnp.isfinite(scores))
 
 
@@ -247,8 +253,8 @@ def krum(stack, *, f: int, num_neighbors: int | None = None):
     ``num_neighbors=n - f - 1`` to reproduce it. Some code uses unsquared distances: here they are
     squared, as in the paper.
 
-  Cost: one n × n × d Gram product (`pairwise_sq_dists`), O(n² log n) for the scores, and one
-  weighted pass over the stack to return the selected input.
+  Cost: one n × n × d Gram product (`pairwise_sq_dists`), O(n² log n) for the scores, and a read
+  of the selected input's slice.
 
   Robustness: (f, κ)-robust with κ ≤ 6(1 + f/(n − 2f)) (Allouah et al., 2023).
 
