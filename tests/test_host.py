@@ -15,11 +15,15 @@ from robustjax import host
 step = jax.jit(lambda x: (jnp.cumsum(x * 2.0, axis=0) + 1.0).T @ x[:, :8])
 x = jnp.ones((1024, 4810))
 
-def faults_per_call(calls=10):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def faults_per_call(calls=15):
+  # The median over calls: a call that another process's load (the test run's other workers)
+  # makes glibc map afresh does not decide the result.
+  counts = []
   for _ in range(calls):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     jax.block_until_ready(step(x))
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  return sorted(counts)[calls // 2]
 
 faults_per_call(2)
 plain = faults_per_call()
@@ -55,7 +59,7 @@ def test_freed_memory_is_reused_without_page_faults():
   assert applied
   # glibc maps the large blocks afresh at every call, then keeps them.
   assert plain > _faults_expected(), plain
-  # Kept: none at all in most runs, about 990 (one block of 4 MB) in some.
+  # Kept: the median call faults no page in (about 990, one 4 MB block, in a few processes).
   assert kept < plain / 4, (plain, kept)
 
 
