@@ -383,7 +383,8 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   (its BLAS) on the same sizes: a dense-matmul microbenchmark, not a datasheet figure. A Gram
   product of the (n, d) stack is counted as 2n²d flops (what a dense matmul does; the symmetric
   half alone is n(n + 1)d): robustjax's centred, scaled Gram (`stack.scaled_gram`, what the
-  distance rules call), the plain jitted `x @ x.T`, and NumPy's `x @ x.T` on the same input.
+  distance rules call), its centred product alone (`stack.centred_gram` with the centre given: no
+  scale pass), the plain jitted `x @ x.T`, and NumPy's `x @ x.T` on the same input.
 
   The jitted products run at `Precision.HIGHEST`, full float32, as the rules' Gram does (on a
   CPU every precision is that). At the default precision a GPU multiplies float32 in TF32 (a
@@ -398,23 +399,32 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
   flops = 2 * n * n * d
 
-  def ours(x):
+  def scaled(x):
     return stack.scaled_gram(x)[0]
 
+  def product(x):
+    return stack.centred_gram(x, center=x[0])[0]
+
   ours_label = 'robustjax scaled_gram (centred)'
+  product_label = 'robustjax centred product only'
   if _sharded():
 
-    def local(xl):
-      with stack.sharded_coordinates('workers'):
-        return stack.scaled_gram(xl)[0]
+    def on_devices(fn):
+      def local(xl):
+        with stack.sharded_coordinates('workers'):
+          return fn(xl)
 
-    spec = jax.sharding.PartitionSpec
-    mesh = parallel.make_mesh()
-    ours = jax.shard_map(local, mesh=mesh, in_specs=spec(None, 'workers'), out_specs=spec())
+      spec = jax.sharding.PartitionSpec
+      mesh = parallel.make_mesh()
+      return jax.shard_map(local, mesh=mesh, in_specs=spec(None, 'workers'), out_specs=spec())
+
+    scaled, product = on_devices(scaled), on_devices(product)
     ours_label = f'robustjax scaled_gram, {FLAGS.cpu_devices} devices'
+    product_label = f'robustjax centred product, {FLAGS.cpu_devices} devices'
   pad = (-d) % FLAGS.cpu_devices  # zero columns: the centred Gram is unchanged
   x_ours = _place(jnp.pad(x, ((0, 0), (0, pad))) if pad else x)
-  _, t_ours = _time(_jit(ours), x_ours, repeats=max(repeats, 3), warmup=1)
+  _, t_ours = _time(_jit(scaled), x_ours, repeats=max(repeats, 3), warmup=1)
+  _, t_product = _time(_jit(product), x_ours, repeats=max(repeats, 3), warmup=1)
   gram = _jit(lambda x: jnp.matmul(x, x.T, precision=HIGHEST))
   _, t_xla = _time(gram, x, repeats=max(repeats, 3), warmup=1)
   _, t_default = _time(_jit(lambda x: x @ x.T), x, repeats=max(repeats, 3), warmup=1)
@@ -433,6 +443,7 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   print(f'# {label:<34} {"ms":>8} {"GFLOP/s":>8} {"of peak":>8}')
   for name, t in (
     (ours_label, t_ours),
+    (product_label, t_product),
     ('jax x @ x.T', t_xla),
     ('jax x @ x.T, default precision', t_default),
     ('NumPy x @ x.T', t_np),

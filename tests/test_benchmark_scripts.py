@@ -53,3 +53,4 @@ def test_aggregator_benchmark_on_two_cpu_devices(tmp_path):
   assert result['info']['cpu_devices'] == 2
   assert all(r.get('time_s', 0) > 0 for r in result['rows']), result['rows']
   assert 'robustjax scaled_gram, 2 devices' in result['info']['gram']
+  assert 'robustjax centred product, 2 devices' in result['info']['gram']
