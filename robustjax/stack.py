@@ -202,38 +202,38 @@ def _gram_padded_rows(n: int) -> int:
 def _gram_row_block(n: int) -> int:
   """Rows per block of the symmetric Gram product (≥ n: one product).
 
-  Measured on XLA:CPU: two blocks pay from 16 to 51 workers; from 52 to 64 one product padded to
-  65 rows (`_gram_padded_rows`), and from 65 to 128 one product, are faster (their output is
-  large enough to run on both cores, the halves' are not); above, blocks of 128.
+  Measured on XLA:CPU: two blocks pay from 16 to 64 workers (from 52 on, `_symmetric_gram` runs
+  the two halves as one product padded to 65 rows: `_gram_padded_rows`); from 65 to 128 one
+  product is faster (its output is large enough to run on both cores, the halves' are not);
+  above, blocks of 128.
   """
-  if jax.default_backend() != 'cpu' or n < _GRAM_MIN_SPLIT or _gram_padded_rows(n) > n:
+  if jax.default_backend() != 'cpu' or n < _GRAM_MIN_SPLIT:
     return n
   return -(-n // 2) if n <= _GRAM_HALVES_MAX_N else _GRAM_ROW_BLOCK
 
 
 def _gram_column_block(n: int, d: int) -> int | None:
-  """Columns per block of the centred Gram on CPU, or None for one piece. A padded product runs
-  on two threads, each with about half the rows: its blocks are as wide as two half blocks'."""
-  rows = min(_gram_row_block(n), n)
-  if _gram_padded_rows(n) > n:
-    rows = -(-n // 2)
-  cols = max(256, _GRAM_PART_ELEMENTS // rows)
+  """Columns per block of the centred Gram on CPU, or None for one piece. (A padded product runs
+  on two threads with about half the rows each: the halves' block width suits it too.)"""
+  cols = max(256, _GRAM_PART_ELEMENTS // min(_gram_row_block(n), n))
   return cols if d > 2 * cols else None
 
 
 def _symmetric_gram(x: jax.Array, row_block: int) -> jax.Array:
   """x xᵀ for an (n, d) matrix from the row blocks on and above the diagonal (the rest mirrored).
 
-  With row_block ≥ n it is one product, with zero rows appended up to `_gram_padded_rows(n)`.
+  With row_block ≥ n it is one product. Where `_gram_padded_rows(n)` > n it is one product too,
+  of x with zero rows appended (run on both threads; the zero rows' products are sliced off).
   Otherwise the k = ⌈n / row_block⌉ row blocks x_a give the k(k + 1)/2 products x_a x_bᵀ, a ≤ b,
   and the blocks below the diagonal are their transposes.
   """
   n = x.shape[0]
-  if row_block >= n:
-    rows = _gram_padded_rows(n)
-    if rows > n:
-      x = jnp.concatenate([x, jnp.zeros((rows - n, x.shape[1]), x.dtype)])
+  rows = _gram_padded_rows(n)
+  if rows > n:
+    x = jnp.concatenate([x, jnp.zeros((rows - n, x.shape[1]), x.dtype)])
     return jnp.matmul(x, x.T, precision=_HIGHEST)[:n, :n]
+  if row_block >= n:
+    return jnp.matmul(x, x.T, precision=_HIGHEST)
   parts = [x[a : a + row_block] for a in range(0, n, row_block)]
   k = len(parts)
   blocks = [[None] * k for _ in range(k)]
