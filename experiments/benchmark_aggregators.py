@@ -391,12 +391,6 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   10-bit mantissa): that product is printed beside them, for scale, not as the reference.
   """
   n, d = x.shape
-  a = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
-  a_np = np.asarray(a)
-  mm = _jit(lambda a: jnp.matmul(a, a, precision=HIGHEST))
-  _, t_mm = _time(mm, a, repeats=max(repeats, 3), warmup=1)
-  t_np_mm = min(_wall(lambda: a_np @ a_np) for _ in range(max(repeats, 3)))
-  peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
   flops = 2 * n * n * d
 
   def scaled(x):
@@ -425,10 +419,19 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   x_ours = _place(jnp.pad(x, ((0, 0), (0, pad))) if pad else x)
   _, t_ours = _time(_jit(scaled), x_ours, repeats=max(repeats, 3), warmup=1)
   _, t_product = _time(_jit(product), x_ours, repeats=max(repeats, 3), warmup=1)
+  # NumPy last: OpenBLAS's threads keep spinning after a product and took a core from the next
+  # jitted timing (robustjax's Gram ran at 114-126 ms instead of 72-78 in some processes).
+  a = jax.random.normal(jax.random.key(1), (m, m), jnp.float32)
+  a_np = np.asarray(a)
+  mm = _jit(lambda a: jnp.matmul(a, a, precision=HIGHEST))
+  _, t_mm = _time(mm, a, repeats=max(repeats, 3), warmup=1)
   gram = _jit(lambda x: jnp.matmul(x, x.T, precision=HIGHEST))
   _, t_xla = _time(gram, x, repeats=max(repeats, 3), warmup=1)
   _, t_default = _time(_jit(lambda x: x @ x.T), x, repeats=max(repeats, 3), warmup=1)
   t_np = min(_wall(lambda: x_np @ x_np.T) for _ in range(max(repeats, 3)))
+  t_np_mm = min(_wall(lambda: a_np @ a_np) for _ in range(max(repeats, 3)))
+  time.sleep(1.0)  # the OpenBLAS threads stop spinning before the rules are timed
+  peak = 2 * m**3 / min(t_mm, t_np_mm) / 1e9
   out = {
     'peak_gflops': peak,
     'matmul_jax_gflops': 2 * m**3 / t_mm / 1e9,
