@@ -186,13 +186,14 @@ def _from_order_keys(k: jax.Array, dtype) -> jax.Array:
   return jax.lax.bitcast_convert_type(_flip_negatives(k), dtype)
 
 
-def _halving_sum(p: jax.Array, axis: int) -> jax.Array:
-  """Sum over `axis` as a tree of slice additions (XLA:CPU keeps each level vectorised; a
-  `jnp.sum` there was fused with the level before into a strided loop)."""
+def _halving_sum(p: jax.Array, axis: int, op=jnp.add) -> jax.Array:
+  """Sum (or another `op`'s reduction) over `axis` as a tree of slice operations (XLA:CPU keeps
+  each level vectorised; a `jnp.sum` there was fused with the level before into a strided loop)."""
   while p.shape[axis] > 1:
     half = p.shape[axis] // 2
-    pairs = jax.lax.slice_in_dim(p, 0, half, axis=axis) + jax.lax.slice_in_dim(
-      p, half, 2 * half, axis=axis
+    pairs = op(
+      jax.lax.slice_in_dim(p, 0, half, axis=axis),
+      jax.lax.slice_in_dim(p, half, 2 * half, axis=axis),
     )
     rest = jax.lax.slice_in_dim(p, 2 * half, p.shape[axis], axis=axis)
     p = jnp.concatenate([pairs, rest], axis) if rest.shape[axis] else pairs
@@ -212,7 +213,8 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   `_BISECT_COLUMNS` columns kept in cache (`_blocks.over_column_blocks`); each pass compares
   every entry with each rank's midpoint and counts in uint8 over groups of `_BISECT_GROUP_ROWS`
   rows (rows padded with the largest key), then adds the groups' counts. All ranks share the
-  passes.
+  passes; a rank right after another wanted one (the median's two middle ranks) is not bisected
+  but read from the one before it in one more pass.
 
   Cost: about 1.0-2.2 ns per worker · coordinate and rank on a Zen 5 core (n = 129 … 2,048),
   against 7-13 ns for the layered network whatever the ranks (BENCHMARKS.md).
@@ -260,7 +262,9 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   top = jnp.iinfo(keys_dtype).max
   rows = _BISECT_GROUP_ROWS
   groups = -(-n // rows)
-  need = jnp.asarray(np.asarray(positions) + 1, keys_dtype)[:, None]
+  # A rank right after another one wanted is found from it in one pass (`_next_rank`).
+  heads = tuple(p for p in positions if p - 1 not in positions)
+  need = jnp.asarray(np.asarray(heads) + 1, keys_dtype)[:, None]
   keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
   if groups * rows > n:
     keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys_dtype)])
@@ -274,14 +278,31 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
     enough = count >= need
     return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
 
-  # The first halving outside the loop gives the carry the stack's type (inside `jax.shard_map`
-  # a carry of constants would not vary over the devices).
+  # The carry starts from the keys (inside `jax.shard_map` a carry of constants would not vary
+  # over the devices), and every halving runs in the loop: a first one outside it, fused with the
+  # keys' computation, took as long as the other 31 at n = 129 (BENCHMARKS.md).
+  zero = jnp.zeros_like(keys[0, :1])
   start = (
-    jnp.full((len(positions), c), -top - 1, keys_dtype),
-    jnp.full((len(positions), c), top, keys_dtype),
+    jnp.broadcast_to(zero + (-top - 1), (len(heads), c)),
+    jnp.broadcast_to(zero + top, (len(heads), c)),
   )
-  _, high = jax.lax.fori_loop(1, bits, halve, halve(0, start))
-  return _from_order_keys(high, x.dtype)
+  _, high = jax.lax.fori_loop(0, bits, halve, start)
+  found = dict(zip(heads, high))
+  for p in sorted(positions):
+    if p not in found:
+      found[p] = _next_rank(keys, found[p - 1], p)
+  return _from_order_keys(jnp.stack([found[p] for p in positions]), x.dtype)
+
+
+def _next_rank(keys: jax.Array, key: jax.Array, position: int) -> jax.Array:
+  """From the key of rank `position` − 1, that of rank `position`: the same key where at least
+  position + 1 keys lie at or below it (ties), else the smallest key above it. One pass over the
+  (groups, rows, c) keys."""
+  count = jnp.sum((keys <= key).astype(jnp.uint8), axis=1, dtype=jnp.uint8)
+  count = _halving_sum(count.astype(keys.dtype), 0)
+  flat = keys.reshape(-1, keys.shape[-1])
+  above = _halving_sum(jnp.where(flat > key, flat, jnp.iinfo(keys.dtype).max), 0, jnp.minimum)
+  return jnp.where(count >= position + 1, key, above)
 
 
 @_bisect_columns.defjvp

@@ -148,21 +148,22 @@ def test_select_bisect(n):
   # Bisection of the values' bits against a sort, bit for bit: ties (small integers), ±inf, −0,
   # values from 1e-38 to 1e38 (subnormals, both signs); n = 17, 37, 131, 300 pad the last
   # group of rows; 300 columns make a block loop with a remainder; the median's ranks and both
-  # ends; half precision has 16-bit keys.
+  # ends, with runs of consecutive ranks (each found from the one before it); NaN counts as +inf;
+  # half precision has 16-bit keys.
   import robustjax._sorting as sorting
 
   rng = np.random.default_rng(n)
   ties = rng.integers(-3, 4, size=(n, 300)).astype(np.float32)
-  for value, share in ((np.inf, 0.05), (-np.inf, 0.05), (-0.0, 0.1)):
+  for value, share in ((np.inf, 0.05), (-np.inf, 0.05), (-0.0, 0.1), (np.nan, 0.05)):
     ties[rng.random(ties.shape) < share] = value
   spread = (rng.normal(size=(n, 300)) * 10.0 ** rng.integers(-45, 38, size=(n, 300))).astype(
     np.float32
   )
-  ranks = sorted({0, (n - 1) // 2, n // 2, n - 1})
+  ranks = sorted({r for r in (0, 1, 2, (n - 1) // 2, n // 2, n - 2, n - 1) if 0 <= r < n})
   for x in (ties, spread, spread.astype(jnp.bfloat16)):
     got = jax.jit(lambda x: jnp.stack(sorting.select_bisect(x, ranks)))(jnp.asarray(x))
     # The reference sorts in the floats' total order (−0 below +0), then compares the bits.
-    bits = np.asarray(x, np.float32).view(np.int32)
+    bits = np.where(np.isnan(x), np.inf, np.asarray(x, np.float32)).view(np.int32)
     keys = np.sort(bits ^ ((bits >> 31) & 0x7FFFFFFF), axis=0)[ranks]
     want = (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(np.float32)
     np.testing.assert_array_equal(np.asarray(got, np.float32).view(np.int32), want.view(np.int32))
