@@ -148,7 +148,8 @@ def test_select_bisect(n):
   # Bisection of the values' bits against a sort, bit for bit: ties (small integers), ±inf, −0,
   # values from 1e-38 to 1e38 (subnormals, both signs); n = 17, 37, 131, 300 pad the last
   # group of rows; 300 columns make a block loop with a remainder; the median's ranks and both
-  # ends, with runs of consecutive ranks (each found from the one before it); NaN counts as +inf;
+  # ends, with runs of consecutive ranks (found from the one before, a run of five starts a new
+  # bisection at its fourth); NaN counts as +inf;
   # half precision has 16-bit keys.
   import robustjax._sorting as sorting
 
@@ -159,7 +160,7 @@ def test_select_bisect(n):
   spread = (rng.normal(size=(n, 300)) * 10.0 ** rng.integers(-45, 38, size=(n, 300))).astype(
     np.float32
   )
-  ranks = sorted({r for r in (0, 1, 2, (n - 1) // 2, n // 2, n - 2, n - 1) if 0 <= r < n})
+  ranks = sorted({r for r in (0, 1, 2, 3, 4, (n - 1) // 2, n // 2, n - 2, n - 1) if 0 <= r < n})
   for x in (ties, spread, spread.astype(jnp.bfloat16)):
     got = jax.jit(lambda x: jnp.stack(sorting.select_bisect(x, ranks)))(jnp.asarray(x))
     # The reference sorts in the floats' total order (−0 below +0), then compares the bits.
