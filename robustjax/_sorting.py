@@ -152,6 +152,9 @@ BISECT_MAX_RANKS = 3
 # fuse the two levels of the count into one unvectorised loop (10-30x slower).
 _BISECT_COLUMNS = 256
 _BISECT_GROUP_ROWS = 16
+# A rank right after another wanted one is read from it in one pass (`_next_rank`), up to this
+# many in a row: longer chains of such passes were fused into recomputing each other (22 in a
+# row took 1 s at n = 52, d = 10⁵, against 15 ms for one bisected rank; BENCHMARKS.md).
 _MAX_DERIVED = 2
 
 
@@ -187,9 +190,10 @@ def _from_order_keys(k: jax.Array, dtype) -> jax.Array:
   return jax.lax.bitcast_convert_type(_flip_negatives(k), dtype)
 
 
-def _halving_sum(p: jax.Array, axis: int, op=jnp.add) -> jax.Array:
-  """Sum (or another `op`'s reduction) over `axis` as a tree of slice operations (XLA:CPU keeps
-  each level vectorised; a `jnp.sum` there was fused with the level before into a strided loop)."""
+def _halving_reduce(p: jax.Array, axis: int, op=jnp.add) -> jax.Array:
+  """The reduction by `op` (a sum by default) over `axis` as a tree of slice operations (XLA:CPU
+  keeps each level vectorised; a `jnp.sum` or `jnp.min` there was fused with the level before
+  into a strided loop)."""
   while p.shape[axis] > 1:
     half = p.shape[axis] // 2
     pairs = op(
@@ -217,8 +221,9 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   passes; a rank right after another wanted one (the median's two middle ranks) is not bisected
   but read from the one before it in one more pass.
 
-  Cost: about 1.0-2.2 ns per worker · coordinate and rank on a Zen 5 core (n = 129 … 2,048),
-  against 7-13 ns for the layered network whatever the ranks (BENCHMARKS.md).
+  Cost: about 1.3-2.4 ns per worker · coordinate and bisected rank on a Zen 5 core (n = 129 …
+  1,024), up to 0.3 ns more for a rank read from the one before, against 7-13 ns for the layered
+  network whatever the ranks (BENCHMARKS.md).
 
   Args:
     x: (n, D), floating point.
@@ -263,9 +268,7 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   top = jnp.iinfo(keys_dtype).max
   rows = _BISECT_GROUP_ROWS
   groups = -(-n // rows)
-  # A rank right after another one wanted is found from it in one pass (`_next_rank`), up to
-  # `_MAX_DERIVED` in a row (longer chains of such passes were fused into recomputing each other:
-  # 22 in a row took 1 s at n = 52, d = 10⁵, against 15 ms for one rank).
+  # The ranks bisected: all but those read from the rank before (`_MAX_DERIVED`).
   heads, run = [], 0
   for p in sorted(set(positions)):
     run = run + 1 if p - 1 in positions and run < _MAX_DERIVED else 0
@@ -282,7 +285,7 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
     low, high = bounds
     mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
     below = (keys[None] <= mid[:, None, None, :]).astype(jnp.uint8)
-    count = _halving_sum(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys_dtype), 1)
+    count = _halving_reduce(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys_dtype), 1)
     enough = count >= need
     return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
 
@@ -307,9 +310,9 @@ def _next_rank(keys: jax.Array, key: jax.Array, position: int) -> jax.Array:
   position + 1 keys lie at or below it (ties), else the smallest key above it. One pass over the
   (groups, rows, c) keys."""
   count = jnp.sum((keys <= key).astype(jnp.uint8), axis=1, dtype=jnp.uint8)
-  count = _halving_sum(count.astype(keys.dtype), 0)
+  count = _halving_reduce(count.astype(keys.dtype), 0)
   flat = keys.reshape(-1, keys.shape[-1])
-  above = _halving_sum(jnp.where(flat > key, flat, jnp.iinfo(keys.dtype).max), 0, jnp.minimum)
+  above = _halving_reduce(jnp.where(flat > key, flat, jnp.iinfo(keys.dtype).max), 0, jnp.minimum)
   return jnp.where(count >= position + 1, key, above)
 
 

@@ -320,8 +320,9 @@ def median(stack, *, f: int = 0):
 
   Cost: a pruned Batcher selection network over the n worker slices (≈ 440 compare-exchanges for
   n = 64), fused by XLA into one elementwise pass. Beyond n = `robustjax._sorting.NETWORK_MAX_N`
-  the one or two middle values come from a bisection of their bits (`_sorting.select_bisect`: 32
-  counting passes over blocks of columns in cache).
+  the middle value comes from a bisection of its bits (`_sorting.select_bisect`: 32 counting
+  passes over blocks of columns in cache); for even n the upper middle value is read from the
+  lower one in one more pass.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
