@@ -313,7 +313,7 @@ def donation_section(x, f: int, repeats: int) -> list[dict]:
   return rows
 
 
-def scaling_section(ns, rules, d: int, repeats: int, rounds: int = 1) -> list[dict]:
+def scaling_section(ns, rules, d: int, repeats: int, rounds: int) -> list[dict]:
   """Each rule at each n (f = n/8, d fixed): ms, ns per worker-coordinate, and that per-worker
   cost over the first n's (the coordinate-wise rules leave their unrolled network above
   `robustjax._sorting.NETWORK_MAX_N`).

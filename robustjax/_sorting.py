@@ -284,9 +284,7 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   def halve(_, bounds):  # the q-th smallest key lies in [low, high]
     low, high = bounds
     mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
-    below = (keys[None] <= mid[:, None, None, :]).astype(jnp.uint8)
-    count = _halving_reduce(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys_dtype), 1)
-    enough = count >= need
+    enough = _count_at_or_below(keys, mid) >= need
     return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
 
   # The carry starts from the keys (inside `jax.shard_map` a carry of constants would not vary
@@ -305,12 +303,18 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   return _from_order_keys(jnp.stack([found[p] for p in positions]), x.dtype)
 
 
+def _count_at_or_below(keys: jax.Array, thresholds: jax.Array) -> jax.Array:
+  """(r, c) counts #{i : key_i <= t} per column of the (groups, rows, c) keys, for r thresholds
+  (r, c): uint8 sums over each group's rows, then the groups' counts added pairwise."""
+  below = (keys[None] <= thresholds[:, None, None, :]).astype(jnp.uint8)
+  return _halving_reduce(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys.dtype), 1)
+
+
 def _next_rank(keys: jax.Array, key: jax.Array, position: int) -> jax.Array:
   """From the key of rank `position` − 1, that of rank `position`: the same key where at least
   position + 1 keys lie at or below it (ties), else the smallest key above it. One pass over the
   (groups, rows, c) keys."""
-  count = jnp.sum((keys <= key).astype(jnp.uint8), axis=1, dtype=jnp.uint8)
-  count = _halving_reduce(count.astype(keys.dtype), 0)
+  count = _count_at_or_below(keys, key[None])[0]
   flat = keys.reshape(-1, keys.shape[-1])
   above = _halving_reduce(jnp.where(flat > key, flat, jnp.iinfo(keys.dtype).max), 0, jnp.minimum)
   return jnp.where(count >= position + 1, key, above)
