@@ -4,8 +4,8 @@ On XLA:CPU a kernel that reads the stack several times (a Gram product, a combin
 by the distances to it, a sorting network layer by layer) is run over blocks of columns in a
 `lax.fori_loop`, so that each block comes from memory once. The callers choose the block width
 (`stack._column_block`, `stack._gram_column_block`, `_sorting.select_layered`'s chunk,
-`_sorting._BISECT_COLUMNS`). On an accelerator the matrices are one piece whatever the width:
-there each loop step is at least one kernel launch, and blocks × (the steps inside) small
+`_sorting._bisect_block_columns`). On an accelerator the matrices are one piece whatever the
+width: there each loop step is at least one kernel launch, and blocks × (the steps inside) small
 launches in sequence cost more than the cache saves (on an H200 the layered sorting network over
 blocks of 2,048 columns took 26-52 ms at n = 129-1,024, d = 1e5, against 0.4 ms for the unrolled
 one at n = 128; BENCHMARKS.md).

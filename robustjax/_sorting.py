@@ -16,10 +16,11 @@ dead-code elimination then removes the `min` or `max` halves whose outputs are n
 
 Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much.
 There a few ranks (a median, a trimmed mean's two cut-offs) are found by bisecting the bits of
-the value (`select_bisect`: 32 counting passes over a block of columns in cache, whatever the
-data), more ranks by running the same network layer by layer in a loop over column blocks
-(`select_layered`); `jnp.sort` along the worker axis is slower still. Ranks a few places from
-either end (a trimmed mean with a small f) are cheaper by insertion chains (`select_extremes`).
+the value (`select_bisect`: 8 counting passes per byte of the value, over a block of columns in
+cache, whatever the data), more ranks by running the same network layer by layer in a loop over
+column blocks (`select_layered`); `jnp.sort` along the worker axis is slower still. Ranks a few
+places from either end (a trimmed mean with a small f) are cheaper by insertion chains
+(`select_extremes`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -146,12 +147,22 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 # for any number of ranks.
 BISECT_MAX_RANKS = 3
 
-# `select_bisect`'s blocks: columns per block, and rows per group whose counts are summed in
-# uint8 before the groups are added. Both chosen from a sweep (n = 129 … 2,048, 128-512 columns,
-# 8-32 rows): these were within 15 % of the best everywhere, where other layouts let XLA:CPU
-# fuse the two levels of the count into one unvectorised loop (10-30x slower).
-_BISECT_COLUMNS = 256
+# `select_bisect`'s blocks: about `_BISECT_BLOCK_ENTRIES` keys (rounded to a power of two of
+# columns, from 256 to 2,048), and rows per group whose counts are summed in uint8 before the
+# groups are added. Chosen from sweeps (n = 129 … 2,048, 256-4,096 columns, 8-32 rows;
+# BENCHMARKS.md): a pass over a block has a fixed cost of about a microsecond, which narrower
+# blocks of few rows did not amortise (n = 129: 2.7 ns per worker · coordinate with 256 columns,
+# 1.0 with 2,048); other group layouts let XLA:CPU fuse the two levels of the count into one
+# unvectorised loop (10-30x slower).
+_BISECT_BLOCK_ENTRIES = 1 << 19
 _BISECT_GROUP_ROWS = 16
+
+
+def _bisect_block_columns(n: int) -> int:
+  rows = -(-n // _BISECT_GROUP_ROWS) * _BISECT_GROUP_ROWS
+  return int(np.clip(2 ** round(np.log2(_BISECT_BLOCK_ENTRIES / rows)), 256, 2048))
+
+
 # A rank right after another wanted one is read from it in one pass (`_next_rank`), up to this
 # many in a row: longer chains of such passes were fused into recomputing each other (22 in a
 # row took 1 s at n = 52, d = 10⁵, against 15 ms for one bisected rank; BENCHMARKS.md).
@@ -190,11 +201,13 @@ def _from_order_keys(k: jax.Array, dtype) -> jax.Array:
   return jax.lax.bitcast_convert_type(_flip_negatives(k), dtype)
 
 
-def _halving_reduce(p: jax.Array, axis: int, op=jnp.add) -> jax.Array:
+def _halving_reduce(p: jax.Array, axis: int, op=jnp.add, *, levels: int | None = None) -> jax.Array:
   """The reduction by `op` (a sum by default) over `axis` as a tree of slice operations (XLA:CPU
   keeps each level vectorised; a `jnp.sum` or `jnp.min` there was fused with the level before
-  into a strided loop)."""
-  while p.shape[axis] > 1:
+  into a strided loop). With `levels`, only that many levels: `axis` is kept, ⌈size / 2^levels⌉
+  long."""
+  done = 0
+  while p.shape[axis] > 1 and (levels is None or done < levels):
     half = p.shape[axis] // 2
     pairs = op(
       jax.lax.slice_in_dim(p, 0, half, axis=axis),
@@ -202,7 +215,8 @@ def _halving_reduce(p: jax.Array, axis: int, op=jnp.add) -> jax.Array:
     )
     rest = jax.lax.slice_in_dim(p, 2 * half, p.shape[axis], axis=axis)
     p = jnp.concatenate([pairs, rest], axis) if rest.shape[axis] else pairs
-  return jax.lax.index_in_dim(p, 0, axis, keepdims=False)
+    done += 1
+  return p if levels is not None else jax.lax.index_in_dim(p, 0, axis, keepdims=False)
 
 
 def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[jax.Array]:
@@ -214,16 +228,21 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   over the keys' whole range finds it in exactly as many counting passes as the key has bits
   (32 for float32), whatever the data, so an input cannot make it slower. Exact (the selected
   value is an input bit for bit), with ties and ±inf; NaN counts as +inf (mapped block by
-  block, so that no cleaned copy of the stack is written). On CPU the passes run over blocks of
-  `_BISECT_COLUMNS` columns kept in cache (`_blocks.over_column_blocks`); each pass compares
-  every entry with each rank's midpoint and counts in uint8 over groups of `_BISECT_GROUP_ROWS`
-  rows (rows padded with the largest key), then adds the groups' counts. All ranks share the
-  passes; a rank right after another wanted one (the median's two middle ranks) is not bisected
-  but read from the one before it in one more pass.
+  block, so that no cleaned copy of the stack is written).
 
-  Cost: about 1.3-2.4 ns per worker · coordinate and bisected rank on a Zen 5 core (n = 129 …
-  1,024), up to 0.3 ns more for a rank read from the one before, against 7-13 ns for the layered
-  network whatever the ranks (BENCHMARKS.md).
+  The bits are found a byte at a time, from the top. For each byte, one pass maps every key to
+  a byte: its place in the interval of keys that share the bytes found so far (0 below the
+  interval, 255 above it), and 8 counting passes bisect that byte over the bytes, which a CPU
+  compares and counts four times as many per instruction as the keys. On CPU the passes run over
+  blocks of about 2^19 keys kept in cache (`_blocks.over_column_blocks`); a pass compares every
+  entry with each rank's midpoint and counts in uint8 over groups of `_BISECT_GROUP_ROWS` rows
+  (rows padded with the largest key) and pairs of groups, then adds the groups' counts. All
+  ranks share the passes; a rank right after another wanted one (the median's two middle ranks)
+  is not bisected but read from the one before it in one more pass.
+
+  Cost: about 0.8-1.0 ns per worker · coordinate for one rank on a Zen 5 core (n = 256 … 2,048;
+  1.0-1.3 at n = 129), against 7-13 ns for the layered network whatever the ranks
+  (BENCHMARKS.md).
 
   Args:
     x: (n, D), floating point.
@@ -246,7 +265,8 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
     return (stats if then is None else then(xb, stats)[None]), ()
 
   out_rows = len(positions) if then is None else 1
-  out, _ = over_column_blocks(block, [x], _BISECT_COLUMNS, out_rows=out_rows, dtype=x.dtype)
+  cols = _bisect_block_columns(n)
+  out, _ = over_column_blocks(block, [x], cols, out_rows=out_rows, dtype=x.dtype)
   return [out[k] for k in range(out_rows)] if then is None else out[0]
 
 
@@ -264,7 +284,6 @@ def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
 def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   n, c = x.shape
   keys_dtype = _key_dtype(x.dtype)
-  bits = 8 * keys_dtype.itemsize
   top = jnp.iinfo(keys_dtype).max
   rows = _BISECT_GROUP_ROWS
   groups = -(-n // rows)
@@ -275,46 +294,66 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
     if not run:
       heads.append(p)
   heads = tuple(heads)
-  need = jnp.asarray(np.asarray(heads) + 1, keys_dtype)[:, None]
+  need = jnp.asarray(np.asarray(heads) + 1, jnp.int32)[:, None]
   keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
   if groups * rows > n:
     keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys_dtype)])
   keys = keys.reshape(groups, rows, c)
 
-  def halve(_, bounds):  # the q-th smallest key lies in [low, high]
-    low, high = bounds
-    mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
-    enough = _count_at_or_below(keys, mid) >= need
-    return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
-
-  # The carry starts from the keys (inside `jax.shard_map` a carry of constants would not vary
-  # over the devices), and every halving runs in the loop: a first one outside it, fused with the
-  # keys' computation, took as long as the other 31 at n = 129 (BENCHMARKS.md).
-  zero = jnp.zeros_like(keys[0, :1])
-  start = (
-    jnp.broadcast_to(zero + (-top - 1), (len(heads), c)),
-    jnp.broadcast_to(zero + top, (len(heads), c)),
-  )
-  _, high = jax.lax.fori_loop(0, bits, halve, start)
-  found = dict(zip(heads, high))
+  # The key's bytes from the top: each stage narrows the keys to one byte, their place in the
+  # interval of keys that share the bytes found so far (0 below it, 255 above it), and bisects
+  # that byte in 8 counting passes over the bytes (4x the lanes of a pass over the keys).
+  found = None
+  for shift in range(8 * keys_dtype.itemsize - 8, -1, -8):
+    if found is None:  # the top byte, shared by all ranks
+      digits = ((keys >> shift) + 128).astype(jnp.uint8)[None]
+    else:
+      low = found[:, None, None, :]
+      span = (1 << (shift + 8)) - 1
+      digits = ((jnp.clip(keys[None], low, low + span) - low) >> shift).astype(jnp.uint8)
+    digit = _bisect_byte(digits, need).astype(keys_dtype)
+    found = (digit - 128) << shift if found is None else found + (digit << shift)
+  found = dict(zip(heads, found))
   for p in sorted(set(positions)):
     if p not in found:
       found[p] = _next_rank(keys, found[p - 1], p)
   return _from_order_keys(jnp.stack([found[p] for p in positions]), x.dtype)
 
 
+def _bisect_byte(digits: jax.Array, need: jax.Array) -> jax.Array:
+  """The smallest byte t per column and rank with #{i : digit_i <= t} >= need: 8 halvings of
+  [0, 255] over the (1 or r, groups, rows, c) uint8 digits, for the (r, 1) counts `need`."""
+
+  def halve(_, bounds):  # the byte lies in [low, high]
+    low, high = bounds
+    mid = (low >> 1) + (high >> 1) + (low & high & 1)  # ⌊(low + high) / 2⌋, no overflow
+    enough = _count_at_or_below(digits, mid) >= need
+    return jnp.where(enough, low, mid + 1), jnp.where(enough, mid, high)
+
+  # The carry starts from the digits (inside `jax.shard_map` a carry of constants would not vary
+  # over the devices), and every halving runs in the loop: a first one outside it, fused with the
+  # digits' computation, took as long as the others together (BENCHMARKS.md).
+  zero = jnp.zeros_like(digits[0, 0, :1])
+  shape = (need.shape[0], digits.shape[-1])
+  start = (jnp.broadcast_to(zero, shape), jnp.broadcast_to(zero + 255, shape))
+  return jax.lax.fori_loop(0, 8, halve, start)[1]
+
+
 def _count_at_or_below(keys: jax.Array, thresholds: jax.Array) -> jax.Array:
-  """(r, c) counts #{i : key_i <= t} per column of the (groups, rows, c) keys, for r thresholds
-  (r, c): uint8 sums over each group's rows, then the groups' counts added pairwise."""
-  below = (keys[None] <= thresholds[:, None, None, :]).astype(jnp.uint8)
-  return _halving_reduce(jnp.sum(below, axis=2, dtype=jnp.uint8).astype(keys.dtype), 1)
+  """(r, c) int32 counts #{i : key_i <= t} per column of the (1 or r, groups, rows, c) keys, for
+  r thresholds (r, c): uint8 sums over each group's rows, and over pairs of groups while they
+  fit (XLA:CPU then keeps the sums in uint8 lanes), then int32 sums."""
+  below = (keys <= thresholds[:, None, None, :]).astype(jnp.uint8)
+  part = jnp.sum(below, axis=2, dtype=jnp.uint8)
+  part = _halving_reduce(part, 1, levels=int(np.log2(255 // keys.shape[2])))
+  return _halving_reduce(part.astype(jnp.int32), 1)
 
 
 def _next_rank(keys: jax.Array, key: jax.Array, position: int) -> jax.Array:
   """From the key of rank `position` − 1, that of rank `position`: the same key where at least
   position + 1 keys lie at or below it (ties), else the smallest key above it. One pass over the
   (groups, rows, c) keys."""
-  count = _count_at_or_below(keys, key[None])[0]
+  count = _count_at_or_below(keys[None], key[None])[0]
   flat = keys.reshape(-1, keys.shape[-1])
   above = _halving_reduce(jnp.where(flat > key, flat, jnp.iinfo(keys.dtype).max), 0, jnp.minimum)
   return jnp.where(count >= position + 1, key, above)

@@ -144,15 +144,18 @@ def test_column_blocks_are_one_piece_on_accelerators(monkeypatch):
 
 
 @pytest.mark.parametrize('n', [1, 2, 5, 16, 17, 37, 131, 300])
-def test_select_bisect(n):
+def test_select_bisect(n, monkeypatch):
   # Bisection of the values' bits against a sort, bit for bit: ties (small integers), ±inf, −0,
   # values from 1e-38 to 1e38 (subnormals, both signs); n = 17, 37, 131, 300 pad the last
-  # group of rows; 300 columns make a block loop with a remainder; the median's ranks and both
+  # group of rows; 300 columns in blocks of 256 make a block loop with a remainder, and
+  # n = 300 sums the counts of more groups than uint8 holds; the median's ranks and both
   # ends, with runs of consecutive ranks (found from the one before, a run of five starts a new
   # bisection at its fourth); NaN counts as +inf;
   # half precision has 16-bit keys.
   import robustjax._sorting as sorting
 
+  monkeypatch.setattr(sorting, '_BISECT_BLOCK_ENTRIES', 1)
+  assert sorting._bisect_block_columns(n) == 256
   rng = np.random.default_rng(n)
   ties = rng.integers(-3, 4, size=(n, 300)).astype(np.float32)
   for value, share in ((np.inf, 0.05), (-np.inf, 0.05), (-0.0, 0.1), (np.nan, 0.05)):
