@@ -369,10 +369,10 @@ def _bisect_columns_jvp(positions, primals, tangents):
 
 # `select_extremes` serves ranks up to this many places from either end above `NETWORK_MAX_N`:
 # its cost grows with the rank (4 (k + 1) min / max per entry), bisection's (`select_bisect`,
-# two ranks) does not. Measured in the trimmed mean at n = 129 / 256 / 1024, d = 4,810 and
-# 100,000 (BENCHMARKS.md): the chains were faster up to k = 5, even at 6, slower at 8 (by
-# 1.3-1.4x at n = 256 and 1024).
-EXTREMES_MAX_RANK = 6
+# two ranks) does not. Measured in the trimmed mean at n = 129 … 2,048, d = 4,810 and 9,620
+# (BENCHMARKS.md): since bisection takes a byte at a time, the chains are faster at k = 1 and 2
+# (by up to 2x at n <= 520), slower from k = 3 or 4 on, and at n = 2,048 slower at any k.
+EXTREMES_MAX_RANK = 2
 
 # Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused
 # networks up to about 224 rows, then XLA:CPU split it into fusions that recompute each other;

@@ -320,9 +320,9 @@ def median(stack, *, f: int = 0):
 
   Cost: a pruned Batcher selection network over the n worker slices (≈ 440 compare-exchanges for
   n = 64), fused by XLA into one elementwise pass. Beyond n = `robustjax._sorting.NETWORK_MAX_N`
-  the middle value comes from a bisection of its bits (`_sorting.select_bisect`: 32 counting
-  passes over blocks of columns in cache); for even n the upper middle value is read from the
-  lower one in one more pass.
+  the middle value comes from a bisection of its bits (`_sorting.select_bisect`: a byte at a
+  time, 8 counting passes each, over blocks of columns in cache); for even n the upper middle
+  value is read from the lower one in one more pass.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
@@ -371,10 +371,10 @@ def trimmed_mean(stack, *, f: int):
   at most f non-finite values per coordinate (NaN counts as +inf) the result is finite.
 
   Cost: one selection network for the two order statistics, and one more elementwise pass, fused
-  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 6
+  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 2
   (`_sorting.EXTREMES_MAX_RANK`) the two order statistics come from insertion chains
   (4 (f + 1) min / max per entry, `_sorting.select_extremes`), else from a bisection of their bits
-  (`_sorting.select_bisect`: 32 counting passes, whatever f), each block of columns clipped and
+  (`_sorting.select_bisect`: a byte at a time, whatever f), each block of columns clipped and
   summed while it is in cache.
 
   Args:
