@@ -282,11 +282,7 @@ def bisect_columns(x: jax.Array, positions: Sequence[int]) -> jax.Array:
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
-  n, c = x.shape
   keys_dtype = _key_dtype(x.dtype)
-  top = jnp.iinfo(keys_dtype).max
-  rows = _BISECT_GROUP_ROWS
-  groups = -(-n // rows)
   # The ranks bisected: all but those read from the rank before (`_MAX_DERIVED`).
   heads, run = [], 0
   for p in sorted(set(positions)):
@@ -295,10 +291,7 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
       heads.append(p)
   heads = tuple(heads)
   need = jnp.asarray(np.asarray(heads) + 1, jnp.int32)[:, None]
-  keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
-  if groups * rows > n:
-    keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys_dtype)])
-  keys = keys.reshape(groups, rows, c)
+  keys = _grouped_keys(x)
 
   # The key's bytes from the top: each stage narrows the keys to one byte, their place in the
   # interval of keys that share the bytes found so far (0 below it, 255 above it), and bisects
@@ -318,6 +311,33 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
     if p not in found:
       found[p] = _next_rank(keys, found[p - 1], p)
   return _from_order_keys(jnp.stack([found[p] for p in positions]), x.dtype)
+
+
+def _grouped_keys(x: jax.Array) -> jax.Array:
+  """The order keys of x (n, c), NaN as +inf, as (groups, `_BISECT_GROUP_ROWS`, c), the last
+  group padded with the largest key."""
+  n, c = x.shape
+  keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
+  rows = _BISECT_GROUP_ROWS
+  groups = -(-n // rows)
+  if groups * rows > n:
+    top = jnp.iinfo(keys.dtype).max
+    keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys.dtype)])
+  return keys.reshape(groups, rows, c)
+
+
+def count_at_or_below(x: jax.Array, values: jax.Array, strict: Sequence[bool]) -> jax.Array:
+  """(r, c) int32 counts per column of x (n, c): #{i : x_i < v} where `strict`, else
+  #{i : x_i <= v}, for each row v of the (r, c) `values`: one pass over x, counted in uint8 per
+  group of rows as `select_bisect`'s passes are. NaN in x is never counted."""
+  n, c = x.shape
+  rows = _BISECT_GROUP_ROWS
+  groups = -(-n // rows)
+  if groups * rows > n:
+    x = jnp.concatenate([x, jnp.full((groups * rows - n, c), jnp.nan, x.dtype)])
+  x = x.reshape(groups, rows, c)
+  hits = [x < v if s else x <= v for v, s in zip(values, strict)]
+  return _count_rows(jnp.stack(hits))
 
 
 def _bisect_byte(digits: jax.Array, need: jax.Array) -> jax.Array:
@@ -341,11 +361,16 @@ def _bisect_byte(digits: jax.Array, need: jax.Array) -> jax.Array:
 
 def _count_at_or_below(keys: jax.Array, thresholds: jax.Array) -> jax.Array:
   """(r, c) int32 counts #{i : key_i <= t} per column of the (1 or r, groups, rows, c) keys, for
-  r thresholds (r, c): uint8 sums over each group's rows, and over pairs of groups while they
-  fit (XLA:CPU then keeps the sums in uint8 lanes), then int32 sums."""
-  below = (keys <= thresholds[:, None, None, :]).astype(jnp.uint8)
-  part = jnp.sum(below, axis=2, dtype=jnp.uint8)
-  part = _halving_reduce(part, 1, levels=int(np.log2(255 // keys.shape[2])))
+  r thresholds (r, c)."""
+  return _count_rows(keys <= thresholds[:, None, None, :])
+
+
+def _count_rows(hits: jax.Array) -> jax.Array:
+  """(r, c) int32 counts of the True entries of (r, groups, rows, c) `hits` over its groups and
+  rows: uint8 sums over each group's rows, and over pairs of groups while they fit (XLA:CPU then
+  keeps the sums in uint8 lanes), then int32 sums."""
+  part = jnp.sum(hits.astype(jnp.uint8), axis=2, dtype=jnp.uint8)
+  part = _halving_reduce(part, 1, levels=int(np.log2(255 // hits.shape[2])))
   return _halving_reduce(part.astype(jnp.int32), 1)
 
 

@@ -175,6 +175,26 @@ def test_select_bisect(n, monkeypatch):
     sorting.select_bisect(jnp.asarray(ties), [n])
 
 
+@pytest.mark.parametrize('n', [1, 16, 37, 300])
+def test_count_at_or_below(n):
+  # Counts against NumPy's comparisons: ties (small integers), −0 against +0, ±inf, NaN never
+  # counted; n = 37 pads the last group of rows with NaN, n = 300 sums more groups than uint8
+  # holds.
+  import robustjax._sorting as sorting
+
+  rng = np.random.default_rng(n)
+  x = rng.integers(-2, 3, size=(n, 40)).astype(np.float32)
+  for value, share in ((np.inf, 0.05), (-np.inf, 0.05), (-0.0, 0.1), (np.nan, 0.1)):
+    x[rng.random(x.shape) < share] = value
+  values = rng.integers(-2, 3, size=(4, 40)).astype(np.float32)
+  values[0, :5] = -0.0
+  values[1, 5:8] = np.inf
+  strict = (False, True, False, True)
+  got = sorting.count_at_or_below(jnp.asarray(x), jnp.asarray(values), strict)
+  want = [((x < v) if s else (x <= v)).sum(0) for v, s in zip(values, strict)]
+  np.testing.assert_array_equal(np.asarray(got), np.stack(want))
+
+
 @pytest.mark.parametrize('n', [1, 5, 16, 17, 37, 131])
 def test_select_extremes(n):
   # The insertion chains against a sort: ties (small integers), ±inf, ranks 0 … 8; n = 17, 37

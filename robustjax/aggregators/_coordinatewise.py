@@ -216,14 +216,14 @@ def _mean_closest_bisected(x: jax.Array, keep: int) -> jax.Array:
     med = stats[0] if len(mid) == 1 else 0.5 * stats[0] + 0.5 * stats[1]
     centred = _clean(block) - med
     bound = _sorting.bisect_columns(jnp.abs(centred), [keep - 1])[0]
-
-    def count(test):
-      return _sum_rows(lambda c: test(c).astype(c.dtype), centred)
-
-    inside = count(lambda c: jnp.abs(c) < bound)
-    low_at = count(lambda c: (jnp.abs(c) == bound) & (c <= 0))
-    below = count(lambda c: c <= -bound)
-    above = count(lambda c: c >= bound)
+    # #{c <= −D}, #{c < −D}, #{c < D} in one counting pass.
+    at_most_low, under_low, under_high = _sorting.count_at_or_below(
+      centred, jnp.stack([-bound, -bound, bound]), strict=(False, True, True)
+    ).astype(centred.dtype)
+    inside = jnp.maximum(under_high - at_most_low, 0)  # #{|c| < D}: none where D = 0
+    low_at = at_most_low - under_low  # #{c = −D}
+    below = at_most_low
+    above = x.shape[0] - under_high
     clipped = _sum_rows(lambda c: jnp.clip(c, -bound, bound), centred)
     take_low = jnp.minimum(keep - inside, low_at)
     take_high = keep - inside - take_low
