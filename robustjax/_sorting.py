@@ -159,6 +159,7 @@ _BISECT_GROUP_ROWS = 16
 
 
 def _bisect_block_columns(n: int) -> int:
+  """Columns per block of `select_bisect` for n rows: about `_BISECT_BLOCK_ENTRIES` keys."""
   rows = -(-n // _BISECT_GROUP_ROWS) * _BISECT_GROUP_ROWS
   return int(np.clip(2 ** round(np.log2(_BISECT_BLOCK_ENTRIES / rows)), 256, 2048))
 
@@ -296,46 +297,45 @@ def _bisect_columns(x: jax.Array, positions: tuple) -> jax.Array:
   # The key's bytes from the top: each stage narrows the keys to one byte, their place in the
   # interval of keys that share the bytes found so far (0 below it, 255 above it), and bisects
   # that byte in 8 counting passes over the bytes (4x the lanes of a pass over the keys).
-  found = None
+  prefix = None  # (heads, c): the bytes found so far, the lower ones zero
   for shift in range(8 * keys_dtype.itemsize - 8, -1, -8):
-    if found is None:  # the top byte, shared by all ranks
+    if prefix is None:  # the top byte, shared by all ranks
       digits = ((keys >> shift) + 128).astype(jnp.uint8)[None]
     else:
-      low = found[:, None, None, :]
+      low = prefix[:, None, None, :]
       span = (1 << (shift + 8)) - 1
       digits = ((jnp.clip(keys[None], low, low + span) - low) >> shift).astype(jnp.uint8)
     digit = _bisect_byte(digits, need).astype(keys_dtype)
-    found = (digit - 128) << shift if found is None else found + (digit << shift)
-  found = dict(zip(heads, found))
+    prefix = (digit - 128) << shift if prefix is None else prefix + (digit << shift)
+  found = dict(zip(heads, prefix))
   for p in sorted(set(positions)):
     if p not in found:
       found[p] = _next_rank(keys, found[p - 1], p)
   return _from_order_keys(jnp.stack([found[p] for p in positions]), x.dtype)
 
 
-def _grouped_keys(x: jax.Array) -> jax.Array:
-  """The order keys of x (n, c), NaN as +inf, as (groups, `_BISECT_GROUP_ROWS`, c), the last
-  group padded with the largest key."""
+def _grouped(x: jax.Array, fill) -> jax.Array:
+  """x (n, c) as (groups, `_BISECT_GROUP_ROWS`, c), the last group padded with `fill`."""
   n, c = x.shape
-  keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
   rows = _BISECT_GROUP_ROWS
   groups = -(-n // rows)
   if groups * rows > n:
-    top = jnp.iinfo(keys.dtype).max
-    keys = jnp.concatenate([keys, jnp.full((groups * rows - n, c), top, keys.dtype)])
-  return keys.reshape(groups, rows, c)
+    x = jnp.concatenate([x, jnp.full((groups * rows - n, c), fill, x.dtype)])
+  return x.reshape(groups, rows, c)
 
 
-def count_at_or_below(x: jax.Array, values: jax.Array, strict: Sequence[bool]) -> jax.Array:
+def _grouped_keys(x: jax.Array) -> jax.Array:
+  """The order keys of x (n, c), NaN as +inf, grouped (`_grouped`), padded with the largest
+  key."""
+  keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
+  return _grouped(keys, jnp.iinfo(keys.dtype).max)
+
+
+def count_below(x: jax.Array, values: jax.Array, strict: Sequence[bool]) -> jax.Array:
   """(r, c) int32 counts per column of x (n, c): #{i : x_i < v} where `strict`, else
   #{i : x_i <= v}, for each row v of the (r, c) `values`: one pass over x, counted in uint8 per
   group of rows as `select_bisect`'s passes are. NaN in x is never counted."""
-  n, c = x.shape
-  rows = _BISECT_GROUP_ROWS
-  groups = -(-n // rows)
-  if groups * rows > n:
-    x = jnp.concatenate([x, jnp.full((groups * rows - n, c), jnp.nan, x.dtype)])
-  x = x.reshape(groups, rows, c)
+  x = _grouped(x, jnp.nan)
   hits = [x < v if s else x <= v for v, s in zip(values, strict)]
   return _count_rows(jnp.stack(hits))
 
@@ -352,7 +352,7 @@ def _bisect_byte(digits: jax.Array, need: jax.Array) -> jax.Array:
 
   # The carry starts from the digits (inside `jax.shard_map` a carry of constants would not vary
   # over the devices), and every halving runs in the loop: a first one outside it, fused with the
-  # digits' computation, took as long as the others together (BENCHMARKS.md).
+  # keys' computation, took as long as the other 31 at n = 129 (int32 keys; BENCHMARKS.md).
   zero = jnp.zeros_like(digits[0, 0, :1])
   shape = (need.shape[0], digits.shape[-1])
   start = (jnp.broadcast_to(zero, shape), jnp.broadcast_to(zero + 255, shape))

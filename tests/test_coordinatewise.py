@@ -176,7 +176,7 @@ def test_select_bisect(n, monkeypatch):
 
 
 @pytest.mark.parametrize('n', [1, 16, 37, 300])
-def test_count_at_or_below(n):
+def test_count_below(n):
   # Counts against NumPy's comparisons: ties (small integers), −0 against +0, ±inf, NaN never
   # counted; n = 37 pads the last group of rows with NaN, n = 300 sums more groups than uint8
   # holds.
@@ -190,7 +190,7 @@ def test_count_at_or_below(n):
   values[0, :5] = -0.0
   values[1, 5:8] = np.inf
   strict = (False, True, False, True)
-  got = sorting.count_at_or_below(jnp.asarray(x), jnp.asarray(values), strict)
+  got = sorting.count_below(jnp.asarray(x), jnp.asarray(values), strict)
   want = [((x < v) if s else (x <= v)).sum(0) for v, s in zip(values, strict)]
   np.testing.assert_array_equal(np.asarray(got), np.stack(want))
 

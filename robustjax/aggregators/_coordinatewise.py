@@ -217,7 +217,7 @@ def _mean_closest_bisected(x: jax.Array, keep: int) -> jax.Array:
     centred = _clean(block) - med
     bound = _sorting.bisect_columns(jnp.abs(centred), [keep - 1])[0]
     # #{c <= −D}, #{c < −D}, #{c < D} in one counting pass.
-    at_most_low, under_low, under_high = _sorting.count_at_or_below(
+    at_most_low, under_low, under_high = _sorting.count_below(
       centred, jnp.stack([-bound, -bound, bound]), strict=(False, True, True)
     ).astype(centred.dtype)
     inside = jnp.maximum(under_high - at_most_low, 0)  # #{|c| < D}: none where D = 0
