@@ -217,12 +217,11 @@ def _mean_closest_bisected(x: jax.Array, keep: int) -> jax.Array:
     centred = _clean(block) - med
     bound = _sorting.bisect_columns(jnp.abs(centred), [keep - 1])[0]
     # #{c <= −D}, #{c < −D}, #{c < D} in one counting pass.
-    at_most_low, under_low, under_high = _sorting.count_below(
+    below, under_low, under_high = _sorting.count_below(
       centred, jnp.stack([-bound, -bound, bound]), strict=(False, True, True)
     ).astype(centred.dtype)
-    inside = jnp.maximum(under_high - at_most_low, 0)  # #{|c| < D}: none where D = 0
-    low_at = at_most_low - under_low  # #{c = −D}
-    below = at_most_low
+    inside = jnp.maximum(under_high - below, 0)  # #{|c| < D}: none where D = 0
+    low_at = below - under_low  # #{c = −D}
     above = x.shape[0] - under_high
     clipped = _sum_rows(lambda c: jnp.clip(c, -bound, bound), centred)
     take_low = jnp.minimum(keep - inside, low_at)
