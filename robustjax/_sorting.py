@@ -14,13 +14,14 @@ walking the network backwards, a comparator whose two output wires are interchan
 rest of the computation (both unused, or both summed with the same weight) is dropped; XLA's
 dead-code elimination then removes the `min` or `max` halves whose outputs are never read.
 
-Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much.
-There a few ranks (a median, a trimmed mean's two cut-offs) are found by bisecting the bits of
-the value (`select_bisect`: 8 counting passes per byte of the value, over a block of columns in
-cache, whatever the data), more ranks by running the same network layer by layer in a loop over
-column blocks (`select_layered`); `jnp.sort` along the worker axis is slower still. Ranks a few
-places from either end (a trimmed mean with a small f) are cheaper by insertion chains
-(`select_extremes`).
+Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much; a
+network read through one value (a median) stays one fused pass a little further
+(`ONE_OUTPUT_NETWORK_MAX_N`). Beyond, a few ranks (a median, a trimmed mean's two cut-offs) are
+found by bisecting the bits of the value (`select_bisect`: 8 counting passes per byte of the
+value, over a block of columns in cache, whatever the data), more ranks by running the same
+network layer by layer in a loop over column blocks (`select_layered`); `jnp.sort` along the
+worker axis is slower still. Ranks a few places from either end (a trimmed mean with a small f)
+are cheaper by insertion chains (`select_extremes`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -40,6 +41,22 @@ from robustjax._blocks import over_column_blocks
 
 # Largest n sorted by a network (measured compile times: BENCHMARKS.md, `aggregators`).
 NETWORK_MAX_N = 128
+
+# Largest n for a network read through one value: one rank, or two ranks used only through a
+# symmetric function (the two middle values of a median). XLA:CPU keeps such a network one loop
+# fusion further than one with several outputs (the trimmed mean's two cut-offs split into many
+# fusions from 129 rows on, 8 ns per worker · coordinate). The median's network took 0.53-0.74 ns
+# at 129-160 rows (bisection 1.0-1.1); at 176 rows 0.6 ns at d = 4,810 but 1.3 at d = 10^5, and
+# from 184 rows XLA split it (9-15 ns). On CPU; BENCHMARKS.md.
+ONE_OUTPUT_NETWORK_MAX_N = 160
+
+
+def network_max_n(count: int, symmetric: bool = False) -> int:
+  """The most rows `select` unrolls its network over, for `count` ranks (used only through a
+  symmetric function when `symmetric`)."""
+  if count == 1 or (symmetric and count == 2):
+    return max(ONE_OUTPUT_NETWORK_MAX_N, NETWORK_MAX_N)
+  return NETWORK_MAX_N
 
 
 @functools.cache
@@ -506,7 +523,7 @@ def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bo
   positions = [int(p) for p in positions]
   if not all(0 <= p < n for p in positions):
     raise ValueError(f'select: positions {positions} out of range for n={n}')
-  if n > NETWORK_MAX_N:
+  if n > network_max_n(len(positions), symmetric):
     return select_large(jnp.stack(rows), positions)
   labels = [None] * n
   for p in positions:

@@ -1,5 +1,7 @@
 """Coordinate-wise aggregators against float64 NumPy references written from the formulas."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -224,6 +226,7 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect
   import robustjax._sorting as sorting
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
+  monkeypatch.setattr(sorting, 'ONE_OUTPUT_NETWORK_MAX_N', 4)
   monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', extremes_max_rank)
   monkeypatch.setattr(sorting, 'BISECT_MAX_RANKS', bisect_max_ranks)
   # A shape no other test (and no other parameter) uses: a fresh trace, so the patched limits apply.
@@ -241,6 +244,28 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect
   np.testing.assert_allclose(got, RULES[name](ties.astype(np.float64), 3), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize('n', [129, 144, 161])
+def test_median_network_beyond_network_max_n(n):
+  # A network read through one value (the median's rank, or its two middle ranks summed) stays
+  # unrolled up to `ONE_OUTPUT_NETWORK_MAX_N` rows, past `NETWORK_MAX_N`; beyond, bisection (a
+  # handful of passes). NaN as +inf, infinities and ties, against the float64 reference.
+  import robustjax._sorting as sorting
+
+  assert sorting.network_max_n(1) == sorting.network_max_n(2, symmetric=True) >= 160
+  assert sorting.network_max_n(2) == sorting.NETWORK_MAX_N == 128
+  x = _data(n, 9, seed=n)
+  x[0, :2] = np.nan
+  x[1, 3] = -np.inf
+  x[: n // 2 + 3, 4] = x[0, 4]  # the middle ranks tie
+  rule = aggregators.get('median')
+  jaxpr = str(jax.make_jaxpr(lambda x: rule(x))(jnp.asarray(x)))
+  comparators = len(re.findall(r'= min ', jaxpr))  # one `min` per compare-exchange
+  assert (comparators > n) == (n <= sorting.ONE_OUTPUT_NETWORK_MAX_N)
+  got = np.asarray(rule(jnp.asarray(x)))
+  want = RULES['median'](np.where(np.isnan(x), np.inf, x).astype(np.float64), 0)
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('name', ROBUST)
 def test_gradients_beyond_network_max_n(monkeypatch, name):
   # Bisection's order statistics differentiate as the networks' do (the selected entry's
@@ -254,6 +279,7 @@ def test_gradients_beyond_network_max_n(monkeypatch, name):
   grads = {}
   for limit in (sorting.NETWORK_MAX_N, 4):  # the unrolled network, then bisection
     monkeypatch.setattr(sorting, 'NETWORK_MAX_N', limit)
+    monkeypatch.setattr(sorting, 'ONE_OUTPUT_NETWORK_MAX_N', limit)
     jax.clear_caches()
     grads[limit] = np.asarray(
       jax.grad(lambda x: (aggregators.get(name)(x, f=3) * weights).sum())(x)

@@ -92,7 +92,7 @@ def _unrolled(x: jax.Array) -> bool:
 
 def _select(x: jax.Array, positions, *, symmetric: bool = False) -> list[jax.Array]:
   """Order statistics along the worker axis of x (n, D), NaN counted as +inf."""
-  if _unrolled(x):
+  if x.shape[0] <= _sorting.network_max_n(len(positions), symmetric):
     # Row by row, so the NaN mapping fuses into the network's loop.
     rows = [_clean(x[i]) for i in range(x.shape[0])]
     return _sorting.select(rows, positions, symmetric=symmetric)
@@ -318,10 +318,11 @@ def median(stack, *, f: int = 0):
   finite and lies within the range of the finite values.
 
   Cost: a pruned Batcher selection network over the n worker slices (≈ 440 compare-exchanges for
-  n = 64), fused by XLA into one elementwise pass. Beyond n = `robustjax._sorting.NETWORK_MAX_N`
-  the middle value comes from a bisection of its bits (`_sorting.select_bisect`: a byte at a
-  time, 8 counting passes each, over blocks of columns in cache); for even n the upper middle
-  value is read from the lower one in one more pass.
+  n = 64), fused by XLA into one elementwise pass. Read through one value, this network stays one
+  pass up to n = `robustjax._sorting.ONE_OUTPUT_NETWORK_MAX_N` (160), past the 128 rows of the
+  other rules' networks. Beyond, the middle value comes from a bisection of its bits
+  (`_sorting.select_bisect`: a byte at a time, 8 counting passes each, over blocks of columns in
+  cache); for even n the upper middle value is read from the lower one in one more pass.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
