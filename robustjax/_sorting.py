@@ -46,7 +46,7 @@ NETWORK_MAX_N = 128
 # symmetric function (the two middle values of a median). XLA:CPU keeps such a network one loop
 # fusion further than one with several outputs (the trimmed mean's two cut-offs split into many
 # fusions from 129 rows on, 8 ns per worker · coordinate). The median's network took 0.53-0.74 ns
-# at 129-160 rows (bisection 1.0-1.1); at 176 rows 0.6 ns at d = 4,810 but 1.3 at d = 10^5, and
+# at 129-160 rows (bisection 0.95-1.13); at 176 rows 0.6 ns at d = 4,810 but 1.3 at d = 10^5, and
 # from 184 rows XLA split it (9-15 ns). On CPU; BENCHMARKS.md.
 ONE_OUTPUT_NETWORK_MAX_N = 160
 
