@@ -23,6 +23,8 @@ Examples:
       --rules=median,trimmed_mean,meamed
   python experiments/benchmark_aggregators.py --cc_switch=16,64,256 --repeats=3
   python experiments/benchmark_aggregators.py --scaling=128,129,256,1024 --repeats=5
+  python experiments/benchmark_aggregators.py --scaling=128,129,224,256 \
+      --scaling_calls=jit,standalone
   python experiments/benchmark_aggregators.py --n=64 --d=1000000 --f=8 --cpu_devices=2 \
       --rules=krum,multikrum,caf
 
@@ -35,6 +37,7 @@ a small output (n ≤ 64) runs on one thread, so this is how such a Gram uses ev
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import math
@@ -103,6 +106,13 @@ flags.DEFINE_list(
 )
 flags.DEFINE_list('scaling_rules', ['median', 'trimmed_mean', 'meamed'], 'rules of --scaling')
 flags.DEFINE_integer('scaling_d', 4810, 'coordinates per worker in --scaling')
+flags.DEFINE_list(
+  'scaling_calls',
+  ['jit'],
+  "--scaling: how each rule is called: 'jit' (inside the benchmark's own jax.jit, as in a training "
+  "step) and/or 'standalone' (the rule called directly: on CPU its own compilation, the legacy "
+  'emitter and networks up to robustjax._sorting.WIDE_NETWORK_MAX_N workers)',
+)
 flags.DEFINE_integer(
   'scaling_rounds', 3, "--scaling: rounds over all the cells, each cell's best round kept"
 )
@@ -313,10 +323,16 @@ def donation_section(x, f: int, repeats: int) -> list[dict]:
   return rows
 
 
-def scaling_section(ns, rules, d: int, repeats: int, rounds: int) -> list[dict]:
+def _standalone(x, key, *, rule, f, params):
+  """The rule called directly, outside any jit of the benchmark's (key unused)."""
+  return rule(x, f=f, **params)
+
+
+def scaling_section(ns, rules, d: int, repeats: int, rounds: int, calls=('jit',)) -> list[dict]:
   """Each rule at each n (f = n/8, d fixed): ms, ns per worker-coordinate, and that per-worker
   cost over the first n's (the coordinate-wise rules leave their unrolled network above
-  `robustjax._sorting.NETWORK_MAX_N`).
+  `robustjax._sorting.NETWORK_MAX_N`), for each way of calling it (`calls`: inside a jax.jit of
+  the benchmark's, or standalone).
 
   Every cell is compiled first, then timed in `rounds` rounds over all the cells (each round
   times each cell `repeats` times, its median); a cell's time is its best round. On a shared
@@ -327,10 +343,20 @@ def scaling_section(ns, rules, d: int, repeats: int, rounds: int) -> list[dict]:
     _, x = _stack(n, d, FLAGS.seed, jnp.float32)
     for name in rules:
       f = n // 8
-      fn = _make_fn('aggregator', name, f, _params(name, n, f, FLAGS.iters))
-      t0 = time.perf_counter()
-      compiled = fn.lower(x, jax.random.key(0)).compile()
-      cells.append(dict(rule=name, n=n, f=f, x=x, fn=compiled, compile_s=time.perf_counter() - t0))
+      params = _params(name, n, f, FLAGS.iters)
+      for call in calls:
+        t0 = time.perf_counter()
+        if call == 'jit':
+          fn = _make_fn('aggregator', name, f, params).lower(x, jax.random.key(0)).compile()
+        elif call == 'standalone':
+          rule = aggregators.get(name)
+          fn = functools.partial(_standalone, rule=rule, f=f, params=params)
+          jax.block_until_ready(fn(x, jax.random.key(0)))  # compiles
+        else:
+          raise ValueError(f"--scaling_calls: {call!r} is not 'jit' or 'standalone'")
+        cells.append(
+          dict(rule=name, call=call, n=n, f=f, x=x, fn=fn, compile_s=time.perf_counter() - t0)
+        )
   for k in range(rounds):
     if rounds > 1:
       print(f'# scaling: round {k + 1} of {rounds}', flush=True)
@@ -338,28 +364,30 @@ def scaling_section(ns, rules, d: int, repeats: int, rounds: int) -> list[dict]:
       t = _run_time(cell['fn'], cell['x'], jax.random.key(0), repeats=repeats, warmup=1)
       cell['time_s'] = min(t, cell.get('time_s', math.inf))
   print(
-    f'# {"rule":<14} {"n":>5} {"d":>7} {"f":>4} {"compile s":>9} {"ms":>9} '
+    f'# {"rule":<14} {"call":<10} {"n":>5} {"d":>7} {"f":>4} {"compile s":>9} {"ms":>9} '
     f'{"ns/(worker·coord)":>18} {"× first n":>9}'
   )
   rows, base = [], {}
   for cell in cells:
-    name, n, f, t = cell['rule'], cell['n'], cell['f'], cell['time_s']
+    name, call, n, f, t = cell['rule'], cell['call'], cell['n'], cell['f'], cell['time_s']
     per = t / (n * d) * 1e9
-    base.setdefault(name, per)
+    base.setdefault((name, call), per)
     row = dict(
       rule=name,
+      call=call,
       n=n,
       d=d,
       f=f,
       compile_s=cell['compile_s'],
       time_s=t,
       ns_per_entry=per,
-      over_first=per / base[name],
+      over_first=per / base[name, call],
       rounds=rounds,
     )
     rows.append(row)
     print(
-      f'# {name:<14} {n:>5} {d:>7} {f:>4} {cell["compile_s"]:>9.1f} {t * 1e3:>9.2f} {per:>18.2f} '
+      f'# {name:<14} {call:<10} {n:>5} {d:>7} {f:>4} {cell["compile_s"]:>9.1f} {t * 1e3:>9.2f} '
+      f'{per:>18.2f} '
       f'{row["over_first"]:>9.2f}',
       flush=True,
     )
@@ -596,7 +624,12 @@ def main(argv):
     print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), float32')
     ns = [int(v) for v in FLAGS.scaling]
     rows = scaling_section(
-      ns, FLAGS.scaling_rules, FLAGS.scaling_d, FLAGS.repeats, FLAGS.scaling_rounds
+      ns,
+      FLAGS.scaling_rules,
+      FLAGS.scaling_d,
+      FLAGS.repeats,
+      FLAGS.scaling_rounds,
+      FLAGS.scaling_calls,
     )
     if FLAGS.json_out:
       with open(FLAGS.json_out, 'w') as fh:

@@ -14,14 +14,16 @@ walking the network backwards, a comparator whose two output wires are interchan
 rest of the computation (both unused, or both summed with the same weight) is dropped; XLA's
 dead-code elimination then removes the `min` or `max` halves whose outputs are never read.
 
-Beyond `NETWORK_MAX_N` workers the unrolled network's size (and compile time) grows too much; a
-network read through one value (a median) stays one fused pass a little further
-(`ONE_OUTPUT_NETWORK_MAX_N`). Beyond, a few ranks (a median, a trimmed mean's two cut-offs) are
-found by bisecting the bits of the value (`select_bisect`: 8 counting passes per byte of the
-value, over a block of columns in cache, whatever the data), more ranks by running the same
-network layer by layer in a loop over column blocks (`select_layered`); `jnp.sort` along the
-worker axis is slower still. Ranks a few places from either end (a trimmed mean with a small f)
-are cheaper by insertion chains (`select_extremes`).
+Beyond `NETWORK_MAX_N` workers XLA:CPU's default emitter no longer vectorises the unrolled
+network (it splits a fusion of more than 2,000 ops into functions it does not inline); a network
+read through one value (a median) stays one fused pass a little further
+(`ONE_OUTPUT_NETWORK_MAX_N`), and any of the rules' networks up to `WIDE_NETWORK_MAX_N` rows when
+compiled with XLA:CPU's legacy loop emitter (`wide_networks`). Beyond, a few ranks (a median, a
+trimmed mean's two cut-offs) are found by bisecting the bits of the value (`select_bisect`: 8
+counting passes per byte of the value, over a block of columns in cache, whatever the data), more
+ranks by running the same network layer by layer in a loop over column blocks (`select_layered`);
+`jnp.sort` along the worker axis is slower still. Ranks a few places from either end (a trimmed
+mean with a small f) are cheaper by insertion chains (`select_extremes`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -30,7 +32,9 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 from collections.abc import Sequence
 
 import jax
@@ -51,9 +55,43 @@ NETWORK_MAX_N = 128
 ONE_OUTPUT_NETWORK_MAX_N = 160
 
 
+# Largest n for any of the rules' networks when the computation is compiled with XLA:CPU's legacy
+# loop emitter (`WIDE_NETWORK_COMPILER_OPTIONS`, inside `wide_networks()`). The limits above are
+# those of XLA:CPU's default (MLIR) fusion emitter, which splits a fusion of more than 2,000 HLO
+# ops into functions (`kMaxHloOpsPerSubgraph` in XLA's computation partitioner); LLVM does not
+# inline the large ones, and a loop that calls a function is not vectorised (16x slower: the
+# trimmed mean took 8 ns per worker · coordinate at 129 rows). The legacy emitter keeps the
+# network one vectorised loop up to 224 rows (0.64-0.76 ns for the trimmed mean at 160-224 rows
+# against 1.4-2.1 by bisection); at 256 LLVM no longer vectorises it either. It makes the
+# bisection's counting passes about 2x slower, so it is only used where the network runs.
+# On CPU; BENCHMARKS.md.
+WIDE_NETWORK_MAX_N = 224
+WIDE_NETWORK_COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False}
+
+_wide = threading.local()
+
+
+@contextlib.contextmanager
+def wide_networks():
+  """Within it, traces unroll the networks up to `WIDE_NETWORK_MAX_N` rows.
+
+  Only for a computation compiled with `WIDE_NETWORK_COMPILER_OPTIONS` (which jax.jit accepts
+  only on the outermost jit): with XLA:CPU's default emitter such a network is not vectorised.
+  Use a jitted function traced inside it for nothing else (jax caches the trace).
+  """
+  before = getattr(_wide, 'on', False)
+  _wide.on = True
+  try:
+    yield
+  finally:
+    _wide.on = before
+
+
 def network_max_n(count: int, symmetric: bool = False) -> int:
   """The most rows `select` unrolls its network over, for `count` ranks (used only through a
-  symmetric function when `symmetric`)."""
+  symmetric function when `symmetric`); `WIDE_NETWORK_MAX_N` inside `wide_networks()`."""
+  if getattr(_wide, 'on', False):
+    return max(WIDE_NETWORK_MAX_N, NETWORK_MAX_N)
   if count == 1 or (symmetric and count == 2):
     return max(ONE_OUTPUT_NETWORK_MAX_N, NETWORK_MAX_N)
   return NETWORK_MAX_N

@@ -417,6 +417,7 @@ def test_order_statistic_evaluation_beyond_the_network(monkeypatch, spec):
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
   monkeypatch.setattr(sorting, 'ONE_OUTPUT_NETWORK_MAX_N', 4)
+  monkeypatch.setattr(sorting, 'WIDE_NETWORK_MAX_N', 4)
   for defender_f in (1, 2, 4):
     # Shapes of their own: fresh traces, so the patched limit applies.
     _check_order_statistic_evaluation(spec, 11, 2, defender_f, ints=(3, 4), cont=9)

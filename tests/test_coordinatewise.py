@@ -1,5 +1,6 @@
 """Coordinate-wise aggregators against float64 NumPy references written from the formulas."""
 
+import inspect
 import re
 
 import jax
@@ -227,6 +228,7 @@ def test_rules_beyond_network_max_n(monkeypatch, name, extremes_max_rank, bisect
 
   monkeypatch.setattr(sorting, 'NETWORK_MAX_N', 4)
   monkeypatch.setattr(sorting, 'ONE_OUTPUT_NETWORK_MAX_N', 4)
+  monkeypatch.setattr(sorting, 'WIDE_NETWORK_MAX_N', 4)
   monkeypatch.setattr(sorting, 'EXTREMES_MAX_RANK', extremes_max_rank)
   monkeypatch.setattr(sorting, 'BISECT_MAX_RANKS', bisect_max_ranks)
   # A shape no other test (and no other parameter) uses: a fresh trace, so the patched limits apply.
@@ -267,6 +269,44 @@ def test_median_network_beyond_network_max_n(n):
 
 
 @pytest.mark.parametrize('name', ROBUST)
+def test_wide_networks_standalone(name):
+  # Called outside any trace on CPU, a stack of 129 … `WIDE_NETWORK_MAX_N` workers is compiled
+  # with XLA:CPU's legacy emitter and traced inside `wide_networks()`: one unrolled network, the
+  # same result as the float64 reference (NaN as +inf, -inf, ties). Inside a caller's jit the same
+  # shape still bisects (but the median): the wide trace is not reused there (jax caches traces by
+  # function).
+  import robustjax._sorting as sorting
+
+  n, f = 136, 17
+  assert sorting.NETWORK_MAX_N < n <= sorting.WIDE_NETWORK_MAX_N
+  x = _data(n, 9, seed=n + len(name))
+  x[0, :2] = np.nan
+  x[1, 3] = -np.inf
+  x[: n // 2 + 3, 4] = x[0, 4]  # ties at the middle and at the cut-offs
+  rule = aggregators.get(name)
+  assert cw._wide_network([jnp.asarray(x)])
+  assert not cw._wide_network([jnp.zeros((sorting.WIDE_NETWORK_MAX_N + 1, 3))])
+  assert not cw._wide_network([jnp.zeros((sorting.NETWORK_MAX_N, 3))])
+
+  def comparators(fn, x):
+    return len(re.findall(r'= min ', str(jax.make_jaxpr(lambda x: fn(x, f=f))(x))))
+
+  with sorting.wide_networks():
+    assert sorting.network_max_n(2) == sorting.WIDE_NETWORK_MAX_N
+    # The rule's own function, not its jit: a trace in here must not be cached for later ones.
+    assert comparators(inspect.unwrap(rule), jnp.asarray(x)) > n  # unrolled
+  assert sorting.network_max_n(2) == sorting.NETWORK_MAX_N
+  got = np.asarray(rule(jnp.asarray(x), f=f))  # standalone: the wide variant
+  want = RULES[name](np.where(np.isnan(x), np.inf, x).astype(np.float64), f)
+  np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-6)
+  inside = jax.jit(lambda x: rule(x, f=f))
+  np.testing.assert_allclose(np.asarray(inside(jnp.asarray(x))), want, rtol=2e-6, atol=1e-6)
+  # Traced: bisection (the median's one-output network reaches `ONE_OUTPUT_NETWORK_MAX_N`).
+  traced_limit = sorting.network_max_n(1) if name == 'median' else sorting.network_max_n(2)
+  assert (comparators(rule, jnp.asarray(x)) > n) == (n <= traced_limit)
+
+
+@pytest.mark.parametrize('name', ROBUST)
 def test_gradients_beyond_network_max_n(monkeypatch, name):
   # Bisection's order statistics differentiate as the networks' do (the selected entry's
   # derivative): beyond the (patched) network limit, the same gradient as the unrolled network
@@ -280,6 +320,7 @@ def test_gradients_beyond_network_max_n(monkeypatch, name):
   for limit in (sorting.NETWORK_MAX_N, 4):  # the unrolled network, then bisection
     monkeypatch.setattr(sorting, 'NETWORK_MAX_N', limit)
     monkeypatch.setattr(sorting, 'ONE_OUTPUT_NETWORK_MAX_N', limit)
+    monkeypatch.setattr(sorting, 'WIDE_NETWORK_MAX_N', limit)
     jax.clear_caches()
     grads[limit] = np.asarray(
       jax.grad(lambda x: (aggregators.get(name)(x, f=3) * weights).sum())(x)

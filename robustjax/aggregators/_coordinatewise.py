@@ -23,6 +23,7 @@ dtype.
 from __future__ import annotations
 
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -46,18 +47,52 @@ def _jit_f(fn):
   """`jax.jit` with `f` static, and `CPU_COMPILER_OPTIONS` when called outside any trace.
 
   JAX accepts `compiler_options` only on a top-level jit, so inside a caller's trace (jit, vmap,
-  grad) the plain jitted function is used and the options are the caller's choice.
+  grad) the plain jitted function is used and the options are the caller's choice. Outside any
+  trace, on CPU, a stack of `_sorting.NETWORK_MAX_N` < n <= `_sorting.WIDE_NETWORK_MAX_N` workers
+  is compiled with XLA:CPU's legacy loop emitter and traced inside `_sorting.wide_networks()`,
+  so that the rule runs as one unrolled network there too (BENCHMARKS.md).
   """
   plain = jax.jit(fn, static_argnames=('f',))
   tuned = jax.jit(fn, static_argnames=('f',), compiler_options=CPU_COMPILER_OPTIONS)
+  # A function object of its own: jax caches traces by function, and this one's differ.
+  wide = jax.jit(
+    functools.wraps(fn)(lambda *args, **kwargs: fn(*args, **kwargs)),
+    static_argnames=('f',),
+    compiler_options={**CPU_COMPILER_OPTIONS, **_sorting.WIDE_NETWORK_COMPILER_OPTIONS},
+  )
 
   @functools.wraps(fn)
   def rule(stack, **kwargs):
-    traced = any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(stack))
-    return (plain if traced else tuned)(stack, **kwargs)
+    leaves = jax.tree.leaves(stack)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+      return plain(stack, **kwargs)
+    if _wide_network(leaves):
+      try:
+        with _sorting.wide_networks():
+          return wide(stack, **kwargs)
+      except jax.errors.JaxRuntimeError as error:  # an XLA without the legacy emitter's option
+        if 'compile option' not in str(error):
+          raise
+        _WIDE.available = False
+    return tuned(stack, **kwargs)
 
   rule.plain = plain
   return rule
+
+
+_WIDE = types.SimpleNamespace(available=True)
+
+
+def _wide_network(leaves) -> bool:
+  """Whether a stack with these (concrete) leaves runs `_jit_f`'s wide-network variant."""
+  if not _WIDE.available or not leaves or not hasattr(leaves[0], 'shape') or not leaves[0].shape:
+    return False
+  n = leaves[0].shape[0]
+  if not _sorting.NETWORK_MAX_N < n <= _sorting.WIDE_NETWORK_MAX_N:
+    return False
+  if isinstance(leaves[0], jax.Array):
+    return all(device.platform == 'cpu' for device in leaves[0].devices())
+  return jax.default_backend() == 'cpu'
 
 
 def _columnwise(fn, stack, *, nan_if_nonfinite: bool = False):
@@ -86,8 +121,8 @@ def _clean(x: jax.Array) -> jax.Array:
 
 
 def _unrolled(x: jax.Array) -> bool:
-  """Whether the rules run as one unrolled network over the rows (else layer by layer)."""
-  return x.shape[0] <= _sorting.NETWORK_MAX_N
+  """Whether the rules run as one unrolled network over the rows (else by bisection)."""
+  return x.shape[0] <= _sorting.network_max_n(2)
 
 
 def _select(x: jax.Array, positions, *, symmetric: bool = False) -> list[jax.Array]:
@@ -320,9 +355,11 @@ def median(stack, *, f: int = 0):
   Cost: a pruned Batcher selection network over the n worker slices (≈ 440 compare-exchanges for
   n = 64), fused by XLA into one elementwise pass. Read through one value, this network stays one
   pass up to n = `robustjax._sorting.ONE_OUTPUT_NETWORK_MAX_N` (160), past the 128 rows of the
-  other rules' networks. Beyond, the middle value comes from a bisection of its bits
-  (`_sorting.select_bisect`: a byte at a time, 8 counting passes each, over blocks of columns in
-  cache); for even n the upper middle value is read from the lower one in one more pass.
+  other rules' networks, and up to `robustjax._sorting.WIDE_NETWORK_MAX_N` (224) when the rule is
+  called outside any jit on CPU (see `trimmed_mean`). Beyond, the middle value comes from a
+  bisection of its bits (`_sorting.select_bisect`: a byte at a time, 8 counting passes each, over
+  blocks of columns in cache); for even n the upper middle value is read from the lower one in one
+  more pass.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
@@ -375,7 +412,11 @@ def trimmed_mean(stack, *, f: int):
   (`_sorting.EXTREMES_MAX_RANK`) the two order statistics come from insertion chains
   (4 (f + 1) min / max per entry, `_sorting.select_extremes`), else from a bisection of their bits
   (`_sorting.select_bisect`: a byte at a time, whatever f), each block of columns clipped and
-  summed while it is in cache.
+  summed while it is in cache. Called outside any jit on CPU with up to
+  `robustjax._sorting.WIDE_NETWORK_MAX_N` (224) workers, the rule is compiled with XLA:CPU's legacy
+  loop emitter, which keeps the network one vectorised loop there (0.6-0.8 ns per worker ·
+  coordinate against 1.4-2.1 by bisection on a Zen 5 core; BENCHMARKS.md). Inside a caller's jit
+  the caller's compiler options apply, and the limit is 128.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
@@ -442,7 +483,8 @@ def meamed(stack, *, f: int):
   `robustjax._sorting.NETWORK_MAX_N` (128) workers, two bisections per block of columns instead
   (`_sorting.select_bisect`): the median, then the distance of the (n − f)-th closest value, and
   one clipped sum around the median (`_mean_closest_bisected`): 1.2-1.9 times the trimmed mean's
-  cost there.
+  cost there. Called outside any jit on CPU, the network serves up to
+  `robustjax._sorting.WIDE_NETWORK_MAX_N` (224) workers (see `trimmed_mean`).
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
