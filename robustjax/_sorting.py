@@ -43,15 +43,16 @@ import numpy as np
 
 from robustjax._blocks import over_column_blocks
 
-# Largest n sorted by a network (measured compile times: BENCHMARKS.md, `aggregators`).
+# Largest n sorted by a network with XLA:CPU's default emitter: beyond, the rules' networks are no
+# longer vectorised (see `WIDE_NETWORK_MAX_N`; BENCHMARKS.md).
 NETWORK_MAX_N = 128
 
 # Largest n for a network read through one value: one rank, or two ranks used only through a
-# symmetric function (the two middle values of a median). XLA:CPU keeps such a network one loop
-# fusion further than one with several outputs (the trimmed mean's two cut-offs split into many
-# fusions from 129 rows on, 8 ns per worker · coordinate). The median's network took 0.53-0.74 ns
-# at 129-160 rows (bisection 0.95-1.13); at 176 rows 0.6 ns at d = 4,810 but 1.3 at d = 10^5, and
-# from 184 rows XLA split it (9-15 ns). On CPU; BENCHMARKS.md.
+# symmetric function (the two middle values of a median). Such a network is smaller (more of it
+# pruned), so it stays a vectorised loop further than one with several outputs (the trimmed mean's
+# two cut-offs: 8 ns per worker · coordinate from 129 rows on). The median's network took
+# 0.53-0.74 ns at 129-160 rows (bisection 0.95-1.13); at 176 rows 0.6 ns at d = 4,810 but 1.3 at
+# d = 10^5, and 9-15 ns from 184 rows. On CPU; BENCHMARKS.md.
 ONE_OUTPUT_NETWORK_MAX_N = 160
 
 
@@ -61,10 +62,10 @@ ONE_OUTPUT_NETWORK_MAX_N = 160
 # ops into functions (`kMaxHloOpsPerSubgraph` in XLA's computation partitioner); LLVM does not
 # inline the large ones, and a loop that calls a function is not vectorised (16x slower: the
 # trimmed mean took 8 ns per worker · coordinate at 129 rows). The legacy emitter keeps the
-# network one vectorised loop up to 224 rows (0.64-0.76 ns for the trimmed mean at 160-224 rows
-# against 1.4-2.1 by bisection); at 256 LLVM no longer vectorises it either. It makes the
-# bisection's counting passes about 2x slower, so it is only used where the network runs.
-# On CPU; BENCHMARKS.md.
+# network one vectorised loop up to 224 rows (0.59-0.71 ns for the trimmed mean at 129-224 rows
+# against 1.38-1.98 by bisection); at 256 LLVM no longer vectorises it either ("too many memory
+# checks needed"). It makes the bisection's counting passes about 2x slower, so it is only used
+# where the network runs. On CPU; BENCHMARKS.md.
 WIDE_NETWORK_MAX_N = 224
 WIDE_NETWORK_COMPILER_OPTIONS = {'xla_cpu_use_fusion_emitters': False}
 

@@ -306,6 +306,22 @@ def test_wide_networks_standalone(name):
   assert (comparators(rule, jnp.asarray(x)) > n) == (n <= traced_limit)
 
 
+def test_wide_networks_fall_back_without_the_option(monkeypatch):
+  # An XLA that refuses the legacy emitter's option: the standalone call falls back to the default
+  # compilation (bisection beyond 128 rows), with the same result, and stops trying the option.
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, 'WIDE_NETWORK_COMPILER_OPTIONS', {'xla_cpu_no_such_option': True})
+  monkeypatch.setattr(cw._WIDE, 'available', True)
+  rule = cw._jit_f(inspect.unwrap(aggregators.get('trimmed_mean')))  # built with the bad option
+  x = _data(140, 5, seed=3)
+  got = np.asarray(rule(jnp.asarray(x), f=10))
+  assert not cw._WIDE.available
+  np.testing.assert_allclose(
+    got, RULES['trimmed_mean'](x.astype(np.float64), 10), rtol=2e-6, atol=1e-6
+  )
+
+
 @pytest.mark.parametrize('name', ROBUST)
 def test_gradients_beyond_network_max_n(monkeypatch, name):
   # Bisection's order statistics differentiate as the networks' do (the selected entry's

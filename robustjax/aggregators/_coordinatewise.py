@@ -88,11 +88,9 @@ def _wide_network(leaves) -> bool:
   if not _WIDE.available or not leaves or not hasattr(leaves[0], 'shape') or not leaves[0].shape:
     return False
   n = leaves[0].shape[0]
-  if not _sorting.NETWORK_MAX_N < n <= _sorting.WIDE_NETWORK_MAX_N:
-    return False
-  if isinstance(leaves[0], jax.Array):
-    return all(device.platform == 'cpu' for device in leaves[0].devices())
-  return jax.default_backend() == 'cpu'
+  return _sorting.NETWORK_MAX_N < n <= _sorting.WIDE_NETWORK_MAX_N and (
+    jax.default_backend() == 'cpu'
+  )
 
 
 def _columnwise(fn, stack, *, nan_if_nonfinite: bool = False):
@@ -414,9 +412,9 @@ def trimmed_mean(stack, *, f: int):
   (`_sorting.select_bisect`: a byte at a time, whatever f), each block of columns clipped and
   summed while it is in cache. Called outside any jit on CPU with up to
   `robustjax._sorting.WIDE_NETWORK_MAX_N` (224) workers, the rule is compiled with XLA:CPU's legacy
-  loop emitter, which keeps the network one vectorised loop there (0.6-0.8 ns per worker ·
-  coordinate against 1.4-2.1 by bisection on a Zen 5 core; BENCHMARKS.md). Inside a caller's jit
-  the caller's compiler options apply, and the limit is 128.
+  loop emitter, which keeps the network one vectorised loop there (0.59-0.71 ns per worker ·
+  coordinate against 1.38-1.98 by bisection at f = n/8 on a Zen 5 core; BENCHMARKS.md). Inside a
+  caller's jit the caller's compiler options apply, and the limit is 128.
 
   Args:
     stack: a pytree of arrays with a common leading worker axis n, or an (n, d) array.
