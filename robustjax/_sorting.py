@@ -170,26 +170,61 @@ def network_layers(n: int) -> tuple[np.ndarray, np.ndarray]:
   return partner, is_low
 
 
+def _layer_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """`network_layers(n)` two layers per step (an idle layer appended to an odd depth).
+
+  After the step's two layers, wire i holds the second layer's comparison of the first layer's
+  wires i and q = partner₂[i], each of them the first layer's comparison of the wire and its
+  partner₁. Returns `(rows, low)`: rows (steps, 3, n), the wires i reads besides itself
+  (partner₁[i], q and partner₁[q]), and low (steps, 3, n), whether the comparisons for i, for q
+  and of the two keep the minimum.
+  """
+  partner, is_low = network_layers(n)
+  if partner.shape[0] % 2:
+    partner = np.concatenate([partner, np.arange(n, dtype=partner.dtype)[None]])
+    is_low = np.concatenate([is_low, np.ones((1, n), dtype=bool)])
+  first, second = partner[0::2], partner[1::2]
+  low_first, low_second = is_low[0::2], is_low[1::2]
+  q_first = np.take_along_axis(first, second, axis=1)
+  rows = np.stack([first, second, q_first], axis=1)
+  low = np.stack([low_first, np.take_along_axis(low_first, second, axis=1), low_second], axis=1)
+  return rows, low
+
+
 def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048) -> list[jax.Array]:
   """Order statistics along axis 0 of an (n, D) matrix, for large n: the network run layer by layer.
 
   On CPU a `lax.fori_loop` over blocks of `chunk` columns (kept in cache) and, inside, over the
-  network's layers (a row gather, a minimum, a maximum and a select per layer): the compiled
-  program stays small whatever n, and the run costs about depth × (a few passes over a cached
-  block), where `jnp.sort` along the worker axis is one to two orders of magnitude slower on
-  XLA:CPU. On an accelerator the columns are one piece (`_blocks.over_column_blocks`).
+  network's layers two at a time (`_layer_pairs`: four row gathers and three minimum / maximum
+  selections per step): the compiled program stays small whatever n, and the run costs about
+  depth × (a few passes over a cached block), where `jnp.sort` along the worker axis is one to
+  two orders of magnitude slower on XLA:CPU. A step cannot write the block it reads (each wire
+  reads others), so XLA copies its result into the loop's carry, about the layer's own cost on
+  XLA:CPU: two layers per step pay it once for two (0.65-0.73x the time of one layer per step at
+  n = 200 and 1,024, d = 4,810; at n = 52, d = 100,000 0.82-0.85x on one core, no faster on two;
+  three layers per step, each output then computed from eight wires, took 1.2x; BENCHMARKS.md).
+  On an accelerator the columns are one piece (`_blocks.over_column_blocks`).
   """
-  n = x.shape[0]
-  partner, is_low = network_layers(n)
-  partner, is_low = jnp.asarray(partner), jnp.asarray(is_low)
+  rows, low = _layer_pairs(x.shape[0])
+  # (steps, n) tables, each sliced by the step (5 % faster than slicing one (steps, 3, n) table),
+  # and the wire's own row read through an identity gather too (5 % faster than reading the
+  # block directly beside the gathers; measured at n = 52, d = 100,000).
+  own = np.broadcast_to(np.arange(x.shape[0], dtype=rows.dtype), rows[:, 0].shape)
+  rows = [jnp.asarray(r) for r in (own, rows[:, 0], rows[:, 1], rows[:, 2])]
+  low = [jnp.asarray(low[:, k]) for k in range(3)]
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
 
   def sort_block(b):
-    def layer(level, b):
-      y = jnp.take(b, partner[level], axis=0)
-      return jnp.where(is_low[level][:, None], jnp.minimum(b, y), jnp.maximum(b, y))
+    def compare(u, v, keep_min):
+      return jnp.where(keep_min[:, None], jnp.minimum(u, v), jnp.maximum(u, v))
 
-    return jnp.take(jax.lax.fori_loop(0, partner.shape[0], layer, b), pos, axis=0)
+    def two_layers(step, b):
+      own, partner, q, partner_of_q = (jnp.take(b, r[step], axis=0) for r in rows)
+      mine = compare(own, partner, low[0][step])
+      theirs = compare(q, partner_of_q, low[1][step])
+      return compare(mine, theirs, low[2][step])
+
+    return jnp.take(jax.lax.fori_loop(0, rows[0].shape[0], two_layers, b), pos, axis=0)
 
   out, _ = over_column_blocks(
     lambda b: (sort_block(b), ()), [x], chunk, out_rows=len(positions), dtype=x.dtype
@@ -200,7 +235,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 # Above `NETWORK_MAX_N`, up to this many ranks are found by bisection (`select_bisect`), more by
 # sorting the columns (`select_layered`). Measured on CPU at n = 129 … 2,048 (BENCHMARKS.md):
 # bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 7-13 ns
-# for any number of ranks.
+# for any number of ranks (4-5 ns at n = 200 and 1,024 since it runs two layers per step).
 BISECT_MAX_RANKS = 3
 
 # `select_bisect`'s blocks: about `_BISECT_BLOCK_ENTRIES` keys (rounded to a power of two of
@@ -298,7 +333,7 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   is not bisected but read from the one before it in one more pass.
 
   Cost: about 0.8-1.0 ns per worker · coordinate for one rank on a Zen 5 core (n = 256 … 2,048;
-  1.0-1.3 at n = 129), against 7-13 ns for the layered network whatever the ranks
+  1.0-1.3 at n = 129), against 4-13 ns for the layered network whatever the ranks
   (BENCHMARKS.md).
 
   Args:

@@ -123,6 +123,24 @@ def test_select_layered_fallback(monkeypatch):
   np.testing.assert_allclose(np.stack(got), np.sort(x, 0)[[0, 3, 10]])
 
 
+@pytest.mark.parametrize('n', [1, 2, 3, 8, 13, 52, 131])
+def test_select_layered_two_layers_per_step(n):
+  # The layered network runs two layers per loop step (`_layer_pairs`): n = 8 and 13 have an
+  # even depth (6, 10), 3, 52 and 131 an odd one (3, 21, 35: an idle layer appended). Every rank
+  # against a sort, with ties, ±inf and -0, in blocks of 8 columns with a remainder.
+  import robustjax._sorting as sorting
+
+  rng = np.random.default_rng(n)
+  x = rng.integers(-3, 4, size=(n, 21)).astype(np.float32)
+  x[rng.random(x.shape) < 0.1] = np.inf
+  x[rng.random(x.shape) < 0.1] = -np.inf
+  x[rng.random(x.shape) < 0.1] = -0.0
+  depth = sorting.network_layers(n)[0].shape[0]
+  assert sorting._layer_pairs(n)[0].shape[0] == -(-depth // 2)
+  got = sorting.select_layered(jnp.asarray(x), list(range(n)), chunk=8)
+  np.testing.assert_array_equal(np.stack(got), np.sort(x, 0))
+
+
 def test_column_blocks_are_one_piece_on_accelerators(monkeypatch):
   # On an accelerator the column blocks (`_blocks.over_column_blocks`, here under the layered
   # network) would be a sequence of small kernel launches: one loop over the layers on all

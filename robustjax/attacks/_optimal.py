@@ -85,7 +85,7 @@ def _clamp(c, lo, hi):
 
 
 # Up to this many ranks are selected one pruned network each (`_sorting.select_each`: about 2 ms
-# per rank at 52 × 100,000), more by sorting the columns once (`select_layered`: 22–38 ms there).
+# per rank at 52 × 100,000), more by sorting the columns once (`select_layered`: 18–38 ms there).
 _FEW_RANKS = 8
 
 
