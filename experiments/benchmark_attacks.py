@@ -24,8 +24,11 @@ The process keeps the host memory a call frees for the next (`robustjax.host`, a
 call maps and page-faults its buffers anew (the sorted honest columns, 20 MB at 52 × 100,000).
 `--noretain_host_memory` keeps glibc's defaults.
 Prints a table (defender, attack, evaluations, vmapped time, sequential time, speed-up, deviation
-reached by each). Times are the minimum over `--repeats` (`--seq_repeats`) runs after one compile /
-warm-up run (the minimum, since on a shared machine other jobs only ever add time).
+reached by each). Times are the minimum over at least `--repeats` (`--seq_repeats`) runs and at
+least `--min_time` seconds of runs, for both searches alike, after one compile / warm-up run (the
+minimum, since on a shared machine other jobs only ever add time; on this project's 2-core VM
+the same jitted call runs for stretches of tens of calls at about half its best speed, so a
+handful of runs can miss its best: BENCHMARKS.md).
 
 Examples:
   python experiments/benchmark_attacks.py
@@ -76,6 +79,9 @@ flags.DEFINE_float('delta', 10.0, 'line search: first step (ByzFL default 10.0)'
 flags.DEFINE_float('ratio', 0.8, 'line search: contraction ratio (ByzFL default 0.8)')
 flags.DEFINE_integer('repeats', 5, 'timed runs of the vmapped attack (minimum reported)')
 flags.DEFINE_integer('seq_repeats', 3, 'timed runs of the sequential search (minimum reported)')
+flags.DEFINE_float(
+  'min_time', 2.0, 'each search also runs for at least this many seconds (0: only the repeats)'
+)
 flags.DEFINE_integer('seed', 0, 'seed of the honest stack')
 flags.DEFINE_bool(
   'retain_host_memory',
@@ -139,8 +145,10 @@ def line_search(evaluate, honest, evals, start, delta, ratio):
 
 
 def _time(fn, repeats):
-  times = []
-  for _ in range(repeats):
+  """Fastest of at least `repeats` runs and at least `--min_time` seconds of runs, and the
+  last run's output."""
+  times, start = [], time.perf_counter()
+  while len(times) < repeats or time.perf_counter() - start < FLAGS.min_time:
     t0 = time.perf_counter()
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
