@@ -206,9 +206,9 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   On an accelerator the columns are one piece (`_blocks.over_column_blocks`).
   """
   rows, low = _layer_pairs(x.shape[0])
-  # (steps, n) tables, each sliced by the step (5 % faster than slicing one (steps, 3, n) table),
-  # and the wire's own row read through an identity gather too (5 % faster than reading the
-  # block directly beside the gathers; measured at n = 52, d = 100,000).
+  # One (steps, n) table per gather and comparison, each sliced by the step; the wire's own row
+  # is read through an identity gather too: 18.0-18.2 ms against 19.3-19.8 reading the block
+  # directly beside the gathers (n = 52, d = 100,000, one core).
   own = np.broadcast_to(np.arange(x.shape[0], dtype=rows.dtype), rows[:, 0].shape)
   rows = [jnp.asarray(r) for r in (own, rows[:, 0], rows[:, 1], rows[:, 2])]
   low = [jnp.asarray(low[:, k]) for k in range(3)]
@@ -235,7 +235,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
 # Above `NETWORK_MAX_N`, up to this many ranks are found by bisection (`select_bisect`), more by
 # sorting the columns (`select_layered`). Measured on CPU at n = 129 … 2,048 (BENCHMARKS.md):
 # bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 7-13 ns
-# for any number of ranks (4-5 ns at n = 200 and 1,024 since it runs two layers per step).
+# for any number of ranks (3.9-5.2 ns at n = 200 and 1,024 since it runs two layers per step).
 BISECT_MAX_RANKS = 3
 
 # `select_bisect`'s blocks: about `_BISECT_BLOCK_ENTRIES` keys (rounded to a power of two of
