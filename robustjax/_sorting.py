@@ -170,24 +170,23 @@ def network_layers(n: int) -> tuple[np.ndarray, np.ndarray]:
   return partner, is_low
 
 
-def _layer_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+def _layer_pairs(n: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
   """`network_layers(n)` two layers per step (an idle layer appended to an odd depth).
 
   After the step's two layers, wire i holds the second layer's comparison of the first layer's
   wires i and q = partner₂[i], each of them the first layer's comparison of the wire and its
-  partner₁. Returns `(rows, low)`: rows (steps, 3, n), the wires i reads besides itself
-  (partner₁[i], q and partner₁[q]), and low (steps, 3, n), whether the comparisons for i, for q
-  and of the two keep the minimum.
+  partner₁. Returns `(rows, low)`, (steps, n) tables: rows, the four wires i reads (itself,
+  partner₁[i], q and partner₁[q]); low, whether the comparisons for i, for q and of the two keep
+  the minimum.
   """
   partner, is_low = network_layers(n)
   if partner.shape[0] % 2:
     partner = np.concatenate([partner, np.arange(n, dtype=partner.dtype)[None]])
     is_low = np.concatenate([is_low, np.ones((1, n), dtype=bool)])
   first, second = partner[0::2], partner[1::2]
-  low_first, low_second = is_low[0::2], is_low[1::2]
-  q_first = np.take_along_axis(first, second, axis=1)
-  rows = np.stack([first, second, q_first], axis=1)
-  low = np.stack([low_first, np.take_along_axis(low_first, second, axis=1), low_second], axis=1)
+  own = np.broadcast_to(np.arange(n, dtype=partner.dtype), first.shape)
+  rows = (own, first, second, np.take_along_axis(first, second, axis=1))
+  low = (is_low[0::2], np.take_along_axis(is_low[0::2], second, axis=1), is_low[1::2])
   return rows, low
 
 
@@ -205,13 +204,9 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   three layers per step, each output then computed from eight wires, took 1.2x; BENCHMARKS.md).
   On an accelerator the columns are one piece (`_blocks.over_column_blocks`).
   """
-  rows, low = _layer_pairs(x.shape[0])
-  # One (steps, n) table per gather and comparison, each sliced by the step; the wire's own row
-  # is read through an identity gather too: 18.0-18.2 ms against 19.3-19.8 reading the block
-  # directly beside the gathers (n = 52, d = 100,000, one core).
-  own = np.broadcast_to(np.arange(x.shape[0], dtype=rows.dtype), rows[:, 0].shape)
-  rows = [jnp.asarray(r) for r in (own, rows[:, 0], rows[:, 1], rows[:, 2])]
-  low = [jnp.asarray(low[:, k]) for k in range(3)]
+  # The wire's own row is read through an identity gather too: 18.0-18.2 ms against 19.3-19.8
+  # reading the block directly beside the gathers (n = 52, d = 100,000, one core).
+  rows, low = ([jnp.asarray(t) for t in tables] for tables in _layer_pairs(x.shape[0]))
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
 
   def sort_block(b):

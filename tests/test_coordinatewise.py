@@ -136,7 +136,7 @@ def test_select_layered_two_layers_per_step(n):
   x[rng.random(x.shape) < 0.1] = -np.inf
   x[rng.random(x.shape) < 0.1] = -0.0
   depth = sorting.network_layers(n)[0].shape[0]
-  assert sorting._layer_pairs(n)[0].shape[0] == -(-depth // 2)
+  assert sorting._layer_pairs(n)[0][0].shape == (-(-depth // 2), n)
   got = sorting.select_layered(jnp.asarray(x), list(range(n)), chunk=8)
   np.testing.assert_array_equal(np.stack(got), np.sort(x, 0))
 
