@@ -4,8 +4,9 @@ On XLA:CPU, `jnp.sort(x, axis=0)` / `jnp.median(x, axis=0)` over an (n, d) stack
 short columns with a generic comparator, and costs orders of magnitude more than a streaming
 pass (timings in BENCHMARKS.md). A *sorting network* is a fixed, data-independent list of
 compare-exchange operations (i, j): `w_i, w_j = min(w_i, w_j), max(w_i, w_j)`. Built at trace time
-over the n row slices of the stack, it is a graph of elementwise `minimum` / `maximum` ops that
-XLA fuses into one loop over the coordinates: exact, branch-free, vectorised.
+over the n row slices of the stack, it is a graph of elementwise comparisons and selections
+(`compare_exchange`) that XLA fuses into one loop over the coordinates: exact, branch-free,
+vectorised.
 
 The network is Batcher's odd–even merge sort (n log² n / 4 comparators), generated for the next
 power of two and restricted to the first n wires (the missing wires act as +inf, so every
@@ -210,8 +211,8 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
 
   def sort_block(b):
-    def compare(u, v, keep_min):
-      return jnp.where(keep_min[:, None], jnp.minimum(u, v), jnp.maximum(u, v))
+    def compare(u, v, keep_min):  # u's side of `compare_exchange`(u, v), (v, u) on the high side
+      return jnp.where(jnp.where(keep_min[:, None], v < u, u < v), v, u)
 
     def two_layers(step, b):
       own, partner, q, partner_of_q = (jnp.take(b, r[step], axis=0) for r in rows)
@@ -496,7 +497,7 @@ def select_extremes(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   small k and any n: what a trimmed mean needs beyond `NETWORK_MAX_N` workers.
 
   Two insertion chains stream over the rows: the k + 1 smallest values seen so far, kept sorted
-  (a new value moves down the list with one `minimum` and one `maximum` per place), and the
+  (a new value moves down the list with one `compare_exchange` per place), and the
   k + 1 largest. Exact, with ties, branch-free and vectorised over the columns; 4 (k + 1)
   min / max per entry, against the network's depth × (a gather, a min, a max, a select).
   A `fori_loop` inserts `_EXTREMES_ROWS_PER_STEP` rows per step, unrolled (one fused loop over
@@ -520,8 +521,8 @@ def select_extremes(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
       a = jnp.where(fresh, block[r], inf)
       b = jnp.where(fresh, block[r], -inf)
       for j in range(m):
-        low[j], a = jnp.minimum(low[j], a), jnp.maximum(low[j], a)
-        high[j], b = jnp.maximum(high[j], b), jnp.minimum(high[j], b)
+        low[j], a = compare_exchange(low[j], a)
+        b, high[j] = compare_exchange(high[j], b)
     return low, high
 
   # The first step outside the loop gives the carry the stack's type (also when the stack is a
@@ -566,13 +567,56 @@ def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) ->
   return [out[k] for k in range(len(positions))]
 
 
-def apply_network(rows: Sequence[jax.Array], comps) -> list[jax.Array]:
-  """Runs compare-exchanges over a list of equally shaped arrays (one per wire)."""
+def compare_exchange(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(min, max) of two NaN-free arrays, elementwise: one comparison and two selections.
+
+  `jnp.minimum` / `jnp.maximum` are IEEE 754-2019 minimum / maximum (NaN propagated, −0 below
+  +0), which LLVM lowers on x86 to a compare-and-blend sequence per op; a selection on `b < a` is
+  one `vminps` / `vmaxps`. The networks over NaN-free rows (the rules map NaN to +inf first) ran
+  0.73-0.77x the time with 512-bit vectors and about 0.5x with XLA:CPU's default 256 (one fused
+  network, 52 and 128 rows × 100,000, one core; BENCHMARKS.md). The pair is the inputs swapped
+  or not, so a −0 and a +0 keep their signs, and ties keep their places (a's derivative goes to
+  the minimum). XLA:CPU flushes subnormal numbers to zero: they compare equal to 0 and to each
+  other here, so may keep places a sort would swap (`jnp.minimum` returned them as 0); either
+  way an output is off by less than the smallest normal number.
+  """
+  swap = b < a
+  return jnp.where(swap, b, a), jnp.where(swap, a, b)
+
+
+# The most HLO ops of a network emitted with `compare_exchange` (one comparison and a selection
+# per output read later) in XLA:CPU's default fusion emitter; a larger one is emitted with
+# `jnp.minimum` / `jnp.maximum` (one op per output read later), which keeps networks of up to
+# `NETWORK_MAX_N` rows under the emitter's limit on a vectorised loop. With selections, the rules'
+# networks of 3,028-3,251 such ops ran vectorised (the trimmed mean at 112 rows, the median at
+# 120), of 3,268-3,510 not (MeaMed at 112 rows, the trimmed mean at 120: 5-10x slower); on CPU,
+# BENCHMARKS.md. Under the legacy emitter (`wide_networks`) selections are used at any size.
+SELECTION_NETWORK_MAX_OPS = 3000
+
+
+def selection_ops(n: int, comps, outputs: Sequence[int]) -> int:
+  """The HLO ops of `comps` over n wires emitted with `compare_exchange`, counting only the
+  comparators and selections that the `outputs` wires depend on (XLA removes the others)."""
+  live, ops = set(outputs), 0
+  for i, j in reversed(comps):
+    used = (i in live) + (j in live)
+    live -= {i, j}
+    if used:
+      live |= {i, j}
+      ops += 1 + used
+  return ops
+
+
+def apply_network(rows: Sequence[jax.Array], comps, *, selections: bool = True) -> list[jax.Array]:
+  """Runs compare-exchanges over a list of equally shaped NaN-free arrays (one per wire): by
+  `compare_exchange`, or with `selections=False` by `jnp.minimum` / `jnp.maximum` (fewer ops,
+  slower on x86; see `SELECTION_NETWORK_MAX_OPS`)."""
   w = list(rows)
   for i, j in comps:
-    a, b = w[i], w[j]
-    w[i] = jnp.minimum(a, b)
-    w[j] = jnp.maximum(a, b)
+    if selections:
+      w[i], w[j] = compare_exchange(w[i], w[j])
+    else:
+      w[i], w[j] = jnp.minimum(w[i], w[j]), jnp.maximum(w[i], w[j])
   return w
 
 
@@ -597,5 +641,9 @@ def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bo
   labels = [None] * n
   for p in positions:
     labels[p] = 'wanted' if symmetric else ('rank', p)
-  w = apply_network(rows, pruned_network(n, tuple(labels)))
+  comps = pruned_network(n, tuple(labels))
+  selections = getattr(_wide, 'on', False) or (
+    selection_ops(n, comps, positions) <= SELECTION_NETWORK_MAX_OPS
+  )
+  w = apply_network(rows, comps, selections=selections)
   return [w[p] for p in positions]

@@ -141,6 +141,51 @@ def test_select_layered_two_layers_per_step(n):
   np.testing.assert_array_equal(np.stack(got), np.sort(x, 0))
 
 
+def test_compare_exchange_swaps_or_keeps():
+  # The networks' compare-exchange (one comparison, two selections): the elementwise minimum and
+  # maximum of NaN-free inputs, and bit for bit the inputs swapped or not (a -0 and a +0 keep
+  # their signs), over every pair of values with ties, ±inf and ±0. (XLA:CPU flushes subnormals
+  # to zero in comparisons: those compare equal to 0 and to each other.)
+  import robustjax._sorting as sorting
+
+  values = np.array([-np.inf, -2.5, -1.0, -0.0, 0.0, 1e-30, 1.0, 3.0, np.inf], np.float32)
+  a, b = (v.ravel() for v in np.meshgrid(values, values))
+  lo, hi = (np.asarray(v) for v in sorting.compare_exchange(jnp.asarray(a), jnp.asarray(b)))
+  np.testing.assert_array_equal(lo, np.minimum(a, b))
+  np.testing.assert_array_equal(hi, np.maximum(a, b))
+  bits = [v.view(np.uint32) for v in (a, b, lo, hi)]
+  kept = (bits[2] == bits[0]) & (bits[3] == bits[1])
+  swapped = (bits[2] == bits[1]) & (bits[3] == bits[0])
+  assert np.all(kept | swapped)
+
+
+def test_networks_with_selections_up_to_an_op_budget():
+  # `select` emits a network with `compare_exchange` while its live comparisons and selections
+  # fit `SELECTION_NETWORK_MAX_OPS` (or inside `wide_networks()`), else with minimum / maximum:
+  # both forms sort alike.
+  import robustjax._sorting as sorting
+
+  assert sorting.selection_ops(2, ((0, 1),), [0]) == 2
+  assert sorting.selection_ops(2, ((0, 1),), [0, 1]) == 3
+  assert sorting.selection_ops(3, ((0, 1), (1, 2)), [0]) == 2  # (1, 2) is never read
+  assert sorting.selection_ops(3, ((0, 1), (1, 2)), [2]) == 2 + 2
+
+  def ops(n, positions):
+    jaxpr = str(jax.make_jaxpr(lambda x: sorting.select(list(x), positions))(jnp.zeros((n, 3))))
+    return len(re.findall(r'= lt ', jaxpr)), len(re.findall(r'= min ', jaxpr))
+
+  assert ops(64, [8, 55])[1] == 0 and ops(64, [8, 55])[0] > 64
+  assert ops(128, [16, 111])[0] == 0 and ops(128, [16, 111])[1] > 128
+  with sorting.wide_networks():
+    assert ops(128, [16, 111])[1] == 0
+  for n, positions in ((64, [8, 55]), (128, [16, 111])):
+    x = _data(n, 7, seed=n)
+    x[0, 0] = np.inf
+    x[: n // 2, 1] = -0.0
+    got = sorting.select(list(jnp.asarray(x)), positions)
+    np.testing.assert_array_equal(np.stack(got), np.sort(x, 0)[positions])
+
+
 def test_column_blocks_are_one_piece_on_accelerators(monkeypatch):
   # On an accelerator the column blocks (`_blocks.over_column_blocks`, here under the layered
   # network) would be a sequence of small kernel launches: one loop over the layers on all
@@ -279,7 +324,7 @@ def test_median_network_beyond_network_max_n(n):
   x[: n // 2 + 3, 4] = x[0, 4]  # the middle ranks tie
   rule = aggregators.get('median')
   jaxpr = str(jax.make_jaxpr(lambda x: rule(x))(jnp.asarray(x)))
-  comparators = len(re.findall(r'= min ', jaxpr))  # one `min` per compare-exchange
+  comparators = len(re.findall(r'= (?:lt|min) ', jaxpr))  # one per compare-exchange
   assert (comparators > n) == (n <= sorting.ONE_OUTPUT_NETWORK_MAX_N)
   got = np.asarray(rule(jnp.asarray(x)))
   want = RULES['median'](np.where(np.isnan(x), np.inf, x).astype(np.float64), 0)
@@ -307,7 +352,7 @@ def test_wide_networks_standalone(name):
   assert not cw._wide_network([jnp.zeros((sorting.NETWORK_MAX_N, 3))])
 
   def comparators(fn, x):
-    return len(re.findall(r'= min ', str(jax.make_jaxpr(lambda x: fn(x, f=f))(x))))
+    return len(re.findall(r'= (?:lt|min) ', str(jax.make_jaxpr(lambda x: fn(x, f=f))(x))))
 
   with sorting.wide_networks():
     assert sorting.network_max_n(2) == sorting.WIDE_NETWORK_MAX_N
