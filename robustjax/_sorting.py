@@ -584,6 +584,13 @@ def compare_exchange(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.where(swap, b, a), jnp.where(swap, a, b)
 
 
+def clamp(x: jax.Array, lo: jax.Array | None = None, hi: jax.Array | None = None) -> jax.Array:
+  """min(max(x, lo), hi) of NaN-free arrays (`jnp.clip`'s value), None for an open side: by
+  comparisons and selections, as `compare_exchange` (one `vmaxps` / `vminps` each on x86)."""
+  x = x if lo is None else jnp.where(x < lo, lo, x)
+  return x if hi is None else jnp.where(hi < x, hi, x)
+
+
 # The most HLO ops of a network emitted with `compare_exchange` (one comparison and a selection
 # per output read later) in XLA:CPU's default fusion emitter; a larger one is emitted with
 # `jnp.minimum` / `jnp.maximum` (one op per output read later), which keeps networks of up to

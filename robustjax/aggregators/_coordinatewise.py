@@ -229,7 +229,7 @@ def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
   positions = median_window_positions(n, keep)
   w = dict(zip(positions, _select(x, positions)))
   lo, hi, start = median_window(w, n, keep)
-  inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - (e - start) * (hi - lo)
+  inner = _sum_rows(lambda r: _sorting.clamp(r, lo, hi) - lo, x) - (e - start) * (hi - lo)
   return lo + inner / keep
 
 
@@ -438,7 +438,7 @@ def trimmed_mean(stack, *, f: int):
   check_f('trimmed_mean', n, f)
 
   def trimmed(x, lo, hi):
-    inner = _sum_rows(lambda r: jnp.clip(r, lo, hi) - lo, x) - f * (hi - lo)
+    inner = _sum_rows(lambda r: _sorting.clamp(r, lo, hi) - lo, x) - f * (hi - lo)
     return lo + inner / (n - 2 * f)
 
   def fn(x):

@@ -78,14 +78,6 @@ def _weight_windows(weights: np.ndarray) -> list[tuple[int, int, float]]:
   return runs
 
 
-def _clamp(c, lo, hi):
-  """min(max(c, lo), hi) of NaN-free arrays, with None for −∞ (lo) or +∞ (hi): by comparisons
-  and selections, as `_sorting.compare_exchange` (one `vmaxps` / `vminps` each on x86, where
-  `jnp.maximum` / `jnp.minimum` are IEEE sequences)."""
-  c = c if lo is None else jnp.where(c < lo, lo, c)
-  return c if hi is None else jnp.where(hi < c, hi, c)
-
-
 # Up to this many ranks are selected one pruned network each (`_sorting.select_each`: about 2 ms
 # per rank at 52 × 100,000), more by sorting the columns once (`select_layered`: 18–38 ms there).
 _FEW_RANKS = 8
@@ -175,7 +167,7 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
     c = _candidate_column(tau, base, direction, honest)
     out = const
     for beta, pairs in windows:
-      clamped = [_clamp(c, row.get(lo), row.get(hi)) for lo, hi in pairs]
+      clamped = [_sorting.clamp(c, row.get(lo), row.get(hi)) for lo, hi in pairs]
       out = out + beta * functools.reduce(jnp.add, clamped)
     return _deviation(unflatten(out, honest), mu)
 
@@ -221,9 +213,11 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
 
   def evaluate(tau):
     c = _candidate_column(tau, base, direction, honest)
-    w = {p: _clamp(c, row.get(p - f), row.get(p)) for p in positions}
+    w = {p: _sorting.clamp(c, row.get(p - f), row.get(p)) for p in positions}
     lo, hi, start = median_window(w, n, keep)  # the defender's own search
-    clipped = [_clamp(row[q], lo, hi) - lo for q in edges] + [f * (_clamp(c, lo, hi) - lo)]
+    clipped = [_sorting.clamp(row[q], lo, hi) - lo for q in edges] + [
+      f * (_sorting.clamp(c, lo, hi) - lo)
+    ]
     inner = functools.reduce(jnp.add, clipped) + (inside_sum - len(inside) * lo)
     out = lo + (inner - (e - start) * (hi - lo)) / keep
     return _deviation(unflatten(out, honest), mu)
