@@ -78,8 +78,9 @@ def _weight_windows(weights: np.ndarray) -> list[tuple[int, int, float]]:
   return runs
 
 
-# Up to this many ranks are selected one pruned network each (`_sorting.select_each`: about 2 ms
-# per rank at 52 × 100,000), more by sorting the columns once (`select_layered`: 18–38 ms there).
+# Up to this many ranks are selected one pruned network each (`_sorting.select_each`: 0.8 ms per
+# rank at 52 × 100,000 on both cores, 1.9 on one), more by sorting the columns once
+# (`select_layered`: 15–20 ms there; at 8 ranks the two cost the same on one core).
 _FEW_RANKS = 8
 
 
