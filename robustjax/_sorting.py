@@ -211,7 +211,7 @@ def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048)
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
 
   def sort_block(b):
-    def compare(u, v, keep_min):  # u's side of `compare_exchange`(u, v), (v, u) on the high side
+    def compare(u, v, keep_min):  # this wire's output of `compare_exchange`(low wire, high wire)
       return jnp.where(jnp.where(keep_min[:, None], v < u, u < v), v, u)
 
     def two_layers(step, b):
@@ -576,7 +576,7 @@ def compare_exchange(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   `jnp.minimum` / `jnp.maximum` are IEEE 754-2019 minimum / maximum (NaN propagated, −0 below
   +0), which LLVM lowers on x86 to a compare-and-blend sequence per op; a selection on `b < a` is
   one `vminps` / `vmaxps`. The networks over NaN-free rows (the rules map NaN to +inf first) ran
-  0.73-0.77x the time with 512-bit vectors and about 0.5x with XLA:CPU's default 256 (one fused
+  0.73-0.77x the time with 512-bit vectors and 0.50-0.57x with XLA:CPU's default 256 (one fused
   network, 52 and 128 rows × 100,000, one core; BENCHMARKS.md). The pair is the inputs swapped
   or not, so a −0 and a +0 keep their signs, and ties keep their places (a's derivative goes to
   the minimum). XLA:CPU flushes subnormal numbers to zero: they compare equal to 0 and to each
