@@ -256,7 +256,7 @@ def _mean_closest_bisected(x: jax.Array, keep: int) -> jax.Array:
     inside = jnp.maximum(under_high - below, 0)  # #{|c| < D}: none where D = 0
     low_at = below - under_low  # #{c = −D}
     above = x.shape[0] - under_high
-    clipped = _sum_rows(lambda c: jnp.clip(c, -bound, bound), centred)
+    clipped = _sum_rows(lambda c: _sorting.clamp(c, -bound, bound), centred)
     take_low = jnp.minimum(keep - inside, low_at)
     take_high = keep - inside - take_low
     total = clipped + bound * (below - take_low) - bound * (above - take_high)
