@@ -81,7 +81,7 @@ def wide_networks():
   only on the outermost jit): with XLA:CPU's default emitter such a network is not vectorised.
   Use a jitted function traced inside it for nothing else (jax caches the trace).
   """
-  before = getattr(_wide, 'on', False)
+  before = _in_wide_networks()
   _wide.on = True
   try:
     yield
@@ -89,10 +89,15 @@ def wide_networks():
     _wide.on = before
 
 
+def _in_wide_networks() -> bool:
+  """Whether this trace is inside `wide_networks()`."""
+  return getattr(_wide, 'on', False)
+
+
 def network_max_n(count: int, symmetric: bool = False) -> int:
   """The most rows `select` unrolls its network over, for `count` ranks (used only through a
   symmetric function when `symmetric`); `WIDE_NETWORK_MAX_N` inside `wide_networks()`."""
-  if getattr(_wide, 'on', False):
+  if _in_wide_networks():
     return max(WIDE_NETWORK_MAX_N, NETWORK_MAX_N)
   if count == 1 or (symmetric and count == 2):
     return max(ONE_OUTPUT_NETWORK_MAX_N, NETWORK_MAX_N)
@@ -498,8 +503,9 @@ def select_extremes(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
   Two insertion chains stream over the rows: the k + 1 smallest values seen so far, kept sorted
   (a new value moves down the list with one `compare_exchange` per place), and the
-  k + 1 largest. Exact, with ties, branch-free and vectorised over the columns; 4 (k + 1)
-  min / max per entry, against the network's depth × (a gather, a min, a max, a select).
+  k + 1 largest. Exact, with ties, branch-free and vectorised over the columns; 2 (k + 1)
+  compare-exchanges per entry, against the layered network's depth / 2 × (four gathers and three
+  comparisons).
   A `fori_loop` inserts `_EXTREMES_ROWS_PER_STEP` rows per step, unrolled (one fused loop over
   the columns per step); the last step starts at n − 16 and skips the rows it repeats (as ±inf).
   x must not contain NaN (map it to +inf first).
@@ -652,7 +658,7 @@ def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bo
   for p in positions:
     labels[p] = 'wanted' if symmetric else ('rank', p)
   comps = pruned_network(n, tuple(labels))
-  selections = getattr(_wide, 'on', False) or (
+  selections = _in_wide_networks() or (
     selection_ops(n, comps, positions) <= SELECTION_NETWORK_MAX_OPS
   )
   w = apply_network(rows, comps, selections=selections)
