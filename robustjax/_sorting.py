@@ -547,13 +547,11 @@ def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) ->
   XLA:CPU fuses networks over the same rows whose outputs are written separately into one
   multi-output loop that recomputes each output's cone: two ranks of 52 rows × 100,000 took 3.5 s
   that way, against 2 ms for one. Here each network is its own computation (a branch of a
-  `lax.switch` inside a `lax.scan` over the positions): four ranks took 8.9 ms, against 38 ms to
-  sort the columns with `select_layered` (BENCHMARKS.md); since networks compare by selection
-  (`compare_exchange`), 3.1 / 6.2 / 8.5 / 13.5 ms for 4 / 8 / 12 / 16 ranks on both cores,
-  against 18-20 ms for the layered sort (on one core 15.1 ms for 8 ranks, 34 for 16, against
-  15.5-16.3). With `nan_last`, NaN sorts as +∞ (mapped
-  inside each network: a separate mapped copy of x was fused with the caller's other passes over
-  x, into a loop that cost more than the four networks).
+  `lax.switch` inside a `lax.scan` over the positions): 4 / 8 / 12 / 16 ranks took 3.1 / 6.2 /
+  8.5 / 13.5 ms on both cores, against 18-20 ms to sort the columns with `select_layered` (on one
+  core 15.1 ms for 8 ranks and 34 for 16, against 15.5-16.3; BENCHMARKS.md). With `nan_last`,
+  NaN sorts as +∞ (mapped inside each network: a separate mapped copy of x was fused with the
+  caller's other passes over x, into a loop that cost more than the four networks).
   """
   n = x.shape[0]
   positions = [tuple(int(q) for q in p) if isinstance(p, Sequence) else int(p) for p in positions]
