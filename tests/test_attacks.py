@@ -391,13 +391,32 @@ def test_optimal_subspace_is_exact_and_auto_detected():
   assert not pipeline.as_rule(lambda s, key=None: s.mean(0), F).orthogonally_equivariant
 
 
-def _sorted_evaluator(rule, honest, base, direction, f):
+def _sorted_evaluator(rule, honest, base, direction, f, clipped=None):
+  # The evaluation the attack takes; clipped=True / False forces the trimmed mean's form.
   from robustjax.attacks import _optimal
 
+  if clipped is None:
+    return _optimal._order_statistics_evaluation(rule, honest, base, direction, f)[0]
   form, value = _optimal._sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
-  if form == 'weights':
-    return _optimal._order_statistic_evaluator(honest, base, direction, value, f)
-  return _optimal._median_window_evaluator(honest, base, direction, value, f)
+  assert form == 'weights'
+  evaluator = _optimal._clipped_window_evaluator if clipped else _optimal._order_statistic_evaluator
+  return evaluator(honest, base, direction, value, f)
+
+
+@pytest.mark.parametrize(
+  'n_h, f, defender_f, clipped',
+  [(9, 2, 2, False), (12, 3, 5, False), (40, 9, 9, True), (30, 3, 12, False), (52, 12, 12, True)],
+)
+def test_the_clipped_form_is_taken_where_the_columns_would_be_sorted(n_h, f, defender_f, clipped):
+  from robustjax.attacks import _optimal
+
+  rule = pipeline.as_rule('trimmed_mean', defender_f)
+  weights = rule.order_weights(n_h + f)
+  assert _optimal._clips_windows(weights, n_h, f) == clipped
+  assert _optimal._clip_ranks(weights, n_h, f) == sorted(
+    {q for q in (defender_f - f, defender_f, n_h - 1 - defender_f, n_h + f - 1 - defender_f)}
+    & set(range(n_h))
+  )
 
 
 @pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean', 'meamed'])
@@ -423,7 +442,13 @@ def test_order_statistic_evaluation_beyond_the_network(monkeypatch, spec):
     _check_order_statistic_evaluation(spec, 11, 2, defender_f, ints=(3, 4), cont=9)
 
 
-def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), cont=7):
+@pytest.mark.parametrize('n_h, f, defender_f', [(9, 2, 2), (12, 3, 5), (7, 6, 0), (30, 3, 12)])
+def test_clipped_window_evaluation_equals_the_rule_on_every_candidate(n_h, f, defender_f):
+  # The clipped form forced where the sorted rows would be taken (and at f = 0: the mean).
+  _check_order_statistic_evaluation('trimmed_mean', n_h, f, defender_f, clipped=True)
+
+
+def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), cont=7, clipped=None):
   from robustjax.attacks import _optimal
 
   rng = np.random.default_rng(n_h + f)
@@ -436,15 +461,18 @@ def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), con
   base = jax.tree.map(lambda x: jnp.zeros(x.shape[1:], x.dtype), honest)
   direction = {'ints': jnp.ones(ints), 'cont': jnp.asarray(rng.normal(size=cont), jnp.float32)}
   rule = pipeline.as_rule(spec, defender_f)
-  fast = _sorted_evaluator(rule, honest, base, direction, f)
+  fast = _sorted_evaluator(rule, honest, base, direction, f, clipped)
   slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
   taus = jnp.asarray([0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -2.5, 7.3, 1e3, -1e8], jnp.float32)
   a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
   np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize('spec', ['median', 'trimmed_mean', 'meamed'])
-def test_order_statistic_evaluation_with_non_finite_honest_values(spec):
+@pytest.mark.parametrize(
+  'spec, clipped',
+  [('median', None), ('trimmed_mean', None), ('trimmed_mean', True), ('meamed', None)],
+)
+def test_order_statistic_evaluation_with_non_finite_honest_values(spec, clipped):
   # Honest NaN / ±inf entries (sorted as the rules sort them) and candidates beyond the float
   # range: the sorted-column evaluation gives the defender's own error, +inf where it breaks.
   from robustjax.attacks import _optimal
@@ -460,13 +488,13 @@ def test_order_statistic_evaluation_with_non_finite_honest_values(spec):
   base, direction = jnp.zeros(12), jnp.asarray(rng.normal(size=12), jnp.float32)
   for defender_f in (1, 3, 5):
     rule = pipeline.as_rule(spec, defender_f)
-    fast = _sorted_evaluator(rule, honest, base, direction, f)
+    fast = _sorted_evaluator(rule, honest, base, direction, f, clipped)
     slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
     taus = jnp.asarray([0.0, 1.0, -2.0, 1e38, -1e38, jnp.inf], jnp.float32)
     a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
     honest_ok = honest.at[3:9, 10].set(0.0)
-    fast = _sorted_evaluator(rule, honest_ok, base, direction, f)
+    fast = _sorted_evaluator(rule, honest_ok, base, direction, f, clipped)
     slow = _optimal._line_evaluator(
       honest_ok, base, direction, lambda s, k, r=rule: r(s, k), f, None
     )
@@ -486,14 +514,17 @@ def test_order_statistic_evaluation_of_any_weights_against_numpy(n_h, f):
   taus = np.asarray([0.0, 0.5, 1.0, -2.0, 3.5, 40.0, -1e6], np.float32)
   for _ in range(6):
     weights = np.repeat(rng.integers(-2, 3, size=4) / 4.0, rng.multinomial(n_h + f, [0.25] * 4))
-    fast = _optimal._order_statistic_evaluator(honest, base, direction, weights, f)
-    got = np.asarray(jax.jit(jax.vmap(fast))(jnp.asarray(taus)))
+    sorted_rows = _optimal._order_statistic_evaluator(honest, base, direction, weights, f)
+    clipped = _optimal._clipped_window_evaluator(honest, base, direction, weights, f)
+    got = np.asarray(jax.jit(jax.vmap(sorted_rows))(jnp.asarray(taus)))
+    got_clipped = np.asarray(jax.jit(jax.vmap(clipped))(jnp.asarray(taus)))
     h = np.asarray(honest, np.float64)
-    for tau, value in zip(taus, got):
+    for tau, value, value_clipped in zip(taus, got, got_clipped):
       c = np.asarray(tau * np.asarray(direction) + np.asarray(base), np.float32)
       column = np.sort(np.concatenate([h, np.repeat(c[None].astype(np.float64), f, 0)]), axis=0)
       want = np.linalg.norm(weights @ column - h.mean(0))
       np.testing.assert_allclose(value, want, rtol=1e-5, atol=1e-5, err_msg=f'{weights}, {tau}')
+      np.testing.assert_allclose(value_clipped, want, rtol=1e-5, atol=1e-5, err_msg=f'{weights}')
 
 
 @pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean'])

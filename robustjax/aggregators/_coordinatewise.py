@@ -43,6 +43,12 @@ __all__ = ['mean', 'median', 'trimmed_mean', 'meamed', 'mean_closest_to_median']
 CPU_COMPILER_OPTIONS = {'xla_cpu_prefer_vector_width': '512'}
 
 
+def outermost(args) -> bool:
+  """Whether a jitted function called on `args` (a pytree) now is the outermost jit (no leaf is
+  a tracer): the only one that `jax.jit` lets take `compiler_options`."""
+  return not any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(args))
+
+
 def _jit_f(fn):
   """`jax.jit` with `f` static, and `CPU_COMPILER_OPTIONS` when called outside any trace.
 
@@ -64,7 +70,7 @@ def _jit_f(fn):
   @functools.wraps(fn)
   def rule(stack, **kwargs):
     leaves = jax.tree.leaves(stack)
-    if any(isinstance(leaf, jax.core.Tracer) for leaf in leaves):
+    if not outermost(leaves):
       return plain(stack, **kwargs)
     if _wide_network(leaves):
       try:
