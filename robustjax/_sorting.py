@@ -601,11 +601,16 @@ def clamp(x: jax.Array, lo: jax.Array | None = None, hi: jax.Array | None = None
 # The most HLO ops of a network emitted with `compare_exchange` (one comparison and a selection
 # per output read later) in XLA:CPU's default fusion emitter; a larger one is emitted with
 # `jnp.minimum` / `jnp.maximum` (one op per output read later), which keeps networks of up to
-# `NETWORK_MAX_N` rows under the emitter's limit on a vectorised loop. With selections, the rules'
-# networks of 3,028-3,251 such ops ran vectorised (the trimmed mean at 112 rows, the median at
-# 120), of 3,268-3,510 not (MeaMed at 112 rows, the trimmed mean at 120: 5-10x slower); on CPU,
-# BENCHMARKS.md. Under the legacy emitter (`wide_networks`) selections are used at any size.
-SELECTION_NETWORK_MAX_OPS = 3000
+# `NETWORK_MAX_N` rows under the emitter's limit on a vectorised loop. Measured in the rules at
+# 100,000 coordinates, ns per worker · coordinate in a jit (BENCHMARKS.md): networks for ranks
+# (the trimmed mean, MeaMed) ran vectorised with selections up to 2,656-2,779 ops (0.42-0.65 ns)
+# and not from 2,759-2,799 on (2.0-4.3 ns: the trimmed mean at f = 1, 2 from 114 rows, MeaMed
+# from 98-104 rows); the median's network for the sum of its two middle ranks stayed vectorised
+# up to 2,986 ops (0.47 ns at 112 rows). With min / max the same networks took 0.7-1.3 ns in a
+# jit and 0.4-0.5 called alone. Under the legacy emitter (`wide_networks`) selections are used at
+# any size.
+SELECTION_NETWORK_MAX_OPS = 2700
+SYMMETRIC_SELECTION_NETWORK_MAX_OPS = 3000
 
 
 def selection_ops(n: int, comps, outputs: Sequence[int]) -> int:
@@ -657,7 +662,8 @@ def select(rows: Sequence[jax.Array], positions: Sequence[int], *, symmetric: bo
     labels[p] = 'wanted' if symmetric else ('rank', p)
   comps = pruned_network(n, tuple(labels))
   selections = _in_wide_networks() or (
-    selection_ops(n, comps, positions) <= SELECTION_NETWORK_MAX_OPS
+    selection_ops(n, comps, positions)
+    <= (SYMMETRIC_SELECTION_NETWORK_MAX_OPS if symmetric else SELECTION_NETWORK_MAX_OPS)
   )
   w = apply_network(rows, comps, selections=selections)
   return [w[p] for p in positions]
