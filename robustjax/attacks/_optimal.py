@@ -241,8 +241,8 @@ def _clipped_window_evaluator(honest, base, direction, weights: np.ndarray, f: i
   (four operations per entry), which vectorises over candidates (`batch_size` applies, unlike
   the sorted-row evaluation). NaN counts as +∞ as in the rules (the upper clip maps it to hi).
   The output is non-finite exactly when the defender's is, since lo and hi are window values.
-  At n_h = 52, f = 12 and 100,000 coordinates the trimmed mean's search took 12-14 ms, against
-  43-58 ms with the columns sorted (BENCHMARKS.md).
+  At n_h = 52, f = 12 and 100,000 coordinates the trimmed mean's search took 12-19 ms, against
+  29-58 ms with the columns sorted (BENCHMARKS.md).
 
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
@@ -629,7 +629,7 @@ _STATIC = (
   'direction',
 )
 # The search as the outermost jit takes the coordinate-wise rules' CPU options (512-bit vectors:
-# the trimmed mean's clipped evaluation and the networks ran in 0.75-0.85x the time); inside a
+# the trimmed mean's clipped evaluation ran in 0.75-0.85x the time; BENCHMARKS.md); inside a
 # caller's jit the plain one is traced, and the options are the caller's.
 _optimal_plain = jax.jit(_optimal_search, static_argnames=_STATIC)
 _optimal_tuned = jax.jit(
