@@ -170,8 +170,9 @@ def test_networks_with_selections_up_to_an_op_budget():
   assert sorting.selection_ops(3, ((0, 1), (1, 2)), [0]) == 2  # (1, 2) is never read
   assert sorting.selection_ops(3, ((0, 1), (1, 2)), [2]) == 2 + 2
 
-  def ops(n, positions):
-    jaxpr = str(jax.make_jaxpr(lambda x: sorting.select(list(x), positions))(jnp.zeros((n, 3))))
+  def ops(n, positions, symmetric=False):
+    fn = lambda x: sorting.select(list(x), positions, symmetric=symmetric)
+    jaxpr = str(jax.make_jaxpr(fn)(jnp.zeros((n, 3))))
     return len(re.findall(r'= lt ', jaxpr)), len(re.findall(r'= min ', jaxpr))
 
   assert ops(64, [8, 55])[1] == 0 and ops(64, [8, 55])[0] > 64
@@ -179,13 +180,7 @@ def test_networks_with_selections_up_to_an_op_budget():
   # Ranks read one by one get the smaller budget (the trimmed mean at n = 116, f = 2: 2,781 ops,
   # not vectorised with selections); the median's summed pair at n = 112 (2,986 ops) the larger.
   assert ops(112, [2, 109])[1] == 0 and ops(116, [2, 113])[0] == 0
-
-  def summed_ops(n, positions):
-    fn = lambda x: sorting.select(list(x), positions, symmetric=True)
-    jaxpr = str(jax.make_jaxpr(fn)(jnp.zeros((n, 3))))
-    return len(re.findall(r'= lt ', jaxpr)), len(re.findall(r'= min ', jaxpr))
-
-  assert summed_ops(112, [55, 56])[1] == 0 and summed_ops(112, [55, 56])[0] > 112
+  assert ops(112, [55, 56], symmetric=True)[1] == 0 and ops(112, [55, 56], symmetric=True)[0] > 112
   with sorting.wide_networks():
     assert ops(128, [16, 111])[1] == 0
   for n, positions in ((64, [8, 55]), (128, [16, 111])):
