@@ -268,21 +268,44 @@ def test_count_below(n):
 
 @pytest.mark.parametrize('n', [1, 5, 16, 17, 37, 131])
 def test_select_extremes(n):
-  # The insertion chains against a sort: ties (small integers), ±inf, ranks 0 … 8; n = 17, 37
-  # and 131 end with a step that overlaps the previous one (its repeated rows must be skipped).
+  # The insertion chains against a sort: ties (small integers), ±inf and NaN (as +inf), ranks
+  # 0 … 8; n = 17, 37 and 131 end with a step that overlaps the previous one (its repeated rows
+  # must be skipped).
   import robustjax._sorting as sorting
 
   rng = np.random.default_rng(n)
   x = rng.integers(-3, 4, size=(n, 23)).astype(np.float32)
   x[rng.random(x.shape) < 0.05] = np.inf
   x[rng.random(x.shape) < 0.05] = -np.inf
-  s = np.sort(x, axis=0)
+  x[rng.random(x.shape) < 0.05] = np.nan
+  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
   for k in sorted({0, min(1, n - 1), min(3, n - 1), min(8, n - 1)}):
     low, high = sorting.select_extremes(jnp.asarray(x), k)
     np.testing.assert_array_equal(low, s[k])
     np.testing.assert_array_equal(high, s[n - 1 - k])
   with pytest.raises(ValueError, match='select_extremes'):
     sorting.select_extremes(jnp.asarray(x), n)
+
+
+@pytest.mark.parametrize('n', [17, 131])
+def test_select_extremes_over_column_blocks(monkeypatch, n):
+  # Blocks of 8 columns: 21 columns are two blocks and a remainder of 5, and `then` gets each
+  # block as given (NaN kept) with its own statistics. (21 columns: a shape no other test traces.)
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, '_EXTREMES_BLOCK_COLUMNS', 8)
+  rng = np.random.default_rng(n)
+  x = rng.integers(-3, 4, size=(n, 21)).astype(np.float32)
+  x[rng.random(x.shape) < 0.05] = np.inf
+  x[rng.random(x.shape) < 0.05] = np.nan
+  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+  low, high = sorting.select_extremes(jnp.asarray(x), 2)
+  np.testing.assert_array_equal(low, s[2])
+  np.testing.assert_array_equal(high, s[n - 3])
+  row = sorting.select_extremes(
+    jnp.asarray(x), 2, then=lambda b, st: st[0] + jnp.sum(jnp.isnan(b), axis=0)
+  )
+  np.testing.assert_array_equal(row, s[2] + np.isnan(x).sum(0))
 
 
 @pytest.mark.parametrize(

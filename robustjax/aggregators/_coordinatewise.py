@@ -452,12 +452,13 @@ def trimmed_mean(stack, *, f: int):
       return _sum_rows(lambda r: r, x) / n
     if _unrolled(x):
       return trimmed(x, *_select(x, [f, n - f - 1]))
+
+    def then(block, stats):  # each column block clipped and summed while it is in cache
+      return trimmed(block, stats[0], stats[1])
+
     if f <= _sorting.EXTREMES_MAX_RANK:
-      return trimmed(x, *_sorting.select_extremes(_clean(x), f))
-    # By bisection, each column block clipped and summed while it is in cache.
-    return _sorting.select_large(
-      x, [f, n - f - 1], then=lambda b, stats: trimmed(b, stats[0], stats[1])
-    )
+      return _sorting.select_extremes(x, f, then=then)
+    return _sorting.select_large(x, [f, n - f - 1], then=then)
 
   return _columnwise(fn, stack, nan_if_nonfinite=True)
 
