@@ -25,6 +25,8 @@ Examples:
   python experiments/benchmark_aggregators.py --scaling=128,129,256,1024 --repeats=5
   python experiments/benchmark_aggregators.py --scaling=128,129,224,256 \
       --scaling_calls=jit,standalone
+  python experiments/benchmark_aggregators.py --scaling=128,129,256,1024 --scaling_f=2 \
+      --scaling_d=100000 --scaling_rules=trimmed_mean
   python experiments/benchmark_aggregators.py --n=64 --d=1000000 --f=8 --cpu_devices=2 \
       --rules=krum,multikrum,caf
 
@@ -101,8 +103,14 @@ flags.DEFINE_integer('cc_switch_elements', 64_000_000, 'n · d of each stack in 
 flags.DEFINE_list(
   'scaling',
   [],
-  'only run the worker-scaling section: these numbers of workers n (each rule at f = n/8, d = '
-  '--scaling_d), per-worker cost against the first n',
+  'only run the worker-scaling section: these numbers of workers n (each rule at f = '
+  '--scaling_f, d = --scaling_d), per-worker cost against the first n',
+)
+flags.DEFINE_integer(
+  'scaling_f',
+  None,
+  '--scaling: Byzantine workers in every cell (the trimmed mean above 128 workers takes insertion '
+  'chains for f <= robustjax._sorting.EXTREMES_MAX_RANK); default n/8',
 )
 flags.DEFINE_list('scaling_rules', ['median', 'trimmed_mean', 'meamed'], 'rules of --scaling')
 flags.DEFINE_integer('scaling_d', 4810, 'coordinates per worker in --scaling')
@@ -328,11 +336,13 @@ def _standalone(x, key, *, rule, f, params):
   return rule(x, f=f, **params)
 
 
-def scaling_section(ns, rules, d: int, repeats: int, rounds: int, calls=('jit',)) -> list[dict]:
-  """Each rule at each n (f = n/8, d fixed): ms, ns per worker-coordinate, and that per-worker
-  cost over the first n's (the coordinate-wise rules leave their unrolled network above
-  `robustjax._sorting.NETWORK_MAX_N`), for each way of calling it (`calls`: inside a jax.jit of
-  the benchmark's, or standalone).
+def scaling_section(
+  ns, rules, d: int, repeats: int, rounds: int, calls=('jit',), f: int | None = None
+) -> list[dict]:
+  """Each rule at each n (f given, or n/8 when None; d fixed): ms, ns per worker-coordinate, and
+  that per-worker cost over the first n's (the coordinate-wise rules leave their unrolled network
+  above `robustjax._sorting.NETWORK_MAX_N`), for each way of calling it (`calls`: inside a jax.jit
+  of the benchmark's, or standalone).
 
   Every cell is compiled first, then timed in `rounds` rounds over all the cells (each round
   times each cell `repeats` times, its median); a cell's time is its best round. On a shared
@@ -342,20 +352,20 @@ def scaling_section(ns, rules, d: int, repeats: int, rounds: int, calls=('jit',)
   for n in ns:
     _, x = _stack(n, d, FLAGS.seed, jnp.float32)
     for name in rules:
-      f = n // 8
-      params = _params(name, n, f, FLAGS.iters)
+      f_n = n // 8 if f is None else f
+      params = _params(name, n, f_n, FLAGS.iters)
       for call in calls:
         t0 = time.perf_counter()
         if call == 'jit':
-          fn = _make_fn('aggregator', name, f, params).lower(x, jax.random.key(0)).compile()
+          fn = _make_fn('aggregator', name, f_n, params).lower(x, jax.random.key(0)).compile()
         elif call == 'standalone':
           rule = aggregators.get(name)
-          fn = functools.partial(_standalone, rule=rule, f=f, params=params)
+          fn = functools.partial(_standalone, rule=rule, f=f_n, params=params)
           jax.block_until_ready(fn(x, jax.random.key(0)))  # compiles
         else:
           raise ValueError(f"--scaling_calls: {call!r} is not 'jit' or 'standalone'")
         cells.append(
-          dict(rule=name, call=call, n=n, f=f, x=x, fn=fn, compile_s=time.perf_counter() - t0)
+          dict(rule=name, call=call, n=n, f=f_n, x=x, fn=fn, compile_s=time.perf_counter() - t0)
         )
   for k in range(rounds):
     if rounds > 1:
@@ -630,6 +640,7 @@ def main(argv):
       FLAGS.repeats,
       FLAGS.scaling_rounds,
       FLAGS.scaling_calls,
+      FLAGS.scaling_f,
     )
     if FLAGS.json_out:
       with open(FLAGS.json_out, 'w') as fh:
