@@ -496,12 +496,14 @@ EXTREMES_MAX_RANK = 2
 # steps of 16 or 32 rows were fastest, steps of 8 rows about 11x slower (BENCHMARKS.md).
 _EXTREMES_ROWS_PER_STEP = 16
 
-# Columns per block of `select_extremes` on CPU: the chains' 2 (k + 1) carried rows (196 KB at
+# Columns per block of `select_extremes` on CPU: the chains' 2 (k + 1) carried rows (184 KB at
 # k = 2) stay in cache while the block's rows stream past, and `then` reads the block from cache.
 # Over whole columns of 10⁵ the carry went to memory at every step and the clipped sum was a second
-# pass: the trimmed mean at f = 2 took 1.7-1.9 ns per worker · coordinate in a jit at n = 256 and
-# 1,024, against 1.0-1.3 with blocks of 8,192 (4,096: 1.1-1.3; 1,024: 1.7-1.9; BENCHMARKS.md).
-_EXTREMES_BLOCK_COLUMNS = 8192
+# pass: the trimmed mean at f = 2 took 1.8-2.0 ns per worker · coordinate in a jit at n = 256 and
+# 1,024, against 0.75-1.0 with blocks of 7,680. Of the widths swept (1,024 to 32,768 columns, n =
+# 256 to 2,048, d = 3e4 to 5e5), 7,680 was the fastest; the others took up to 1.6x as long
+# (BENCHMARKS.md).
+_EXTREMES_BLOCK_COLUMNS = 7680
 
 
 def select_extremes(x: jax.Array, k: int, *, then=None) -> tuple[jax.Array, jax.Array] | jax.Array:
