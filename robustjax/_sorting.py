@@ -353,12 +353,21 @@ def select_bisect(x: jax.Array, positions: Sequence[int], *, then=None) -> list[
   if not all(0 <= p < n for p in positions):
     raise ValueError(f'select_bisect: positions {positions} out of range for n={n}')
 
+  return _stats_by_block(
+    lambda xb: bisect_columns(xb, positions), x, len(positions), _bisect_block_columns(n), then
+  )
+
+
+def _stats_by_block(stats_of, x: jax.Array, count: int, cols: int, then):
+  """`stats_of(block)`'s (count, c) order statistics over the column blocks of x (n, D) of `cols`
+  columns (`over_column_blocks`): a list of the count (D,) rows, or with `then`, the (D,) row of
+  ``then(block, stats)``, computed while the block is in cache."""
+
   def block(xb):
-    stats = bisect_columns(xb, positions)
+    stats = stats_of(xb)
     return (stats if then is None else then(xb, stats)[None]), ()
 
-  out_rows = len(positions) if then is None else 1
-  cols = _bisect_block_columns(n)
+  out_rows = count if then is None else 1
   out, _ = over_column_blocks(block, [x], cols, out_rows=out_rows, dtype=x.dtype)
   return [out[k] for k in range(out_rows)] if then is None else out[0]
 
@@ -501,8 +510,8 @@ _EXTREMES_ROWS_PER_STEP = 16
 # Over whole columns of 10⁵ the carry went to memory at every step and the clipped sum was a second
 # pass: the trimmed mean at f = 2 took 1.8-2.0 ns per worker · coordinate in a jit at n = 256 and
 # 1,024, against 0.75-1.0 with blocks of 7,680. Of the widths swept (1,024 to 32,768 columns, n =
-# 256 to 2,048, d = 3e4 to 5e5), 7,680 was the fastest; the others took up to 1.6x as long
-# (BENCHMARKS.md).
+# 256 to 2,048, d = 3e4 to 5e5), 7,680 was the fastest (8,064 as fast at n = 256 only); the
+# others took up to 1.6x as long (BENCHMARKS.md).
 _EXTREMES_BLOCK_COLUMNS = 7680
 
 
@@ -535,13 +544,11 @@ def select_extremes(x: jax.Array, k: int, *, then=None) -> tuple[jax.Array, jax.
   if not 0 <= k < n:
     raise ValueError(f'select_extremes: rank {k} out of range for n={n}')
 
-  def block(xb):
-    stats = jnp.stack(_insertion_chains(jnp.where(jnp.isnan(xb), jnp.inf, xb), k))
-    return (stats if then is None else then(xb, stats)[None]), ()
+  def chains(xb):
+    return jnp.stack(_insertion_chains(jnp.where(jnp.isnan(xb), jnp.inf, xb), k))
 
-  out_rows = 2 if then is None else 1
-  out, _ = over_column_blocks(block, [x], _EXTREMES_BLOCK_COLUMNS, out_rows=out_rows, dtype=x.dtype)
-  return (out[0], out[1]) if then is None else out[0]
+  out = _stats_by_block(chains, x, 2, _EXTREMES_BLOCK_COLUMNS, then)
+  return tuple(out) if then is None else out
 
 
 def _insertion_chains(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
