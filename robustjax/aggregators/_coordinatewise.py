@@ -412,7 +412,7 @@ def trimmed_mean(stack, *, f: int):
   at most f non-finite values per coordinate (NaN counts as +inf) the result is finite.
 
   Cost: one selection network for the two order statistics, and one more elementwise pass, fused
-  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 2
+  into the same loop. Above `robustjax._sorting.NETWORK_MAX_N` (128) workers, for f ≤ 3
   (`_sorting.EXTREMES_MAX_RANK`) the two order statistics come from insertion chains
   (4 (f + 1) min / max per entry, `_sorting.select_extremes`), else from a bisection of their bits
   (`_sorting.select_bisect`: a byte at a time, whatever f), each block of columns clipped and
