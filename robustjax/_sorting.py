@@ -498,7 +498,7 @@ def _bisect_columns_jvp(positions, primals, tangents):
 # two ranks) does not. Measured in the trimmed mean at n = 129 … 2,048, d = 4,810 and 9,620
 # (BENCHMARKS.md): since bisection takes a byte at a time, the chains were faster at k = 1 and 2
 # (by up to 2x at n <= 520), slower from k = 3 or 4 on. Over column blocks in cache they are
-# faster at k = 3 too (1.1-1.9x at n = 129 … 2,048, d = 4,810 and 10⁵), about even at k = 4.
+# faster at k = 3 too (1.1-1.9x at n = 129 … 2,048, d = 4,810 and 10⁵), 0.9-1.35x at k = 4.
 EXTREMES_MAX_RANK = 3
 
 # Rows inserted per loop step. An unrolled chain over all rows ran at the speed of the fused
