@@ -290,7 +290,8 @@ def test_select_extremes(n):
 @pytest.mark.parametrize('n', [17, 131])
 def test_select_extremes_over_column_blocks(monkeypatch, n):
   # Blocks of 8 columns: 21 columns are two blocks and a remainder of 5, and `then` gets each
-  # block as given (NaN kept) with its own statistics. (21 columns: a shape no other test traces.)
+  # block as given (NaN kept) with its own statistics (the n = 17 case fails if they are
+  # reversed within a block).
   import robustjax._sorting as sorting
 
   monkeypatch.setattr(sorting, '_EXTREMES_BLOCK_COLUMNS', 8)
