@@ -12,6 +12,7 @@ from robustjax import _sorting
 from robustjax._checks import check_choice, check_positive_int
 from robustjax.aggregators._coordinatewise import (
   CPU_COMPILER_OPTIONS,
+  _sum_rows,
   median_window,
   median_window_positions,
   outermost,
@@ -268,7 +269,7 @@ def _clipped_window_evaluator(honest, base, direction, weights: np.ndarray, f: i
     for a, b, beta in windows:
       lo = _sorting.clamp(c, row.get(a - f), row.get(a))
       hi = _sorting.clamp(c, row.get(b - 1 - f), row.get(b - 1))
-      inner = functools.reduce(jnp.add, [_sorting.clamp(r, lo, hi) - lo for r in x])
+      inner = _sum_rows(lambda r, lo=lo, hi=hi: _sorting.clamp(r, lo, hi) - lo, x)
       inner = inner + f * (_sorting.clamp(c, lo, hi) - lo)
       if n > b:
         inner = inner - (n - b) * (hi - lo)
