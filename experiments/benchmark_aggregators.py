@@ -43,7 +43,6 @@ import functools
 import inspect
 import json
 import math
-import platform
 import statistics
 import time
 
@@ -51,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
+from _process import cpu_name
 from absl import app, flags
 
 from robustjax import aggregators, host, parallel, pipeline, stack
@@ -610,7 +610,7 @@ def main(argv):
     'jax': jax.__version__,
     'backend': jax.default_backend(),
     'device': str(jax.devices()[0].device_kind),
-    'cpu': platform.processor() or platform.machine(),
+    'cpu': cpu_name(),
     'n': n,
     'd': d,
     'f': f,
@@ -621,7 +621,7 @@ def main(argv):
   info['calls_per_time'] = FLAGS.calls_per_time
   info['retain_host_memory'] = FLAGS.retain_host_memory and host.retain_freed_memory()
   if FLAGS.cc_switch:
-    print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), float32')
+    print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}; {info["cpu"]}), float32')
     ns = [int(v) for v in FLAGS.cc_switch]
     iters_list = [int(v) for v in FLAGS.cc_switch_iters]
     rows = cc_switch_section(ns, iters_list, FLAGS.cc_switch_elements, FLAGS.repeats)
@@ -631,7 +631,7 @@ def main(argv):
     return
 
   if FLAGS.scaling:
-    print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), float32')
+    print(f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}; {info["cpu"]}), float32')
     ns = [int(v) for v in FLAGS.scaling]
     rows = scaling_section(
       ns,
@@ -648,7 +648,8 @@ def main(argv):
     return
 
   print(
-    f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}), stack ({n}, {d}) {dtype}; '
+    f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}; {info["cpu"]}), '
+    f'stack ({n}, {d}) {dtype}; '
     f'freed host memory kept: {info["retain_host_memory"]}'
   )
   floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)

@@ -45,12 +45,12 @@ import os
 os.environ.setdefault('OPENBLAS_NUM_THREADS', '1')
 
 import json  # noqa: E402
-import platform  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from _process import cpu_name  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from robustjax import attacks, host, pipeline  # noqa: E402
@@ -169,7 +169,7 @@ def main(argv):
   subspace = {'auto': None, 'true': True, 'false': False}[FLAGS.subspace]
   order_statistics = {'auto': None, 'false': False}[FLAGS.order_statistics]
   batch_size = FLAGS.batch_size or None
-  cpu = platform.processor() or platform.machine()
+  cpu = cpu_name()
   retained = FLAGS.retain_host_memory and host.retain_freed_memory()
   print(
     f'# n={n} (honest {n_h}, Byzantine {f}), d={d}, evaluations={evals}, '

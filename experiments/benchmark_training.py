@@ -36,9 +36,9 @@ run (evaluation included) and the time to `--target_accuracy` (first evaluation 
 from __future__ import annotations
 
 import os
-import platform
 import time
 
+from _process import cpu_name
 from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
@@ -321,7 +321,7 @@ def main(argv):
   dev = jax.devices()[0]
   print(
     f'jax {jax.__version__}, {dev.platform} ({dev.device_kind}), {len(jax.devices())} device(s), '
-    f'{os.cpu_count()} CPU cores, {platform.processor() or platform.machine()}; '
+    f'{cpu_name()}; '
     f'rule={FLAGS.rule}, f={FLAGS.f}, attack={FLAGS.attack}, model={FLAGS.model}, '
     f'batch {FLAGS.batch_size}/worker; freed host memory kept: {retained}',
     flush=True,

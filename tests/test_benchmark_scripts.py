@@ -1,4 +1,5 @@
-"""The benchmark scripts run end to end at a small size (slow: about 30 s each)."""
+"""The benchmark scripts run end to end at a small size (slow: about 30 s each), and name the
+machine they ran on."""
 
 import json
 import os
@@ -8,6 +9,15 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_cpu_name_gives_the_model_and_the_cores(monkeypatch):
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
+  from _process import cpu_name
+
+  name = cpu_name()
+  model, _, cores = name.rpartition(', ')
+  assert model and cores.endswith(' cores') and int(cores.split()[0]) >= 1, name
 
 
 @pytest.mark.slow
@@ -51,6 +61,7 @@ def test_aggregator_benchmark_on_two_cpu_devices(tmp_path):
   assert proc.returncode == 0, proc.stderr[-2000:]
   result = json.loads(out.read_text())
   assert result['info']['cpu_devices'] == 2
+  assert result['info']['cpu'] in proc.stdout  # the printed header names the machine
   assert all(r.get('time_s', 0) > 0 for r in result['rows']), result['rows']
   assert 'robustjax scaled_gram, 2 devices' in result['info']['gram']
   assert 'robustjax centred product, 2 devices' in result['info']['gram']
