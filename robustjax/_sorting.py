@@ -270,8 +270,28 @@ def select_large(
   `chunk` columns). With `then`, ``then(x, stats)``'s row instead (see `select_bisect`)."""
   if len(positions) <= BISECT_MAX_RANKS:
     return select_bisect(x, positions, then=then)
-  stats = select_layered(jnp.where(jnp.isnan(x), jnp.inf, x), positions, chunk=chunk)
+  stats = select_layered(nan_as_inf(x), positions, chunk=chunk)
   return stats if then is None else then(x, jnp.stack(stats))
+
+
+def nan_as_inf(x: jax.Array) -> jax.Array:
+  """x with NaN replaced by +inf: the order in which every selection here counts NaN."""
+  return jnp.where(jnp.isnan(x), jnp.inf, x)
+
+
+def order_statistics(x: jax.Array, positions: Sequence[int], *, symmetric: bool = False):
+  """Order statistics along axis 0 of an (n, D) matrix, NaN counted as +inf, by the fastest path.
+
+  Up to `network_max_n` rows one unrolled selection network (`select`) over the rows, each row's
+  NaN mapping fused into the network's loop; beyond, `select_large`. `symmetric` as in `select`.
+  Returns a list with the (D,) order statistic of each position, in the order of `positions`.
+  """
+  if x.shape[0] <= network_max_n(len(positions), symmetric):
+    # Each row sliced once: a second slice per row (x[i] in both arguments of `where`) pushed
+    # MeaMed's fused network at 96-128 rows past what XLA:CPU vectorises (20-30 ns per entry).
+    rows = [nan_as_inf(x[i]) for i in range(x.shape[0])]
+    return select(rows, positions, symmetric=symmetric)
+  return select_large(x, positions)
 
 
 def _flip_negatives(k: jax.Array) -> jax.Array:
@@ -428,7 +448,7 @@ def _grouped(x: jax.Array, fill) -> jax.Array:
 def _grouped_keys(x: jax.Array) -> jax.Array:
   """The order keys of x (n, c), NaN as +inf, grouped (`_grouped`), padded with the largest
   key."""
-  keys = _order_keys(jnp.where(jnp.isnan(x), jnp.inf, x))
+  keys = _order_keys(nan_as_inf(x))
   return _grouped(keys, jnp.iinfo(keys.dtype).max)
 
 
@@ -489,7 +509,7 @@ def _next_rank(keys: jax.Array, key: jax.Array, position: int) -> jax.Array:
 def _bisect_columns_jvp(positions, primals, tangents):
   (x,), (dx,) = primals, tangents
   out = _bisect_columns(x, positions)
-  held = jnp.where(jnp.isnan(x), jnp.inf, x)[None] == out[:, None, :]
+  held = nan_as_inf(x)[None] == out[:, None, :]
   return out, jnp.take_along_axis(dx, jnp.argmax(held, axis=1), axis=0)
 
 
@@ -546,7 +566,7 @@ def select_extremes(x: jax.Array, k: int, *, then=None) -> tuple[jax.Array, jax.
     raise ValueError(f'select_extremes: rank {k} out of range for n={n}')
 
   def chains(xb):
-    return jnp.stack(_insertion_chains(jnp.where(jnp.isnan(xb), jnp.inf, xb), k))
+    return jnp.stack(_insertion_chains(nan_as_inf(xb), k))
 
   out = _stats_by_block(chains, x, 2, _EXTREMES_BLOCK_COLUMNS, then)
   return tuple(out) if then is None else out

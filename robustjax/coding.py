@@ -50,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from robustjax import _sorting
 from robustjax import stack as _stack
 from robustjax._checks import check_positive_int, num_workers
 
@@ -288,7 +289,8 @@ def draco_decode(stack, *, groups: tuple[int, ...], f: int):
   Raises:
     ValueError: if the groups do not match the stack, or a group is smaller than 2f + 1.
 
-  Cost: a sort of g × n × p values (g groups; non-members masked) and one weighted sum.
+  Cost: a selection network (or bisection) over each group's rows, a pass for the distances and
+  one weighted sum: a few streaming passes over the stack.
   """
   n = num_workers(stack, 'draco_decode')
   if len(groups) != n:
@@ -302,16 +304,27 @@ def draco_decode(stack, *, groups: tuple[int, ...], f: int):
       f'draco_decode: every group needs >= 2f + 1 = {2 * f + 1} workers; smallest has {sizes.min()}'
     )
   member = jnp.asarray(g_np[None, :] == np.arange(sizes.size)[:, None])  # (g, n)
-  mid = jnp.asarray((sizes - 1) // 2)  # lower-median position inside each group
+  # The groups by size (sizes differ by at most one in `draco_groups`; any grouping works). Each
+  # size s gives an index matrix (s, g_s): row j holds the j-th member of each group of that size.
+  # The gathered stack, seen as (s, g_s · p), has a column per (group, coordinate), so one
+  # selection (`_sorting.order_statistics`, rank (s − 1) // 2) finds every group's lower median.
+  by_size = [
+    np.stack([np.flatnonzero(g_np == k) for k in np.flatnonzero(sizes == s)], axis=1)
+    for s in np.unique(sizes)
+  ]
 
   dist = 0.0
   for leaf in jax.tree.leaves(stack):
     x = _stack.as_matrix(leaf)  # (n, p)
     x = jnp.where(jnp.isfinite(x), x, jnp.inf)
-    masked = jnp.where(member[:, :, None], x[None], jnp.inf)  # (g, n, p), non-members last
-    med = jnp.take_along_axis(jnp.sort(masked, axis=1), mid[:, None, None], axis=1)[:, 0]  # (g, p)
-    diff = x - med[g_np]
-    dist = dist + jnp.sum(diff * diff, axis=1)
+    part = jnp.zeros((n,), x.dtype)
+    for idx in by_size:
+      size, count = idx.shape
+      rows = x[idx]  # (s, g_s, p)
+      (med,) = _sorting.order_statistics(rows.reshape(size, -1), [(size - 1) // 2])
+      diff = rows - med.reshape(1, count, -1)
+      part = part.at[idx].add(jnp.sum(diff * diff, axis=2))
+    dist = dist + part
   # A coordinate-sharded stack (`stack.sharded_coordinates`) sums the distance over devices.
   dist = _stack.psum_coordinates(dist)
   dist = jnp.where(jnp.isfinite(dist), dist, jnp.inf)

@@ -1,6 +1,7 @@
 """Tests for robustjax.coding: encoding matrices, encode, DRACO's vote, the MDS decoder."""
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +133,56 @@ def test_draco_recovers_exactly_with_f_adversaries(n, f):
         }[payload]
       out = coding.draco_decode(jnp.asarray(x), groups=groups, f=f)
       np.testing.assert_allclose(out, full, rtol=1e-5, atol=1e-6)
+
+
+def _np_draco_decode(x, groups):
+  """float64 reference from the definition: in each group the lower median of its members' values
+  per coordinate (non-finite values as +inf), the member closest to it (lowest index on ties),
+  weighted n_k / n."""
+  x = np.asarray(x, np.float64)
+  clean = np.where(np.isfinite(x), x, np.inf)
+  groups = np.asarray(groups)
+  n, out = len(groups), np.zeros(x.shape[1])
+  for k in np.unique(groups):
+    members = np.flatnonzero(groups == k)
+    med = np.sort(clean[members], axis=0)[(members.size - 1) // 2]
+    with np.errstate(invalid='ignore', over='ignore'):
+      dist = np.sum((clean[members] - med) ** 2, axis=1)
+    dist = np.where(np.isfinite(dist), dist, np.inf)
+    out += members.size / n * x[members[np.argmin(dist)]]
+  return out
+
+
+@pytest.mark.parametrize(
+  'groups,f',
+  [
+    ((0, 1, 0, 1, 2, 2, 0, 1, 2, 2), 1),  # interleaved groups of 3, 3 and 4
+    (coding.draco_groups(300, 2, r=150), 2),  # two groups of 150: the bisection path
+  ],
+)
+@pytest.mark.parametrize('majority', [True, False])
+def test_draco_decode_matches_a_numpy_reference(groups, f, majority):
+  """Byzantine rows (NaN, -inf, huge, near copies) in every group, beside an honest majority that
+  sends one vector, or beside random rows (then the rank of the median and the tie rule show)."""
+  rng = np.random.default_rng(len(groups))
+  n = len(groups)
+  x = rng.normal(size=(n, 6)).astype(np.float32)
+  for k in np.unique(groups):
+    members = np.flatnonzero(np.asarray(groups) == k)
+    if majority:
+      x[members[f:]] = x[members[-1]]
+    for j, i in enumerate(members[:f]):
+      x[i] = [np.nan, -np.inf, 1e30, x[members[-1], 0] * (1 + 1e-3)][(i + j) % 4]
+  out = coding.draco_decode(jnp.asarray(x), groups=groups, f=f)
+  np.testing.assert_allclose(out, _np_draco_decode(x, groups), rtol=1e-6)
+
+
+def test_draco_decode_selects_without_sorting():
+  """The vote uses the selection networks: XLA's sort of every column costs orders of magnitude
+  more (BENCHMARKS.md, 13.7 s at n = 64, d = 10⁶)."""
+  groups = coding.draco_groups(64, 8)
+  jaxpr = jax.make_jaxpr(lambda x: coding.draco_decode(x, groups=groups, f=8))(jnp.zeros((64, 9)))
+  assert not re.search(r'\bsort\[', str(jaxpr))  # the sort primitive, e.g. sort[dimension=1 ...]
 
 
 def test_draco_groups_for_non_divisible_n():

@@ -191,6 +191,17 @@ def test_networks_with_selections_up_to_an_op_budget():
     np.testing.assert_array_equal(np.stack(got), np.sort(x, 0)[positions])
 
 
+@pytest.mark.parametrize('name', ROBUST)
+def test_networks_slice_each_row_once(name):
+  """The rules' unrolled networks read each row through one slice (and the trimmed mean's and
+  MeaMed's clipped sums through one more). A second slice per row in the network (a row mapped as
+  `where(isnan(x[i]), inf, x[i])`) compiled MeaMed at 96 rows to a loop XLA:CPU did not vectorise
+  on an Intel Xeon: 20-30 ns per entry against 1-1.5, and 19 s to compile against 2."""
+  n = 96
+  jaxpr = str(jax.make_jaxpr(lambda x: getattr(aggregators, name)(x, f=12))(jnp.zeros((n, 3))))
+  assert len(re.findall(r'= slice\[', jaxpr)) == (n if name == 'median' else 2 * n)
+
+
 def test_column_blocks_are_one_piece_on_accelerators(monkeypatch):
   # On an accelerator the column blocks (`_blocks.over_column_blocks`, here under the layered
   # network) would be a sequence of small kernel launches: one loop over the layers on all

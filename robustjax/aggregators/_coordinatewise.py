@@ -120,22 +120,9 @@ def _columnwise(fn, stack, *, nan_if_nonfinite: bool = False):
   return stk.unflatten(wrapped(stk.flatten(stack)), stack)
 
 
-def _clean(x: jax.Array) -> jax.Array:
-  return jnp.where(jnp.isnan(x), jnp.inf, x)
-
-
 def _unrolled(x: jax.Array) -> bool:
   """Whether the rules run as one unrolled network over the rows (else by bisection)."""
   return x.shape[0] <= _sorting.network_max_n(2)
-
-
-def _select(x: jax.Array, positions, *, symmetric: bool = False) -> list[jax.Array]:
-  """Order statistics along the worker axis of x (n, D), NaN counted as +inf."""
-  if x.shape[0] <= _sorting.network_max_n(len(positions), symmetric):
-    # Row by row, so the NaN mapping fuses into the network's loop.
-    rows = [_clean(x[i]) for i in range(x.shape[0])]
-    return _sorting.select(rows, positions, symmetric=symmetric)
-  return _sorting.select_large(x, positions)  # NaN as +inf, mapped inside
 
 
 def _mean_weights(n: int, f: int, **_) -> np.ndarray:
@@ -160,10 +147,10 @@ def _trimmed_mean_weights(n: int, f: int, **_) -> np.ndarray:
 def _sum_rows(fn, x: jax.Array) -> jax.Array:
   """Σ_i fn(x_i) over the worker axis (NaN counted as +inf), fn elementwise."""
   if _unrolled(x):
-    return sum(fn(_clean(x[i])) for i in range(x.shape[0]))
+    return sum(fn(_sorting.nan_as_inf(x[i])) for i in range(x.shape[0]))
   # Large n: a matvec (a reduction over the worker axis is ~100× slower on XLA:CPU).
   ones = jnp.ones((x.shape[0],), x.dtype)
-  return jnp.dot(ones, fn(_clean(x)), precision=jax.lax.Precision.HIGHEST)
+  return jnp.dot(ones, fn(_sorting.nan_as_inf(x)), precision=jax.lax.Precision.HIGHEST)
 
 
 def _median_ranks(n: int) -> list[int]:
@@ -174,9 +161,9 @@ def _median_ranks(n: int) -> list[int]:
 def _median(x: jax.Array) -> jax.Array:
   ranks = _median_ranks(x.shape[0])
   if len(ranks) == 1:
-    (m,) = _select(x, ranks)
+    (m,) = _sorting.order_statistics(x, ranks)
     return m
-  a, b = _select(x, ranks, symmetric=True)
+  a, b = _sorting.order_statistics(x, ranks, symmetric=True)
   return 0.5 * a + 0.5 * b
 
 
@@ -233,7 +220,7 @@ def _mean_closest(x: jax.Array, keep: int) -> jax.Array:
   if not _unrolled(x):
     return _mean_closest_bisected(x, keep)
   positions = median_window_positions(n, keep)
-  w = dict(zip(positions, _select(x, positions)))
+  w = dict(zip(positions, _sorting.order_statistics(x, positions)))
   lo, hi, start = median_window(w, n, keep)
   inner = _sum_rows(lambda r: _sorting.clamp(r, lo, hi) - lo, x) - (e - start) * (hi - lo)
   return lo + inner / keep
@@ -253,7 +240,7 @@ def _mean_closest_bisected(x: jax.Array, keep: int) -> jax.Array:
 
   def window(block, stats):
     med = stats[0] if len(mid) == 1 else 0.5 * stats[0] + 0.5 * stats[1]
-    centred = _clean(block) - med
+    centred = _sorting.nan_as_inf(block) - med
     bound = _sorting.bisect_columns(jnp.abs(centred), [keep - 1])[0]
     # #{c <= −D}, #{c < −D}, #{c < D} in one counting pass.
     below, under_low, under_high = _sorting.count_below(
@@ -451,7 +438,7 @@ def trimmed_mean(stack, *, f: int):
     if f == 0:
       return _sum_rows(lambda r: r, x) / n
     if _unrolled(x):
-      return trimmed(x, *_select(x, [f, n - f - 1]))
+      return trimmed(x, *_sorting.order_statistics(x, [f, n - f - 1]))
 
     def then(block, stats):  # each column block clipped and summed while it is in cache
       return trimmed(block, stats[0], stats[1])
