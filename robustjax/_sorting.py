@@ -288,7 +288,8 @@ def order_statistics(x: jax.Array, positions: Sequence[int], *, symmetric: bool 
   """
   if x.shape[0] <= network_max_n(len(positions), symmetric):
     # Each row sliced once: a second slice per row (x[i] in both arguments of `where`) pushed
-    # MeaMed's fused network at 96-128 rows past what XLA:CPU vectorises (20-30 ns per entry).
+    # MeaMed's fused network at 96-128 rows past what XLA:CPU vectorised on an Intel Xeon (20-53 ns
+    # per entry against 1-1.7; BENCHMARKS.md).
     rows = [nan_as_inf(x[i]) for i in range(x.shape[0])]
     return select(rows, positions, symmetric=symmetric)
   return select_large(x, positions)
