@@ -32,6 +32,17 @@ def test_blocked_weighted_sum_ignores_nonfinite_and_matches_float64():
   np.testing.assert_allclose(got1, ref[0], rtol=1e-5)
 
 
+def test_blocked_sq_norms_and_dists_match_float64():
+  x = _data()
+  x64 = x.astype(np.float64)
+  np.testing.assert_allclose(stk.sq_norms(jnp.asarray(x)), (x64**2).sum(1), rtol=1e-5)
+  got = stk.sq_norms(jnp.asarray(x), scale=jnp.float32(4.0))
+  np.testing.assert_allclose(got, ((x64 / 4.0) ** 2).sum(1), rtol=1e-5)
+  p = x64[2] + 0.5
+  got = stk.sq_dists_to(jnp.asarray(x), jnp.asarray(p, jnp.float32))
+  np.testing.assert_allclose(got, ((x64 - p) ** 2).sum(1), rtol=1e-4)
+
+
 def test_worker_finite_large():
   x = _data()
   x[1, -3] = -np.inf
