@@ -260,9 +260,14 @@ def _inverse(scale, dtype):
 
 def worker_finite(stack) -> jax.Array:
   """(n,) bool: whether every entry of worker i's slice is finite."""
+
   # x · 0 is 0 for finite x and NaN otherwise: one fused pass, far cheaper on CPU than
-  # reducing a boolean array.
-  return jnp.isfinite(_sum_over_leaves(lambda x: jnp.sum(x * 0, axis=1), stack))
+  # reducing a boolean array; over column blocks on CPU, as `sq_norms` (on an Intel Xeon VM 21-23
+  # against 35-38 ms over whole rows at n = 64, d = 1e6).
+  def fn(x):
+    return _blocked_sum(lambda xb: jnp.sum(xb * 0, axis=1), [x], _column_block(*x.shape))
+
+  return jnp.isfinite(_sum_over_leaves(fn, stack))
 
 
 def _max_abs_rows(x: jax.Array) -> jax.Array:
