@@ -354,12 +354,8 @@ def sq_norms(stack, *, scale=None) -> jax.Array:
 
   def fn(x):
     inv = _inverse(scale, x.dtype)
-
-    def block(xb, inv=inv):
-      xb = xb * inv
-      return jnp.sum(xb * xb, axis=1)
-
-    return _blocked_sum(block, [x], _column_block(*x.shape))
+    # The distance kernel to the origin.
+    return _blocked_sum(lambda xb: _row_sq_dists(xb, 0.0, inv), [x], _column_block(*x.shape))
 
   return _sum_over_leaves(fn, stack)
 

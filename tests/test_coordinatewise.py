@@ -196,7 +196,7 @@ def test_networks_slice_each_row_once(name):
   """The rules' unrolled networks read each row through one slice (and the trimmed mean's and
   MeaMed's clipped sums through one more). A second slice per row in the network (a row mapped as
   `where(isnan(x[i]), inf, x[i])`) compiled MeaMed at 96 rows to a loop XLA:CPU did not vectorise
-  on an Intel Xeon: 20-30 ns per entry against 1-1.5, and 19 s to compile against 2."""
+  on an Intel Xeon: 21-30 ns per entry against 1.1-1.5, and 19-21 s to compile against 2."""
   n = 96
   jaxpr = str(jax.make_jaxpr(lambda x: getattr(aggregators, name)(x, f=12))(jnp.zeros((n, 3))))
   assert len(re.findall(r'= slice\[', jaxpr)) == (n if name == 'median' else 2 * n)
