@@ -28,9 +28,11 @@ def _free_port():
 
 def _job_env(devices):
   env = {k: v for k, v in os.environ.items() if not k.startswith(('JAX_', 'ROBUSTJAX_'))}
+  # The run's other XLA flags travel on (the default run's optimisation level: conftest.py).
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'device_count' not in f]
   env.update(
     JAX_PLATFORMS='cpu',
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+    XLA_FLAGS=' '.join([f'--xla_force_host_platform_device_count={devices}', *flags]),
     PYTHONPATH=ROOT,
   )
   return env

@@ -228,7 +228,10 @@ def test_unknown_command_and_config_name(capsys, monkeypatch):
 def test_installed_command_runs_outside_the_repository(tmp_path):
   # `python -m robustjax` from another directory: the shipped configs travel with the package.
   env = {**os.environ, 'PYTHONPATH': ''}
-  env.pop('XLA_FLAGS', None)
+  # One CPU device, as a user's shell has (the run's other XLA flags kept: conftest.py).
+  flags = [f for f in env.pop('XLA_FLAGS', '').split() if 'device_count' not in f]
+  if flags:
+    env['XLA_FLAGS'] = ' '.join(flags)
   proc = subprocess.run(
     [sys.executable, '-m', 'robustjax', 'train', '--config=default:smoke',
      f'--workdir={tmp_path / "run"}', '--config.num_steps=2', '--config.backend=vmap'],
