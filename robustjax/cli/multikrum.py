@@ -422,6 +422,8 @@ def run_sketch(cfg, key) -> dict:
   from robustjax.aggregators import _krum
 
   s = cfg.sketch
+  scores = jax.jit(_krum._scores, static_argnums=(1, 2))  # one compile per shape, not per op
+  project = jax.jit(st.random_projection, static_argnums=1)
   agree = []
   for n in s.ns:
     n = int(n)
@@ -435,10 +437,10 @@ def run_sketch(cfg, key) -> dict:
         honest = 1.0 + jax.random.normal(k1, (nh, int(s.dim)))
         byz, _ = atk.apply(atk.init(k2, honest), honest, k2, f=f, rule=None)
         x = jnp.concatenate([honest, byz.astype(honest.dtype)])
-        exact = np.argsort(np.asarray(_krum._scores(x, n - f - 2, None)), kind='stable')[: n - f]
+        exact = np.argsort(np.asarray(scores(x, n - f - 2, None)), kind='stable')[: n - f]
         for k in s.ks:
-          y = st.random_projection(x, int(k), k3)
-          sk = np.argsort(np.asarray(_krum._scores(y, n - f - 2, None)), kind='stable')[: n - f]
+          y = project(x, int(k), k3)
+          sk = np.argsort(np.asarray(scores(y, n - f - 2, None)), kind='stable')[: n - f]
           agree.append(
             {
               'n': n,
