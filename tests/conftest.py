@@ -1,10 +1,11 @@
 """Test configuration: 8 simulated CPU devices, set once before any computation.
 
 The default run compiles XLA:CPU's kernels without LLVM's optimisations
-(`--xla_backend_optimization_level=0`): most tests are compile-bound, and this takes the run from
-about 13 to 9 minutes on a 2-core VM. XLA's own HLO passes still run, and LLVM's optimisations do
-not change what a kernel computes (XLA:CPU does not enable fast-math), so the results are the
-same. To test the optimised kernels, set XLA_FLAGS yourself, as CI's second run does:
+(`--xla_backend_optimization_level=0`): most tests are compile-bound, and this took the run from
+about 13 to 9-10 minutes on a 2-core Intel VM. XLA's own HLO passes still run, and without
+fast-math (XLA:CPU's default) LLVM may not change what a float operation computes; every test
+passed at both levels there. CI's second run (`.ci/run`, the dependency floors) tests the core
+modules with the kernels optimised, as users get them; so does
 `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest`.
 """
 
