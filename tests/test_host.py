@@ -1,10 +1,15 @@
-"""`robustjax.host.retain_freed_memory`: a freed buffer's pages are reused, not faulted anew."""
+"""`robustjax.host`: a freed buffer's pages are reused, not faulted anew (`retain_freed_memory`);
+jax's random bits lowered unrolled are the same bits (`unroll_threefry`)."""
 
 import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
+
+from robustjax import host
 
 _PROBE = r"""
 import resource
@@ -68,3 +73,68 @@ def test_freed_memory_is_reused_without_page_faults():
 def test_the_environment_can_keep_glibc_defaults():
   applied, plain, kept = _probe({'ROBUSTJAX_RETAIN_HOST_MEMORY': '0'})
   assert not applied and kept > _faults_expected(), kept
+
+
+# Random123's known-answer vectors for Threefry-2x32 with 20 rounds: (key, counter, output).
+_THREEFRY_KAT = [
+  ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
+  ((0xFFFFFFFF, 0xFFFFFFFF), (0xFFFFFFFF, 0xFFFFFFFF), (0x1CB996FC, 0xBB002BE7)),
+  ((0x13198A2E, 0x03707344), (0x243F6A88, 0x85A308D3), (0xC4923A9C, 0x483DF7A0)),
+]
+
+
+@pytest.mark.parametrize('key, counter, expected', _THREEFRY_KAT)
+def test_unrolled_threefry_gives_the_known_answers(key, counter, expected):
+  words = [np.uint32(v) for v in (*key, *counter)]
+  got = jax.jit(host.threefry2x32)(*words)
+  assert tuple(int(w) for w in got) == expected
+
+
+def test_unrolled_threefry_broadcasts_a_key_over_counters():
+  counters = np.arange(12, dtype=np.uint32).reshape(3, 4)
+  got = jax.jit(host.threefry2x32)(np.uint32(7), np.uint32(9), counters, counters[::-1])
+  for i in np.ndindex(3, 4):
+    one = host.threefry2x32(np.uint32(7), np.uint32(9), counters[i], counters[::-1][i])
+    assert (int(got[0][i]), int(got[1][i])) == (int(one[0]), int(one[1]))
+
+
+_DRAWS = r"""
+import jax, numpy as np
+from robustjax import host
+
+def draws(key):
+  k1, k2 = jax.random.split(key)
+  rows = jax.vmap(lambda r: jax.random.randint(jax.random.fold_in(k1, r), (25,), 0, 300))
+  return rows(np.arange(64)), jax.random.normal(k2, (3, 1001)), jax.random.bits(key, (7,))
+
+def run():
+  f = jax.jit(draws)
+  out = [f(jax.random.key(s)) for s in (0, 1, 2**31 - 1)]
+  return out, f.lower(jax.random.key(0)).as_text().count('while')
+
+before, loops_before = run()
+applied = host.unroll_threefry()
+jax.clear_caches()
+after, loops_after = run()
+same = all(np.array_equal(a, b) for x, y in zip(before, after) for a, b in zip(x, y))
+print(applied, loops_before, loops_after, same)
+"""
+
+
+def _draws(env):
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', **env}
+  out = subprocess.run([sys.executable, '-c', _DRAWS], env=env, capture_output=True, text=True)
+  assert out.returncode == 0, out.stderr[-2000:]
+  applied, before, after, same = out.stdout.split()
+  return applied == 'True', int(before), int(after), same == 'True'
+
+
+def test_unrolled_threefry_draws_the_same_bits_without_loops():
+  applied, loops_before, loops_after, same = _draws({'ROBUSTJAX_UNROLL_THREEFRY': '1'})
+  assert applied and same
+  assert loops_before > 0 and loops_after == 0, (loops_before, loops_after)
+
+
+def test_the_environment_can_keep_jax_threefry_lowering():
+  applied, loops_before, loops_after, same = _draws({'ROBUSTJAX_UNROLL_THREEFRY': '0'})
+  assert not applied and same and loops_after == loops_before > 0
