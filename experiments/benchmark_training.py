@@ -142,9 +142,10 @@ def _loop_step(exp):
 
 
 def _train_loop(n):
-  """(seconds per step, compile seconds, final metrics, evaluations) of `train_and_evaluate`, the
-  loop users run: the default config's logging (every 10 steps), evaluation (every 50),
-  TensorBoard and checkpoints (`--train_checkpoint_every`); the better of two runs."""
+  """(seconds per step, compile seconds, final metrics, evaluations, every run's seconds per step)
+  of `train_and_evaluate`, the loop users run: the default config's logging (every 10 steps),
+  evaluation (every 50), TensorBoard and checkpoints (`--train_checkpoint_every`); the better of
+  two runs."""
   import tempfile
 
   from robustjax import training
@@ -159,7 +160,7 @@ def _train_loop(n):
       evals = _robustjax_evals(workdir)
     seconds = 1.0 / s['steps_per_second_this_run']
     runs.append((seconds, s['compile_seconds_this_run'], s['final'], evals))
-  return min(runs, key=lambda r: r[0])
+  return (*min(runs, key=lambda r: r[0]), [r[0] for r in runs])
 
 
 def _time_to_target(evals, seconds_per_step):
@@ -178,9 +179,10 @@ def _robustjax_evals(workdir):
 
 
 def _byzfl_best(n):
-  """`_byzfl_loop(n)` of the fastest of `--byzfl_runs` runs: the same treatment as
-  `train_and_evaluate`'s better of two runs (`_train_loop`)."""
-  return min((_byzfl_loop(n) for _ in range(FLAGS.byzfl_runs)), key=lambda r: r[0])
+  """`_byzfl_loop(n)` of the fastest of `--byzfl_runs` runs, and every run's seconds per step: the
+  same treatment as `train_and_evaluate`'s better of two runs (`_train_loop`)."""
+  runs = [_byzfl_loop(n) for _ in range(FLAGS.byzfl_runs)]
+  return (*min(runs, key=lambda r: r[0]), [r[0] for r in runs])
 
 
 def _byzfl_loop(n):
@@ -300,6 +302,11 @@ def _byzfl_loop(n):
   return seconds, evals[-1][1], evals
 
 
+def _ms(seconds) -> str:
+  """Each run's milliseconds per step, e.g. '1.77 / 2.05 ms'."""
+  return ' / '.join(f'{1e3 * t:.2f}' for t in seconds) + ' ms'
+
+
 def _time(step, state):
   """Fastest single step (seconds) over at least `--min_time` seconds and `--repeats` steps.
 
@@ -354,12 +361,13 @@ def main(argv):
     if train:
       tr = (
         f'   train_and_evaluate {n / train[0]:10.0f} worker-steps/s ({train[0] * 1e3:.2f} '
-        f'ms/step, compile {train[1]:.1f} s, test accuracy {train[2]["test_accuracy"]:.3f})'
+        f'ms/step, runs {_ms(train[4])}, compile {train[1]:.1f} s, test accuracy '
+        f'{train[2]["test_accuracy"]:.3f})'
       )
     if byz:
       tr += (
-        f'   ByzFL loop {n / byz[0]:8.0f} worker-steps/s ({byz[0] * 1e3:.1f} ms/step, test '
-        f'accuracy {byz[1]:.3f})'
+        f'   ByzFL loop {n / byz[0]:8.0f} worker-steps/s ({byz[0] * 1e3:.1f} ms/step, runs '
+        f'{_ms(byz[3])}, test accuracy {byz[1]:.3f})'
       )
     print(
       f'n={n:5d}  vmap {n / t_vmap:10.0f} worker-steps/s ({t_vmap * 1e3:8.2f} ms/step)   '
