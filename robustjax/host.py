@@ -23,11 +23,11 @@ anyway. Set ``ROBUSTJAX_RETAIN_HOST_MEMORY=0`` to keep glibc's defaults.
 unrolled). XLA:CPU runs each iteration as separate kernels over the whole array, so a draw costs
 several passes over it. `unroll_threefry` lowers the same hash unrolled on CPU, one fused
 elementwise loop: the same bits (only the loop is unrolled). On 2 Intel Xeon cores
-(`experiments/benchmark_random.py`, BENCHMARKS.md) a (64, 10⁶) normal draw took 0.29-0.33 s
-against 1.08-1.15, and the training step with local DP noise at n = 256 workers 15.9-19.8 ms
-against 19.3-21.3; a step without such noise draws little (0.1 ms of 1.9 at n = 64) and did not
-change beyond the runs' spread. Compile times moved within their spread (0.2-0.3 s more for a
-program of only a few draws). Set ``ROBUSTJAX_UNROLL_THREEFRY=0`` to keep jax's lowering.
+(`experiments/benchmark_random.py`, BENCHMARKS.md) a (64, 10⁶) normal draw took 0.25-0.33 s
+against 0.81-1.15, and a training step with local DP noise was 1.06-1.26x faster; a step without
+such noise draws little (0.03-0.16 ms at n = 64) and did not change beyond the runs' spread. The
+training steps compiled in the same time or less. Set ``ROBUSTJAX_UNROLL_THREEFRY=0`` to keep
+jax's lowering.
 
 `robustjax.training.build` applies both on CPU backends. Both act on the whole process, and the
 second only on computations compiled afterwards.
