@@ -49,7 +49,7 @@ import sys
 import numpy as np
 from absl import logging
 
-__all__ = ['retain_freed_memory', 'unroll_threefry']
+__all__ = ['retain_freed_memory', 'threefry2x32', 'unroll_threefry']
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3

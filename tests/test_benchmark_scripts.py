@@ -65,3 +65,19 @@ def test_aggregator_benchmark_on_two_cpu_devices(tmp_path):
   assert all(r.get('time_s', 0) > 0 for r in result['rows']), result['rows']
   assert 'robustjax scaled_gram, 2 devices' in result['info']['gram']
   assert 'robustjax centred product, 2 devices' in result['info']['gram']
+
+
+@pytest.mark.slow
+def test_random_benchmark_runs_both_lowerings_and_finds_the_same_bits():
+  proc = subprocess.run(
+    [sys.executable, os.path.join(ROOT, 'experiments', 'benchmark_random.py')]
+    + ['--rounds=1', '--calls=2', '--cases=draws'],
+    env={**os.environ, 'JAX_PLATFORMS': 'cpu'},
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [line for line in proc.stdout.splitlines() if line.startswith('| step draws')]
+  assert len(rows) == 2, proc.stdout
+  assert all(row.rstrip(' |').endswith('yes') for row in rows), rows
