@@ -25,9 +25,9 @@ several passes over it. `unroll_threefry` lowers the same hash unrolled on CPU, 
 elementwise loop: the same bits (only the loop is unrolled). On 2 Intel Xeon cores
 (`experiments/benchmark_random.py`, BENCHMARKS.md) a (64, 10⁶) normal draw took 0.25-0.33 s
 against 0.81-1.15, and a training step with local DP noise was 1.06-1.26x faster; a step without
-such noise draws little (0.03-0.16 ms at n = 64) and did not change beyond the runs' spread. The
-training steps compiled in the same time or less. Set ``ROBUSTJAX_UNROLL_THREEFRY=0`` to keep
-jax's lowering.
+such noise draws little (0.03-0.16 ms at n = 64) and did not change beyond the runs' spread,
+nor did the training steps' compile times. Set ``ROBUSTJAX_UNROLL_THREEFRY=0`` to keep jax's
+lowering.
 
 `robustjax.training.build` applies both on CPU backends. Both act on the whole process, and the
 second only on computations compiled afterwards.

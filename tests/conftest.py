@@ -2,7 +2,8 @@
 
 The default run compiles XLA:CPU's kernels without LLVM's optimisations
 (`--xla_backend_optimization_level=0`): most tests are compile-bound, and this took the run from
-about 13 to 9-10 minutes on a 2-core Intel VM. XLA's own HLO passes still run, and without
+about 780 s to 538-581 s on a 2-core Intel VM (618-676 s there later, with more tests, on a
+busier day). XLA's own HLO passes still run, and without
 fast-math (XLA:CPU's default) LLVM may not change what a float operation computes; every test
 passed at both levels there. CI's second run (`.ci/run`, the dependency floors) tests the core
 modules with the kernels optimised, as users get them; so does

@@ -90,12 +90,15 @@ def test_unrolled_threefry_gives_the_known_answers(key, counter, expected):
   assert tuple(int(w) for w in got) == expected
 
 
-def test_unrolled_threefry_broadcasts_a_key_over_counters():
-  counters = np.arange(12, dtype=np.uint32).reshape(3, 4)
-  got = jax.jit(host.threefry2x32)(np.uint32(7), np.uint32(9), counters, counters[::-1])
-  for i in np.ndindex(3, 4):
-    one = host.threefry2x32(np.uint32(7), np.uint32(9), counters[i], counters[::-1][i])
-    assert (int(got[0][i]), int(got[1][i])) == (int(one[0]), int(one[1]))
+def test_unrolled_threefry_takes_arrays_and_broadcasts_a_key_over_counters():
+  keys, counters, expected = (np.array(v, np.uint32).T for v in zip(*_THREEFRY_KAT))
+  got = jax.jit(host.threefry2x32)(*keys, *counters)  # the three vectors as one array call
+  np.testing.assert_array_equal(np.stack(got), expected)
+  # One key against a (2, 3) grid of counters, every one the third vector's counter.
+  (k1, k2), (c1, c2), want = _THREEFRY_KAT[2]
+  grid = [np.full((2, 3), c, np.uint32) for c in (c1, c2)]
+  got = jax.jit(host.threefry2x32)(np.uint32(k1), np.uint32(k2), *grid)
+  assert all(np.all(np.asarray(w) == e) for w, e in zip(got, want)) and got[0].shape == (2, 3)
 
 
 _DRAWS = r"""
