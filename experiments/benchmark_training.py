@@ -24,7 +24,9 @@ batches of `--batch_size`), the same MLP in torch, SGD with the config's learnin
 decay and worker momentum, the rule as ByzFL's pre-aggregator list and aggregator, the attack as
 ByzFL's, the test accuracy every `eval_every` steps. Both report worker-steps/s over their whole
 run (evaluation included) and the time to `--target_accuracy` (first evaluation at or above it,
-× seconds per step), from the faster of two runs each (`--byzfl_runs` for ByzFL's).
+× seconds per step), from the fastest of `--runs` runs each. The two loops' runs alternate (ours,
+ByzFL's, ours, …), so that each pair sees the machine in about the same state; the speed-up of
+each pair is printed beside the ratio of the fastest runs.
 
   python experiments/benchmark_training.py
   python experiments/benchmark_training.py --ns=8,128 --rule=trimmed_mean --f=2 --attack=alie
@@ -60,9 +62,9 @@ flags.DEFINE_integer(
 flags.DEFINE_bool('byzfl', False, "also run ByzFL 0.0.11's own training loop on the same task")
 flags.DEFINE_integer('byzfl_steps', None, 'steps of the ByzFL runs (default: --train_steps)')
 flags.DEFINE_integer(
-  'byzfl_runs',
+  'runs',
   2,
-  "runs of ByzFL's loop per n, the fastest reported (as train_and_evaluate's)",
+  "runs of train_and_evaluate and of ByzFL's loop per n, alternated; each side's fastest reported",
   lower_bound=1,
 )
 flags.DEFINE_float('target_accuracy', 0.9, 'test accuracy of the time-to-target columns')
@@ -141,11 +143,10 @@ def _loop_step(exp):
   return step
 
 
-def _train_loop(n):
-  """(seconds per step, compile seconds, final metrics, evaluations, every run's seconds per step)
-  of `train_and_evaluate`, the loop users run: the default config's logging (every 10 steps),
-  evaluation (every 50), TensorBoard and checkpoints (`--train_checkpoint_every`); the better of
-  two runs."""
+def _train_run(n):
+  """(seconds per step, compile seconds, final metrics, evaluations) of one run of
+  `train_and_evaluate`, the loop users run: the default config's logging (every 10 steps),
+  evaluation (every 50), TensorBoard and checkpoints (`--train_checkpoint_every`)."""
   import tempfile
 
   from robustjax import training
@@ -153,13 +154,15 @@ def _train_loop(n):
   c = _config(n)
   c.num_steps, c.checkpoint_every = FLAGS.train_steps, FLAGS.train_checkpoint_every
   c.progress, c.plot = False, False
-  runs = []
-  for _ in range(2):
-    with tempfile.TemporaryDirectory() as workdir:
-      s = training.train_and_evaluate(c, workdir)
-      evals = _robustjax_evals(workdir)
-    seconds = 1.0 / s['steps_per_second_this_run']
-    runs.append((seconds, s['compile_seconds_this_run'], s['final'], evals))
+  with tempfile.TemporaryDirectory() as workdir:
+    s = training.train_and_evaluate(c, workdir)
+    evals = _robustjax_evals(workdir)
+  return 1.0 / s['steps_per_second_this_run'], s['compile_seconds_this_run'], s['final'], evals
+
+
+def _fastest(runs):
+  """The fastest of a side's runs (by their first entry, seconds per step), with every run's
+  seconds per step appended."""
   return (*min(runs, key=lambda r: r[0]), [r[0] for r in runs])
 
 
@@ -176,13 +179,6 @@ def _robustjax_evals(workdir):
   with open(os.path.join(workdir, 'metrics.jsonl')) as fh:
     rows = [json.loads(line) for line in fh if line.strip()]
   return [(r['step'], r['test_accuracy']) for r in rows if 'test_accuracy' in r]
-
-
-def _byzfl_best(n):
-  """`_byzfl_loop(n)` of the fastest of `--byzfl_runs` runs, and every run's seconds per step: the
-  same treatment as `train_and_evaluate`'s better of two runs (`_train_loop`)."""
-  runs = [_byzfl_loop(n) for _ in range(FLAGS.byzfl_runs)]
-  return (*min(runs, key=lambda r: r[0]), [r[0] for r in runs])
 
 
 def _byzfl_loop(n):
@@ -307,6 +303,12 @@ def _ms(seconds) -> str:
   return ' / '.join(f'{1e3 * t:.2f}' for t in seconds) + ' ms'
 
 
+def _pairs(train, byz) -> str:
+  """The speed-up of each pair of alternated runs (ByzFL's seconds per step over ours), e.g.
+  '18.2× / 21.0×'."""
+  return ' / '.join(f'{b / t:.1f}×' for t, b in zip(train[4], byz[3]))
+
+
 def _time(step, state):
   """Fastest single step (seconds) over at least `--min_time` seconds and `--repeats` steps.
 
@@ -352,8 +354,13 @@ def main(argv):
     t_loop = None
     if n <= FLAGS.loop_max_n:
       t_loop, _ = _time(_loop_step(exp), exp.init_state())
-    train = _train_loop(n) if FLAGS.train_steps else None
-    byz = _byzfl_best(n) if FLAGS.byzfl else None
+    train_runs, byz_runs = [], []
+    for _ in range(FLAGS.runs if FLAGS.train_steps else 0):  # alternated: ours, ByzFL's, ...
+      train_runs.append(_train_run(n))
+      if FLAGS.byzfl:
+        byz_runs.append(_byzfl_loop(n))
+    train = _fastest(train_runs) if train_runs else None
+    byz = _fastest(byz_runs) if byz_runs else None
     rows.append((n, t_vmap, t_loop, train, byz))
     loop = f'{n / t_loop:10.0f}' if t_loop else '         -'
     ratio = f'{t_loop / t_vmap:6.1f}x' if t_loop else '     -'
@@ -367,7 +374,8 @@ def main(argv):
     if byz:
       tr += (
         f'   ByzFL loop {n / byz[0]:8.0f} worker-steps/s ({byz[0] * 1e3:.1f} ms/step, runs '
-        f'{_ms(byz[3])}, test accuracy {byz[1]:.3f})'
+        f'{_ms(byz[3])}, test accuracy {byz[1]:.3f}; speed-up of each pair of runs '
+        f'{_pairs(train, byz)})'
       )
     print(
       f'n={n:5d}  vmap {n / t_vmap:10.0f} worker-steps/s ({t_vmap * 1e3:8.2f} ms/step)   '
@@ -386,19 +394,20 @@ def main(argv):
   if FLAGS.byzfl and FLAGS.train_steps:
     fmt = lambda t: '-' if t is None else f'{t:.1f}'
     print(
-      f'\n| n | train_and_evaluate worker-steps/s | ByzFL loop worker-steps/s | speed-up | test '
+      f'\n| n | train_and_evaluate worker-steps/s | ByzFL loop worker-steps/s | speed-up | '
+      f'speed-up per pair of runs | test '
       f'accuracy (ours / ByzFL) | time to {FLAGS.target_accuracy:.0%} s (ours / ByzFL) | '
       'speed-up to target |'
     )
-    print('|---:|---:|---:|---:|---|---|---:|')
+    print('|---:|---:|---:|---:|---|---|---|---:|')
     for n, _, _, train, byz in rows:
       ours_t = _time_to_target(train[3], train[0])
       byz_t = _time_to_target(byz[2], byz[0])
       to_target = f'{byz_t / ours_t:.1f}×' if ours_t and byz_t else '-'
       print(
         f'| {n} | {n / train[0]:,.0f} | {n / byz[0]:,.0f} | {byz[0] / train[0]:.1f}× | '
-        f'{train[2]["test_accuracy"]:.3f} / {byz[1]:.3f} | {fmt(ours_t)} / {fmt(byz_t)} | '
-        f'{to_target} |'
+        f'{_pairs(train, byz)} | {train[2]["test_accuracy"]:.3f} / {byz[1]:.3f} | '
+        f'{fmt(ours_t)} / {fmt(byz_t)} | {to_target} |'
       )
 
 
