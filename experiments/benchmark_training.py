@@ -355,8 +355,9 @@ def main(argv):
     if n <= FLAGS.loop_max_n:
       t_loop, _ = _time(_loop_step(exp), exp.init_state())
     train_runs, byz_runs = [], []
-    for _ in range(FLAGS.runs if FLAGS.train_steps else 0):  # alternated: ours, ByzFL's, ...
-      train_runs.append(_train_run(n))
+    for _ in range(FLAGS.runs if FLAGS.train_steps or FLAGS.byzfl else 0):  # ours, ByzFL's, ...
+      if FLAGS.train_steps:
+        train_runs.append(_train_run(n))
       if FLAGS.byzfl:
         byz_runs.append(_byzfl_loop(n))
     train = _fastest(train_runs) if train_runs else None
@@ -374,8 +375,8 @@ def main(argv):
     if byz:
       tr += (
         f'   ByzFL loop {n / byz[0]:8.0f} worker-steps/s ({byz[0] * 1e3:.1f} ms/step, runs '
-        f'{_ms(byz[3])}, test accuracy {byz[1]:.3f}; speed-up of each pair of runs '
-        f'{_pairs(train, byz)})'
+        f'{_ms(byz[3])}, test accuracy {byz[1]:.3f}'
+        + (f'; speed-up of each pair of runs {_pairs(train, byz)})' if train else ')')
       )
     print(
       f'n={n:5d}  vmap {n / t_vmap:10.0f} worker-steps/s ({t_vmap * 1e3:8.2f} ms/step)   '
