@@ -58,6 +58,9 @@ def test_symmetric_blocked_gram_matches_float64():
   # non-finite worker is flagged and zeroed.
   assert stk._gram_row_block(37) == 19 and stk._gram_padded_rows(37) == 37
   assert stk._gram_padded_rows(58) == 65
+  # Column blocks: 2^19 elements per row block, per n rows for the padded product.
+  assert stk._gram_column_block(37, 60_001) == 2**19 // 19
+  assert stk._gram_column_block(58, 40_001) == 2**19 // 58
   for n, d in [(37, 60_001), (58, 40_001), (300, 9_001)]:
     rng = np.random.default_rng(n)
     x = (rng.normal(size=(n, d)) + 5.0).astype(np.float32)
