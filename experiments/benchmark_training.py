@@ -162,7 +162,7 @@ def _train_run(n):
 
 def _fastest(runs):
   """The fastest of a side's runs (by their first entry, seconds per step), with every run's
-  seconds per step appended."""
+  seconds per step appended as its last entry."""
   return (*min(runs, key=lambda r: r[0]), [r[0] for r in runs])
 
 
@@ -306,7 +306,7 @@ def _ms(seconds) -> str:
 def _pairs(train, byz) -> str:
   """The speed-up of each pair of alternated runs (ByzFL's seconds per step over ours), e.g.
   '18.2× / 21.0×'."""
-  return ' / '.join(f'{b / t:.1f}×' for t, b in zip(train[4], byz[3]))
+  return ' / '.join(f'{b / t:.1f}×' for t, b in zip(train[-1], byz[-1]))
 
 
 def _time(step, state):
@@ -369,13 +369,13 @@ def main(argv):
     if train:
       tr = (
         f'   train_and_evaluate {n / train[0]:10.0f} worker-steps/s ({train[0] * 1e3:.2f} '
-        f'ms/step, runs {_ms(train[4])}, compile {train[1]:.1f} s, test accuracy '
+        f'ms/step, runs {_ms(train[-1])}, compile {train[1]:.1f} s, test accuracy '
         f'{train[2]["test_accuracy"]:.3f})'
       )
     if byz:
       tr += (
         f'   ByzFL loop {n / byz[0]:8.0f} worker-steps/s ({byz[0] * 1e3:.1f} ms/step, runs '
-        f'{_ms(byz[3])}, test accuracy {byz[1]:.3f}'
+        f'{_ms(byz[-1])}, test accuracy {byz[1]:.3f}'
         + (f'; speed-up of each pair of runs {_pairs(train, byz)})' if train else ')')
       )
     print(

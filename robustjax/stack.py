@@ -174,16 +174,16 @@ def _blocked_columns(fn, mat, cols, out_rows):
   return out
 
 
-# The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks" and "The Gram
-# padded to 65 rows"): the rows are cut into row blocks (`_gram_row_block`) and only the blocks on
-# and above the diagonal are multiplied (k(k + 1)/2 of k² products, 3/4 of the work for two
-# blocks, about 1/2 for many); each column block holds about `_GRAM_PART_ELEMENTS` elements per
-# row block. XLA:CPU (YNNPACK) runs a dot with an output of up to 64 × 64 on one thread and
-# splits a larger one over its threads: from `_GRAM_PAD_MIN_N` to 64 workers the Gram is one
-# product padded with zero rows to `_GRAM_THREADED_ROWS`, 1.3-1.6x faster there than the two
-# half blocks on one thread (below 52 the padding's extra work costs more than the second core
-# gains). With n < 52 the Gram uses one core unless the coordinates are sharded over several
-# CPU devices (`parallel.sharded_update`).
+# The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks" and "The Gram padded
+# to 65 rows"): the rows are cut into row blocks (`_gram_row_block`) and only the blocks on and
+# above the diagonal are multiplied (k(k + 1)/2 of k² products, 3/4 of the work for two blocks,
+# about 1/2 for many); each column block holds about `_GRAM_PART_ELEMENTS` elements per row block
+# (per n rows for a padded product: `_gram_column_block`). XLA:CPU (YNNPACK) runs a dot with an
+# output of up to 64 × 64 on one thread and splits a larger one over its threads: from
+# `_GRAM_PAD_MIN_N` to 64 workers the Gram is one product padded with zero rows to
+# `_GRAM_THREADED_ROWS`, 1.3-1.6x faster there than the two half blocks on one thread (below 52 the
+# padding's extra work costs more than the second core gains). With n < 52 the Gram uses one core
+# unless the coordinates are sharded over several CPU devices (`parallel.sharded_update`).
 _GRAM_ROW_BLOCK = 128
 _GRAM_MIN_SPLIT = 16
 _GRAM_HALVES_MAX_N = 64
