@@ -703,8 +703,16 @@ def test_assemble_positions_mask_and_content():
   np.testing.assert_array_equal(res.honest_mask, mask)
   np.testing.assert_array_equal(s[mask], h)  # honest slices in their order
   np.testing.assert_array_equal(s[~mask], byz)
-  # Default: Byzantine last. Random positions: reproducible from the key, f distinct.
-  np.testing.assert_array_equal(assemble(h, byz).positions, [9, 10, 11])
+  # Default: Byzantine last (a concatenation, the same as those positions given), cast to the
+  # honest dtype, and f = 0. Random positions: reproducible from the key, f distinct.
+  last = assemble(h, byz.astype(np.float64))
+  np.testing.assert_array_equal(last.positions, [9, 10, 11])
+  np.testing.assert_array_equal(last.honest_mask, np.arange(N_H + 3) < N_H)
+  np.testing.assert_array_equal(last.stack, assemble(h, byz, positions=[9, 10, 11]).stack)
+  assert last.stack.dtype == np.float32
+  none = assemble(h, np.zeros((0, D), np.float32))
+  np.testing.assert_array_equal(none.stack, h)
+  assert none.positions.shape == (0,) and bool(np.all(none.honest_mask))
   r1 = assemble(h, byz, key=jax.random.key(1))
   r2 = assemble(h, byz, key=jax.random.key(1))
   np.testing.assert_array_equal(r1.stack, r2.stack)
