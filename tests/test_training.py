@@ -279,6 +279,27 @@ def test_distributed_initialization_only_when_asked(monkeypatch):
   ]
 
 
+def test_worker_chunk_default_from_the_saved_activations(exp, monkeypatch):
+  """Unset, on CPU: every worker at once while their gradients' saved activations fit in
+  `CPU_VMAP_ALL_MAX_BYTES`, else chunks of 256 (on GPU / TPU always at once); set values kept."""
+  from robustjax.training import _setup
+
+  per = _setup._saved_bytes(exp.problem, exp.params0, exp.model_state0, 4)
+  assert 4 * 64 * 4 <= per < 100 * 4 * 64 * 4  # the logistic model's 4 × 64 inputs and a little
+  chunk = lambda **kw: _setup._worker_chunk(
+    _config(**kw), exp.problem, exp.params0, exp.model_state0
+  )
+  chunked = 256 if jax.devices()[0].platform == 'cpu' else 0
+  assert exp.spec.worker_chunk == chunk() == 0
+  monkeypatch.setattr(_setup, 'CPU_VMAP_ALL_MAX_BYTES', 6 * per)
+  assert chunk() == 0
+  monkeypatch.setattr(_setup, 'CPU_VMAP_ALL_MAX_BYTES', 6 * per - 1)
+  assert chunk() == chunked
+  assert chunk(worker_chunk=3) == 3 and chunk(worker_chunk=0) == 0
+  with pytest.raises(ValueError, match='worker_chunk must be >= 0'):
+    chunk(worker_chunk=-1)
+
+
 def test_worker_chunks_give_the_same_updates(exp):
   n = exp.spec.num_workers
   data = jax.tree.map(jnp.asarray, exp.problem.data)

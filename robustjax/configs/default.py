@@ -62,7 +62,8 @@ def get_config(variant: str = '') -> config_dict.ConfigDict:
   # Devices: auto = shard_map over all devices when n divides evenly, else vmap on one.
   c.backend = 'auto'  # auto | vmap | shard_map | pmap
   c.num_devices = config_dict.placeholder(int)
-  # Workers vmapped at once (lax.map over chunks); unset: 256 on CPU, all at once on GPU / TPU.
+  # Workers vmapped at once (lax.map over chunks); unset: all at once on GPU / TPU, and on CPU
+  # when their saved activations fit in 1 GiB, else 256.
   c.worker_chunk = config_dict.placeholder(int)
   # Logging, evaluation, checkpoints.
   c.log_every = 10

@@ -99,14 +99,44 @@ def choose_backend(config) -> tuple[str, Any]:
   return backend, parallel.make_mesh(k)
 
 
-def _worker_chunk(config) -> int:
-  """``config.worker_chunk``, or when unset 256 on CPU (faster there) and 0 (no chunking) else."""
+# On CPU, all workers are vmapped at once when the activations their gradients save (the backward
+# pass's residuals) take at most this many bytes together; else chunks of `CPU_WORKER_CHUNK`. At
+# n = 1,024 with the 64-wide MLP (40 kB per worker) one vmap took 0.67-0.8× the chunked step's
+# time (BENCHMARKS.md); chunks bound the memory of larger models (ResNet-20 saves 102 MB per worker
+# on CIFAR-10 batches of 32).
+CPU_VMAP_ALL_MAX_BYTES = 1 << 30
+CPU_WORKER_CHUNK = 256
+
+
+def _worker_chunk(config, problem, params, model_state) -> int:
+  """``config.worker_chunk``; when unset, 0 (no chunking) on GPU / TPU, and on CPU 0 when the
+  workers' saved activations fit in `CPU_VMAP_ALL_MAX_BYTES`, else `CPU_WORKER_CHUNK`."""
   chunk = config.get('worker_chunk')
   if chunk is None:
-    return 256 if jax.devices()[0].platform == 'cpu' else 0
+    if jax.devices()[0].platform != 'cpu':
+      return 0
+    rows = config.batch_size or problem.data['idx'].shape[1]
+    saved = config.num_workers * _saved_bytes(problem, params, model_state, rows)
+    return 0 if saved <= CPU_VMAP_ALL_MAX_BYTES else CPU_WORKER_CHUNK
   if chunk < 0:
     raise ValueError(f'worker_chunk must be >= 0; got {chunk}')
   return int(chunk)
+
+
+def _saved_bytes(problem, params, model_state, rows: int) -> int:
+  """Bytes one worker's gradient keeps for its backward pass on a batch of `rows` (abstract
+  evaluation: nothing is computed)."""
+  x, y = (problem.data[k] for k in ('x_train', 'y_train'))
+  batch = (
+    jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype),
+    jax.ShapeDtypeStruct((rows, *y.shape[1:]), y.dtype),
+  )
+
+  def backward(p, x, y):
+    return jax.vjp(lambda p: problem.loss(p, model_state, x, y), p)[1]
+
+  residuals = jax.eval_shape(backward, params, *batch)
+  return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(residuals))
 
 
 def _check_counts(n, f):
@@ -343,7 +373,7 @@ def build(config) -> Experiment:
     compressor=compressor,
     num_classes=ds.num_classes,
     eval_chunk=int(config.eval_chunk),
-    worker_chunk=_worker_chunk(config),
+    worker_chunk=_worker_chunk(config, problem, params, model_state),
     dp=dp_of(config),
   )
   _validate(spec)
