@@ -785,8 +785,10 @@ def assemble(honest, byzantine, *, key=None, positions=None) -> Assembled:
 
   Byzantine slice j goes to `positions[j]`; the honest slices fill the other positions in their
   order. With `key` (and no `positions`) the positions are f distinct indices drawn uniformly;
-  with neither, the Byzantine slices come last (a concatenation). Otherwise one gather over the
-  stack; jittable (positions may be traced; concrete positions are validated).
+  with neither, the Byzantine slices come last. One gather over the stack, which XLA fuses into
+  the stack's consumers (a concatenation for the default, tried, made MultiKrum's training step
+  keep a second copy of the stack); jittable (positions may be traced; concrete positions are
+  validated).
 
   Args:
     honest: a stack of n_h slices.
@@ -810,15 +812,11 @@ def assemble(honest, byzantine, *, key=None, positions=None) -> Assembled:
   n = n_h + f
   if key is not None and positions is not None:
     raise ValueError('assemble: pass key or positions, not both')
-
-  def stacked(h, b):
-    return jnp.concatenate([jnp.asarray(h), jnp.asarray(b).astype(h.dtype)], axis=0)
-
-  if positions is None and key is None:  # the Byzantine slices last: a concatenation, no gather
-    full = jax.tree.map(stacked, honest, byzantine)
-    return Assembled(full, jnp.arange(n_h, n, dtype=jnp.int32), jnp.arange(n) < n_h)
   if positions is None:
-    positions = jnp.sort(jax.random.permutation(key, n)[:f]).astype(jnp.int32)
+    if key is None:
+      positions = jnp.arange(n_h, n, dtype=jnp.int32)
+    else:
+      positions = jnp.sort(jax.random.permutation(key, n)[:f]).astype(jnp.int32)
   else:
     if not isinstance(positions, jax.core.Tracer):
       p = np.asarray(positions)
@@ -831,5 +829,9 @@ def assemble(honest, byzantine, *, key=None, positions=None) -> Assembled:
   slot = jnp.zeros((n,), jnp.int32).at[positions].set(jnp.arange(f, dtype=jnp.int32))
   honest_rank = jnp.cumsum(~is_byz) - 1
   src = jnp.where(is_byz, n_h + slot, honest_rank)
-  full = jax.tree.map(lambda h, b: stacked(h, b)[src], honest, byzantine)
+  full = jax.tree.map(
+    lambda h, b: jnp.concatenate([jnp.asarray(h), jnp.asarray(b).astype(h.dtype)], axis=0)[src],
+    honest,
+    byzantine,
+  )
   return Assembled(full, positions, ~is_byz)
