@@ -286,6 +286,8 @@ def test_worker_chunk_default_from_the_saved_activations(exp, monkeypatch):
 
   per = _setup._saved_bytes(exp.problem, exp.params0, exp.model_state0, 4)
   assert 4 * 64 * 4 <= per < 100 * 4 * 64 * 4  # the logistic model's 4 × 64 inputs and a little
+  # Per worker, twice the rows save twice the bytes: the shared parameters are not counted.
+  assert _setup._saved_bytes(exp.problem, exp.params0, exp.model_state0, 8) == 2 * per
   chunk = lambda **kw: _setup._worker_chunk(
     _config(**kw), exp.problem, exp.params0, exp.model_state0
   )

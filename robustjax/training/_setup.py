@@ -101,9 +101,9 @@ def choose_backend(config) -> tuple[str, Any]:
 
 # On CPU, all workers are vmapped at once when the activations their gradients save (the backward
 # pass's residuals) take at most this many bytes together; else chunks of `CPU_WORKER_CHUNK`. At
-# n = 1,024 with the 64-wide MLP (40 kB per worker) one vmap took 0.67-0.8× the chunked step's
-# time (BENCHMARKS.md); chunks bound the memory of larger models (ResNet-20 saves 102 MB per worker
-# on CIFAR-10 batches of 32).
+# n = 1,024 with the 64-wide MLP (20 kB per worker) one vmap took 0.67-0.8× the chunked step's
+# time (BENCHMARKS.md); chunks bound the memory of larger models (the CNN saves 7 MB per worker
+# on MNIST batches of 32, ResNet-20 104 MB on CIFAR-10's).
 CPU_VMAP_ALL_MAX_BYTES = 1 << 30
 CPU_WORKER_CHUNK = 256
 
@@ -124,19 +124,24 @@ def _worker_chunk(config, problem, params, model_state) -> int:
 
 
 def _saved_bytes(problem, params, model_state, rows: int) -> int:
-  """Bytes one worker's gradient keeps for its backward pass on a batch of `rows` (abstract
-  evaluation: nothing is computed)."""
+  """Bytes each worker's gradient keeps for its backward pass on a batch of `rows`: the residuals
+  of the loss's VJP vmapped over two workers less those over one, so that what the workers share
+  (the parameters) cancels. Abstract evaluation: nothing is computed."""
   x, y = (problem.data[k] for k in ('x_train', 'y_train'))
-  batch = (
-    jax.ShapeDtypeStruct((rows, *x.shape[1:]), x.dtype),
-    jax.ShapeDtypeStruct((rows, *y.shape[1:]), y.dtype),
-  )
+  per_worker = jax.vmap(problem.loss, in_axes=(None, None, 0, 0))
 
-  def backward(p, x, y):
-    return jax.vjp(lambda p: problem.loss(p, model_state, x, y), p)[1]
+  def saved(k):
+    def backward(p, x, y):
+      return jax.vjp(lambda p: jnp.sum(per_worker(p, model_state, x, y)), p)[1]
 
-  residuals = jax.eval_shape(backward, params, *batch)
-  return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(residuals))
+    batch = (
+      jax.ShapeDtypeStruct((k, rows, *x.shape[1:]), x.dtype),
+      jax.ShapeDtypeStruct((k, rows, *y.shape[1:]), y.dtype),
+    )
+    residuals = jax.eval_shape(backward, params, *batch)
+    return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(residuals))
+
+  return saved(2) - saved(1)
 
 
 def _check_counts(n, f):
