@@ -131,7 +131,10 @@ def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   other platforms, are `jax.lax.dot_general`.
 
   The models here pass it to their dense layers. Reverse mode (`jax.grad`, `jax.vjp`) works as
-  for the product; forward mode (`jax.jvp`, `jax.jacfwd`) does not (a custom VJP).
+  for the product; forward mode (`jax.jvp`, `jax.jacfwd`) does not (a custom VJP). In `shard_map`,
+  per-device gradients need the kernel marked varying (``jax.lax.pcast(params, axis,
+  to='varying')``, as `robustjax.training` does): for a replicated kernel JAX refuses the custom
+  VJP's per-device gradient, where the plain product would sum the devices' gradients silently.
   """
   (lhs_c, rhs_c), batch = dimension_numbers
   plain = (

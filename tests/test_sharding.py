@@ -104,6 +104,9 @@ def test_per_worker_grads_equal_on_1_and_8_devices_pcast_trap():
     except TypeError:  # jax 0.8.2 (the floor) fails loudly on the trap where 0.10 sums silently
       assert not pcast and _jax_version() < (0, 10, 0)
       continue
+    except ValueError as err:  # the models' custom VJP on CPU (linear_dot_general) refuses it
+      assert not pcast and 'Custom VJP' in str(err) and jax.default_backend() == 'cpu'
+      continue
     np.testing.assert_allclose(np.asarray(loss), np.asarray(ref_loss), rtol=1e-6)
     if pcast:
       np.testing.assert_allclose(_flat(g), ref, rtol=1e-5, atol=1e-7)
