@@ -108,9 +108,9 @@ def _flatten(x: jax.Array, input_shape: tuple[int, ...]) -> jax.Array:
 # The kernel gradient of a dense layer, x^T g, summed as outer products x_r ⊗ g_r of its rows on
 # XLA:CPU when the batch is short and the layer narrow. Under `jax.vmap` over workers x^T g is a
 # batched product of one small matrix per worker, which XLA:CPU runs at 10-60 GFLOP/s; the sum of
-# outer products (a balanced tree, one fused loop) took 0.3-0.6× its time for 25 rows and 10 output
-# features, 0.55-0.9× for 64 × 64 kernels, and more than the product for 128 × 128 or 64 × 256
-# kernels (BENCHMARKS.md). Other platforms keep the product.
+# outer products (a balanced tree, one fused loop) took 0.2-0.35× its time for 25 rows and 10
+# output features, 0.54-0.9× for 64 × 64 kernels, and more than the product for 128 × 128 or
+# 64 × 256 kernels (BENCHMARKS.md). Other platforms keep the product.
 OUTER_SUM_MAX_ROWS = 32
 OUTER_SUM_MAX_FEATURES = 16  # output features at or below which a kernel of any height qualifies
 OUTER_SUM_MAX_KERNEL = 64 * 64  # else the kernel's size
@@ -127,7 +127,7 @@ def linear_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
   computed on XLA:CPU as a sum of the rows' outer products when the batch has at most
   `OUTER_SUM_MAX_ROWS` rows and the kernel at most `OUTER_SUM_MAX_FEATURES` columns or
   `OUTER_SUM_MAX_KERNEL` entries. The value and gradients are the product's (to float rounding);
-  with per-worker gradients vmapped over workers they take 0.3-0.9× the time. Other calls, and
+  with per-worker gradients vmapped over workers they take 0.2-0.9× the time. Other calls, and
   other platforms, are `jax.lax.dot_general`.
 
   The models here pass it to their dense layers. Reverse mode (`jax.grad`, `jax.vjp`) works as
