@@ -355,7 +355,7 @@ def main(argv):
     if n <= FLAGS.loop_max_n:
       t_loop, _ = _time(_loop_step(exp), exp.init_state())
     train_runs, byz_runs = [], []
-    for _ in range(FLAGS.runs if FLAGS.train_steps or FLAGS.byzfl else 0):  # ours, ByzFL's, ...
+    for _ in range(FLAGS.runs):  # ours, ByzFL's, ours, ...
       if FLAGS.train_steps:
         train_runs.append(_train_run(n))
       if FLAGS.byzfl:

@@ -108,7 +108,7 @@ def _flatten(x: jax.Array, input_shape: tuple[int, ...]) -> jax.Array:
 # The kernel gradient of a dense layer, x^T g, summed as outer products x_r ⊗ g_r of its rows on
 # XLA:CPU when the batch is short and the layer narrow. Under `jax.vmap` over workers x^T g is a
 # batched product of one small matrix per worker, which XLA:CPU runs at 10-60 GFLOP/s; the sum of
-# outer products (a balanced tree, one fused loop) took 0.2-0.35× its time for 25 rows and 10
+# outer products (a balanced tree, one fused loop) took 0.2-0.5× its time for 25 rows and 10
 # output features, 0.54-0.9× for 64 × 64 kernels, and more than the product for 128 × 128 or
 # 64 × 256 kernels (BENCHMARKS.md). Other platforms keep the product.
 OUTER_SUM_MAX_ROWS = 32
@@ -166,7 +166,7 @@ def _dense_bwd(precision, residuals, g):
   def outer_sum(x, g):
     acc = jnp.promote_types(jnp.result_type(x, g), jnp.float32)
     terms = [x[r, :, None].astype(acc) * g[r, None, :].astype(acc) for r in range(x.shape[0])]
-    while len(terms) > 1:  # a balanced tree of sums (a chain of 25 ran 1.3-1.8× slower)
+    while len(terms) > 1:  # a balanced tree of sums (a chain of 25 ran 1.4-1.5× slower)
       pairs = range(0, len(terms) - 1, 2)
       terms = [terms[i] + terms[i + 1] for i in pairs] + terms[len(terms) & ~1 :]
     return terms[0].astype(w.dtype)

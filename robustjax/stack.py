@@ -785,10 +785,8 @@ def assemble(honest, byzantine, *, key=None, positions=None) -> Assembled:
 
   Byzantine slice j goes to `positions[j]`; the honest slices fill the other positions in their
   order. With `key` (and no `positions`) the positions are f distinct indices drawn uniformly;
-  with neither, the Byzantine slices come last. One gather over the stack, which XLA fuses into
-  the stack's consumers (a concatenation for the default, tried, made MultiKrum's training step
-  keep a second copy of the stack); jittable (positions may be traced; concrete positions are
-  validated).
+  with neither, the Byzantine slices come last. One gather over the stack; jittable (positions
+  may be traced; concrete positions are validated).
 
   Args:
     honest: a stack of n_h slices.
@@ -825,6 +823,8 @@ def assemble(honest, byzantine, *, key=None, positions=None) -> Assembled:
       if f and (p.min() < 0 or p.max() >= n or len(np.unique(p)) != f):
         raise ValueError(f'assemble: positions must be {f} distinct ints in [0, {n}); got {p}')
     positions = jnp.asarray(positions, jnp.int32)
+  # A gather even for the default order: XLA fuses it into the stack's consumers, where a
+  # concatenation was materialised (MultiKrum's training step kept a second stack; BENCHMARKS.md).
   is_byz = jnp.zeros((n,), bool).at[positions].set(True)
   slot = jnp.zeros((n,), jnp.int32).at[positions].set(jnp.arange(f, dtype=jnp.int32))
   honest_rank = jnp.cumsum(~is_byz) - 1

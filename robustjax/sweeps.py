@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from robustjax.training._loop import PRESENTATION_FIELDS
+from robustjax.training._setup import tree_bytes
 
 __all__ = [
   'BATCHABLE',
@@ -298,10 +299,6 @@ def _batch_data(datas: Sequence[dict]) -> tuple[dict, dict]:
   return data, axes
 
 
-def _tree_bytes(tree) -> int:
-  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
-
-
 def _eval_steps(num_steps: int, eval_every: int) -> list[int]:
   if eval_every <= 0:
     return [num_steps]
@@ -350,12 +347,12 @@ def run_group(
   states = [e.init_state() for e in exps]
   datas = [e.problem.data for e in exps]
   n = e0.spec.num_workers
-  per_member = _tree_bytes(states[0]) + 4 * n * _tree_bytes(states[0].params)
+  per_member = tree_bytes(states[0]) + 4 * n * tree_bytes(states[0].params)
   batched = (
     vmap
     and len(exps) > 1
     and e0.backend == 'vmap'
-    and per_member * len(exps) + sum(_tree_bytes(d) for d in datas) <= max_batch_bytes
+    and per_member * len(exps) + sum(tree_bytes(d) for d in datas) <= max_batch_bytes
   )
   curves = [{'step': [], 'batch_loss': []} for _ in exps]
 

@@ -703,8 +703,8 @@ def test_assemble_positions_mask_and_content():
   np.testing.assert_array_equal(res.honest_mask, mask)
   np.testing.assert_array_equal(s[mask], h)  # honest slices in their order
   np.testing.assert_array_equal(s[~mask], byz)
-  # Default: Byzantine last (a concatenation, the same as those positions given), cast to the
-  # honest dtype, and f = 0. Random positions: reproducible from the key, f distinct.
+  # Default: Byzantine last (the same stack as those positions given), cast to the honest dtype,
+  # and f = 0. Random positions: reproducible from the key, f distinct.
   last = assemble(h, byz.astype(np.float64))
   np.testing.assert_array_equal(last.positions, [9, 10, 11])
   np.testing.assert_array_equal(last.honest_mask, np.arange(N_H + 3) < N_H)

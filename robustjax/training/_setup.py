@@ -101,7 +101,7 @@ def choose_backend(config) -> tuple[str, Any]:
 
 # On CPU, all workers are vmapped at once when the activations their gradients save (the backward
 # pass's residuals) take at most this many bytes together; else chunks of `CPU_WORKER_CHUNK`. At
-# n = 1,024 with the 64-wide MLP (20 kB per worker) one vmap took 0.67-0.8× the chunked step's
+# n = 1,024 with the 64-wide MLP (20 kB per worker) one vmap took 0.7-0.85× the chunked step's
 # time (BENCHMARKS.md); chunks bound the memory of larger models (the CNN saves 7 MB per worker
 # on MNIST batches of 32, ResNet-20 104 MB on CIFAR-10's).
 CPU_VMAP_ALL_MAX_BYTES = 1 << 30
@@ -123,6 +123,11 @@ def _worker_chunk(config, problem, params, model_state) -> int:
   return int(chunk)
 
 
+def tree_bytes(tree) -> int:
+  """Bytes of a pytree's arrays (or of their `jax.ShapeDtypeStruct`s)."""
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
 def _saved_bytes(problem, params, model_state, rows: int) -> int:
   """Bytes each worker's gradient keeps for its backward pass on a batch of `rows`: the residuals
   of the loss's VJP vmapped over two workers less those over one, so that what the workers share
@@ -138,8 +143,7 @@ def _saved_bytes(problem, params, model_state, rows: int) -> int:
       jax.ShapeDtypeStruct((k, rows, *x.shape[1:]), x.dtype),
       jax.ShapeDtypeStruct((k, rows, *y.shape[1:]), y.dtype),
     )
-    residuals = jax.eval_shape(backward, params, *batch)
-    return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(residuals))
+    return tree_bytes(jax.eval_shape(backward, params, *batch))
 
   return saved(2) - saved(1)
 
