@@ -137,12 +137,25 @@ def test_sharded_step_equals_single_device(rule):
 
 def test_pmap_backend_agrees():
   _, s1, _ = _cached('nnm+trimmed_mean', 'vmap')
-  exp, sp, _ = _run(_config('nnm+trimmed_mean', 'pmap'))
+  exp, sp, _ = _cached('nnm+trimmed_mean', 'pmap')
   assert exp.backend == 'pmap'
   np.testing.assert_allclose(_flat(sp.params), _flat(s1.params), rtol=2e-5, atol=1e-6)
   np.testing.assert_allclose(
     _flat(sp.workers['momentum']), _flat(s1.workers['momentum']), rtol=2e-5, atol=1e-6
   )
+
+
+@pytest.mark.parametrize(
+  ('backend', 'rule'), [('shard_map', 'trimmed_mean'), ('pmap', 'nnm+trimmed_mean')]
+)
+def test_steps_that_do_not_report_advance_the_same(backend, rule):
+  """`train_and_evaluate`'s advance (only the last step reports its metrics) on 8 devices."""
+  exp, s_ref, m_ref = _cached(rule, backend)
+  advance = training.make_advance(exp.step_fn, exp.backend, every_step=False)
+  state, metrics = advance(exp.init_state(), exp.data, 2)
+  np.testing.assert_allclose(_flat(state.params), _flat(s_ref.params), rtol=1e-6, atol=1e-7)
+  for name, value in m_ref.items():
+    np.testing.assert_allclose(float(metrics[name]), float(value), rtol=1e-5, atol=1e-7)
 
 
 def test_workers_must_divide_devices():

@@ -101,6 +101,26 @@ def test_bitwise_reproducible_for_a_seed(exp):
   assert int(a.step) == 3
 
 
+def test_steps_that_do_not_report_advance_the_same(exp):
+  """``every_step=False`` (what `train_and_evaluate` runs): the same states as reporting every
+  step, the last step's metrics and evaluation; a step told not to report gives NaN metrics."""
+  state = exp.init_state()
+  every = training.make_advance(exp.step_fn, exp.backend, evaluate=exp.eval_fn)
+  last = training.make_advance(exp.step_fn, exp.backend, evaluate=exp.eval_fn, every_step=False)
+  s_every, m_every = every(state, exp.data, 3)
+  s_last, m_last = last(state, exp.data, 3)
+  np.testing.assert_allclose(_flat(s_last), _flat(s_every), rtol=1e-6, atol=1e-7)
+  assert set(m_last) == set(m_every) and 'eval_test_accuracy' in m_last
+  for name, values in m_every.items():
+    assert np.shape(values) == (3,) and np.shape(m_last[name]) == ()
+    np.testing.assert_allclose(float(m_last[name]), float(values[-1]), rtol=1e-5, atol=1e-7)
+  quiet_state, quiet = exp.step_fn(state, exp.data, False)
+  loud_state, loud = exp.step_fn(state, exp.data, True)
+  assert all(np.isnan(float(v)) for v in quiet.values())
+  assert not any(np.isnan(float(v)) for v in loud.values())
+  np.testing.assert_array_equal(_flat(quiet_state), _flat(loud_state))
+
+
 def test_seed_changes_the_run(exp):
   a, _ = _steps(exp, 1)
   s1 = eng.init_state(exp.spec, exp.problem, exp.params0, exp.model_state0, seed=1)

@@ -3,7 +3,7 @@
 One staged step (`_engine`): gradients (per worker, or per data subset) → encoding
 (`robustjax.coding`, identity by default) → compression (+ error feedback) → worker momentum →
 attack → pre-aggregation + aggregation (through `robustjax.optax_adapter.as_optax`) → optax
-update; one step signature ``step(state, data) -> (state, metrics)`` for every backend
+update; one step signature ``step(state, data, report=None) -> (state, metrics)`` for every backend
 (``vmap``, ``shard_map``, ``pmap``); one run loop (`make_advance` + `chunks`) shared by
 `train_and_evaluate` and `robustjax.sweeps`.
 
@@ -40,6 +40,7 @@ from robustjax.training._engine import (
   make_problem,
   make_step,
   sharded_worker_stage,
+  when_reported,
 )
 from robustjax.training._loop import (
   Checkpointer,
@@ -76,5 +77,6 @@ __all__ = [
   'result_fields',
   'sharded_worker_stage',
   'train_and_evaluate',
+  'when_reported',
   'worker_sharded',
 ]

@@ -19,8 +19,9 @@ Every step runs the same stages in order, each held by one module:
 
 Randomness comes from the key in the state, split once per step and folded with the *global*
 row index, so every backend (``vmap``, ``shard_map``, ``pmap``) draws the same batches and gives
-the same result to float tolerance. The step has one signature, ``step(state, data) ->
-(state, metrics)``, whatever the backend.
+the same result to float tolerance. The step has one signature, ``step(state, data, report=None)
+-> (state, metrics)``, whatever the backend; a run loop that logs every k steps passes ``report``
+(a traced bool) so that the other steps skip the metrics (`when_reported`).
 
 Sharded layout (``shard_map`` / ``pmap``): stages 1–4 run per device on its n / k rows (the
 replicated parameters are marked varying with ``jax.lax.pcast(params, 'workers',
@@ -61,6 +62,8 @@ __all__ = [
   'make_step',
   'make_eval',
   'sharded_worker_stage',
+  'when_reported',
+  'nan_like',
 ]
 
 BACKENDS = ('vmap', 'shard_map', 'pmap')
@@ -405,8 +408,50 @@ def _worker_stages(spec, problem, params, model_state, workers, rows, keys, data
 # Stages 5-7: on the full stack of messages.
 
 
-def _server(spec, problem, aggregator, state, messages, losses, b, keys):
-  """Attack, robust aggregation (`as_optax`), optax update and the step's metrics."""
+def when_reported(report, fn: Callable, *args):
+  """``fn(*args, reported)``, with ``reported`` a Python bool: where is the step's report?
+
+  `report` is None (always: ``fn(*args, True)`` runs inline) or a boolean scalar, possibly traced
+  (inside a `lax.scan` over steps): then ``fn(*args, True)`` and ``fn(*args, False)`` are the two
+  branches of a `jax.lax.cond`, and only the taken one runs. ``fn`` computes its metrics only
+  when ``reported`` (`nan_like` of them otherwise), so the steps nobody logs skip them.
+  """
+  if report is None:
+    return fn(*args, True)
+  branches = (lambda *a: fn(*a, False), lambda *a: fn(*a, True))
+  return jax.lax.cond(jnp.asarray(report, bool), branches[1], branches[0], *args)
+
+
+def nan_like(tree):
+  """NaN arrays of the shapes and dtypes of `tree` (arrays or `jax.ShapeDtypeStruct`)."""
+  return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), tree)
+
+
+def _metrics(spec, state, b, agg, messages, losses):
+  """The step's scalars (`make_step`)."""
+  nh = spec.num_honest
+  w = jnp.zeros((spec.num_workers,), jnp.float32).at[:nh].set(1.0 / nh)
+  honest_mean = stk.weighted_sum(w, messages, ignore_nonfinite=False)
+  err = stk.sq_dists_to(jax.tree.map(lambda x: x[None], agg), honest_mean)[0]
+  dim = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+  bits = spec.compressor.bits(dim) if spec.compressor is not None else 32 * dim
+  load = 1.0 if spec.code.identity else jnp.sum(coding.loads(b)[:nh]) / nh
+  row_losses = losses if not spec.code.identity else losses[:nh]
+  return {
+    'batch_loss': jnp.mean(row_losses),
+    'agg_error': jnp.sqrt(err),
+    'load': jnp.asarray(load, jnp.float32),
+    'bits': jnp.asarray(float(bits * spec.num_workers), jnp.float32),
+  }
+
+
+def _unreported(spec, state, b, *arrays):
+  return nan_like(jax.eval_shape(lambda *a: _metrics(spec, state, b, *a), *arrays))
+
+
+def _server(spec, problem, aggregator, state, messages, losses, b, keys, report=None):
+  """Attack, robust aggregation (`as_optax`), optax update and the step's metrics (where
+  `report`: `when_reported`)."""
   nh, f = spec.num_honest, spec.num_byzantine
   honest = jax.tree.map(lambda x: x[:nh], messages)
   attack_state = state.attack_state
@@ -422,21 +467,16 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys):
     std = spec.dp.central_noise * spec.dp.clip / nh
     agg = privacy.add_noise(agg, std, jax.random.fold_in(keys['dp'], spec.num_workers))
   agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, state.params)
-  updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  w = jnp.zeros((spec.num_workers,), jnp.float32).at[:nh].set(1.0 / nh)
-  honest_mean = stk.weighted_sum(w, messages, ignore_nonfinite=False)
-  err = stk.sq_dists_to(jax.tree.map(lambda x: x[None], agg), honest_mean)[0]
-  dim = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
-  bits = spec.compressor.bits(dim) if spec.compressor is not None else 32 * dim
-  load = 1.0 if spec.code.identity else jnp.sum(coding.loads(b)[:nh]) / nh
-  row_losses = losses if not spec.code.identity else losses[:nh]
-  metrics = {
-    'batch_loss': jnp.mean(row_losses),
-    'agg_error': jnp.sqrt(err),
-    'load': jnp.asarray(load, jnp.float32),
-    'bits': jnp.asarray(float(bits * spec.num_workers), jnp.float32),
-  }
+
+  def update(agg, messages, losses, reported):
+    # Inside the branches (`when_reported`), the aggregate is their operand: computed once. With
+    # the update outside and the metrics in a branch, XLA:CPU fused the trimmed mean's network
+    # into both consumers of the aggregate and ran it twice.
+    updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
+    metrics = (_metrics if reported else _unreported)(spec, state, b, agg, messages, losses)
+    return optax.apply_updates(state.params, updates), opt_state, metrics
+
+  params, opt_state, metrics = when_reported(report, update, agg, messages, losses)
   new = state.replace(
     step=state.step + 1,
     params=params,
@@ -499,11 +539,13 @@ def sharded_worker_stage(spec, problem, mesh, *, pcast: bool = True):
 
 
 def make_step(spec: TrainSpec, problem: Problem, *, backend: str = 'vmap', mesh=None):
-  """The jitted ``step(state, data) -> (state, metrics)`` for a backend.
+  """The jitted ``step(state, data, report=None) -> (state, metrics)`` for a backend.
 
   The metrics are scalars: ``batch_loss`` (the honest workers' mean minibatch loss),
   ``agg_error`` (‖aggregate − mean of the honest messages‖), ``load`` (data subsets per honest
-  worker) and ``bits`` (sent by all workers).
+  worker) and ``bits`` (sent by all workers). With ``report`` a boolean (traced or not), they are
+  computed only where it is true and are NaN elsewhere (`when_reported`); the new state is the
+  same either way.
 
   Args:
     spec: the `TrainSpec`.
@@ -522,14 +564,14 @@ def make_step(spec: TrainSpec, problem: Problem, *, backend: str = 'vmap', mesh=
     aggregator = as_optax(spec.pipeline, f=spec.pipeline.f)
 
     @jax.jit
-    def step(state, data):
+    def step(state, data, report=None):
       key, keys, b = _split_keys(spec, state)
       rows = jnp.arange(n, dtype=jnp.int32)
       msgs, workers, losses = _worker_stages(
         spec, problem, state.params, state.model_state, state.workers, rows, keys, data, b,
         lambda t: t,
       )  # fmt: skip
-      new, metrics = _server(spec, problem, aggregator, state, msgs, losses, b, keys)
+      new, metrics = _server(spec, problem, aggregator, state, msgs, losses, b, keys, report)
       return new.replace(workers=workers, key=key), metrics
 
     return step
@@ -550,13 +592,13 @@ def _shard_map_step(spec, problem, mesh):
   rep = NamedSharding(mesh, P())
 
   @jax.jit
-  def step(state, data):
+  def step(state, data, report=None):
     key, keys, b = _split_keys(spec, state)
     msgs, workers, losses = workers_fn(
       state.params, state.model_state, state.workers, _as_data(keys), data, b
     )
     full, losses = jax.sharding.reshard((msgs, losses), rep)
-    new, metrics = _server(spec, problem, aggregator, state, full, losses, b, keys)
+    new, metrics = _server(spec, problem, aggregator, state, full, losses, b, keys, report)
     return new.replace(workers=workers, key=key), metrics
 
   return step
@@ -567,7 +609,7 @@ def _pmap_step(spec, problem, k):
   local = n // k
   aggregator = as_optax(spec.pipeline, f=spec.pipeline.f)
 
-  def body(state, workers, key_data, data, b):
+  def body(state, workers, key_data, data, b, report):
     keys = _as_keys(key_data)
     params = jax.lax.pcast(state.params, AXIS, to='varying')
     rows = _local_rows(local)
@@ -575,20 +617,23 @@ def _pmap_step(spec, problem, k):
       spec, problem, params, state.model_state, workers, rows, keys, data, b, _gather
     )
     full, losses = _gather((msgs, losses))
-    new, metrics = _server(spec, problem, aggregator, state, full, losses, b, keys)
+    new, metrics = _server(spec, problem, aggregator, state, full, losses, b, keys, report)
     return new, workers, metrics
 
   pbody = jax.pmap(
-    body, axis_name=AXIS, in_axes=(None, 0, None, None, None), devices=jax.local_devices()[:k]
+    body,
+    axis_name=AXIS,
+    in_axes=(None, 0, None, None, None, None),
+    devices=jax.local_devices()[:k],
   )
   split = lambda t: jax.tree.map(lambda x: x.reshape((k, local) + x.shape[1:]), t)
   merge = lambda t: jax.tree.map(lambda x: x.reshape((n,) + x.shape[2:]), t)
   first = lambda t: jax.tree.map(lambda x: x[0], t)
 
-  def step(state, data):
+  def step(state, data, report=None):
     key, keys, b = _split_keys(spec, state)
     new, workers, metrics = pbody(
-      state.replace(workers=None), split(state.workers), _as_data(keys), data, b
+      state.replace(workers=None), split(state.workers), _as_data(keys), data, b, report
     )
     return first(new).replace(workers=merge(workers), key=key), first(metrics)
 

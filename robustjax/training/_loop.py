@@ -22,7 +22,7 @@ import numpy as np
 from absl import logging
 
 from robustjax import distributed, privacy
-from robustjax.training import _outputs, _setup
+from robustjax.training import _engine, _outputs, _setup
 
 __all__ = [
   'train_and_evaluate',
@@ -190,24 +190,32 @@ class Checkpointer:
     self.manager.close()
 
 
-def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None):
-  """``advance(state, data, length) -> (state, metrics stacked over the length steps)``.
+def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None, every_step=True):
+  """``advance(state, data, length) -> (state, metrics)``: the metrics of every step, stacked,
+  or of the last (``every_step=False``).
 
   Several steps per dispatch: a jitted `lax.scan` over the step (the metrics stay on device
   until the caller reads them), so the loop makes one host round trip per chunk, not per step.
   With `data_axes` (a sweep's vmapped seeds), the step is `jax.vmap`-ed over a batch of states
   and data (``in_axes=(0, data_axes)``). With `evaluate` (``evaluate(params, model_state, data)
   -> dict``, e.g. `make_eval`), its values after every step join the metrics as ``eval_<name>``:
-  a full-batch study (the LAD experiment) is this scan and nothing else. The legacy ``pmap``
-  backend advances step by step.
+  a full-batch study (the LAD experiment) is this scan and nothing else. With
+  ``every_step=False``, only the last step computes its metrics (the step's ``report``; the others
+  skip them, `robustjax.training.when_reported`) and they come without the steps axis: what a
+  loop that logs at the end of each chunk reads. The legacy ``pmap`` backend advances step by
+  step.
   """
   if evaluate is not None:
     plain_step = step
 
-    def step(state, data):
-      state, m = plain_step(state, data)
-      ev = evaluate(state.params, state.model_state, data)
+    def step(state, data, *report):  # `report`: the step's optional third argument
+      state, m = plain_step(state, data, *report)
+      flag = report[0] if report else None
+      ev = _engine.when_reported(flag, _evaluated(evaluate), state.params, state.model_state, data)
       return state, {**m, **{f'eval_{k}': v for k, v in ev.items()}}
+
+  def reporting(i, length):  # the step's extra argument: none when every step reports
+    return () if every_step else (i == length - 1,)
 
   if backend == 'pmap':
     if data_axes is not None:
@@ -215,18 +223,33 @@ def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None):
 
     def advance_pmap(state, data, length):
       out = []
-      for _ in range(length):
-        state, m = step(state, data)
+      for i in range(length):
+        state, m = step(state, data, *reporting(i, length))
         out.append(m)
-      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *out)
+      return state, jax.tree.map(lambda *xs: jnp.stack(xs), *out) if every_step else out[-1]
 
     return advance_pmap
-  body = step if data_axes is None else jax.vmap(step, in_axes=(0, data_axes))
+  axes = (0, data_axes) if every_step else (0, data_axes, None)
+  body = step if data_axes is None else jax.vmap(step, in_axes=axes)
 
   def advance(state, data, length):
-    return jax.lax.scan(lambda s, _: body(s, data), state, None, length=length)
+    state, metrics = jax.lax.scan(
+      lambda s, i: body(s, data, *reporting(i, length)), state, jnp.arange(length)
+    )
+    return state, metrics if every_step else jax.tree.map(lambda m: m[-1], metrics)
 
   return jax.jit(advance, static_argnums=2)
+
+
+def _evaluated(evaluate):
+  """`evaluate` as a `robustjax.training.when_reported` function (NaN where not reported)."""
+
+  def fn(params, model_state, data, reported):
+    if reported:
+      return evaluate(params, model_state, data)
+    return _engine.nan_like(jax.eval_shape(evaluate, params, model_state, data))
+
+  return fn
 
 
 def _compile_ahead(advance, exp, state, lengths) -> float:
@@ -378,7 +401,7 @@ def train_and_evaluate(
   stop = total if max_steps is None else min(total, start + int(max_steps))
   log_every, eval_every = config.log_every, config.eval_every
   ends = list(chunks(start, stop, (log_every, eval_every, config.checkpoint_every)))
-  advance = make_advance(exp.step_fn, exp.backend)
+  advance = make_advance(exp.step_fn, exp.backend, every_step=False)
   compile_s = _compile_ahead(advance, exp, state, {b - a for a, b in zip([start, *ends], ends)})
   writer = _outputs.RunWriter(workdir, start=start, tensorboard=config.get('tensorboard', True))
   bar = _progress(total, start, lead and config.progress)
@@ -390,13 +413,10 @@ def train_and_evaluate(
   def publish(chunk):
     """Reads a finished chunk's metrics (and evaluation) to the host and writes them."""
     nonlocal last_eval
-    first, end, stacked, evaluation = chunk
+    end, last, evaluation = chunk
     records = []
-    if stacked is not None:
-      host = {k: np.asarray(v) for k, v in jax.device_get(stacked).items()}
-      for i, s in enumerate(range(first + 1, end + 1)):
-        if s % log_every == 0 or s == total:
-          records.append({'step': s, 'kind': 'train', **{k: float(v[i]) for k, v in host.items()}})
+    if last is not None:  # a chunk ends at every logged step: its last step is the only one
+      records.append({'step': end, 'kind': 'train', **_setup.to_floats(last)})
     if evaluation is not None:
       last_eval = _setup.to_floats(evaluation)
       records.append({'step': end, 'kind': 'eval', **last_eval})
@@ -417,13 +437,14 @@ def train_and_evaluate(
     # metrics are read and written, so the host's logging overlaps the device's next steps: no
     # host round trip stalls the device except at checkpoints and at the end.
     for end in ends:
-      state, stacked = advance(state, exp.data, end - step)
+      state, last = advance(state, exp.data, end - step)
       evaluation = None
       if (eval_every and end % eval_every == 0) or end == total:
         evaluation = exp.evaluate_async(state)
       if pending is not None:
         publish(pending)
-      pending = (step, end, stacked if log_every else None, evaluation)
+      logged = log_every and (end % log_every == 0 or end == total)
+      pending = (end, last if logged else None, evaluation)
       step = end
       if ckpt is not None and (step % config.checkpoint_every == 0 or step == stop):
         publish(pending)  # the metrics up to a checkpoint are written before it

@@ -233,7 +233,8 @@ class Experiment:
     mesh: the ``('workers',)`` mesh (None for ``'vmap'``).
     data: the data dict, placed on the device(s).
     seed: the run's seed.
-    step_fn: the jitted ``step(state, data) -> (state, metrics)`` (one signature, every backend).
+    step_fn: the jitted ``step(state, data, report=None) -> (state, metrics)`` (one signature,
+      every backend; `robustjax.training.make_step`).
     eval_fn: the jitted ``evaluate(params, model_state, data) -> dict``.
   """
 
