@@ -409,12 +409,13 @@ def _worker_stages(spec, problem, params, model_state, workers, rows, keys, data
 
 
 def when_reported(report, fn: Callable, *args):
-  """``fn(*args, reported)``, with ``reported`` a Python bool: where is the step's report?
+  """``fn(*args, reported)``, with ``reported`` the Python bool that `report` stands for.
 
-  `report` is None (always: ``fn(*args, True)`` runs inline) or a boolean scalar, possibly traced
-  (inside a `lax.scan` over steps): then ``fn(*args, True)`` and ``fn(*args, False)`` are the two
-  branches of a `jax.lax.cond`, and only the taken one runs. ``fn`` computes its metrics only
-  when ``reported`` (`nan_like` of them otherwise), so the steps nobody logs skip them.
+  `report` is None (the step reports: ``fn(*args, True)`` runs inline) or a boolean scalar,
+  possibly traced (inside a `lax.scan` over steps): then ``fn(*args, True)`` and
+  ``fn(*args, False)`` are the two branches of a `jax.lax.cond`, and only the taken one runs.
+  ``fn`` computes its metrics only when ``reported`` (`nan_like` of them otherwise), so the steps
+  nobody logs skip them.
   """
   if report is None:
     return fn(*args, True)
