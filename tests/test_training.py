@@ -121,6 +121,25 @@ def test_steps_that_do_not_report_advance_the_same(exp):
   np.testing.assert_array_equal(_flat(quiet_state), _flat(loud_state))
 
 
+def test_steps_that_do_not_report_over_a_batch_of_runs(exp):
+  """``every_step=False`` with `data_axes` (a sweep's vmapped seeds): each run of the batch
+  ends where it ends alone, with its last step's metrics (those of reporting every step)."""
+  seeds = [
+    eng.init_state(exp.spec, exp.problem, exp.params0, exp.model_state0, seed=s) for s in (3, 4)
+  ]
+  batch = jax.tree.map(lambda *xs: jnp.stack(xs), *[exp.place(s) for s in seeds])
+  shared = jax.tree.map(lambda _: None, exp.data)
+  advance = training.make_advance(exp.step_fn, exp.backend, data_axes=shared, every_step=False)
+  states, metrics = advance(batch, exp.data, 2)
+  alone = training.make_advance(exp.step_fn, exp.backend)
+  for i, seed_state in enumerate(seeds):
+    state, m = alone(exp.place(seed_state), exp.data, 2)
+    member = jax.tree.map(lambda x, i=i: x[i], states)
+    np.testing.assert_allclose(_flat(member), _flat(state), rtol=1e-5, atol=1e-6)
+    for name, values in m.items():
+      np.testing.assert_allclose(float(metrics[name][i]), float(values[-1]), rtol=1e-5, atol=1e-6)
+
+
 def test_seed_changes_the_run(exp):
   a, _ = _steps(exp, 1)
   s1 = eng.init_state(exp.spec, exp.problem, exp.params0, exp.model_state0, seed=1)
