@@ -197,13 +197,13 @@ def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None, 
   Several steps per dispatch: a jitted `lax.scan` over the step (the metrics stay on device
   until the caller reads them), so the loop makes one host round trip per chunk, not per step.
   With `data_axes` (a sweep's vmapped seeds), the step is `jax.vmap`-ed over a batch of states
-  and data (``in_axes=(0, data_axes)``). With `evaluate` (``evaluate(params, model_state, data)
-  -> dict``, e.g. `make_eval`), its values after every step join the metrics as ``eval_<name>``:
-  a full-batch study (the LAD experiment) is this scan and nothing else. With
-  ``every_step=False``, only the last step computes its metrics (the step's ``report``; the others
-  skip them, `robustjax.training.when_reported`) and they come without the steps axis: what a
-  loop that logs at the end of each chunk reads. The legacy ``pmap`` backend advances step by
-  step.
+  and data (``in_axes=(0, data_axes)``, and ``None`` for the report). With `evaluate`
+  (``evaluate(params, model_state, data) -> dict``, e.g. `make_eval`), its values after every
+  step join the metrics as ``eval_<name>``: a full-batch study (the LAD experiment) is this scan
+  and nothing else. With ``every_step=False``, only the last step computes its metrics (the
+  step's ``report``; the others skip them, `robustjax.training.when_reported`) and they come
+  without the steps axis: what a loop that logs at the end of each chunk reads. The legacy
+  ``pmap`` backend advances step by step.
   """
   if evaluate is not None:
     plain_step = step
