@@ -63,7 +63,7 @@ __all__ = [
   'make_eval',
   'sharded_worker_stage',
   'when_reported',
-  'nan_like',
+  'or_nan',
 ]
 
 BACKENDS = ('vmap', 'shard_map', 'pmap')
@@ -414,8 +414,8 @@ def when_reported(report, fn: Callable, *args):
   `report` is None (the step reports: ``fn(*args, True)`` runs inline) or a boolean scalar,
   possibly traced (inside a `lax.scan` over steps): then ``fn(*args, True)`` and
   ``fn(*args, False)`` are the two branches of a `jax.lax.cond`, and only the taken one runs.
-  ``fn`` computes its metrics only when ``reported`` (`nan_like` of them otherwise), so the steps
-  nobody logs skip them.
+  ``fn`` computes its metrics only when ``reported`` (`or_nan`), so the steps nobody logs skip
+  them.
   """
   if report is None:
     return fn(*args, True)
@@ -423,9 +423,12 @@ def when_reported(report, fn: Callable, *args):
   return jax.lax.cond(jnp.asarray(report, bool), branches[1], branches[0], *args)
 
 
-def nan_like(tree):
-  """NaN arrays of the shapes and dtypes of `tree` (arrays or `jax.ShapeDtypeStruct`)."""
-  return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), tree)
+def or_nan(reported: bool, fn: Callable, *args):
+  """``fn(*args)`` where `reported`; else NaN arrays of its outputs' shapes and dtypes, with
+  nothing of ``fn`` computed (`jax.eval_shape`)."""
+  if reported:
+    return fn(*args)
+  return jax.tree.map(lambda s: jnp.full(s.shape, jnp.nan, s.dtype), jax.eval_shape(fn, *args))
 
 
 def _metrics(spec, state, b, agg, messages, losses):
@@ -444,10 +447,6 @@ def _metrics(spec, state, b, agg, messages, losses):
     'load': jnp.asarray(load, jnp.float32),
     'bits': jnp.asarray(float(bits * spec.num_workers), jnp.float32),
   }
-
-
-def _unreported(spec, state, b, *arrays):
-  return nan_like(jax.eval_shape(lambda *a: _metrics(spec, state, b, *a), *arrays))
 
 
 def _server(spec, problem, aggregator, state, messages, losses, b, keys, report=None):
@@ -474,7 +473,7 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys, report=
     # the update outside and the metrics in a branch, XLA:CPU fused the trimmed mean's network
     # into both consumers of the aggregate and ran it twice.
     updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
-    metrics = (_metrics if reported else _unreported)(spec, state, b, agg, messages, losses)
+    metrics = or_nan(reported, lambda *a: _metrics(spec, state, b, *a), agg, messages, losses)
     return optax.apply_updates(state.params, updates), opt_state, metrics
 
   params, opt_state, metrics = when_reported(report, update, agg, messages, losses)

@@ -208,10 +208,13 @@ def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None, 
   if evaluate is not None:
     plain_step = step
 
+    def evaluated(params, model_state, data, reported):
+      return _engine.or_nan(reported, evaluate, params, model_state, data)
+
     def step(state, data, *report):  # `report`: the step's optional third argument
       state, m = plain_step(state, data, *report)
       flag = report[0] if report else None
-      ev = _engine.when_reported(flag, _evaluated(evaluate), state.params, state.model_state, data)
+      ev = _engine.when_reported(flag, evaluated, state.params, state.model_state, data)
       return state, {**m, **{f'eval_{k}': v for k, v in ev.items()}}
 
   def reporting(i, length):  # the step's extra argument: none when every step reports
@@ -239,17 +242,6 @@ def make_advance(step, backend: str = 'vmap', *, data_axes=None, evaluate=None, 
     return state, metrics if every_step else jax.tree.map(lambda m: m[-1], metrics)
 
   return jax.jit(advance, static_argnums=2)
-
-
-def _evaluated(evaluate):
-  """`evaluate` as a `robustjax.training.when_reported` function (NaN where not reported)."""
-
-  def fn(params, model_state, data, reported):
-    if reported:
-      return evaluate(params, model_state, data)
-    return _engine.nan_like(jax.eval_shape(evaluate, params, model_state, data))
-
-  return fn
 
 
 def _compile_ahead(advance, exp, state, lengths) -> float:
