@@ -68,7 +68,6 @@ __all__ = [
   'rescaled_sq_dists_to',
   'plain_sq_dists_exact',
   'weighted_sum',
-  'combine_and_sq_dists',
   'unreadable',
   'robust_center_index',
   'flatten',
@@ -76,6 +75,8 @@ __all__ = [
   'unflatten',
   'tree_index',
   'sq_distance',
+  'inner',
+  'dots',
   'sharded_coordinates',
   'psum_coordinates',
 ]
@@ -146,12 +147,6 @@ def as_matrix(leaf: jax.Array) -> jax.Array:
 # blocks of this size is several times faster than one XLA:CPU matmul over the whole stack, and the
 # non-finite cleaning of `weighted_sum` fuses into each block instead of writing a cleaned copy.
 _BLOCK_ELEMENTS = 1 << 18
-
-
-# `combine_and_sq_dists` reads each block twice (the combination, then the distances) and
-# gains from longer blocks: at n = 64, d = 1e6 its pass took 29 / 25 / 21 / 21 / 38 ms with 2^18,
-# 2^19, 2^20, 2^21 and 2^22 elements per block (BENCHMARKS.md).
-_COMBINE_BLOCK_ELEMENTS = 1 << 20
 
 
 def _column_block(n: int, d: int, elements: int = _BLOCK_ELEMENTS) -> int | None:
@@ -465,6 +460,35 @@ def sq_distance(a, b) -> jax.Array:
   return psum_coordinates(total)
 
 
+def inner(a, b) -> jax.Array:
+  """⟨a, b⟩ between two trees of the same structure (no worker axis), in float32 at least."""
+  total = 0.0
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    x, y = jnp.asarray(x), jnp.asarray(y)
+    acc = _acc_dtype(x.dtype)
+    total = total + jnp.vdot(x.astype(acc).ravel(), y.astype(acc).ravel(), precision=_HIGHEST)
+  return psum_coordinates(total)
+
+
+def dots(stack, point) -> jax.Array:
+  """(n,) inner products ⟨x_i, point⟩ of the workers' slices with a tree like one slice: one
+  matrix-vector product per leaf (one streaming pass), accumulated in float32 at least.
+
+  Plain arithmetic: a non-finite entry makes its worker's product non-finite.
+  """
+  leaves = jax.tree.leaves(stack)
+  points = jax.tree.leaves(point)
+  if len(leaves) != len(points):
+    raise ValueError('dots: the point must have the same pytree structure as the stack')
+  total = 0.0
+  for x, p in zip(leaves, points):
+    xm = as_matrix(x)
+    acc = _acc_dtype(xm.dtype)
+    pm = jnp.asarray(p).reshape(-1).astype(xm.dtype)
+    total = total + jnp.matmul(xm, pm, precision=_HIGHEST, preferred_element_type=acc)
+  return psum_coordinates(total)
+
+
 def robust_center_index(stack) -> jax.Array:
   """Index of the worker whose largest |entry| is the lower median of all workers' (`normaliser`).
 
@@ -630,59 +654,6 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
     return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(result_dtype(x.dtype))
 
   return jax.tree.map(combine, stack)
-
-
-def combine_and_sq_dists(weights: jax.Array, stack, base, keep) -> tuple:
-  """The point p = keep · base + Σ_i w_i x_i and the (n,) squared distances ‖x_i − p‖², in one pass.
-
-  An iteration of centred clipping combines the inputs into a new point, then needs every
-  input's distance to it: as two calls (`weighted_sum`, `sq_dists_to`) that is two passes over
-  the stack. Here each column block of the stack gives its block of p and, while it is still in
-  cache, its share of the distances (on CPU; elsewhere one piece, left to the compiler).
-  (`geometric_median` from a given start still makes the two passes: its distances are always
-  rescaled, and its combination marks unreadable outputs.)
-
-  Plain arithmetic, no safeguards: a non-finite entry makes the point non-finite in its
-  coordinate whatever its weight, and squares may overflow or underflow. The caller checks the
-  result and falls back to `weighted_sum` (which ignores the non-finite entries of weight-0
-  slices) and `rescaled_sq_dists_to` when it must.
-
-  Args:
-    weights: (n,) the w_i.
-    stack: a pytree with leading axis n.
-    base: a tree like one slice of the stack.
-    keep: a scalar, the weight of `base`.
-
-  Returns:
-    `(point, sq)`: p, a tree like one slice (each leaf's result dtype, accumulated in float32 at
-    least), and the (n,) squared distances of the inputs to p as rounded, as `sq_dists_to`
-    computes them.
-  """
-  weights = jnp.asarray(weights)
-  keep = jnp.asarray(keep)
-  leaves, treedef = jax.tree.flatten(stack)
-  bases = jax.tree.leaves(base)
-  if len(bases) != len(leaves):
-    raise ValueError('combine_and_sq_dists: base must have the same pytree structure as a slice')
-  points, total = [], 0.0
-  for x, b in zip(leaves, bases):
-    x = jnp.asarray(x)
-    xm = as_matrix(x)
-    acc = jnp.promote_types(xm.dtype, jnp.float32)
-    out_dtype = result_dtype(x.dtype)
-    w = weights.astype(xm.dtype).reshape(1, -1)
-    bm = jnp.asarray(b).reshape(1, -1).astype(acc)
-
-    def block(xb, bb, w=w, acc=acc, out_dtype=out_dtype):
-      moved = jnp.matmul(w, xb, precision=_HIGHEST).astype(acc)
-      point = (keep.astype(acc) * bb + moved).astype(out_dtype)
-      return point, _row_sq_dists(xb, point.astype(xb.dtype))
-
-    cols = _column_block(xm.shape[0], xm.shape[1], _COMBINE_BLOCK_ELEMENTS)
-    point, sq = over_column_blocks(block, [xm, bm], cols, out_rows=1, dtype=out_dtype)
-    points.append(point.reshape(x.shape[1:]))
-    total = total + sq
-  return jax.tree.unflatten(treedef, points), psum_coordinates(total)
 
 
 def random_projection(stack, k: int, key, *, chunk: int = 2048) -> jax.Array:

@@ -377,6 +377,53 @@ def test_centered_clipping_direct_in_column_blocks_matches_float64():
   np.testing.assert_allclose(np.asarray(got, np.float64), v, rtol=1e-4, atol=1e-5)
 
 
+def test_centered_clipping_distances_updated_where_accurate_else_recomputed():
+  """`_cc_distances` updates the distances to the next point by a matrix-vector product when its
+  error estimate allows (a small move), and recomputes them exactly when it does not (inputs with
+  a large common component and a large move); both routes give the float64 distances."""
+  from robustjax.aggregators._iterative import _cc_distances
+  from robustjax.stack import dots, inner, scaled_sq_dists_to
+
+  rng = np.random.default_rng(5)
+  n, d = 12, 3000
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  for common, move, updated in ((0.0, 0.05, True), (1e4, 5.0, False)):
+    xs = jnp.asarray(x + common)
+    v = jnp.asarray(np.full(d, common, np.float32))
+    v_next = v + jnp.asarray(move * rng.normal(size=d).astype(np.float32) / np.sqrt(d))
+    sq, scale = scaled_sq_dists_to(xs, v)
+    new, new_scale, err = jax.jit(_cc_distances)(xs, v, v_next, sq, scale, sq)
+    want = ((np.asarray(xs, np.float64) - np.asarray(v_next, np.float64)) ** 2).sum(1)
+    np.testing.assert_allclose(np.asarray(new), want, rtol=1e-5)
+    assert float(new_scale) == 1.0
+    # The exact route restarts the error estimate at the distances themselves.
+    assert bool(np.all(np.asarray(err) > np.asarray(new))) == updated
+    if not updated:  # where the update would have been off by far more
+      delta = v_next - v
+      naive = sq - 2.0 * (dots(xs, delta) - inner(v, delta)) + inner(delta, delta)
+      naive_err = np.max(np.abs(np.asarray(naive) - want) / want)
+      assert naive_err > 100 * np.max(np.abs(np.asarray(new) - want) / want)
+
+
+def test_centered_clipping_direct_vmapped_and_differentiated():
+  """Vmapped over stacks where some can keep the update and one cannot, the direct path gives
+  each stack's own iterates; its gradient is the n-space path's."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(3, 10, 50)).astype(np.float32)
+  x[2] += 1000.0  # a large common component, from a start at zeros: exact passes
+  run = jax.jit(lambda s: centered_clipping(s, f=2, tau=3.0, iters=4, method='direct'))
+  batched = np.asarray(jax.vmap(run)(jnp.asarray(x)))
+  for i in range(3):
+    np.testing.assert_allclose(batched[i], run(jnp.asarray(x[i])), rtol=1e-5, atol=1e-5)
+  grads = {
+    method: jax.grad(
+      lambda s, m=method: centered_clipping(s, f=2, tau=3.0, iters=4, method=m).sum()
+    )(jnp.asarray(x[0]))
+    for method in ('direct', 'gram')
+  }
+  np.testing.assert_allclose(grads['direct'], grads['gram'], rtol=1e-4, atol=1e-5)
+
+
 def test_centered_clipping_switches_to_n_space_from_the_measured_iteration_count():
   """`method='auto'` runs in n-space (it forms an (n, n) matrix) for more iterations than
   `cc_auto_method`'s threshold, which grows with n."""

@@ -86,7 +86,7 @@ def test_sharded_update_traces_the_cpu_loops(n, d):
     pytest.skip('needs 2 (simulated) devices')
   mesh = parallel.make_mesh(2)
   x = jax.ShapeDtypeStruct((n, d), jnp.float32)
-  # centered_clipping's direct path with iters ≥ 2 loops over `stack.combine_and_sq_dists`.
+  # centered_clipping's direct path with iters ≥ 2 loops over its move and distance updates.
   cc_direct = [(('centered_clipping', {'iters': 3, 'method': 'direct'}), ())]
   for name, pre in RULES + cc_direct:
     rule = pipeline.compose(name, pre=pre, f=F)

@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from robustjax import stack as stk
 
@@ -73,31 +74,21 @@ def test_symmetric_blocked_gram_matches_float64():
     np.testing.assert_allclose(np.asarray(gram), xc @ xc.T, rtol=2e-5, atol=1e-3 * d)
 
 
-def test_blocked_combine_and_sq_dists_matches_float64():
-  # n = 16: blocks of 2^20 / 16 = 65,536 columns, two and a ragged tail; a second, small leaf.
+def test_dots_and_inner_match_float64():
+  # A long leaf and a small one: the inner products of each slice with a point, summed over leaves.
   rng = np.random.default_rng(3)
   n, d = 16, 150_001
   x = (rng.normal(size=(n, d)) + 5.0).astype(np.float32)
   y = rng.normal(size=(n, 3, 5)).astype(np.float32)
-  base = {'x': rng.normal(size=d), 'y': rng.normal(size=(3, 5))}
-  base = {k: b.astype(np.float32) for k, b in base.items()}
-  w = rng.uniform(size=n) / n
-  keep = 1.0 - w.sum()
-  point, sq = stk.combine_and_sq_dists(
-    jnp.asarray(w, jnp.float32), {'x': jnp.asarray(x), 'y': jnp.asarray(y)}, base, keep
-  )
-  want_x = keep * base['x'].astype(np.float64) + w @ x.astype(np.float64)
-  want_y = keep * base['y'].astype(np.float64) + np.tensordot(w, y.astype(np.float64), 1)
-  np.testing.assert_allclose(np.asarray(point['x']), want_x, rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(np.asarray(point['y']), want_y, rtol=1e-5, atol=1e-5)
-  # The distances to the point as returned (rounded to float32).
-  px = np.asarray(point['x'], np.float64)
-  py = np.asarray(point['y'], np.float64)
-  want_sq = ((x - px) ** 2).sum(1) + ((y - py) ** 2).sum((1, 2))
-  np.testing.assert_allclose(np.asarray(sq), want_sq, rtol=1e-5)
-  # A non-finite entry, even of a weight-0 slice, makes every distance non-finite: what callers
-  # test before they trust the point.
+  p = {'x': rng.normal(size=d).astype(np.float32), 'y': rng.normal(size=(3, 5)).astype(np.float32)}
+  got = stk.dots({'x': jnp.asarray(x), 'y': jnp.asarray(y)}, p)
+  want = x.astype(np.float64) @ p['x'] + np.tensordot(y.astype(np.float64), p['y'], 2)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-3)
+  want_inner = p['x'].astype(np.float64) @ p['x'] + (p['y'].astype(np.float64) ** 2).sum()
+  np.testing.assert_allclose(float(stk.inner(p, p)), want_inner, rtol=1e-6)
+  # Plain arithmetic: a non-finite entry makes its own worker's product non-finite, no other.
   x[3, d - 2] = np.nan
-  w[3] = 0.0
-  _, sq = stk.combine_and_sq_dists(jnp.asarray(w, jnp.float32), jnp.asarray(x), base['x'], keep)
-  assert not np.isfinite(np.asarray(sq)).any()
+  got = np.asarray(stk.dots(jnp.asarray(x), p['x']))
+  assert np.isnan(got[3]) and np.isfinite(np.delete(got, 3)).all()
+  with pytest.raises(ValueError, match='dots: the point'):
+    stk.dots({'x': jnp.asarray(x)}, {'x': p['x'], 'y': p['y']})

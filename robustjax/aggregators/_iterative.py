@@ -2,10 +2,10 @@
 
 Each iteration of `geometric_median` and `centered_clipping` is "weights from geometry, then
 combine": the distances to the current point (`stack.sq_dists_to`) and the weighted combination
-(`stack.weighted_sum`); `centered_clipping` takes each combination and the next distances from
-one pass (`stack.combine_and_sq_dists`). From a start in the span of the inputs both can also
-run in n-space on the centred Gram matrix. `caf` needs only the n × n Gram matrix and one final
-weighted combination: its filtering runs in n-space.
+(`stack.weighted_sum`); `centered_clipping` updates the next distances from the last by one more
+matrix-vector product where that is accurate enough. From a start in the span of the inputs both
+can also run in n-space on the centred Gram matrix. `caf` needs only the n × n Gram matrix and one
+final weighted combination: its filtering runs in n-space.
 
 Scale: distances are computed on the stack divided by a robust power-of-two scale
 (`stack.normaliser`), with ν (GM) and τ (CC) divided by the same scale, so inputs at 1e20 behave
@@ -43,14 +43,15 @@ from robustjax._checks import (
   check_positive_int,
   num_workers,
 )
+from robustjax._cond import cond_if_all
 from robustjax._lapack import eigh
 from robustjax.aggregators._base import REGISTRY, Properties, lower_bound_ratio, register
 from robustjax.stack import (
   centred_gram,
-  combine_and_sq_dists,
+  dots,
+  inner,
   normaliser,
   plain_sq_dists_exact,
-  rescaled_sq_dists_to,
   result_dtype,
   scaled_gram,
   scaled_sq_dists_to,
@@ -263,13 +264,16 @@ def centered_clipping(
   Gram), so inputs at 1e20 behave as at 1.
 
   Cost: two ways to run the same iterations (`method`).
-  ``'direct'``: L + 1 passes over the stack. The first gives the distances to v_0
-  (`stack.scaled_sq_dists_to`; the norms at a first step from ``center=None``), each of the
-  next L − 1 both the move v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i, w_i = min(1, τ / ‖x_i − v_l‖)
-  / n, and the distances to v_{l+1} (`stack.combine_and_sq_dists`), the last the final move
-  (`weighted_sum`). When a pass's distances are not all finite and above underflow (a
-  non-finite or huge input, a tiny spread) that iteration is redone the safe way: the move
-  ignoring the non-finite entries of weight-0 inputs, the distances rescaled.
+  ``'direct'``: about 2L matrix-vector products over the stack. The distances to v_0 are one
+  exact pass (`stack.scaled_sq_dists_to`; the norms at a first step from ``center=None``); each
+  iteration's move v_{l+1} = (1 − Σ w_i) v_l + Σ w_i x_i, w_i = min(1, τ / ‖x_i − v_l‖) / n, is
+  one (`weighted_sum`); the distances to v_{l+1} are updated from those to v_l by one more
+  (‖x_i − v_{l+1}‖² = ‖x_i − v_l‖² − 2 ⟨x_i − v_l, δ⟩ + ‖δ‖², δ = v_{l+1} − v_l), or, where the
+  update's estimated rounding error would exceed 8 times an exact pass's (inputs sharing a large
+  component, a large move) or a distance is not finite and above underflow, recomputed by an
+  exact pass (`_cc_distances`). An iteration costs about 2 streaming passes with the update, 3
+  with the exact pass, on CPU (BENCHMARKS.md). Under `vmap` the update is kept only where every
+  batch element can keep it.
   ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
   final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
   follow from the Gram matrix). ``'auto'`` picks n-space for more than 0.72 √n iterations
@@ -329,49 +333,89 @@ def _centered_clipping(stack, center, tau, *, f, iters, method):
     scale = normaliser(stack, v).scale
     return _centered_clipping_gram(stack, v, tau / scale, scale, iters)
 
-  def weights(sq, scale):
-    # w_i = min(1, τ / ‖x_i − v‖) / n from distances in units of s (τ likewise); weight 0 for a
-    # slice at a non-finite distance. Also whether any slice was at a finite distance.
-    dist = jnp.sqrt(sq)
-    ok = jnp.isfinite(dist)
-    w = jnp.where(ok, jnp.minimum(1.0, (tau / scale) / jnp.where(ok, dist, 1.0)), 0.0) / n
-    return w, jnp.any(ok)
-
   def combine(w, v):
     # v ← (1 − Σ w_i) v + Σ w_i x_i, ignoring the non-finite entries of weight-0 slices.
     moved = weighted_sum(w, stack)
     return jax.tree.map(lambda c, m: _axpy(1.0 - jnp.sum(w), c, m), v, moved)
 
-  def advance(w, v):
-    # The next v and the distances to it from one pass over the stack; the safe passes (the
-    # non-finite entries ignored, the distances rescaled) only when that pass's distances are
-    # not all finite and above underflow (a non-finite entry of v makes every one non-finite).
-    # Then the plain distances to the safe v would fail the same test (a non-finite input, an
-    # overflow, an underflow): they are not tried again.
-    point, plain = combine_and_sq_dists(w, stack, v, 1.0 - jnp.sum(w))
-
-    def safe():
-      v_next = combine(w, v)
-      return (v_next, *rescaled_sq_dists_to(stack, v_next))
-
-    unit = jnp.ones((), plain.dtype)
-    return jax.lax.cond(plain_sq_dists_exact(plain), lambda: (point, plain, unit), safe)
+  # Distances to v_0 (None: the origin, as v is at a first step from zeros): the norms. Their
+  # rounding error is an exact pass's (`_cc_distances`'s unit).
+  sq, scale = scaled_sq_dists_to(stack, None if center is None else v)
+  w, informed = _cc_weights(sq, tau / scale, n)
+  err = sq
 
   def body(_, carry):
-    v, w, _ = carry
-    v, sq, scale = advance(w, v)
-    return (v, *weights(sq, scale))
+    v, w, _, sq, scale, err = carry
+    v_next = combine(w, v)
+    sq, scale, err = _cc_distances(stack, v, v_next, sq, scale, err)
+    return (v_next, *_cc_weights(sq, tau / scale, n), sq, scale, err)
 
-  # Distances to v_0 (None: the origin, as v is at a first step from zeros): the norms.
-  w, informed = weights(*scaled_sq_dists_to(stack, None if center is None else v))
   if iters > 1:
     # The first move outside the loop gives the carry the stack's type (also when the stack is a
     # per-device slice inside `jax.shard_map` and the centre is replicated).
-    v, w, informed = body(0, (v, w, informed))
-    v, w, informed = jax.lax.fori_loop(2, iters, body, (v, w, informed))
+    carry = body(0, (v, w, informed, sq, scale, err))
+    v, w, informed, *_ = jax.lax.fori_loop(2, iters, body, carry)
   v = combine(w, v)
   # No slice at a finite distance: nothing was learnt from the inputs.
   return jax.tree.map(lambda x: jnp.where(informed, x, jnp.nan), v)
+
+
+def _cc_weights(sq, tau, n):
+  """w_i = min(1, τ / ‖x_i − v‖) / n from distances and τ in the same units; weight 0 for a slice
+  at a non-finite distance. Also whether any slice was at a finite distance."""
+  dist = jnp.sqrt(sq)
+  ok = jnp.isfinite(dist)
+  w = jnp.where(ok, jnp.minimum(1.0, tau / jnp.where(ok, dist, 1.0)), 0.0) / n
+  return w, jnp.any(ok)
+
+
+# The direct path updates the distances while their estimated rounding error stays within this
+# many times an exact pass's (`_cc_distances`).
+CC_UPDATE_ERROR_RATIO = 8.0
+
+
+def _cc_distances(stack, v, v_next, sq, scale, err):
+  """The squared distances to v′ = `v_next` from those to v (`sq`, in units of `scale`): updated
+  by one matrix-vector product where that is accurate enough, else one exact pass.
+
+  With δ = v′ − v, ‖x_i − v′‖² = ‖x_i − v‖² − 2 (⟨x_i, δ⟩ − ⟨v, δ⟩) + ‖δ‖²: the ⟨x_i, δ⟩ are one
+  matrix-vector product (`stack.dots`), about half the cost of an exact pass (differences first,
+  `stack.sq_dists_to`) on CPU. The update adds rounding error of about u √d (2 (‖x_i‖ + ‖v‖) ‖δ‖ +
+  ‖δ‖²) (probabilistic bounds for inner products of length d), which is large against a small new
+  distance when the inputs share a large component; an exact pass errs by about u √d ‖x_i − v′‖².
+  `err` carries the estimate in units of u √d (‖x_i‖ ≤ ‖x_i − v‖ + ‖v‖). The update is made only
+  when the estimate after it stays within `CC_UPDATE_ERROR_RATIO` times an exact pass's for every
+  input, checked first against the lower bound (‖x_i − v‖ − ‖δ‖)² of the new distance (so the
+  product is skipped where it would not be kept), then against the new distances themselves;
+  otherwise, and whenever the distances are rescaled or not all finite and above underflow, the
+  exact pass (`stack.scaled_sq_dists_to`, which rescales when it must).
+
+  Returns:
+    `(sq, scale, err)` for v′.
+  """
+  delta = jax.tree.map(jnp.subtract, v_next, v)
+  dd = inner(delta, delta)
+  vd = inner(v, delta)
+  growth = 2.0 * (jnp.sqrt(sq) + 2.0 * jnp.sqrt(inner(v, v))) * jnp.sqrt(dd) + dd
+  lower = jnp.square(jnp.maximum(jnp.sqrt(sq) - jnp.sqrt(dd), 0.0))
+  bound = CC_UPDATE_ERROR_RATIO
+
+  def exact(stack, v_next, *_):
+    sq, scale = scaled_sq_dists_to(stack, v_next)
+    return sq, scale, sq
+
+  def updated(stack, v_next, delta, sq, err, growth, vd, dd):
+    new = sq - 2.0 * (dots(stack, delta) - vd) + dd
+    err = err + growth
+
+    def keep(stack, v_next, new, err):
+      return new, jnp.ones((), new.dtype), err
+
+    ok = plain_sq_dists_exact(new) & jnp.all(err <= bound * new)
+    return cond_if_all(ok, keep, exact, stack, v_next, new, err)
+
+  likely = (scale == 1.0) & jnp.all(err + growth <= bound * lower)
+  return cond_if_all(likely, updated, exact, stack, v_next, delta, sq, err, growth, vd, dd)
 
 
 CC_METHODS = ('auto', 'direct', 'gram')
