@@ -405,7 +405,7 @@ def scaling_section(
 
 
 def cc_switch_section(ns, iters_list, elements: int, repeats: int) -> list[dict]:
-  """centered_clipping's two paths ('direct': about one pass per iteration; 'gram': one centred
+  """centered_clipping's two paths ('direct': about two matvecs per iteration; 'gram': one centred
   Gram, then O(n²) per iteration) at each (n, L), with the one `method='auto'` picks."""
   from robustjax.aggregators._iterative import cc_auto_method
 

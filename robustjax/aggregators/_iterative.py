@@ -276,7 +276,7 @@ def centered_clipping(
   batch element can keep it.
   ``'gram'`` (n-space): one centred Gram product around v_0 (n² d), O(n²) per iteration, one
   final weighted pass (v_l stays an affine combination of v_0 and the inputs, so its distances
-  follow from the Gram matrix). ``'auto'`` picks n-space for more than 0.72 √n iterations
+  follow from the Gram matrix). ``'auto'`` picks n-space for more than √n iterations
   (`cc_auto_method`), where it was measured to pay on CPU (BENCHMARKS.md).
 
   Args:
@@ -421,13 +421,13 @@ def _cc_distances(stack, v, v_next, sq, scale, err):
 CC_METHODS = ('auto', 'direct', 'gram')
 
 # `centered_clipping(method='auto')` runs in n-space when the iterations cost more than the
-# n-space path. A direct iteration is one pass over the n·d entries; the n-space path is a Gram
-# product (n²d multiply-adds, at a rate that grows with n on CPU), a scale pass and the final
-# combination. Measured on CPU (BENCHMARKS.md, `--cc_switch`, after the fused direct pass) the
-# n-space path pays from L = 1 at n = 4, 3 at n = 8 and 16, 7 at n = 64, 9–16 at n = 256 and
-# 17–24 at n = 1024: about CC_GRAM_ITERS_PER_SQRT_N · √n iterations. Other hardware has other
-# ratios.
-CC_GRAM_ITERS_PER_SQRT_N = 0.72
+# n-space path. A direct iteration is two matrix-vector products over the n·d entries (the move
+# and the distance update); the n-space path is a Gram product (n²d multiply-adds, at a rate that
+# grows with n on CPU), a scale pass and the final combination. Measured on an Intel Xeon VM
+# (BENCHMARKS.md, `--cc_switch`, after the distance update; two runs) the n-space path pays from
+# L = 2 at n = 4, 3–4 at n = 8, 6–8 at n = 16, 10–12 at n = 64, 16–20 at n = 256 and 33–48 at
+# n = 1024: about CC_GRAM_ITERS_PER_SQRT_N · √n iterations. Other hardware has other ratios.
+CC_GRAM_ITERS_PER_SQRT_N = 1.0
 
 
 def cc_auto_method(iters: int, n: int) -> str:
