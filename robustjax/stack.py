@@ -43,6 +43,7 @@ import numpy as np
 
 from robustjax._blocks import over_column_blocks
 from robustjax._checks import num_workers
+from robustjax._cond import cond_if_all
 
 __all__ = [
   'Assembled',
@@ -426,17 +427,20 @@ def scaled_sq_dists_to(stack, point=None, *, member=None) -> tuple[jax.Array, ja
   rescaled path's values up to the power of two). Otherwise (a non-finite or huge slice, a tiny
   or zero one: a 0 may be an underflow) the overflow-free path (`rescaled_sq_dists_to`): s from
   `normaliser` around the point, then the distances of the rescaled differences. Ratios of
-  distances, and a radius divided by s, are the same on both paths. Under `vmap` both branches
-  run.
+  distances, and a radius divided by s, are the same on both paths. Under `vmap` the fast path
+  is taken only when every batch element can take it (`cond_if_all`).
   """
   if point is None:
     plain = sq_norms(stack)
   else:
     plain = sq_dists_to(stack, point)
-  return jax.lax.cond(
+  return cond_if_all(
     plain_sq_dists_exact(plain, member),
-    lambda: (plain, jnp.ones((), plain.dtype)),
-    lambda: rescaled_sq_dists_to(stack, point),
+    lambda plain, stack, point: (plain, jnp.ones((), plain.dtype)),
+    lambda plain, stack, point: rescaled_sq_dists_to(stack, point),
+    plain,
+    stack,
+    point,
   )
 
 
@@ -621,7 +625,8 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
       The plain product is computed first (one pass); only if it is not finite everywhere (a
       non-finite entry reaches every output it touches, whatever its weight) is it recomputed
       with the cleaning fused into each column block (on XLA:CPU about twice the plain pass's
-      time). Under `vmap` the two branches both run. `mean` turns the cleaning off on purpose.
+      time). Under `vmap` it is recomputed for the whole batch when any element needs it
+      (`cond_if_all`). `mean` turns the cleaning off on purpose.
     finite: optional (n,) bool, which workers' slices are finite (e.g. from `scaled_gram`). An
       output that puts non-zero weight on a non-finite worker, or none on any finite one, is NaN:
       the rule had to use a slice it cannot read (more non-finite workers than it tolerates, or
@@ -642,13 +647,14 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
     out = jnp.matmul(w, xm, precision=_HIGHEST)
     if ignore_nonfinite:
 
-      def cleaned():
+      def cleaned(out, xm, w):
         def block(xb):
           return jnp.matmul(w, jnp.where(jnp.isfinite(xb), xb, 0.0), precision=_HIGHEST)
 
         return _blocked_columns(block, xm, _column_block(xm.shape[0], xm.shape[1]), w.shape[0])
 
-      out = jax.lax.cond(jnp.all(jnp.isfinite(out)), lambda: out, cleaned)
+      readable = jnp.all(jnp.isfinite(out))
+      out = cond_if_all(readable, lambda out, xm, w: out, cleaned, out, xm, w)
     if finite is not None:
       out = jnp.where(bad.reshape(-1, 1), jnp.nan, out)
     return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(result_dtype(x.dtype))

@@ -101,11 +101,29 @@ def test_weighted_sum_ignore_nonfinite():
   np.testing.assert_allclose(stk.weighted_sum(w, x), [1.0, 1.0, 1.0])
   assert not np.all(np.isfinite(np.asarray(stk.weighted_sum(w, x, ignore_nonfinite=False))))
   # The plain product first, the cleaned one only when that is not finite: the same answers
-  # under jit and vmap (where both branches run), for (n,) and (k, n) weights.
+  # under jit and vmap (the cleaned one for the whole batch when any element needs it), for (n,)
+  # and (k, n) weights.
   wk = np.stack([w, np.array([0.0, 0.0, 0.0, 1.0], np.float32)])
   np.testing.assert_allclose(jax.jit(stk.weighted_sum)(wk, x), [[1.0, 1.0, 1.0]] * 2)
   batched = jax.vmap(stk.weighted_sum, in_axes=(None, 0))(w, np.stack([x, np.ones_like(x)]))
   np.testing.assert_allclose(batched, [[1.0, 1.0, 1.0]] * 2)
+
+
+def test_scaled_sq_dists_to_under_vmap():
+  # A batch where one stack needs the rescaled path (squares overflow) and one does not: each
+  # element's distances in units of its scale are its own (the rescaled path for both).
+  rng = np.random.default_rng(4)
+  x = rng.normal(size=(2, 6, 9)).astype(np.float32)
+  x[1] *= 1e20
+  p = rng.normal(size=(2, 9)).astype(np.float32)
+  p[1] *= 1e20
+  sq, scale = jax.vmap(stk.scaled_sq_dists_to)(jnp.asarray(x), jnp.asarray(p))
+  for i in range(2):
+    want = ((x[i].astype(np.float64) - p[i]) ** 2).sum(1)
+    got = np.asarray(sq[i], np.float64) * float(scale[i]) ** 2
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+  sq, scale = jax.vmap(stk.scaled_sq_dists_to)(jnp.asarray(x[:1]), jnp.asarray(p[:1]))
+  assert float(scale[0]) == 1.0  # every element plain: the plain path
 
 
 def test_weighted_sum_keeps_dtype():
