@@ -376,13 +376,8 @@ def sq_dists_to(stack, point, *, scale=None) -> jax.Array:
   (a scalar, e.g. `normaliser(stack, point).scale`) divides the differences before squaring, so
   distances whose squares would overflow stay finite.
   """
-  leaves = jax.tree.leaves(stack)
-  points = jax.tree.leaves(point)
-  if len(leaves) != len(points):
-    raise ValueError('sq_dists_to: the point must have the same pytree structure as the stack')
   total = 0.0
-  for x, p in zip(leaves, points):
-    xm = as_matrix(x)
+  for xm, p in _with_point(stack, point, 'sq_dists_to'):
     pm = jnp.asarray(p).reshape(1, -1).astype(xm.dtype)
 
     inv = _inverse(scale, xm.dtype)
@@ -392,6 +387,16 @@ def sq_dists_to(stack, point, *, scale=None) -> jax.Array:
 
     total = total + _blocked_sum(block, [xm, pm], _column_block(*xm.shape))
   return psum_coordinates(total)
+
+
+def _with_point(stack, point, caller):
+  """The pairs (a stack leaf as an (n, d) matrix, the point's leaf); `point` is a tree like one
+  slice."""
+  leaves = jax.tree.leaves(stack)
+  points = jax.tree.leaves(point)
+  if len(leaves) != len(points):
+    raise ValueError(f'{caller}: the point must have the same pytree structure as the stack')
+  return [(as_matrix(x), p) for x, p in zip(leaves, points)]
 
 
 def _row_sq_dists(xb, pb, inv=1.0):
@@ -480,13 +485,8 @@ def dots(stack, point) -> jax.Array:
 
   Plain arithmetic: a non-finite entry makes its worker's product non-finite.
   """
-  leaves = jax.tree.leaves(stack)
-  points = jax.tree.leaves(point)
-  if len(leaves) != len(points):
-    raise ValueError('dots: the point must have the same pytree structure as the stack')
   total = 0.0
-  for x, p in zip(leaves, points):
-    xm = as_matrix(x)
+  for xm, p in _with_point(stack, point, 'dots'):
     acc = _acc_dtype(xm.dtype)
     pm = jnp.asarray(p).reshape(-1).astype(xm.dtype)
     total = total + jnp.matmul(xm, pm, precision=_HIGHEST, preferred_element_type=acc)
