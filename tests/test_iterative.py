@@ -357,8 +357,9 @@ def test_centered_clipping_paths_against_float64(iters, method):
 
 
 def test_centered_clipping_direct_in_column_blocks_matches_float64():
-  """At a size where each iteration's combination and distances share one blocked pass
-  (`stack.combine_and_sq_dists`), the direct path gives the float64 recursion's iterates."""
+  """At a size where the passes run over column blocks and the distances are updated from one
+  iteration to the next (`_cc_distances`), the direct path gives the float64 recursion's
+  iterates."""
   rng = np.random.default_rng(7)
   n, d, iters = 16, 150_001, 3
   spread = np.linspace(0.5, 1.5, n)[:, None]  # distances about 190 to 580
