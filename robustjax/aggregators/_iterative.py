@@ -388,7 +388,9 @@ def _cc_distances(stack, v, v_next, sq, scale, err):
   input, checked first against the lower bound (‖x_i − v‖ − ‖δ‖)² of the new distance (so the
   product is skipped where it would not be kept), then against the new distances themselves;
   otherwise, and whenever the distances are rescaled or not all finite and above underflow, the
-  exact pass (`stack.scaled_sq_dists_to`, which rescales when it must).
+  exact pass (`stack.scaled_sq_dists_to`, which rescales when it must). The estimate assumes
+  float32 arithmetic at least; for a low-precision stack δ is also rounded to its dtype, an error
+  below that of the centre itself, which is stored in that dtype.
 
   Returns:
     `(sq, scale, err)` for v′.
