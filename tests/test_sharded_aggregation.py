@@ -23,6 +23,8 @@ RULES = [(name, ()) for name in aggregators.names()] + [
   for p in preaggregators.names()
   for agg in ('trimmed_mean', 'geometric_median')  # bucketing leaves n/2 rows
 ]
+# centered clipping's later iterations update the distances (`stack.dots`, `stack.inner`).
+RULES += [(('centered_clipping', {'iters': 4, 'method': 'direct', 'tau': 2.0}), ())]
 
 
 @functools.cache
