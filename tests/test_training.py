@@ -121,6 +121,19 @@ def test_steps_that_do_not_report_advance_the_same(exp):
   np.testing.assert_array_equal(_flat(quiet_state), _flat(loud_state))
 
 
+def test_a_reporting_step_computes_its_aggregate_once(exp):
+  """The bare step (``report=None``: it reports) runs the trimmed mean's selection network once,
+  as a step told not to report does: XLA:CPU used to fuse it into both consumers of the aggregate
+  (the update and the metrics) and run it twice."""
+
+  def compares(*report):
+    step = jax.jit(lambda s, d: exp.step_fn(s, d, *report))
+    return step.lower(exp.init_state(), exp.data).compile().as_text().count(' compare(')
+
+  reporting, quiet = compares(), compares(False)
+  assert quiet > 0 and reporting < 1.3 * quiet, (reporting, quiet)
+
+
 def test_steps_that_do_not_report_over_a_batch_of_runs(exp):
   """``every_step=False`` with `data_axes` (a sweep's vmapped seeds): each run of the batch
   ends where it ends alone, with its last step's metrics (those of reporting every step)."""

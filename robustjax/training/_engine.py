@@ -467,6 +467,12 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys, report=
     std = spec.dp.central_noise * spec.dp.clip / nh
     agg = privacy.add_noise(agg, std, jax.random.fold_in(keys['dp'], spec.num_workers))
   agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, state.params)
+  if report is None:
+    # The step reports. Inline, XLA:CPU fuses the trimmed mean's network into both consumers of
+    # the aggregate, per leaf, and runs it twice (an optimization barrier is gone before fusion);
+    # as the operand of `when_reported`'s branches it is computed once. `state.step >= 0` always
+    # holds but, unlike a constant, is not folded away.
+    report = state.step >= 0
 
   def update(agg, messages, losses, reported):
     # Inside the branches (`when_reported`), the aggregate is their operand: computed once. With
