@@ -4,7 +4,8 @@ Under `jax.vmap` with a batched predicate, `lax.cond` becomes a select: both bra
 every batch element. Where one branch is a fast path that is only valid when a check holds and
 the other is always right (the checked fast path and its exact fallback), `cond_if_all` keeps
 one branch under `vmap`: the fast one when the check holds for every batch element, else the
-fallback for all of them. Derivatives (forward and reverse) are those of the plain `lax.cond`.
+fallback for all of them. Derivatives (forward and reverse, also of the vmapped function) are
+each element's own branch's.
 """
 
 from __future__ import annotations
@@ -46,7 +47,10 @@ def cond_if_all(pred, fast_fn, exact_fn, *operands):
     out = cond_if_all(jnp.all(pred) if pred_batched else pred, fast, exact, *operands)
     return out, jax.tree.map(lambda _: True, out)
 
-  # custom_vmap has no transpose rule: differentiate the plain cond instead.
+  # custom_vmap has no transpose rule, so the derivative is given here: each branch's, chosen
+  # by `pred` elementwise. (A `lax.cond` over the tangents would choose one, but once batched, as
+  # this rule is under `vmap`, it selects them through `stop_gradient`, which cannot be
+  # transposed.) Both branches' derivatives are computed when differentiating.
   @jax.custom_jvp
   def run(pred, *operands):
     return batched(pred, operands)
@@ -55,8 +59,9 @@ def cond_if_all(pred, fast_fn, exact_fn, *operands):
   def _jvp(primals, tangents):
     pred, *values = primals
     _, *dvalues = tangents
-    return jax.jvp(
-      lambda *o: jax.lax.cond(pred, fast_fn, exact_fn, *o), tuple(values), tuple(dvalues)
-    )
+    out = batched(pred, tuple(values))
+    _, fast = jax.jvp(fast_fn, tuple(values), tuple(dvalues))
+    _, exact = jax.jvp(exact_fn, tuple(values), tuple(dvalues))
+    return out, jax.tree.map(lambda a, b: jnp.where(pred, a, b), fast, exact)
 
   return run(pred, *operands)
