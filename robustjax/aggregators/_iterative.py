@@ -396,7 +396,7 @@ def _cc_distances(stack, v, v_next, sq, scale, err):
     `(sq, scale, err)` for v′.
   """
   delta = jax.tree.map(jnp.subtract, v_next, v)
-  dd = inner(delta, delta)
+  dd = sq_distance(v_next, v)
   vd = inner(v, delta)
   growth = 2.0 * (jnp.sqrt(sq) + 2.0 * jnp.sqrt(inner(v, v))) * jnp.sqrt(dd) + dd
   lower = jnp.square(jnp.maximum(jnp.sqrt(sq) - jnp.sqrt(dd), 0.0))

@@ -467,17 +467,15 @@ def _server(spec, problem, aggregator, state, messages, losses, b, keys, report=
     std = spec.dp.central_noise * spec.dp.clip / nh
     agg = privacy.add_noise(agg, std, jax.random.fold_in(keys['dp'], spec.num_workers))
   agg = jax.tree.map(lambda a, p: a.astype(p.dtype), agg, state.params)
+  # The update and the metrics both consume the aggregate. Inline (or with only the metrics in a
+  # branch), XLA:CPU fuses the trimmed mean's network into both, per leaf, and runs it twice (an
+  # optimization barrier is gone before fusion); as the operand of `when_reported`'s branches it
+  # is computed once. So a step that always reports (``report=None``) branches too, on
+  # `state.step >= 0`: always true but, unlike a constant, not folded away.
   if report is None:
-    # The step reports. Inline, XLA:CPU fuses the trimmed mean's network into both consumers of
-    # the aggregate, per leaf, and runs it twice (an optimization barrier is gone before fusion);
-    # as the operand of `when_reported`'s branches it is computed once. `state.step >= 0` always
-    # holds but, unlike a constant, is not folded away.
     report = state.step >= 0
 
   def update(agg, messages, losses, reported):
-    # Inside the branches (`when_reported`), the aggregate is their operand: computed once. With
-    # the update outside and the metrics in a branch, XLA:CPU fused the trimmed mean's network
-    # into both consumers of the aggregate and ran it twice.
     updates, opt_state = problem.tx.update(agg, state.opt_state, state.params)
     metrics = or_nan(reported, lambda *a: _metrics(spec, state, b, *a), agg, messages, losses)
     return optax.apply_updates(state.params, updates), opt_state, metrics
