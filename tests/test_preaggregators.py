@@ -172,6 +172,40 @@ def test_clipping_and_arc_zero_nonfinite_slices(bad):
   )
 
 
+@pytest.mark.parametrize('bad', [np.nan, np.inf, -np.inf])
+def test_bucketing_counts_nonfinite_entries_as_zero_in_their_own_bucket(bad):
+  x = _data(16).astype(np.float32)
+  x[1, 2] = bad  # one entry of one slice
+  x[4] = bad  # a whole slice
+  key = jax.random.key(7)
+  perm = np.asarray(jax.random.permutation(key, N))
+  out = np.asarray(bucketing(jnp.asarray(x), key=key, s=3))
+  clean = np.where(np.isfinite(x), x, 0.0).astype(np.float64)
+  np.testing.assert_allclose(out, ref_bucketing(clean, perm, 3), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('width', [1, 3])
+def test_combine_rows_written_equals_the_slice_by_slice_form(width):
+  # Repeated and padded indices (weight 0), a non-finite slice, a pytree with a 3-d leaf.
+  rng = np.random.default_rng(17)
+  tree = {
+    'a': rng.normal(size=(N, 2, 3)).astype(np.float32),
+    'b': rng.normal(size=(N, 4)).astype(np.float32),
+  }
+  tree['b'][2] = np.nan
+  index = jnp.asarray(rng.integers(0, N, size=(6, width)), jnp.int32)
+  weight = jnp.asarray(rng.uniform(-1, 1, size=(6, width)), jnp.float32).at[-1, 0].set(0.0)
+  sliced = preaggregators.combine_rows(tree, index, weight)
+  written = jax.jit(preaggregators.combine_rows, static_argnames='written')(
+    tree, index, weight, written=True
+  )
+  for s_leaf, w_leaf, x in zip(jax.tree.leaves(sliced), jax.tree.leaves(written), tree.values()):
+    assert w_leaf.shape == (6,) + x.shape[1:] and w_leaf.dtype == x.dtype
+    ref = np.einsum('bj,bj...->b...', weight, np.where(np.isfinite(x), x, 0.0)[index])
+    np.testing.assert_allclose(np.asarray(w_leaf), ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(w_leaf), np.asarray(s_leaf), rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize('bad', BAD)
 @pytest.mark.parametrize(
   'pipeline',
