@@ -321,6 +321,24 @@ def test_random_projection_is_chunk_free_and_preserves_distances():
   assert abs(ratio.mean() - 1) < 0.02 and abs(ratio.std() - np.sqrt(2 / 512)) < 0.02
 
 
+@pytest.mark.parametrize('k', [40, 64])
+def test_random_projection_signs_are_balanced_and_uncorrelated(k):
+  # The sketch of the unit vectors is R / √k itself: every entry ±1/√k, each column (a bit
+  # position of the random words) and each row balanced, distinct columns and rows uncorrelated.
+  from robustjax import stack as st
+
+  d = 2000
+  r = np.asarray(st.random_projection(jnp.eye(d, dtype=jnp.float32), k, jax.random.key(9)))
+  r = r * np.sqrt(k)
+  np.testing.assert_allclose(np.abs(r), 1.0, rtol=1e-6)
+  assert np.abs(r.mean(axis=0)).max() < 5 / np.sqrt(d)
+  assert np.abs(r.mean(axis=1)).max() < 5 / np.sqrt(k)
+  cols = (r.T @ r / d)[np.triu_indices(k, 1)]
+  assert np.abs(cols).max() < 5 / np.sqrt(d) and abs(cols.std() - 1 / np.sqrt(d)) < 0.2 / np.sqrt(d)
+  rows = (r @ r.T / k)[np.triu_indices(d, 1)]
+  assert abs(rows.mean()) < 0.01 and abs(rows.std() - 1 / np.sqrt(k)) < 0.1 / np.sqrt(k)
+
+
 def test_multikrum_sketch_selects_as_the_exact_rule_on_separated_inputs():
   from robustjax import stack as st
   from robustjax.aggregators import _krum
