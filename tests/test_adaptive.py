@@ -153,8 +153,11 @@ def test_multikrum_study_pieces_on_tiny_settings(tmp_path):
   assert {r['k'] for r in res['agreement']} == {8, 64}
   assert all(0.0 <= r['agreement'] <= 1.0 for r in res['agreement'])
   assert res['kappa'][0]['rule'] == 'multikrum' and res['kappa'][1]['kappa'] > 0
+  witness = res['kappa'][1]['null_space']
+  assert witness[str(study.WITNESS_OFFSETS[-1])] > 100 * res['kappa'][0]['kappa']
   paths, blocks = study.report_sketch(cfg, res, str(tmp_path))
   assert os.path.exists(paths[0]) and '| alie | 40 | 64 |' in blocks['sketch']
+  assert 'null-space witness' in blocks['sketch_kappa']
   # The mis-specified report on synthetic records (two rules' cells).
   recs = []
   for rule in ('multikrum', 'trimmed_mean', 'gap_multikrum', 'adaptive_multikrum'):
@@ -180,3 +183,13 @@ def test_multikrum_study_pieces_on_tiny_settings(tmp_path):
   )
   assert all(os.path.exists(p) for p in paths)
   assert '| multikrum | alie | 2 | 0.90 | 0.60 |' in blocks['misspecified']
+
+
+def test_sketch_null_space_witness_grows_as_the_offset_squared():
+  # Against a known R the sketch is not robust for k < dim; with k = dim R has no null space.
+  from robustjax.cli import multikrum as study
+
+  key = jax.random.key(3)
+  small, large = (study.sketch_null_space_ratio(12, 2, 24, 8, t, key) for t in (100.0, 1000.0))
+  assert small > 1.0 and large == pytest.approx(100 * small, rel=0.05)
+  assert study.sketch_null_space_ratio(12, 2, 24, 24, 1000.0, key) is None

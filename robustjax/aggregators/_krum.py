@@ -377,8 +377,11 @@ def multikrum_sketch(
   .. warning::
     An approximation: inputs whose exact scores are within the sketch's error of each other may
     be ranked differently (BENCHMARKS.md gives the measured agreement with the exact selection
-    and κ̂ against k). A fixed key makes the projection predictable to an attacker who knows it;
-    pass a fresh ``key`` per step in adversarial settings.
+    and κ̂ against k). A fixed key makes the projection predictable to an attacker who knows it,
+    and against a known R the rule is not robust for k < d: inputs offset along R's null space
+    look like the honest mean in the sketch and are selected however far they are
+    (docs/multikrum.md, the null-space witness). Pass a fresh ``key`` per step in adversarial
+    settings (`as_optax`, the training engine, does).
 
   Args:
     stack: a pytree stack (leading worker axis n) or an (n, d) array.

@@ -458,8 +458,41 @@ def run_sketch(cfg, key) -> dict:
   specs = [('multikrum', {})] + [('multikrum_sketch', {'k': int(k)}) for k in s.kappa_ks]
   ests = robustness.estimate_kappas(specs, n, f, dim, key, int(s.kappa_budget))
   for (name, params), est in zip(specs, ests):
-    kappas.append({'rule': name, 'k': params.get('k'), 'kappa': float(est.kappa), 'n': n, 'f': f})
+    row = {'rule': name, 'k': params.get('k'), 'kappa': float(est.kappa), 'n': n, 'f': f}
+    if 'k' in params:
+      row['null_space'] = {
+        str(t): sketch_null_space_ratio(n, f, dim, params['k'], t, key) for t in WITNESS_OFFSETS
+      }
+    kappas.append(row)
   return {'agreement': agree, 'kappa': kappas}
+
+
+# Offsets t of `sketch_null_space_ratio`'s witness reported by the study: the ratio grows as t².
+WITNESS_OFFSETS = (100.0, 10000.0)
+
+
+def sketch_null_space_ratio(n: int, f: int, dim: int, k: int, t: float, key) -> float | None:
+  """The (f, κ) ratio of `multikrum_sketch` (its default key) on a witness against a known R.
+
+  Honest rows N(0, I) in dimension `dim`; the f Byzantine rows are the honest mean plus t·u, with
+  u a unit vector in the null space of Rᵀ (R the default key's projection, `random_projection` of
+  the unit vectors): their sketches are the honest mean's, so they get the lowest scores, are
+  selected, and move the average by f·t / (n − f) along u. The ratio grows as t²: against an
+  attacker who knows R, the sketch is not (f, κ)-robust for any κ when k < dim. None when Rᵀ has
+  no null space (k ≥ dim, R of full rank).
+  """
+  from robustjax import robustness
+  from robustjax import stack as st
+
+  r = np.asarray(st.random_projection(jnp.eye(dim, dtype=jnp.float32), k, jax.random.key(0)))
+  _, sv, vt = np.linalg.svd(r.T.astype(np.float64))
+  if k >= dim and sv.min() > 1e-6 * sv.max():
+    return None
+  u = vt[-1]  # Rᵀu = 0 (rank of Rᵀ ≤ k < dim) or the weakest direction of a singular R
+  honest = np.asarray(jax.random.normal(jax.random.fold_in(key, 7), (n - f, dim)), np.float64)
+  byz = np.broadcast_to(honest.mean(0) + t * u, (f, dim))
+  x = jnp.asarray(np.concatenate([honest, byz]), jnp.float32)
+  return robustness.ratio(f'multikrum_sketch(k={k})', x, np.arange(n - f))
 
 
 def report_sketch(cfg, res, figures):
@@ -511,8 +544,15 @@ def report_sketch(cfg, res, figures):
             f'{np.mean([r["byzantine_exact"] for r in sub]):.1f} / '
             f'{np.mean([r["byzantine_sketch"] for r in sub]):.1f} |'
           )
-  kt = [f'| rule | k | κ̂ (n = {s.kappa_n}, f = {s.kappa_f}) |', '|---|---|---:|']
-  kt += [f'| {r["rule"]} | {r["k"] or "–"} | {r["kappa"]:.3g} |' for r in res['kappa']]
+  offsets = ' / '.join(f't = {t:g}' for t in WITNESS_OFFSETS)
+  kt = [
+    f'| rule | k | κ̂ (n = {s.kappa_n}, f = {s.kappa_f}) | null-space witness ({offsets}) |',
+    '|---|---|---:|---:|',
+  ]
+  for r in res['kappa']:
+    witness = r.get('null_space')
+    cells = ' / '.join('–' if v is None else f'{v:.3g}' for v in (witness or {}).values())
+    kt.append(f'| {r["rule"]} | {r["k"] or "–"} | {r["kappa"]:.3g} | {cells or "–"} |')
   return [path], {'sketch': '\n'.join(table), 'sketch_kappa': '\n'.join(kt)}
 
 
