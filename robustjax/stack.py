@@ -69,6 +69,7 @@ __all__ = [
   'rescaled_sq_dists_to',
   'plain_sq_dists_exact',
   'weighted_sum',
+  'map_column_blocks',
   'unreadable',
   'robust_center_index',
   'flatten',
@@ -162,10 +163,17 @@ def _blocked_sum(fn, mats, cols):
   return over_column_blocks(lambda *b: (None, fn(*b)), mats, cols)[1]
 
 
-def _blocked_columns(fn, mat, cols, out_rows):
-  """fn applied to column blocks of mat (rows, d), results (out_rows, cols) concatenated."""
+def map_column_blocks(fn, mat: jax.Array, out_rows: int, dtype=None) -> jax.Array:
+  """fn applied to column blocks of mat (rows, d) that stay in cache on CPU (one piece
+  elsewhere, or for small d), the (out_rows, c) results concatenated: (out_rows, d) in `dtype`
+  (default mat's). For a computation that reads a block several times and writes less (a
+  cleaned product, a mixing followed by an aggregator)."""
   out, _ = over_column_blocks(
-    lambda b: (fn(b), ()), [mat], cols, out_rows=out_rows, dtype=mat.dtype
+    lambda b: (fn(b), ()),
+    [mat],
+    _column_block(*mat.shape),
+    out_rows=out_rows,
+    dtype=mat.dtype if dtype is None else dtype,
   )
   return out
 
@@ -653,7 +661,7 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
         def block(xb):
           return jnp.matmul(w, jnp.where(jnp.isfinite(xb), xb, 0.0), precision=_HIGHEST)
 
-        return _blocked_columns(block, xm, _column_block(xm.shape[0], xm.shape[1]), w.shape[0])
+        return map_column_blocks(block, xm, w.shape[0])
 
       readable = jnp.all(jnp.isfinite(out))
       out = cond_if_all(readable, lambda out, xm, w: out, cleaned, out, xm, w)
