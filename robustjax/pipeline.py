@@ -341,8 +341,8 @@ class Pipeline:
     fused into its loop. No intermediate stack is written. When the stage before the aggregator
     declares `Properties.mixing_from_dists` (NNM) and the aggregator `weights_from_dists` (Krum,
     MultiKrum), both run in distance space (`_in_distance_space`); before a coordinate-wise
-    aggregator, the mixing and the aggregator run together over column blocks
-    (`_mixed_by_column_blocks`).
+    aggregator, on a one-leaf stack, the mixing and the aggregator run together over column
+    blocks (`_mixed_by_column_blocks`).
     """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
     keys = {}
@@ -366,6 +366,7 @@ class Pipeline:
         and agg.properties.coordinatewise
         and not runtime_kwargs
         and agg.properties.state_next is None
+        and len(jax.tree.leaves(stack)) == 1
       ):
         return _mixed_by_column_blocks(s, agg, stack, self.f, keys.get(last)), None
       combination = s.properties.row_combination
@@ -417,34 +418,37 @@ def _in_distance_space(pre, agg, stack, f: int):
 
 
 def _mixed_by_column_blocks(pre, agg, stack, f: int, key):
-  """A mixing pre-aggregator then a coordinate-wise aggregator, the mixed stack never written.
+  """A mixing pre-aggregator then a coordinate-wise aggregator on a one-leaf stack, the mixed
+  stack never written.
 
   The mixing W (n × n) is chosen from one Gram product, as the pre-aggregator does; then, over
-  column blocks of each leaf kept in cache (`stack.map_column_blocks`), each block is mixed (W
-  times the block, its non-finite entries counted as 0, the rows that use an input they cannot
-  read set to NaN, rounded to the leaf's dtype: the pre-aggregator's own output) and the
-  aggregator runs on the mixed block. The stages one after the other write the n mixed slices
-  and read them back; nnm + trimmed_mean at n = 64, d = 10⁶ took 231-271 ms this way against
-  379 on an Intel Xeon VM, most of it the n × n × d mixing product (BENCHMARKS.md).
+  column blocks kept in cache (`stack.map_column_blocks`), each block is mixed (W times the
+  block, its non-finite entries counted as 0, the rows that use an input they cannot read set to
+  NaN, rounded to the leaf's dtype: the pre-aggregator's own output) and the aggregator runs on
+  the mixed block. The stages one after the other write the n mixed slices and read them back:
+  nnm + trimmed_mean at n = 64, d = 10⁶ took 232-240 ms this way against 350-432 on an Intel
+  Xeon VM, most of it the n × n × d mixing product (BENCHMARKS.md). A stack of several leaves
+  runs the stages: the aggregator's network would be compiled once per leaf (the MLP step at
+  n = 128: 19 s against 11), and the leaves flattened into one matrix first (a copy, as the
+  coordinate-wise rules make) gained nothing there.
   """
   gram, finite, _ = stk.scaled_gram(stack)
   mix = pre.properties.mixing_from_dists(stk.dists_from_gram(gram, finite), f=f, **dict(pre.params))
   bad = stk.unreadable(mix, finite)[:, None]
+  (leaf,) = jax.tree.leaves(stack)
+  leaf = jnp.asarray(leaf)
+  dtype = stk.result_dtype(leaf.dtype)
+  x = stk.as_matrix(leaf)
+  w = mix.astype(x.dtype)
   hi = jax.lax.Precision.HIGHEST
 
-  def one(x):
-    x = jnp.asarray(x)
-    dtype = stk.result_dtype(x.dtype)
-    w = mix.astype(stk.acc_dtype(x))
+  def block(xb):
+    clean = jnp.where(jnp.isfinite(xb), xb, 0.0)
+    mixed = jnp.where(bad, jnp.nan, jnp.matmul(w, clean, precision=hi)).astype(dtype)
+    return agg(mixed, f, key, {}).astype(dtype)[None]
 
-    def block(xb):
-      clean = jnp.where(jnp.isfinite(xb), xb, 0.0).astype(w.dtype)
-      mixed = jnp.where(bad, jnp.nan, jnp.matmul(w, clean, precision=hi)).astype(dtype)
-      return agg(mixed, f, key, {}).astype(dtype)[None]
-
-    return stk.map_column_blocks(block, stk.as_matrix(x), 1, dtype).reshape(x.shape[1:])
-
-  return jax.tree.map(one, stack)
+  out = stk.map_column_blocks(block, x, 1, dtype)[0].reshape(leaf.shape[1:])
+  return jax.tree.unflatten(jax.tree.structure(stack), [out])
 
 
 def _check_f(owner: str, f) -> None:
