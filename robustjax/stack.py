@@ -633,10 +633,11 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
     ignore_nonfinite: treat non-finite entries as 0, so that slices given weight 0 (a Byzantine
       NaN / Inf slice a rule has filtered out) cannot turn the result into NaN (0 · NaN = NaN).
       The plain product is computed first (one pass); only if it is not finite everywhere (a
-      non-finite entry reaches every output it touches, whatever its weight) is it recomputed
-      with the cleaning fused into each column block (on XLA:CPU about twice the plain pass's
-      time). Under `vmap` it is recomputed for the whole batch when any element needs it
-      (`cond_if_all`). `mean` turns the cleaning off on purpose.
+      non-finite entry reaches every output it touches, whatever its weight), or with `finite`
+      given, only if a slice is not finite, is it recomputed with the cleaning fused into each
+      column block (on XLA:CPU about twice the plain pass's time). Under `vmap` it is
+      recomputed for the whole batch when any element needs it (`cond_if_all`). `mean` turns
+      the cleaning off on purpose.
     finite: optional (n,) bool, which workers' slices are finite (e.g. from `scaled_gram`). An
       output that puts non-zero weight on a non-finite worker, or none on any finite one, is NaN:
       the rule had to use a slice it cannot read (more non-finite workers than it tolerates, or
@@ -663,13 +664,21 @@ def weighted_sum(weights: jax.Array, stack, *, ignore_nonfinite: bool = True, fi
 
         return map_column_blocks(block, xm, w.shape[0])
 
-      readable = jnp.all(jnp.isfinite(out))
+      # With `finite` all True the slices are finite and so is the plain product: no pass over
+      # the output to check it (for an n × n mixing, a pass over a whole stack).
+      readable = jnp.all(jnp.isfinite(out)) if finite is None else jnp.all(finite)
       out = cond_if_all(readable, lambda out, xm, w: out, cleaned, out, xm, w)
     if finite is not None:
-      out = jnp.where(bad.reshape(-1, 1), jnp.nan, out)
+      # Only an output with an unreadable row is rewritten.
+      out = cond_if_all(~jnp.any(bad), lambda out, bad: out, _nan_rows, out, bad)
     return out.reshape(weights.shape[:-1] + x.shape[1:]).astype(result_dtype(x.dtype))
 
   return jax.tree.map(combine, stack)
+
+
+def _nan_rows(out: jax.Array, bad: jax.Array) -> jax.Array:
+  """`out` (k, c) with its rows where `bad` (k,) set to NaN."""
+  return jnp.where(bad.reshape(-1, 1), jnp.nan, out)
 
 
 def random_projection(stack, k: int, key, *, chunk: int = 2048) -> jax.Array:

@@ -109,6 +109,25 @@ def test_weighted_sum_ignore_nonfinite():
   np.testing.assert_allclose(batched, [[1.0, 1.0, 1.0]] * 2)
 
 
+def test_weighted_sum_with_finite_flags():
+  # With `finite` the flags decide: all True, the plain product; a False one, the cleaned
+  # product, and NaN exactly for the outputs that use an unreadable slice. Under vmap a batch
+  # mixing both cases gives each element its own answer.
+  x = np.ones((4, 3), np.float32)
+  x[1] = np.nan
+  finite = np.array([True, False, True, True])
+  wk = np.array([[0.5, 0.0, 0.0, 0.5], [0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+  want = [[1.0] * 3, [np.nan] * 3, [np.nan] * 3]  # uses slice 1; uses no finite slice
+  np.testing.assert_allclose(jax.jit(stk.weighted_sum)(wk, x, finite=finite), want)
+  clean = np.ones_like(x)
+  np.testing.assert_allclose(stk.weighted_sum(wk[:1], clean, finite=np.ones(4, bool)), [[1.0] * 3])
+  batched = jax.vmap(lambda x, ok: stk.weighted_sum(wk, x, finite=ok))(
+    np.stack([x, clean]), np.stack([finite, np.ones(4, bool)])
+  )
+  np.testing.assert_allclose(batched[0], want)
+  np.testing.assert_allclose(batched[1], [[1.0] * 3, [1.0] * 3, [np.nan] * 3])
+
+
 def test_scaled_sq_dists_to_under_vmap():
   # A batch where one stack needs the rescaled path (squares overflow) and one does not: each
   # element's distances in units of its scale are its own (the rescaled path for both).
