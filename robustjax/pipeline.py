@@ -394,6 +394,14 @@ class Pipeline:
 DISTANCE_FUSION_MAX_N = 4096
 
 
+def _mixing(pre, stack, f: int):
+  """`(gram, finite, W)`: the scaled Gram of the stack, which slices are readable, and the n × n
+  mixing a `mixing_from_dists` pre-aggregator chooses from the distances."""
+  gram, finite, _ = stk.scaled_gram(stack)
+  mix = pre.properties.mixing_from_dists(stk.dists_from_gram(gram, finite), f=f, **dict(pre.params))
+  return gram, finite, mix
+
+
 def _in_distance_space(pre, agg, stack, f: int):
   """A mixing pre-aggregator then a distance-selecting aggregator, from one Gram product.
 
@@ -405,8 +413,7 @@ def _in_distance_space(pre, agg, stack, f: int):
   stages (`stack.unreadable`): a mixed input that uses one is unreadable, and an aggregate that
   selects an unreadable mixed input (or no readable one) is NaN.
   """
-  gram, finite, _ = stk.scaled_gram(stack)
-  mix = pre.properties.mixing_from_dists(stk.dists_from_gram(gram, finite), f=f, **dict(pre.params))
+  gram, finite, mix = _mixing(pre, stack, f)
   readable = ~stk.unreadable(mix, finite)
   hi = jax.lax.Precision.HIGHEST
   mixed_gram = jnp.matmul(jnp.matmul(mix, gram, precision=hi), mix.T, precision=hi)
@@ -432,8 +439,7 @@ def _mixed_by_column_blocks(pre, agg, stack, f: int, key):
   n = 128: 19 s against 11), and the leaves flattened into one matrix first (a copy, as the
   coordinate-wise rules make) gained nothing there.
   """
-  gram, finite, _ = stk.scaled_gram(stack)
-  mix = pre.properties.mixing_from_dists(stk.dists_from_gram(gram, finite), f=f, **dict(pre.params))
+  _, finite, mix = _mixing(pre, stack, f)
   bad = stk.unreadable(mix, finite)[:, None]
   (leaf,) = jax.tree.leaves(stack)
   leaf = jnp.asarray(leaf)
