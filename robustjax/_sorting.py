@@ -24,7 +24,9 @@ trimmed mean's two cut-offs) are found by bisecting the bits of the value (`sele
 counting passes per byte of the value, over a block of columns in cache, whatever the data), more
 ranks by running the same network layer by layer in a loop over column blocks (`select_layered`);
 `jnp.sort` along the worker axis is slower still. Ranks a few places from either end (a trimmed
-mean with a small f) are cheaper by insertion chains (`select_extremes`).
+mean with a small f) are cheaper by insertion chains (`select_extremes`), and the k lowest and
+highest values in order (an attack's evaluation of MeaMed) by peeling a rank per pass from each end
+(`select_ends`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -599,6 +601,73 @@ def _insertion_chains(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   carry = step(0, ([jnp.full((d,), inf)] * m, [jnp.full((d,), -inf)] * m))
   low, high = jax.lax.fori_loop(1, steps, step, carry)
   return low[k], high[k]
+
+
+# Columns per block of `select_ends` on CPU (52 rows: 1.7 MB of the block kept in cache while the
+# passes run over it). At n = 52, d = 10⁵, k = 13 blocks of 2,048 / 4,096 / 8,192 columns took
+# 20.1 / 20.2 / 18.7 ms (medians of 9; 1,024 columns 27.5, one piece 35.6; BENCHMARKS.md).
+_ENDS_BLOCK_COLUMNS = 8192
+
+
+def _pairwise(op, rows: list) -> jax.Array:
+  """op over the rows as a balanced tree of elementwise ops (one fused loop over the columns; a
+  `_halving_reduce` of the block, with its concatenations, took 6x as long in `select_ends`)."""
+  while len(rows) > 1:
+    rows = [op(*rows[i : i + 2]) if i + 1 < len(rows) else rows[i] for i in range(0, len(rows), 2)]
+  return rows[0]
+
+
+def select_ends(x: jax.Array, k: int) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The k smallest and the k largest values of each column of x (n, D) in order, NaN counted as
+  +inf: ranks 0 … k − 1 and n − k … n − 1, for a k that is a small part of n.
+
+  Peeled one rank per pass from each end. From the value v of rank p − 1, that of rank p is v
+  again if #{x_i <= v} >= p + 1 (ties), else min{x_i : x_i > v}; the high end likewise, both
+  ends in the same pass. The passes are the steps of a `fori_loop` (unrolled, XLA:CPU fuses a
+  chain of them into loops that recompute each other; BENCHMARKS.md), on CPU over blocks of
+  `_ENDS_BLOCK_COLUMNS` columns in cache: k passes of four comparisons, a selection and a
+  count per entry, against a sort of the columns (`select_layered`) for all n ranks. Exact,
+  with ties and ±inf.
+
+  At n = 52, d = 10⁵, k = 13 it took 18-20 ms against 58-64 ms for the columns sorted
+  (BENCHMARKS.md); insertion chains that keep two or more places per pass were recomputed by
+  XLA:CPU the same way (250-450 ms).
+
+  Returns:
+    `(low, high)`: lists of k (D,) rows, low[j] the j-th smallest, high[j] the (k − j)-th largest
+    (both ascending, as in the sorted column).
+  """
+  n = x.shape[0]
+  if not 1 <= k <= n:
+    raise ValueError(f'select_ends: k={k} out of range for n={n}')
+
+  def ends(xb):
+    xb = nan_as_inf(xb)
+    inf = jnp.asarray(jnp.inf, xb.dtype)
+
+    def peel(p, carry):
+      out, low, high, b = carry
+      rows = [b[i] for i in range(n)]
+      # One comparison per entry and end: its mask both counts and selects.
+      over, under = [r > low for r in rows], [r < high for r in rows]
+      beyond_low = _pairwise(jnp.add, [m.astype(jnp.int32) for m in over])
+      beyond_high = _pairwise(jnp.add, [m.astype(jnp.int32) for m in under])
+      above = _pairwise(jnp.minimum, [jnp.where(m, r, inf) for m, r in zip(over, rows)])
+      below = _pairwise(jnp.maximum, [jnp.where(m, r, -inf) for m, r in zip(under, rows)])
+      low = jnp.where(n - beyond_low >= p + 1, low, above)
+      high = jnp.where(n - beyond_high >= p + 1, high, below)
+      out = jax.lax.dynamic_update_index_in_dim(out, low, p, 0)
+      out = jax.lax.dynamic_update_index_in_dim(out, high, 2 * k - 1 - p, 0)
+      return out, low, high, b
+
+    # The block rides in the carry so that each pass reads it where the loop keeps it.
+    low = _pairwise(jnp.minimum, list(xb))
+    high = _pairwise(jnp.maximum, list(xb))
+    out = jnp.zeros((2 * k, xb.shape[1]), xb.dtype).at[0].set(low).at[2 * k - 1].set(high)
+    return jax.lax.fori_loop(1, k, peel, (out, low, high, xb))[0]
+
+  out = _stats_by_block(ends, x, 2 * k, _ENDS_BLOCK_COLUMNS, None)
+  return out[:k], out[k:]
 
 
 def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) -> list[jax.Array]:
