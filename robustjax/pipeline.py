@@ -341,7 +341,7 @@ class Pipeline:
     fused into its loop. No intermediate stack is written. When the stage before the aggregator
     declares `Properties.mixing_from_dists` (NNM) and the aggregator `weights_from_dists` (Krum,
     MultiKrum), both run in distance space (`_in_distance_space`); before a coordinate-wise
-    aggregator, on a one-leaf stack, the mixing and the aggregator run together over column
+    aggregator (leaves of one dtype), the mixing and the aggregator run together over column
     blocks (`_mixed_by_column_blocks`).
     """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
@@ -366,7 +366,7 @@ class Pipeline:
         and agg.properties.coordinatewise
         and not runtime_kwargs
         and agg.properties.state_next is None
-        and len(jax.tree.leaves(stack)) == 1
+        and len({stk.result_dtype(x.dtype) for x in jax.tree.leaves(stack)}) == 1
       ):
         return _mixed_by_column_blocks(s, agg, stack, self.f, keys.get(last)), None
       combination = s.properties.row_combination
@@ -425,36 +425,34 @@ def _in_distance_space(pre, agg, stack, f: int):
 
 
 def _mixed_by_column_blocks(pre, agg, stack, f: int, key):
-  """A mixing pre-aggregator then a coordinate-wise aggregator on a one-leaf stack, the mixed
-  stack never written.
+  """A mixing pre-aggregator then a coordinate-wise aggregator, the mixed stack never written.
 
   The mixing W (n × n) is chosen from one Gram product, as the pre-aggregator does; then, over
-  column blocks kept in cache (`stack.map_column_blocks`), each block is mixed (W times the
-  block, its non-finite entries counted as 0, the rows that use an input they cannot read set to
-  NaN, rounded to the leaf's dtype: the pre-aggregator's own output) and the aggregator runs on
-  the mixed block. The stages one after the other write the n mixed slices and read them back:
-  nnm + trimmed_mean at n = 64, d = 10⁶ took 232-240 ms this way against 350-432 on an Intel
-  Xeon VM, most of it the n × n × d mixing product (BENCHMARKS.md). A stack of several leaves
-  runs the stages: the aggregator's network would be compiled once per leaf (the MLP step at
-  n = 128: 19 s against 11), and the leaves flattened into one matrix first (a copy, as the
-  coordinate-wise rules make) gained nothing there.
+  column blocks kept in cache (`stack.map_columns_of_matrices`: one loop over the blocks of all
+  the leaves, so that the aggregator's network is compiled once whatever the number of leaves),
+  each block is mixed (W times the block, its non-finite entries counted as 0, the rows that use
+  an input they cannot read set to NaN, rounded to the leaves' dtype: the pre-aggregator's own
+  output) and the aggregator runs on the mixed block. The stages one after the other write the
+  n mixed slices and read them back: nnm + trimmed_mean at n = 64, d = 10⁶ took 232-240 ms this
+  way against 350-432 on an Intel Xeon VM, most of it the n × n × d mixing product
+  (BENCHMARKS.md). Leaves of different dtypes run the stages.
   """
   _, finite, mix = _mixing(pre, stack, f)
   bad = stk.unreadable(mix, finite)[:, None]
-  (leaf,) = jax.tree.leaves(stack)
-  leaf = jnp.asarray(leaf)
-  dtype = stk.result_dtype(leaf.dtype)
-  x = stk.as_matrix(leaf)
-  w = mix.astype(x.dtype)
+  leaves, treedef = jax.tree.flatten(stack)
+  leaves = [jnp.asarray(x) for x in leaves]
+  dtype = stk.result_dtype(leaves[0].dtype)
+  mats = [stk.as_matrix(x) for x in leaves]
+  w = mix.astype(mats[0].dtype)
   hi = jax.lax.Precision.HIGHEST
 
   def block(xb):
     clean = jnp.where(jnp.isfinite(xb), xb, 0.0)
     mixed = jnp.where(bad, jnp.nan, jnp.matmul(w, clean, precision=hi)).astype(dtype)
-    return agg(mixed, f, key, {}).astype(dtype)[None]
+    return agg(mixed, f, key, {})
 
-  out = stk.map_column_blocks(block, x, 1, dtype)[0].reshape(leaf.shape[1:])
-  return jax.tree.unflatten(jax.tree.structure(stack), [out])
+  rows = stk.map_columns_of_matrices(block, mats, dtype)
+  return jax.tree.unflatten(treedef, [r.reshape(x.shape[1:]) for r, x in zip(rows, leaves)])
 
 
 def _check_f(owner: str, f) -> None:

@@ -178,6 +178,58 @@ def map_column_blocks(fn, mat: jax.Array, out_rows: int, dtype=None) -> jax.Arra
   return out
 
 
+def map_columns_of_matrices(fn, mats: list, dtype) -> list:
+  """fn (n, c) -> (c,) applied to the columns of several matrices (n, d_j), as one loop over
+  column blocks of all of them on CPU: the (d_j,) results in `dtype`, one per matrix.
+
+  For a pytree stack whose leaves a per-block computation (a mixing followed by a coordinate-wise
+  aggregator) reads several times: fn is traced once, in one `fori_loop` whose step takes its
+  block from the matrix it belongs to (`lax.switch`), where a loop per matrix would compile fn
+  once per leaf. The matrices narrower than a block are concatenated, and padded with zero
+  columns to one block, into one more matrix; a matrix's last block overlaps the one before it
+  (the overlap is computed twice, written alike). Off CPU, or when all the columns fit in two
+  blocks, one piece: the matrices concatenated and fn called once.
+  """
+  n = mats[0].shape[0]
+  widths = [m.shape[1] for m in mats]
+  cols = _column_block(n, sum(widths))
+  if cols is None or jax.default_backend() != 'cpu':
+    out = fn(jnp.concatenate(mats, axis=1)).astype(dtype)
+    return list(jnp.split(out, np.cumsum(widths)[:-1]))
+  big = [j for j, d in enumerate(widths) if d >= cols]
+  small = [j for j, d in enumerate(widths) if d < cols]
+  blocked = [mats[j] for j in big]
+  if small:
+    pad = max(cols - sum(widths[j] for j in small), 0)
+    blocked.append(
+      jnp.concatenate([mats[j] for j in small] + [jnp.zeros((n, pad), mats[0].dtype)], 1)
+    )
+  # The blocks in order: (matrix, first column, where the matrix's output starts).
+  plan, offset = [], 0
+  for j, m in enumerate(blocked):
+    d = m.shape[1]
+    plan += [(j, min(b * cols, d - cols), offset) for b in range(-(-d // cols))]
+    offset += d
+  which, first, at = (jnp.asarray(np.asarray(v, np.int32)) for v in zip(*plan))
+  branches = [lambda s, m=m: jax.lax.dynamic_slice_in_dim(m, s, cols, axis=1) for m in blocked]
+
+  def step(i, out):
+    block = jax.lax.switch(which[i], branches, first[i])
+    return jax.lax.dynamic_update_slice_in_dim(out, fn(block).astype(dtype), at[i] + first[i], 0)
+
+  # The first step outside the loop (inside `jax.shard_map` the carry must vary as the blocks do).
+  out = jax.lax.fori_loop(1, len(plan), step, step(0, jnp.zeros((offset,), dtype)))
+  parts = jnp.split(out, np.cumsum([m.shape[1] for m in blocked])[:-1])
+  rows = [None] * len(mats)
+  for j, part in zip(big, parts):
+    rows[j] = part
+  start = 0
+  for j in small:
+    rows[j] = parts[-1][start : start + widths[j]]
+    start += widths[j]
+  return rows
+
+
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks" and "The Gram padded
 # to 65 rows"): the rows are cut into row blocks (`_gram_row_block`) and only the blocks on and
 # above the diagonal are multiplied (k(k + 1)/2 of k² products, 3/4 of the work for two blocks,
