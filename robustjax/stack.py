@@ -168,19 +168,14 @@ def map_column_blocks(fn, mat: jax.Array, out_rows: int, dtype=None) -> jax.Arra
   elsewhere, or for small d), the (out_rows, c) results concatenated: (out_rows, d) in `dtype`
   (default mat's). For a computation that reads a block several times and writes less (a
   cleaned product, a mixing followed by an aggregator)."""
-  out, _ = over_column_blocks(
-    lambda b: (fn(b), ()),
-    [mat],
-    _column_block(*mat.shape),
-    out_rows=out_rows,
-    dtype=mat.dtype if dtype is None else dtype,
-  )
-  return out
+  dtype = mat.dtype if dtype is None else dtype
+  return map_columns_of_matrices(fn, [mat], dtype, out_rows)[0]
 
 
-def map_columns_of_matrices(fn, mats: list, dtype) -> list:
-  """fn (n, c) -> (c,) applied to the columns of several matrices (n, d_j), as one loop over
-  column blocks of all of them on CPU: the (d_j,) results in `dtype`, one per matrix.
+def map_columns_of_matrices(fn, mats: list, dtype, out_rows: int | None = None) -> list:
+  """fn (n, c) -> (c,) (or (out_rows, c)) applied to the columns of several matrices (n, d_j), as
+  one loop over column blocks of all of them on CPU: the (d_j,) (or (out_rows, d_j)) results in
+  `dtype`, one per matrix.
 
   For a pytree stack whose leaves a per-block computation (a mixing followed by a coordinate-wise
   aggregator) reads several times: fn is traced once, in one `fori_loop` whose step takes its
@@ -193,17 +188,16 @@ def map_columns_of_matrices(fn, mats: list, dtype) -> list:
   n = mats[0].shape[0]
   widths = [m.shape[1] for m in mats]
   cols = _column_block(n, sum(widths))
+  lead = () if out_rows is None else (out_rows,)
   if cols is None or jax.default_backend() != 'cpu':
-    out = fn(jnp.concatenate(mats, axis=1)).astype(dtype)
-    return list(jnp.split(out, np.cumsum(widths)[:-1]))
+    whole = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
+    return jnp.split(fn(whole).astype(dtype), np.cumsum(widths)[:-1], axis=-1)
   big = [j for j, d in enumerate(widths) if d >= cols]
   small = [j for j, d in enumerate(widths) if d < cols]
   blocked = [mats[j] for j in big]
   if small:
-    pad = max(cols - sum(widths[j] for j in small), 0)
-    blocked.append(
-      jnp.concatenate([mats[j] for j in small] + [jnp.zeros((n, pad), mats[0].dtype)], 1)
-    )
+    pad = jnp.zeros((n, max(cols - sum(widths[j] for j in small), 0)), mats[0].dtype)
+    blocked.append(jnp.concatenate([mats[j] for j in small] + [pad], axis=1))
   # The blocks in order: (matrix, first column, where the matrix's output starts).
   plan, offset = [], 0
   for j, m in enumerate(blocked):
@@ -215,19 +209,20 @@ def map_columns_of_matrices(fn, mats: list, dtype) -> list:
 
   def step(i, out):
     block = jax.lax.switch(which[i], branches, first[i])
-    return jax.lax.dynamic_update_slice_in_dim(out, fn(block).astype(dtype), at[i] + first[i], 0)
+    value = fn(block).astype(dtype)
+    return jax.lax.dynamic_update_slice_in_dim(out, value, at[i] + first[i], axis=-1)
 
   # The first step outside the loop (inside `jax.shard_map` the carry must vary as the blocks do).
-  out = jax.lax.fori_loop(1, len(plan), step, step(0, jnp.zeros((offset,), dtype)))
-  parts = jnp.split(out, np.cumsum([m.shape[1] for m in blocked])[:-1])
-  rows = [None] * len(mats)
+  out = jax.lax.fori_loop(1, len(plan), step, step(0, jnp.zeros((*lead, offset), dtype)))
+  parts = jnp.split(out, np.cumsum([m.shape[1] for m in blocked])[:-1], axis=-1)
+  results = [None] * len(mats)
   for j, part in zip(big, parts):
-    rows[j] = part
+    results[j] = part
   start = 0
   for j in small:
-    rows[j] = parts[-1][start : start + widths[j]]
+    results[j] = parts[-1][..., start : start + widths[j]]
     start += widths[j]
-  return rows
+  return results
 
 
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks" and "The Gram padded
