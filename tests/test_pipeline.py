@@ -228,7 +228,7 @@ def test_mixed_coordinatewise_pipelines_equal_their_stages(agg, case):
   # column blocks on CPU; 'n130': the aggregator beyond its unrolled network.
   n, d, f = (130, 600, 16) if case == 'n130' else (16, 40, 3)
   if case == 'many_blocks':
-    d = 3 * (1 << 18) // n + 37  # three blocks, the last overlapping (`map_columns_of_matrices`)
+    d = 3 * (1 << 18) // n + 37  # three blocks, and a fourth overlapping the third
   rng = np.random.default_rng(8)
   x = (rng.normal(size=(n, d)) + 2.0).astype(np.float32)
   x[-2:] += 30.0  # far inputs, finite
