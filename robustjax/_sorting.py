@@ -625,13 +625,13 @@ def select_ends(x: jax.Array, k: int) -> tuple[list[jax.Array], list[jax.Array]]
   again if #{x_i <= v} >= p + 1 (ties), else min{x_i : x_i > v}; the high end likewise, both
   ends in the same pass. The passes are the steps of a `fori_loop` (unrolled, XLA:CPU fuses a
   chain of them into loops that recompute each other; BENCHMARKS.md), on CPU over blocks of
-  `_ENDS_BLOCK_COLUMNS` columns in cache: k passes of four comparisons, a selection and a
-  count per entry, against a sort of the columns (`select_layered`) for all n ranks. Exact,
-  with ties and ±inf.
+  `_ENDS_BLOCK_COLUMNS` columns in cache: k passes of, per entry and end, one comparison (its
+  mask both counts and selects), a selection, a minimum or maximum and an addition, against a
+  sort of the columns (`select_layered`) for all n ranks. Exact, with ties and ±inf.
 
-  At n = 52, d = 10⁵, k = 13 it took 18-20 ms against 58-64 ms for the columns sorted
-  (BENCHMARKS.md); insertion chains that keep two or more places per pass were recomputed by
-  XLA:CPU the same way (250-450 ms).
+  At n = 52, d = 10⁵, k = 13 it took 15-19 ms with 512-bit vectors (as in the attacks' jit)
+  against 58-64 ms for the columns sorted (BENCHMARKS.md). Insertion chains that find two to
+  seven ranks per pass took 39-450 ms: XLA:CPU computes each output of a chain from its own cone.
 
   Returns:
     `(low, high)`: lists of k (D,) rows, low[j] the j-th smallest, high[j] the (k − j)-th largest
