@@ -604,8 +604,8 @@ def _insertion_chains(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 
 # Columns per block of `select_ends` on CPU (52 rows: 1.7 MB of the block kept in cache while the
-# passes run over it). At n = 52, d = 10⁵, k = 13 blocks of 2,048 / 4,096 / 8,192 columns took
-# 20.1 / 20.2 / 18.7 ms (medians of 9; 1,024 columns 27.5, one piece 35.6; BENCHMARKS.md).
+# passes run over it). At n = 52, d = 10⁵, k = 13 blocks of 1,024 / 2,048 / 4,096 / 8,192 columns
+# took 27.5 / 20.1 / 20.2 / 18.7 ms (medians of 9, 512-bit vectors; BENCHMARKS.md).
 _ENDS_BLOCK_COLUMNS = 8192
 
 
