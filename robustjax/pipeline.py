@@ -341,8 +341,8 @@ class Pipeline:
     fused into its loop. No intermediate stack is written. When the stage before the aggregator
     declares `Properties.mixing_from_dists` (NNM) and the aggregator `weights_from_dists` (Krum,
     MultiKrum), both run in distance space (`_in_distance_space`); before a coordinate-wise
-    aggregator (leaves of one dtype), the mixing and the aggregator run together over column
-    blocks (`_mixed_by_column_blocks`).
+    aggregator (one leaf, or on CPU leaves of one dtype), the mixing and the aggregator run
+    together over column blocks (`_mixed_by_column_blocks`).
     """
     takers = [i for i, s in enumerate(self.stages) if s.takes_key]
     keys = {}
@@ -366,7 +366,7 @@ class Pipeline:
         and agg.properties.coordinatewise
         and not runtime_kwargs
         and agg.properties.state_next is None
-        and len({stk.result_dtype(x.dtype) for x in jax.tree.leaves(stack)}) == 1
+        and _fuses_mixing(jax.tree.leaves(stack))
       ):
         return _mixed_by_column_blocks(s, agg, stack, self.f, keys.get(last)), None
       combination = s.properties.row_combination
@@ -424,6 +424,16 @@ def _in_distance_space(pre, agg, stack, f: int):
   return jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), out)
 
 
+def _fuses_mixing(leaves) -> bool:
+  """Whether `_mixed_by_column_blocks` runs on these leaves: one leaf, or on CPU leaves of one
+  dtype (one loop body rounds to one dtype). Off CPU the blocks are one piece, which for several
+  leaves would first concatenate them: a copy of the stack beside the mixed one the fused piece
+  forms, where the stages write only the mixed one."""
+  if len(leaves) == 1:
+    return True
+  return jax.default_backend() == 'cpu' and len({stk.result_dtype(x.dtype) for x in leaves}) == 1
+
+
 def _mixed_by_column_blocks(pre, agg, stack, f: int, key):
   """A mixing pre-aggregator then a coordinate-wise aggregator, the mixed stack never written.
 
@@ -435,7 +445,7 @@ def _mixed_by_column_blocks(pre, agg, stack, f: int, key):
   output) and the aggregator runs on the mixed block. The stages one after the other write the
   n mixed slices and read them back: nnm + trimmed_mean at n = 64, d = 10⁶ took 232-240 ms this
   way against 350-432 on an Intel Xeon VM, most of it the n × n × d mixing product
-  (BENCHMARKS.md). Leaves of different dtypes run the stages.
+  (BENCHMARKS.md). Which stacks take this path: `_fuses_mixing`.
   """
   _, finite, mix = _mixing(pre, stack, f)
   bad = stk.unreadable(mix, finite)[:, None]

@@ -306,3 +306,14 @@ def test_mixed_coordinatewise_pipeline_on_leaves_of_two_dtypes_runs_the_stages()
   fused = jax.jit(pipeline.compose('trimmed_mean', pre=['nnm'], f=3))(tree)
   staged = aggregators.trimmed_mean(preaggregators.nnm(tree, f=3), f=3)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), fused, staged)
+
+
+def test_mixed_coordinatewise_fusion_on_a_pytree_only_on_cpu(monkeypatch):
+  # Off CPU the blocks are one piece: a pytree would be concatenated first (a copy of the stack
+  # beside the mixed one), so it runs the stages there; a one-leaf stack is fused everywhere.
+  two = [jnp.ones((4, 3)), jnp.ones((4, 2))]
+  assert pipeline._fuses_mixing(two) == (jax.default_backend() == 'cpu')
+  assert not pipeline._fuses_mixing([two[0], two[1].astype(jnp.bfloat16)])
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  assert not pipeline._fuses_mixing(two)
+  assert pipeline._fuses_mixing(two[:1])
