@@ -609,6 +609,15 @@ def _insertion_chains(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 _ENDS_BLOCK_COLUMNS = 8192
 
 
+# `select_ends` pays against sorting the columns (`select_layered`) up to this k, and is used up to
+# `NETWORK_MAX_N` rows (its pass unrolls the rows). Its cost grows as k · n (about 0.04-0.056 ms
+# per rank and row at d = 10⁵), the sort's as n (1.1-1.5 ms per row): at n = 52 / 100 / 128 /
+# 200 and k = 13 / 13 / 17 / 26 it took 26.9 / 64.8 / 117.8 / 289.0 ms against 57.4 / 129.6 /
+# 149.3 / 302.2, at k = 40 (n = 100) and 64 (n = 128) 176.5 / 376.5 against 123.9 / 169.9, and it
+# compiled in 2-9 s against 0.5-0.8 (512-bit vectors; BENCHMARKS.md).
+ENDS_MAX_K = 20
+
+
 def _pairwise(op, rows: list) -> jax.Array:
   """op over the rows as a balanced tree of elementwise ops (one fused loop over the columns; a
   `_halving_reduce` of the block, with its concatenations, took 6x as long in `select_ends`)."""
@@ -619,7 +628,7 @@ def _pairwise(op, rows: list) -> jax.Array:
 
 def select_ends(x: jax.Array, k: int) -> tuple[list[jax.Array], list[jax.Array]]:
   """The k smallest and the k largest values of each column of x (n, D) in order, NaN counted as
-  +inf: ranks 0 … k − 1 and n − k … n − 1, for a k that is a small part of n.
+  +inf: ranks 0 … k − 1 and n − k … n − 1, for a small k (`ENDS_MAX_K`).
 
   Peeled one rank per pass from each end. From the value v of rank p − 1, that of rank p is v
   again if #{x_i <= v} >= p + 1 (ties), else min{x_i : x_i > v}; the high end likewise, both

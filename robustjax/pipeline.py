@@ -351,23 +351,21 @@ class Pipeline:
       keys = {i: sub[j] for j, i in enumerate(takers)}
     last, agg = len(self.stages) - 1, self.stages[-1]
     for i, s in enumerate(self.stages[:-1]):
-      if (
+      # A mixing stage right before a stateless aggregator called without runtime arguments:
+      # the two run together, in distance space or over column blocks.
+      mixing_last = (
         i == last - 1
         and s.properties.mixing_from_dists is not None
-        and agg.properties.weights_from_dists is not None
         and not runtime_kwargs
         and agg.properties.state_next is None
+      )
+      if (
+        mixing_last
+        and agg.properties.weights_from_dists is not None
         and jax.tree.leaves(stack)[0].shape[0] <= DISTANCE_FUSION_MAX_N
       ):
         return _in_distance_space(s, agg, stack, self.f), None
-      if (
-        i == last - 1
-        and s.properties.mixing_from_dists is not None
-        and agg.properties.coordinatewise
-        and not runtime_kwargs
-        and agg.properties.state_next is None
-        and _fuses_mixing(jax.tree.leaves(stack))
-      ):
+      if mixing_last and agg.properties.coordinatewise and _fuses_mixing(jax.tree.leaves(stack)):
         return _mixed_by_column_blocks(s, agg, stack, self.f, keys.get(last)), None
       combination = s.properties.row_combination
       if i != last - 1 or combination is None or not agg.properties.coordinatewise:

@@ -198,19 +198,19 @@ def map_columns_of_matrices(fn, mats: list, dtype, out_rows: int | None = None) 
   if small:
     pad = jnp.zeros((n, max(cols - sum(widths[j] for j in small), 0)), mats[0].dtype)
     blocked.append(jnp.concatenate([mats[j] for j in small] + [pad], axis=1))
-  # The blocks in order: (matrix, first column, where the matrix's output starts).
+  # The blocks in order: (matrix, its first column there, where its output goes).
   plan, offset = [], 0
   for j, m in enumerate(blocked):
     d = m.shape[1]
-    plan += [(j, min(b * cols, d - cols), offset) for b in range(-(-d // cols))]
+    firsts = [min(b * cols, d - cols) for b in range(-(-d // cols))]
+    plan += [(j, c, offset + c) for c in firsts]
     offset += d
-  which, first, at = (jnp.asarray(np.asarray(v, np.int32)) for v in zip(*plan))
+  which, first, dest = (jnp.asarray(np.asarray(v, np.int32)) for v in zip(*plan))
   branches = [lambda s, m=m: jax.lax.dynamic_slice_in_dim(m, s, cols, axis=1) for m in blocked]
 
   def step(i, out):
     block = jax.lax.switch(which[i], branches, first[i])
-    value = fn(block).astype(dtype)
-    return jax.lax.dynamic_update_slice_in_dim(out, value, at[i] + first[i], axis=-1)
+    return jax.lax.dynamic_update_slice_in_dim(out, fn(block).astype(dtype), dest[i], axis=-1)
 
   # The first step outside the loop (inside `jax.shard_map` the carry must vary as the blocks do).
   out = jax.lax.fori_loop(1, len(plan), step, step(0, jnp.zeros((*lead, offset), dtype)))

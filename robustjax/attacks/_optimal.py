@@ -292,7 +292,8 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
   it whatever c is: they are summed once per call, as one clipped pass between s_e and
   s_{keep−1−f}. So a call reads the e + 1 lowest and highest honest values in order
   (`_sorting.select_ends`, e + 1 passes: 15-19 ms at n_h = 52, e = 12, d = 10⁵, against
-  42-64 ms to sort the columns; BENCHMARKS.md) and the median's other ranks (one network each);
+  42-64 ms to sort the columns; BENCHMARKS.md; the columns are sorted where e is too large or
+  the rows too many for it to pay) and the median's other ranks (one network each);
   a candidate costs 2e + 3 clamps, the e comparisons of the window search, and the clip of the
   2e edge rows and of c, instead of the defender's network over n rows. Non-finite honest values
   sort as +∞; the output is non-finite exactly when the defender's is (both count as +∞).
@@ -313,12 +314,16 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
 
     return evaluate
   positions = median_window_positions(n, keep)
-  # The e + 1 lowest and highest honest values in order, then the median's other ranks.
+  # The e + 1 lowest and highest honest values in order, then the median's other ranks; the
+  # columns sorted where peeling the ends would cost more (`_sorting.ENDS_MAX_K`).
   k = min(e + 1, n_h)
-  low, high = _sorting.select_ends(x, k)
-  row = {**dict(zip(range(k), low)), **dict(zip(range(n_h - k, n_h), high))}
-  rest = sorted({q for p in positions for q in (p - f, p) if 0 <= q < n_h} - row.keys())
-  row.update(_sorted_rows(x, rest) if rest else {})
+  if k <= _sorting.ENDS_MAX_K and n_h <= _sorting.NETWORK_MAX_N:
+    low, high = _sorting.select_ends(x, k)
+    row = {**dict(zip(range(k), low)), **dict(zip(range(n_h - k, n_h), high))}
+    rest = sorted({q for p in positions for q in (p - f, p) if 0 <= q < n_h} - row.keys())
+    row.update(_sorted_rows(x, rest) if rest else {})
+  else:
+    row = _sorted_rows(x, range(n_h))
   inside = range(e, keep - f)  # honest ranks inside every window: e … n_h − 1 − e
   edges = [q for q in range(n_h) if q not in inside]
   inside_sum = jnp.zeros_like(x[0])
