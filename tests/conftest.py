@@ -1,20 +1,40 @@
 """Test configuration: 8 simulated CPU devices, set once before any computation.
 
-The default run compiles XLA:CPU's kernels without LLVM's optimisations
-(`--xla_backend_optimization_level=0`): most tests are compile-bound, and this took the run from
-about 780 s to 538-581 s on a 2-core Intel VM (618-676 s there later, with more tests, on a
-busier day). XLA's own HLO passes still run, and without
-fast-math (XLA:CPU's default) LLVM may not change what a float operation computes; every test
-passed at both levels there. CI's second run (`.ci/run`, the dependency floors) tests the core
-modules with the kernels optimised, as users get them; so does
-`XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m pytest`.
+Most tests are compile-bound (XLA's backend compilation was 61 % of the tests' time), so the
+default run compiles XLA:CPU's kernels for speed of compilation:
+- without LLVM's optimisations (`--xla_backend_optimization_level=0`): the run went from about
+  780 s to 538-581 s on a 2-core Intel VM;
+- with XLA:CPU's legacy loop emitter (`--xla_cpu_use_fusion_emitters=false`), which compiles
+  about twice as fast as its MLIR emitter: 567 s to 355 s on that VM (2026-12-07), where this jax
+  knows the flag (XLA aborts on an unknown one, so a subprocess tries it first).
+XLA's own HLO passes still run, and without fast-math (XLA:CPU's default) neither changes what a
+float operation computes, only how operations are fused into loops; every test passed both ways.
+CI's second run (`.ci/run`, the dependency floors) tests the core modules with the kernels
+optimised, as users get them; so does `XLA_FLAGS=--xla_force_host_platform_device_count=8 python
+-m pytest`.
 """
 
 import os
+import subprocess
+import sys
 
-os.environ.setdefault(
-  'XLA_FLAGS', '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
-)
+
+def _xla_flags() -> str:
+  """The default run's XLA flags (set once: pytest-xdist's workers inherit them)."""
+  flags = '--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0'
+  legacy = f'{flags} --xla_cpu_use_fusion_emitters=false'
+  probe = [sys.executable, '-c', 'import jax; jax.devices()']
+  try:
+    known = subprocess.run(
+      probe, env={**os.environ, 'XLA_FLAGS': legacy}, capture_output=True, timeout=300
+    )
+  except (OSError, subprocess.TimeoutExpired):
+    return flags
+  return legacy if known.returncode == 0 else flags
+
+
+if 'XLA_FLAGS' not in os.environ:
+  os.environ['XLA_FLAGS'] = _xla_flags()
 
 import jax  # noqa: E402
 

@@ -184,9 +184,13 @@ def test_label_flip_under_coding_changes_the_byzantine_messages():
   s0, _ = e0.step(e0.init_state())
   m1, m0 = jax.device_get((s1.workers['momentum'], s0.workers['momentum']))
   nh = 7
-  jax.tree.map(lambda x, y: np.testing.assert_allclose(x[:nh], y[:nh], rtol=1e-6), m1, m0)
-  diff = jax.tree.map(lambda x, y: float(np.abs(x[nh:] - y[nh:]).max()), m1, m0)
-  assert max(jax.tree.leaves(diff)) > 0
+  # The honest messages equal up to float32 rounding (two programs, fused differently; entries
+  # up to 0.2), the Byzantine ones moved by a large fraction of their scale (0.07-0.13 here).
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x[:nh], y[:nh], rtol=1e-5, atol=1e-7), m1, m0
+  )
+  for x, y in zip(jax.tree.leaves(m1), jax.tree.leaves(m0)):
+    assert np.abs(x[nh:] - y[nh:]).max() > 0.1 * np.abs(y).max()
 
 
 def test_lad_with_momentum_resumes_from_checkpoint(tmp_path):
