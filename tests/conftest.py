@@ -5,8 +5,8 @@ default run compiles XLA:CPU's kernels for speed of compilation:
 - without LLVM's optimisations (`--xla_backend_optimization_level=0`): the run went from about
   780 s to 538-581 s on a 2-core Intel VM;
 - with XLA:CPU's legacy loop emitter (`--xla_cpu_use_fusion_emitters=false`), which compiles
-  about twice as fast as its MLIR emitter: 567 s to 355 s on that VM (2026-12-07), where this jax
-  knows the flag (XLA aborts on an unknown one, so a subprocess tries it first).
+  about twice as fast as its MLIR emitter: 355-415 s against 567 s on that VM (2026-12-07), where
+  this jax knows the flag (XLA aborts on an unknown one, so a subprocess tries it first).
 XLA's own HLO passes still run, and without fast-math (XLA:CPU's default) neither changes what a
 float operation computes, only how operations are fused into loops; every test passed both ways.
 CI's second run (`.ci/run`, the dependency floors) tests the core modules with the kernels
