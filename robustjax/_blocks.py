@@ -2,7 +2,9 @@
 
 On XLA:CPU a kernel that reads the stack several times (a Gram product, a combination followed
 by the distances to it, a sorting network layer by layer) is run over blocks of columns in a
-`lax.fori_loop`, so that each block comes from memory once. The callers choose the block width
+`lax.fori_loop`, so that each block comes from memory once: `over_column_blocks` for matrices of
+one width whose blocks give columns and partial sums, `map_columns` for matrices of any widths
+whose blocks give columns only (fn traced once for all). The callers choose the block width
 (`stack._column_block`, `stack._gram_column_block`, `_sorting.select_layered`'s chunk,
 `_sorting._bisect_block_columns`). On an accelerator the matrices are one piece whatever the
 width: there each loop step is at least one kernel launch, and blocks × (the steps inside) small
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def over_column_blocks(fn, mats, cols, *, out_rows=None, dtype=None):
@@ -54,3 +57,54 @@ def over_column_blocks(fn, mats, cols, *, out_rows=None, dtype=None):
     out = write(out, columns, full * cols)
     acc = jax.tree.map(jnp.add, acc, part)
   return out, acc
+
+
+def map_columns(fn, mats, cols, dtype, *, out_rows=None):
+  """fn (n, c) -> (c,) (or (out_rows, c)) over the columns of several matrices (n, d_j) of any
+  widths, as one `fori_loop` over blocks of `cols` columns of all of them: the (d_j,) (or
+  (out_rows, d_j)) results in `dtype`, one per matrix.
+
+  fn is traced once: each step takes its block from the matrix it belongs to (`lax.switch`),
+  where a loop per matrix would trace fn once per matrix and `over_column_blocks` traces the
+  remainder apart. The matrices narrower than a block are concatenated, and padded with zero
+  columns to one block, into one more matrix; a matrix's last block overlaps the one before it
+  (the overlap is computed twice and written alike, so fn must act on each column alone). With
+  `cols` None, or off CPU, one piece: the matrices concatenated and fn called once.
+  """
+  n = mats[0].shape[0]
+  widths = [m.shape[1] for m in mats]
+  lead = () if out_rows is None else (out_rows,)
+  if cols is None or jax.default_backend() != 'cpu':
+    whole = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
+    return jnp.split(fn(whole).astype(dtype), np.cumsum(widths)[:-1], axis=-1)
+  big = [j for j, d in enumerate(widths) if d >= cols]
+  small = [j for j, d in enumerate(widths) if d < cols]
+  blocked = [mats[j] for j in big]
+  if small:
+    pad = jnp.zeros((n, max(cols - sum(widths[j] for j in small), 0)), mats[0].dtype)
+    blocked.append(jnp.concatenate([mats[j] for j in small] + [pad], axis=1))
+  # The blocks in order: (matrix, its first column there, where its output goes).
+  plan, offset = [], 0
+  for j, m in enumerate(blocked):
+    d = m.shape[1]
+    firsts = [min(b * cols, d - cols) for b in range(-(-d // cols))]
+    plan += [(j, c, offset + c) for c in firsts]
+    offset += d
+  which, first, dest = (jnp.asarray(np.asarray(v, np.int32)) for v in zip(*plan))
+  branches = [lambda s, m=m: jax.lax.dynamic_slice_in_dim(m, s, cols, axis=1) for m in blocked]
+
+  def step(i, out):
+    block = jax.lax.switch(which[i], branches, first[i])
+    return jax.lax.dynamic_update_slice_in_dim(out, fn(block).astype(dtype), dest[i], axis=-1)
+
+  # The first step outside the loop (inside `jax.shard_map` the carry must vary as the blocks do).
+  out = jax.lax.fori_loop(1, len(plan), step, step(0, jnp.zeros((*lead, offset), dtype)))
+  parts = jnp.split(out, np.cumsum([m.shape[1] for m in blocked])[:-1], axis=-1)
+  results = [None] * len(mats)
+  for j, part in zip(big, parts):
+    results[j] = part
+  start = 0
+  for j in small:
+    results[j] = parts[-1][..., start : start + widths[j]]
+    start += widths[j]
+  return results

@@ -618,6 +618,11 @@ _ENDS_BLOCK_COLUMNS = 8192
 ENDS_MAX_K = 20
 
 
+def ends_pay(n: int, k: int) -> bool:
+  """Whether `select_ends(x, k)` on n rows is cheaper than sorting the columns."""
+  return k <= ENDS_MAX_K and n <= NETWORK_MAX_N
+
+
 def _pairwise(op, rows: list) -> jax.Array:
   """op over the rows as a balanced tree of elementwise ops (one fused loop over the columns; a
   `_halving_reduce` of the block, with its concatenations, took 6x as long in `select_ends`)."""

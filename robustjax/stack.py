@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robustjax._blocks import over_column_blocks
+from robustjax._blocks import map_columns, over_column_blocks
 from robustjax._checks import num_workers
 from robustjax._cond import cond_if_all
 
@@ -174,55 +174,12 @@ def map_column_blocks(fn, mat: jax.Array, out_rows: int, dtype=None) -> jax.Arra
 
 def map_columns_of_matrices(fn, mats: list, dtype, out_rows: int | None = None) -> list:
   """fn (n, c) -> (c,) (or (out_rows, c)) applied to the columns of several matrices (n, d_j), as
-  one loop over column blocks of all of them on CPU: the (d_j,) (or (out_rows, d_j)) results in
-  `dtype`, one per matrix.
-
-  For a pytree stack whose leaves a per-block computation (a mixing followed by a coordinate-wise
-  aggregator) reads several times: fn is traced once, in one `fori_loop` whose step takes its
-  block from the matrix it belongs to (`lax.switch`), where a loop per matrix would compile fn
-  once per leaf. The matrices narrower than a block are concatenated, and padded with zero
-  columns to one block, into one more matrix; a matrix's last block overlaps the one before it
-  (the overlap is computed twice, written alike). Off CPU, or when all the columns fit in two
-  blocks, one piece: the matrices concatenated and fn called once.
-  """
-  n = mats[0].shape[0]
-  widths = [m.shape[1] for m in mats]
-  cols = _column_block(n, sum(widths))
-  lead = () if out_rows is None else (out_rows,)
-  if cols is None or jax.default_backend() != 'cpu':
-    whole = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=1)
-    return jnp.split(fn(whole).astype(dtype), np.cumsum(widths)[:-1], axis=-1)
-  big = [j for j, d in enumerate(widths) if d >= cols]
-  small = [j for j, d in enumerate(widths) if d < cols]
-  blocked = [mats[j] for j in big]
-  if small:
-    pad = jnp.zeros((n, max(cols - sum(widths[j] for j in small), 0)), mats[0].dtype)
-    blocked.append(jnp.concatenate([mats[j] for j in small] + [pad], axis=1))
-  # The blocks in order: (matrix, its first column there, where its output goes).
-  plan, offset = [], 0
-  for j, m in enumerate(blocked):
-    d = m.shape[1]
-    firsts = [min(b * cols, d - cols) for b in range(-(-d // cols))]
-    plan += [(j, c, offset + c) for c in firsts]
-    offset += d
-  which, first, dest = (jnp.asarray(np.asarray(v, np.int32)) for v in zip(*plan))
-  branches = [lambda s, m=m: jax.lax.dynamic_slice_in_dim(m, s, cols, axis=1) for m in blocked]
-
-  def step(i, out):
-    block = jax.lax.switch(which[i], branches, first[i])
-    return jax.lax.dynamic_update_slice_in_dim(out, fn(block).astype(dtype), dest[i], axis=-1)
-
-  # The first step outside the loop (inside `jax.shard_map` the carry must vary as the blocks do).
-  out = jax.lax.fori_loop(1, len(plan), step, step(0, jnp.zeros((*lead, offset), dtype)))
-  parts = jnp.split(out, np.cumsum([m.shape[1] for m in blocked])[:-1], axis=-1)
-  results = [None] * len(mats)
-  for j, part in zip(big, parts):
-    results[j] = part
-  start = 0
-  for j in small:
-    results[j] = parts[-1][..., start : start + widths[j]]
-    start += widths[j]
-  return results
+  one loop over column blocks of all of them on CPU (`_blocks.map_columns`, about
+  `_BLOCK_ELEMENTS` entries per block): the (d_j,) (or (out_rows, d_j)) results in `dtype`, one
+  per matrix. For a pytree stack whose leaves a per-block computation (a mixing followed by a
+  coordinate-wise aggregator) reads several times: fn is traced once whatever the leaves."""
+  cols = _column_block(mats[0].shape[0], sum(m.shape[1] for m in mats))
+  return map_columns(fn, mats, cols, dtype, out_rows=out_rows)
 
 
 # The centred Gram on CPU (measured in BENCHMARKS.md, "Symmetric Gram blocks" and "The Gram padded

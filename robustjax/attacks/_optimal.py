@@ -315,9 +315,9 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
     return evaluate
   positions = median_window_positions(n, keep)
   # The e + 1 lowest and highest honest values in order, then the median's other ranks; the
-  # columns sorted where peeling the ends would cost more (`_sorting.ENDS_MAX_K`).
+  # columns sorted where peeling the ends would cost more (`_sorting.ends_pay`).
   k = min(e + 1, n_h)
-  if k <= _sorting.ENDS_MAX_K and n_h <= _sorting.NETWORK_MAX_N:
+  if _sorting.ends_pay(n_h, k):
     low, high = _sorting.select_ends(x, k)
     row = {**dict(zip(range(k), low)), **dict(zip(range(n_h - k, n_h), high))}
     rest = sorted({q for p in positions for q in (p - f, p) if 0 <= q < n_h} - row.keys())
