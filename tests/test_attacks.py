@@ -593,6 +593,33 @@ def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec, lay
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('spec', ['nnm+trimmed_mean', 'nnm+median'])
+def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
+  # Candidates whose honest rows all mix like one of the two references (all or none of the f
+  # copies of c in each neighbourhood) take the references' products, the others the full
+  # product; both branches run here, one candidate at a time (a real `lax.cond`, as in the
+  # search), and every candidate's error is the defender's.
+  from robustjax.attacks import _optimal
+
+  h = jnp.asarray(_honest(13, d=40))
+  mu = _optimal._mean(h)
+  sigma = _optimal._std(h, mu, 0)
+  rule = pipeline.as_rule(spec, F)
+  pre = rule.stages[0]
+  mixing = lambda d2: pre.properties.mixing_from_dists(d2, f=rule.f)
+  line = _optimal._line_sq_dists(h, mu, mu, sigma, F)
+  near, far = (m[:N_H, :N_H] for m in _optimal._reference_mixings(line(0.0)[0], N_H, mixing))
+  taus = jnp.linspace(0.0, 3.0, 61, dtype=jnp.float32)
+  takes = lambda t: _optimal._takes_references(mixing(line(t)[0])[:N_H, :N_H], near, far)[1]
+  taken = [bool(takes(t)) for t in taus]
+  assert 0 < sum(taken) < len(taken)  # both branches
+  fast = _optimal._mixing_evaluator(h, mu, sigma, rule, F, None)
+  slow = _optimal._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
+  a = jax.jit(lambda t: jax.lax.map(fast, t))(taus)
+  b = jax.jit(jax.vmap(slow))(taus)
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_optimal_span_mixing_matches_the_full_search():
   h = _honest(14, d=40)
   rule = pipeline.as_rule('nnm+trimmed_mean', F)
