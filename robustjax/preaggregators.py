@@ -308,7 +308,8 @@ def clipping(stack, *, f: int = 0, c, donate: bool = False):
   divided by a robust power-of-two scale (`stack.normaliser`), so honest slices at 1e20 are
   clipped, not zeroed.
 
-  Cost: three streaming passes (scale, norms, scaling). In a pipeline followed by a
+  Cost: two streaming passes (the norms, the scaling), three where a squared norm overflows or
+  underflows (a scale pass first, `stack.scaled_sq_dists_to`). In a pipeline followed by a
   coordinate-wise aggregator, only the factors are computed (`clipping_factors`) and the
   scaling is fused into the aggregator (`robustjax.pipeline`).
 
@@ -357,8 +358,9 @@ def arc(stack, *, f: int, donate: bool = False):
   Edge cases: non-finite norms count as +inf (they are among the k largest while at most f are
   bad) and such slices are clipped to the zero vector, as in `clipping`.
 
-  Cost: three streaming passes (scale, norms, scaling) plus a top-k over n norms; fused into a
-  coordinate-wise aggregator that follows in a pipeline, as `clipping`.
+  Cost: as `clipping` (two streaming passes, the norms and the scaling; a scale pass first where
+  a squared norm overflows or underflows) plus a top-k over n norms; fused into a coordinate-wise
+  aggregator that follows in a pipeline, as `clipping`.
 
   Args:
     stack: a pytree whose leaves share a leading worker axis n, or an (n, d) array.
