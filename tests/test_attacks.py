@@ -399,8 +399,8 @@ def _sorted_evaluator(rule, honest, base, direction, f, clipped=None):
     return _optimal._order_statistics_evaluation(rule, honest, base, direction, f)[0]
   form, value = _optimal._sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
   assert form == 'weights'
-  evaluator = _optimal._clipped_window_evaluator if clipped else _optimal._order_statistic_evaluator
-  return evaluator(honest, base, direction, value, f)
+  statistic = _optimal._clipped_window_statistic if clipped else _optimal._sorted_rows_statistic
+  return _optimal._along_line(statistic(flatten(honest), value, f), honest, base, direction)
 
 
 @pytest.mark.parametrize(
@@ -516,8 +516,10 @@ def test_order_statistic_evaluation_of_any_weights_against_numpy(n_h, f):
   taus = np.asarray([0.0, 0.5, 1.0, -2.0, 3.5, 40.0, -1e6], np.float32)
   for _ in range(6):
     weights = np.repeat(rng.integers(-2, 3, size=4) / 4.0, rng.multinomial(n_h + f, [0.25] * 4))
-    sorted_rows = _optimal._order_statistic_evaluator(honest, base, direction, weights, f)
-    clipped = _optimal._clipped_window_evaluator(honest, base, direction, weights, f)
+    sorted_rows, clipped = (
+      _optimal._along_line(statistic(honest, weights, f), honest, base, direction)
+      for statistic in (_optimal._sorted_rows_statistic, _optimal._clipped_window_statistic)
+    )
     got = np.asarray(jax.jit(jax.vmap(sorted_rows))(jnp.asarray(taus)))
     got_clipped = np.asarray(jax.jit(jax.vmap(clipped))(jnp.asarray(taus)))
     h = np.asarray(honest, np.float64)
@@ -593,12 +595,13 @@ def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec, lay
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('spec', ['nnm+trimmed_mean', 'nnm+median'])
+@pytest.mark.parametrize('spec', ['nnm+trimmed_mean', 'nnm+median', 'nnm+meamed'])
 def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
-  # Candidates whose honest rows all mix like one of the two references (all or none of the f
-  # copies of c in each neighbourhood) take the references' products, the others the full
-  # product; both branches run here, one candidate at a time (a real `lax.cond`, as in the
-  # search), and every candidate's error is the defender's.
+  # Candidates whose honest rows all mix like the near or all like the far reference (all or
+  # none of the f copies of c in each neighbourhood) take the aggregator's order-statistic
+  # evaluation on that reference's rows, the others the full product and the aggregator's
+  # network; every branch but the mixture of references runs here, one candidate at a time (a
+  # real `lax.switch`, as in the search), and every candidate's error is the defender's.
   from robustjax.attacks import _optimal
 
   h = jnp.asarray(_honest(13, d=40))
@@ -610,9 +613,16 @@ def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
   line = _optimal._line_sq_dists(h, mu, mu, sigma, F)
   near, far = (m[:N_H, :N_H] for m in _optimal._reference_mixings(line(0.0)[0], N_H, mixing))
   taus = jnp.linspace(0.0, 3.0, 61, dtype=jnp.float32)
-  takes = lambda t: _optimal._takes_references(mixing(line(t)[0])[:N_H, :N_H], near, far)[1]
-  taken = [bool(takes(t)) for t in taus]
-  assert 0 < sum(taken) < len(taken)  # both branches
+
+  def branch(tau):
+    d2, finite = line(tau)
+    mix = mixing(d2)
+    mix_h, mix_c = mix[: N_H + 1, :N_H], jnp.sum(mix[: N_H + 1, N_H:], axis=1)
+    bad = jnp.zeros(N_H + 1, bool) | ~finite[0]
+    return int(_optimal._mixing_branch(mix_h, mix_c, bad, near, far))
+
+  taken = {branch(t) for t in taus}
+  assert {_optimal.FULL_PRODUCT, _optimal.ALL_NEAR, _optimal.ALL_FAR} <= taken
   fast = _optimal._mixing_evaluator(h, mu, sigma, rule, F, None)
   slow = _optimal._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
   a = jax.jit(lambda t: jax.lax.map(fast, t))(taus)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -123,8 +124,22 @@ def _clamp_pairs(a: int, b: int, f: int, n_h: int) -> list[tuple[int | None, int
   return [(lo if lo >= 0 else None, hi if hi < n_h else None) for lo, hi in pairs]
 
 
-def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: int):
-  """τ -> the same error as `_line_evaluator`, for an L-statistic defender, without its sort.
+def _along_line(statistic, honest, base, direction):
+  """τ -> the same error as `_line_evaluator`, from `statistic` (c -> the defender's output on
+  the honest rows and f copies of c, flattened like `stack.flatten`) at the candidate
+  c = base + τ·direction (`_candidate_column`)."""
+  mu = _mean(honest)
+
+  def evaluate(tau):
+    c = _candidate_column(tau, base, direction, honest)
+    return _deviation(unflatten(statistic(c), honest), mu)
+
+  return evaluate
+
+
+def _sorted_rows_statistic(x, weights: np.ndarray, f: int):
+  """c -> an L-statistic defender's output on the rows of x (n_h, D) and f copies of the column
+  c, without its sort.
 
   The defender outputs, per coordinate, Σ_p w_p v_(p) over the sorted values v of the honest
   column plus f copies of the candidate value c: a sum over windows [a, b) of one weight β
@@ -148,9 +163,7 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
   References:
     Checked exhaustively against the sorted combined column in tests/test_attacks.py.
   """
-  mu = _mean(honest)
-  n_h = jax.tree.leaves(honest)[0].shape[0]
-  x = flatten(honest)
+  n_h = x.shape[0]
   fixed = np.zeros(n_h)  # weight of each sorted honest row in the candidate-free sum
   windows = []  # (β, [(low rank or None for −∞, high rank or None for +∞), ...])
   for a, b, beta in _weight_windows(weights):
@@ -175,29 +188,28 @@ def _order_statistic_evaluator(honest, base, direction, weights: np.ndarray, f: 
     row = _sorted_rows(x, sorted(set(ranks) | set(support)))
     const = functools.reduce(jnp.add, [fixed[q] * row[q] for q in support], jnp.zeros_like(x[0]))
 
-  def evaluate(tau):
-    c = _candidate_column(tau, base, direction, honest)
+  def statistic(c):
     out = const
     for beta, pairs in windows:
       clamped = [_sorting.clamp(c, row.get(lo), row.get(hi)) for lo, hi in pairs]
       out = out + beta * functools.reduce(jnp.add, clamped)
-    return _deviation(unflatten(out, honest), mu)
+    return out
 
-  return evaluate
+  return statistic
 
 
 def _clip_ranks(weights: np.ndarray, n_h: int, f: int) -> list[int]:
-  """The honest ranks `_clipped_window_evaluator` reads: a − f, a, b − 1 − f and b − 1 of each
+  """The honest ranks `_clipped_window_statistic` reads: a − f, a, b − 1 − f and b − 1 of each
   window [a, b) of the weights, those in range."""
   windows = _weight_windows(weights)
   return sorted({q for a, b, _ in windows for q in (a - f, a, b - 1 - f, b - 1) if 0 <= q < n_h})
 
 
 def _clips_windows(weights: np.ndarray, n_h: int, f: int) -> bool:
-  """Whether `_clipped_window_evaluator` is the cheaper evaluation of this L-statistic.
+  """Whether `_clipped_window_statistic` is the cheaper evaluation of this L-statistic.
 
   The clipped form reads four honest order statistics per window and costs a pass over all n_h
-  honest rows per candidate; the sorted form (`_order_statistic_evaluator`) reads 2·min(f, b − a)
+  honest rows per candidate; the sorted form (`_sorted_rows_statistic`) reads 2·min(f, b − a)
   rows per window and candidate. The clipped form is taken where the sorted form's ranks are too
   many for one pruned network each (it would sort the columns: 18-27 ms at 52 × 100,000, against
   3-5 ms for the clipped form's four networks) and the clipped form's are not.
@@ -216,23 +228,29 @@ def _clips_windows(weights: np.ndarray, n_h: int, f: int) -> bool:
   )
 
 
+def _order_statistics(form: str, value, x, f: int):
+  """`(statistic, batched)`: c -> the output of a defender of this sorted form (`_sorted_form`:
+  an L-statistic or a mean around the median) on the rows of x and f copies of c, and whether
+  its candidates gain from being evaluated together (the clipped form's pass over the honest
+  rows does; the sorted forms' few rows do not)."""
+  if form == 'weights' and _clips_windows(value, x.shape[0], f):
+    return _clipped_window_statistic(x, value, f), True
+  statistic = _sorted_rows_statistic if form == 'weights' else _median_window_statistic
+  return statistic(x, value, f), False
+
+
 def _order_statistics_evaluation(pipeline, honest, base, direction, f):
-  """`(evaluate, batched)`: the order-statistic evaluation of this defender (an L-statistic or a
-  mean around the median, `_sorted_form`), and whether its candidates gain from being evaluated
-  together (the clipped form's pass over the honest rows does; the sorted forms' few rows do
-  not)."""
+  """`(evaluate, batched)`: the order-statistic evaluation of this defender (`_order_statistics`)
+  along the attack's line."""
   n_h = jax.tree.leaves(honest)[0].shape[0]
-  form, value = _sorted_form(pipeline, n_h + f)
-  if form == 'weights' and _clips_windows(value, n_h, f):
-    return _clipped_window_evaluator(honest, base, direction, value, f), True
-  evaluator = _order_statistic_evaluator if form == 'weights' else _median_window_evaluator
-  return evaluator(honest, base, direction, value, f), False
+  statistic, batched = _order_statistics(*_sorted_form(pipeline, n_h + f), flatten(honest), f)
+  return _along_line(statistic, honest, base, direction), batched
 
 
-def _clipped_window_evaluator(honest, base, direction, weights: np.ndarray, f: int):
-  """τ -> the same error as `_line_evaluator`, for an L-statistic defender whose sorted-row
-  evaluation would need the columns sorted (the trimmed mean at f > 3): the rule's own clipped
-  sum, from four honest order statistics per window.
+def _clipped_window_statistic(x, weights: np.ndarray, f: int):
+  """c -> an L-statistic defender's output on the rows of x (n_h, D) and f copies of the column
+  c, where the sorted rows (`_sorted_rows_statistic`) would need the columns sorted (the trimmed
+  mean at f > 3): the rule's own clipped sum, from four honest order statistics per window.
 
   In sorted order the combined column (the honest values plus f copies of the candidate c) is
   w_p = clamp(c, s_{p−f}, s_p), with s the honest column's order statistics (s_q = −∞ below 0,
@@ -256,15 +274,13 @@ def _clipped_window_evaluator(honest, base, direction, weights: np.ndarray, f: i
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
   """
-  mu = _mean(honest)
-  n_h = jax.tree.leaves(honest)[0].shape[0]
-  n, x = n_h + f, flatten(honest)
+  n_h = x.shape[0]
+  n = n_h + f
   ranks = _clip_ranks(weights, n_h, f)
   row = _sorted_rows(x, ranks) if ranks else {}
   windows = _weight_windows(weights)
 
-  def evaluate(tau):
-    c = _candidate_column(tau, base, direction, honest)
+  def statistic(c):
     out = jnp.zeros_like(c)
     for a, b, beta in windows:
       lo = _sorting.clamp(c, row.get(a - f), row.get(a))
@@ -274,14 +290,14 @@ def _clipped_window_evaluator(honest, base, direction, weights: np.ndarray, f: i
       if n > b:
         inner = inner - (n - b) * (hi - lo)
       out = out + beta * ((b - a) * lo + inner)
-    return _deviation(unflatten(out, honest), mu)
+    return out
 
-  return evaluate
+  return statistic
 
 
-def _median_window_evaluator(honest, base, direction, keep: int, f: int):
-  """τ -> the same error as `_line_evaluator`, for a mean-around-the-median defender (MeaMed:
-  `Properties.median_window`), without its selection network.
+def _median_window_statistic(x, keep: int, f: int):
+  """c -> a mean-around-the-median defender's output (MeaMed: `Properties.median_window`) on the
+  rows of x (n_h, D) and f copies of the column c, without its selection network.
 
   In sorted order the combined column (the honest values plus f copies of the candidate c) is
   w_p = clamp(c, s_{p−f}, s_p), with s the honest column's order statistics (s_q = −∞ below 0,
@@ -301,18 +317,12 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
   """
-  mu = _mean(honest)
-  n_h = jax.tree.leaves(honest)[0].shape[0]
-  n, x = n_h + f, flatten(honest)
+  n_h = x.shape[0]
+  n = n_h + f
   e = n - keep
   if e == 0:  # the mean of all n values
     total = _sum_rows(lambda r: r, x)
-
-    def evaluate(tau):
-      c = _candidate_column(tau, base, direction, honest)
-      return _deviation(unflatten((total + f * c) / n, honest), mu)
-
-    return evaluate
+    return lambda c: (total + f * c) / n
   positions = median_window_positions(n, keep)
   # The e + 1 lowest and highest honest values in order, then the median's other ranks; the
   # columns sorted where peeling the ends would cost more (`_sorting.ends_pay`).
@@ -332,18 +342,16 @@ def _median_window_evaluator(honest, base, direction, keep: int, f: int):
     clipped = _sum_rows(lambda r: _sorting.clamp(r, a, b) - a, x)
     inside_sum = len(inside) * a + clipped - (n_h - 1 - inside[-1]) * (b - a)
 
-  def evaluate(tau):
-    c = _candidate_column(tau, base, direction, honest)
+  def statistic(c):
     w = {p: _sorting.clamp(c, row.get(p - f), row.get(p)) for p in positions}
     lo, hi, start = median_window(w, n, keep)  # the defender's own search
     clipped = [_sorting.clamp(row[q], lo, hi) - lo for q in edges] + [
       f * (_sorting.clamp(c, lo, hi) - lo)
     ]
     inner = functools.reduce(jnp.add, clipped) + (inside_sum - len(inside) * lo)
-    out = lo + (inner - (e - start) * (hi - lo)) / keep
-    return _deviation(unflatten(out, honest), mu)
+    return lo + (inner - (e - start) * (hi - lo)) / keep
 
-  return evaluate
+  return statistic
 
 
 def _span_coordinates(honest, base, direction):
@@ -427,6 +435,28 @@ def _takes_references(weights, near, far):
   return takes_near, jnp.all(takes_near | jnp.all(weights == far, axis=1))
 
 
+# How `_mixing_evaluator` evaluates a candidate (`_mixing_branch`).
+FULL_PRODUCT, REFERENCE_PRODUCTS, ALL_NEAR, ALL_FAR = range(4)
+
+
+def _mixing_branch(mix_h, mix_c, bad, near, far) -> jax.Array:
+  """Which evaluation a candidate takes, from its mixing's honest weights `mix_h` (n_h + 1, n_h)
+  (the honest outputs, then the Byzantine one), weights on c `mix_c` (n_h + 1,) and unreadable
+  outputs `bad`: ALL_NEAR / ALL_FAR where every output is readable and every honest row mixes
+  like the near / far reference (the same weight on c in every row), REFERENCE_PRODUCTS where
+  every honest row mixes like one of them, else FULL_PRODUCT."""
+  n_h = near.shape[0]
+  takes_near, by_reference = _takes_references(mix_h[:n_h], near, far)
+  readable = ~jnp.any(bad)
+  all_near = readable & jnp.all(takes_near) & jnp.all(mix_c[:n_h] == mix_c[0])
+  all_far = readable & jnp.all(mix_h[:n_h] == far) & jnp.all(mix_c[:n_h] == 0.0)
+  return jnp.where(
+    all_far,
+    ALL_FAR,
+    jnp.where(all_near, ALL_NEAR, jnp.where(by_reference, REFERENCE_PRODUCTS, FULL_PRODUCT)),
+  )
+
+
 def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   """τ -> the same error as `_line_evaluator`, for a mixing pre-aggregator (NNM: declares
   `Properties.mixing_from_dists`) followed by an aggregator that is not orthogonally equivariant
@@ -451,10 +481,22 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   whose products are made once per call. Where every honest row's weights equal, bit for bit,
   those of a reference row, the honest rows' share is read from the references' products and
   only the Byzantine output's row is a product (a matrix-vector one); otherwise the full
-  product runs (`lax.cond`: a branch where the candidates are mapped one at a time, as in the
-  search). At n = 64 (12 Byzantine), d = 10⁵ on a Zen 4 VM the search of 32 candidates took
-  0.16-0.23 s against 0.22-0.27 with a product for every candidate (BENCHMARKS.md). The two
-  references' products are kept per call, two more arrays the size of the honest stack.
+  product runs (`_mixing_branch`, a `lax.switch`: a branch where the candidates are mapped one
+  at a time, as in the search). The two references' products are kept per call, two more
+  arrays the size of the honest stack.
+
+  Most of those candidates need no aggregator network either, where the aggregator is an
+  L-statistic or a mean around the median (`_order_statistics`: the trimmed mean, the median,
+  MeaMed): where every honest row mixes like the near reference (each takes all f copies: the
+  same weight α on c) or every one like the far one (α = 0), the mixed honest rows are the
+  reference's plus α·c, and the coordinate-wise aggregator's output is α·c plus its output on
+  the reference's rows and f copies of the Byzantine output minus α·c. Each reference's order
+  statistics are found once per call, and such a candidate costs the Byzantine output's product
+  and a pass over a few rows (the clipped trimmed mean: over the reference's rows), as the
+  order-statistic evaluation of the aggregator alone does; exact up to the rounding of the
+  translation. At n = 64 (12 Byzantine), d = 10⁵ on a Zen 4 VM the search of 32 candidates
+  took 0.15 s against 0.19 s with the aggregator's network on every candidate and 0.22-0.27
+  with a product for every candidate (BENCHMARKS.md).
 
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
@@ -468,9 +510,13 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   clean = lambda x: jnp.where(jnp.isfinite(x), x, 0.0)
   honest_rows = [clean(as_matrix(x)) for x in jax.tree.leaves(honest)]  # once per call
   near, far = (m[:n_h, :n_h] for m in _reference_mixings(line_sq_dists(0.0)[0], n_h, mixing))
-  # Once per call: the honest rows' share of each reference mixing, leaf by leaf.
+  # Once per call: the honest rows' share of each reference mixing, leaf by leaf, one product
+  # after the other (side by side they contended for the cores: 14-15 ms each on a Zen 4 VM,
+  # 3.7 alone; one product of both, sliced, copied the slices).
   near_rows = [jnp.matmul(near.astype(r.dtype), r, precision=hi) for r in honest_rows]
-  far_rows = [jnp.matmul(far.astype(r.dtype), r, precision=hi) for r in honest_rows]
+  far_after = far + jnp.minimum(jnp.abs(near_rows[-1][0, 0]), 0.0)  # far, read after near_rows
+  far_rows = [jnp.matmul(far_after.astype(r.dtype), r, precision=hi) for r in honest_rows]
+  statistics = _reference_statistics(pipeline, honest, near_rows, far_rows, f)
 
   def evaluate(tau):
     d2, finite = line_sq_dists(tau)
@@ -480,7 +526,7 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
     mix_h, mix_c = mix[: n_h + 1, :n_h], jnp.sum(mix[: n_h + 1, n_h:], axis=1)
     bad = unreadable(jnp.concatenate([mix_h, mix_c[:, None]], axis=1), finite[: n_h + 1])
     point = _repeat(_axpy(tau, direction, base), 1, honest)
-    takes_near, by_reference = _takes_references(mix_h[:n_h], near, far)
+    takes_near = _takes_references(mix_h[:n_h], near, far)[0]
 
     def mixed_leaf(from_references, x, rows, near_x, far_x, c):
       w = mix_h.astype(rows.dtype)
@@ -507,9 +553,45 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
       mixed = jax.tree.unflatten(jax.tree.structure(honest), list(leaves))
       return _deviation(agg(mixed, pipeline.f, key, {}), mu)
 
-    return jax.lax.cond(by_reference, lambda: error(True), lambda: error(False))
+    def sorted_error(reference: int):
+      # Every honest mixed row is the reference's plus shift = α·c (α = 0 for the far one):
+      # the aggregator's output is shift plus its output on the reference's rows and f copies
+      # of the Byzantine output minus shift (it is coordinate-wise and translation equivariant).
+      c = jnp.concatenate([clean(as_matrix(p))[0] for p in jax.tree.leaves(point)])
+      byzantine = jnp.concatenate(
+        [jnp.matmul(mix_h[n_h].astype(r.dtype), r, precision=hi) for r in honest_rows]
+      )
+      byzantine = byzantine + mix_c[n_h].astype(c.dtype) * c
+      if reference == ALL_FAR:
+        return _deviation(unflatten(statistics[1](byzantine), honest), mu)
+      shift = mix_c[0].astype(c.dtype) * c
+      return _deviation(unflatten(shift + statistics[0](byzantine - shift), honest), mu)
+
+    branch = _mixing_branch(mix_h, mix_c, bad, near, far)
+    if statistics is None:  # the aggregator's own network on the mixed stack
+      return jax.lax.cond(branch == FULL_PRODUCT, lambda: error(False), lambda: error(True))
+    branches = [lambda: error(False), lambda: error(True)]
+    branches += [functools.partial(sorted_error, reference) for reference in (ALL_NEAR, ALL_FAR)]
+    return jax.lax.switch(branch, branches)
 
   return evaluate
+
+
+def _reference_statistics(pipeline, honest, near_rows, far_rows, f: int):
+  """`(near, far)`: c -> the aggregator's output on a reference mixing's honest rows
+  (`_reference_mixings`; `near_rows`, `far_rows` leaf by leaf) and f copies of c, by its
+  order-statistic evaluation (`_order_statistics`), found once per call; None where the
+  aggregator has no sorted form or a leaf is rounded when mixed (not in its accumulation
+  dtype)."""
+  agg = dataclasses.replace(pipeline, stages=pipeline.stages[-1:], name=pipeline.stages[-1].name)
+  n_h = num_workers(honest, 'optimal attack')
+  form = _sorted_form(agg, n_h + f)
+  dtype = acc_dtype(honest)
+  if form is None or any(jnp.dtype(x.dtype) != dtype for x in jax.tree.leaves(honest)):
+    return None
+  return tuple(
+    _order_statistics(*form, jnp.concatenate(rows, axis=1), f)[0] for rows in (near_rows, far_rows)
+  )
 
 
 def _sorted_form(pipeline, n: int):
