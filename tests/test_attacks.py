@@ -595,6 +595,36 @@ def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec, lay
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('n_h, f', [(2, 1), (5, 2), (9, 4)])
+def test_repeated_row_statistic_against_numpy(n_h, f):
+  # n_h copies of one row and f of the candidate (the far reference after NNM when the defender
+  # is told f): any L-statistic against the float64 sort of the combined column, MeaMed against
+  # its general evaluation on the repeated rows; ties and candidates beyond the row included.
+  from robustjax.attacks import _optimal
+
+  rng = np.random.default_rng(n_h)
+  r = jnp.asarray([0.0, 1.0, -2.0, 3.0, 0.5], jnp.float32)
+  cs = [jnp.asarray([c, -c, 0.0, 3.0, 1e6 * c], jnp.float32) for c in (0.0, 0.5, -4.0, 1e3)]
+  n = n_h + f
+  for _ in range(4):
+    weights = np.repeat(rng.integers(-2, 3, size=3) / 4.0, rng.multinomial(n, [1 / 3] * 3))
+    statistic = _optimal._repeated_row_statistic('weights', weights, r, n_h, f)
+    for c in cs:
+      column = np.sort(
+        np.concatenate(
+          [np.repeat(np.float64(r)[None], n_h, 0), np.repeat(np.float64(c)[None], f, 0)]
+        ),
+        axis=0,
+      )
+      np.testing.assert_allclose(statistic(c), weights @ column, rtol=1e-6, atol=1e-6)
+  rows = jnp.broadcast_to(r, (n_h, r.shape[0]))
+  for keep in range(max(n - 2 * f, 1), n + 1):
+    statistic = _optimal._repeated_row_statistic('keep', keep, r, n_h, f)
+    general = _optimal._median_window_statistic(rows, keep, f)
+    for c in cs:
+      np.testing.assert_allclose(statistic(c), general(c), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize('spec', ['nnm+trimmed_mean', 'nnm+median', 'nnm+meamed'])
 def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
   # Candidates whose honest rows all mix like the near or all like the far reference (all or

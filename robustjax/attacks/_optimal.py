@@ -393,7 +393,9 @@ def _line_sq_dists(honest, mu, base, direction, f: int):
     xm = as_matrix(x)
     um = jnp.asarray(u).reshape(-1).astype(xm.dtype) * inv
     cm = jnp.asarray(c).reshape(1, -1).astype(xm.dtype)
-    base_dot = base_dot + jnp.matmul((xm - cm) * inv, um, precision=jax.lax.Precision.HIGHEST)
+    # One fused pass (a product of the scaled differences wrote them out first: 5 ms at
+    # 52 × 10⁵ on a Zen 4 VM).
+    base_dot = base_dot + jnp.sum((xm - cm) * um, axis=1) * inv
     dir_sq = dir_sq + jnp.sum(jnp.square(um))
   limit = overflow_limit(n, gram.dtype)
   eye = jnp.eye(f, dtype=bool)
@@ -447,9 +449,9 @@ def _mixing_branch(mix_h, mix_c, bad, near, far) -> jax.Array:
   every honest row mixes like one of them, else FULL_PRODUCT."""
   n_h = near.shape[0]
   takes_near, by_reference = _takes_references(mix_h[:n_h], near, far)
-  readable = ~jnp.any(bad)
-  all_near = readable & jnp.all(takes_near) & jnp.all(mix_c[:n_h] == mix_c[0])
-  all_far = readable & jnp.all(mix_h[:n_h] == far) & jnp.all(mix_c[:n_h] == 0.0)
+  alike = ~jnp.any(bad) & jnp.all(mix_c[:n_h] == mix_c[0])
+  all_near = alike & jnp.all(takes_near)
+  all_far = alike & jnp.all(mix_h[:n_h] == far)
   return jnp.where(
     all_far,
     ALL_FAR,
@@ -494,9 +496,11 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   statistics are found once per call, and such a candidate costs the Byzantine output's product
   and a pass over a few rows (the clipped trimmed mean: over the reference's rows), as the
   order-statistic evaluation of the aggregator alone does; exact up to the rounding of the
-  translation. At n = 64 (12 Byzantine), d = 10⁵ on a Zen 4 VM the search of 32 candidates
-  took 0.15 s against 0.19 s with the aggregator's network on every candidate and 0.22-0.27
-  with a product for every candidate (BENCHMARKS.md).
+  translation. Where the defender is told f, every honest row's far neighbourhood is the n_h
+  honest rows: the far reference is one row, its product a matrix-vector one and its statistic
+  a closed form (`_repeated_row_statistic`). At n = 64 (12 Byzantine), d = 10⁵ on a Zen 4 VM
+  the search of 32 candidates took 0.07-0.10 s against 0.18-0.24 with the aggregator's network
+  on every candidate (nnm + trimmed mean, nnm + median; BENCHMARKS.md).
 
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
@@ -515,7 +519,12 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   # 3.7 alone; one product of both, sliced, copied the slices).
   near_rows = [jnp.matmul(near.astype(r.dtype), r, precision=hi) for r in honest_rows]
   far_after = far + jnp.minimum(jnp.abs(near_rows[-1][0, 0]), 0.0)  # far, read after near_rows
-  far_rows = [jnp.matmul(far_after.astype(r.dtype), r, precision=hi) for r in honest_rows]
+  if pipeline.f == f:
+    # Each honest row's n − f neighbours are the n_h honest rows: the one row they share (it
+    # broadcasts; written out, it cost more than the product).
+    far_rows = [jnp.matmul(far_after[:1].astype(r.dtype), r, precision=hi) for r in honest_rows]
+  else:
+    far_rows = [jnp.matmul(far_after.astype(r.dtype), r, precision=hi) for r in honest_rows]
   statistics = _reference_statistics(pipeline, honest, near_rows, far_rows, f)
 
   def evaluate(tau):
@@ -553,25 +562,24 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
       mixed = jax.tree.unflatten(jax.tree.structure(honest), list(leaves))
       return _deviation(agg(mixed, pipeline.f, key, {}), mu)
 
-    def sorted_error(reference: int):
-      # Every honest mixed row is the reference's plus shift = α·c (α = 0 for the far one):
-      # the aggregator's output is shift plus its output on the reference's rows and f copies
-      # of the Byzantine output minus shift (it is coordinate-wise and translation equivariant).
+    def sorted_error(statistic):
+      # Every honest mixed row is the reference's plus shift = α·c (α = 0 for the far one
+      # where the defender is told f): the aggregator's output is shift plus its output on the
+      # reference's rows and f copies of the Byzantine output minus shift (it is
+      # coordinate-wise and translation equivariant).
       c = jnp.concatenate([clean(as_matrix(p))[0] for p in jax.tree.leaves(point)])
       byzantine = jnp.concatenate(
         [jnp.matmul(mix_h[n_h].astype(r.dtype), r, precision=hi) for r in honest_rows]
       )
       byzantine = byzantine + mix_c[n_h].astype(c.dtype) * c
-      if reference == ALL_FAR:
-        return _deviation(unflatten(statistics[1](byzantine), honest), mu)
       shift = mix_c[0].astype(c.dtype) * c
-      return _deviation(unflatten(shift + statistics[0](byzantine - shift), honest), mu)
+      return _deviation(unflatten(shift + statistic(byzantine - shift), honest), mu)
 
     branch = _mixing_branch(mix_h, mix_c, bad, near, far)
     if statistics is None:  # the aggregator's own network on the mixed stack
       return jax.lax.cond(branch == FULL_PRODUCT, lambda: error(False), lambda: error(True))
     branches = [lambda: error(False), lambda: error(True)]
-    branches += [functools.partial(sorted_error, reference) for reference in (ALL_NEAR, ALL_FAR)]
+    branches += [functools.partial(sorted_error, statistic) for statistic in statistics]
     return jax.lax.switch(branch, branches)
 
   return evaluate
@@ -589,9 +597,30 @@ def _reference_statistics(pipeline, honest, near_rows, far_rows, f: int):
   dtype = acc_dtype(honest)
   if form is None or any(jnp.dtype(x.dtype) != dtype for x in jax.tree.leaves(honest)):
     return None
-  return tuple(
-    _order_statistics(*form, jnp.concatenate(rows, axis=1), f)[0] for rows in (near_rows, far_rows)
-  )
+  statistics = []
+  for rows in (near_rows, far_rows):
+    x = jnp.concatenate(rows, axis=1)
+    if x.shape[0] == 1:  # one row shared by the n_h honest rows
+      statistics.append(_repeated_row_statistic(*form, x[0], n_h, f))
+    else:
+      statistics.append(_order_statistics(*form, x, f)[0])
+  return tuple(statistics)
+
+
+def _repeated_row_statistic(form: str, value, r, n_h: int, f: int):
+  """c -> the output of a defender of this sorted form (`_sorted_form`) on n_h copies of the row
+  r and f copies of c (f < n_h).
+
+  Sorted, the combined column is min(c, r) at positions below f, r from f to n_h − 1 and
+  max(c, r) from n_h on: an L-statistic with weights w gives Σ_{p<f} w_p · min(c, r) +
+  Σ_{f<=p<n_h} w_p · r + Σ_{p>=n_h} w_p · max(c, r). The median is r, so a mean of the keep
+  values closest to it (MeaMed) takes the n_h copies of r first, then copies of c:
+  (min(keep, n_h) · r + max(keep − n_h, 0) · c) / keep.
+  """
+  if form == 'keep':
+    return lambda c: (min(value, n_h) * r + max(value - n_h, 0) * c) / value
+  low, middle, high = (float(np.sum(w)) for w in np.split(np.asarray(value), [f, n_h]))
+  return lambda c: low * jnp.minimum(c, r) + middle * r + high * jnp.maximum(c, r)
 
 
 def _sorted_form(pipeline, n: int):
