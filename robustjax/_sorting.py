@@ -744,6 +744,14 @@ def clamp(x: jax.Array, lo: jax.Array | None = None, hi: jax.Array | None = None
   return x if hi is None else jnp.where(hi < x, hi, x)
 
 
+def clamp_nan_last(x: jax.Array, lo: jax.Array, hi: jax.Array) -> jax.Array:
+  """min(max(x, lo), hi) with NaN in x counted as +inf (lo <= hi, both NaN-free): one
+  expression in lo and hi, with no NaN-mapped copy of x apart. Inside a loop over lo and hi (the
+  optimal attacks' candidates) XLA hoisted such a copy out of the loop and wrote it out, row by
+  row: 6.5 ms of a 23 ms search at 52 × 100,000 on a Zen 4 VM."""
+  return jnp.where(x < lo, lo, jnp.where(x <= hi, x, hi))
+
+
 # The most HLO ops of a network emitted with `compare_exchange` (one comparison and a selection
 # per output read later) in XLA:CPU's default fusion emitter; a larger one is emitted with
 # `jnp.minimum` / `jnp.maximum` (one op per output read later), which keeps networks of up to

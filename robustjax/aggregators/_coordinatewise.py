@@ -144,13 +144,15 @@ def _trimmed_mean_weights(n: int, f: int, **_) -> np.ndarray:
   return w
 
 
-def _sum_rows(fn, x: jax.Array) -> jax.Array:
-  """Σ_i fn(x_i) over the worker axis (NaN counted as +inf), fn elementwise."""
+def _sum_rows(fn, x: jax.Array, *, nan_as_inf: bool = True) -> jax.Array:
+  """Σ_i fn(x_i) over the worker axis (NaN counted as +inf, or left to fn with `nan_as_inf`
+  False), fn elementwise."""
+  rows = _sorting.nan_as_inf if nan_as_inf else (lambda r: r)
   if _unrolled(x):
-    return sum(fn(_sorting.nan_as_inf(x[i])) for i in range(x.shape[0]))
+    return sum(fn(rows(x[i])) for i in range(x.shape[0]))
   # Large n: a matvec (a reduction over the worker axis is ~100× slower on XLA:CPU).
   ones = jnp.ones((x.shape[0],), x.dtype)
-  return jnp.dot(ones, fn(_sorting.nan_as_inf(x)), precision=jax.lax.Precision.HIGHEST)
+  return jnp.dot(ones, fn(rows(x)), precision=jax.lax.Precision.HIGHEST)
 
 
 def _median_ranks(n: int) -> list[int]:

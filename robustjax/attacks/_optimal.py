@@ -285,7 +285,8 @@ def _clipped_window_statistic(x, weights: np.ndarray, f: int):
     for a, b, beta in windows:
       lo = _sorting.clamp(c, row.get(a - f), row.get(a))
       hi = _sorting.clamp(c, row.get(b - 1 - f), row.get(b - 1))
-      inner = _sum_rows(lambda r, lo=lo, hi=hi: _sorting.clamp(r, lo, hi) - lo, x)
+      clip = lambda r, lo=lo, hi=hi: _sorting.clamp_nan_last(r, lo, hi) - lo
+      inner = _sum_rows(clip, x, nan_as_inf=False)
       inner = inner + f * (_sorting.clamp(c, lo, hi) - lo)
       if n > b:
         inner = inner - (n - b) * (hi - lo)
