@@ -660,6 +660,40 @@ def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_span_mixing_with_a_mixing_whose_far_rows_differ():
+  # A mixing pre-aggregator that weights each row's n − f nearest by rank: told f, its far
+  # rows differ (unlike NNM's), so no candidate reads a shared far row, and every candidate's
+  # error is still the defender's.
+  import dataclasses
+
+  from robustjax.attacks import _optimal
+  from robustjax.stack import pairwise_sq_dists
+
+  def ranked_mixing(d2, *, f):
+    n = d2.shape[0]
+    _, idx = jax.lax.top_k(-d2, n - f)
+    w = jnp.linspace(2.0, 1.0, n - f, dtype=d2.dtype)
+    return jnp.zeros((n, n), d2.dtype).at[jnp.arange(n)[:, None], idx].set(w / jnp.sum(w))
+
+  def ranked_nnm(stack, *, f):
+    return ranked_mixing(pairwise_sq_dists(stack), f=f) @ stack
+
+  nnm_stage, agg_stage = pipeline.as_rule('nnm+trimmed_mean', F).stages
+  properties = dataclasses.replace(nnm_stage.properties, mixing_from_dists=ranked_mixing)
+  stage = dataclasses.replace(nnm_stage, fn=ranked_nnm, properties=properties)
+  rule = dataclasses.replace(pipeline.as_rule('nnm+trimmed_mean', F), stages=(stage, agg_stage))
+  h = jnp.asarray(_honest(13, d=40))
+  mu = _optimal._mean(h)
+  sigma = _optimal._std(h, mu, 0)
+  taus = jnp.linspace(0.0, 3.0, 31, dtype=jnp.float32)
+  fast = _optimal._mixing_evaluator(h, mu, sigma, rule, F, None)
+  slow = _optimal._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
+  a = jax.jit(lambda t: jax.lax.map(fast, t))(taus)
+  b = jax.jit(jax.vmap(slow))(taus)
+  assert np.unique(np.asarray(b)).size > 2
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_optimal_span_mixing_matches_the_full_search():
   h = _honest(14, d=40)
   rule = pipeline.as_rule('nnm+trimmed_mean', F)

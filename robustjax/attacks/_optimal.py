@@ -520,9 +520,12 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   # 3.7 alone; one product of both, sliced, copied the slices).
   near_rows = [jnp.matmul(near.astype(r.dtype), r, precision=hi) for r in honest_rows]
   far_after = far + jnp.minimum(jnp.abs(near_rows[-1][0, 0]), 0.0)  # far, read after near_rows
+  # Where the defender is told f, NNM's far neighbourhoods (n − f rows) are the n_h honest rows:
+  # every row is the first, whose product broadcasts (written out, it cost more than the
+  # product). A mixing whose far rows differ takes the full product instead (`far_shared`).
+  far_shared = jnp.asarray(True)
   if pipeline.f == f:
-    # Each honest row's n − f neighbours are the n_h honest rows: the one row they share (it
-    # broadcasts; written out, it cost more than the product).
+    far_shared = jnp.all(far == far[:1])
     far_rows = [jnp.matmul(far_after[:1].astype(r.dtype), r, precision=hi) for r in honest_rows]
   else:
     far_rows = [jnp.matmul(far_after.astype(r.dtype), r, precision=hi) for r in honest_rows]
@@ -577,6 +580,8 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
       return _deviation(unflatten(shift + statistic(byzantine - shift), honest), mu)
 
     branch = _mixing_branch(mix_h, mix_c, bad, near, far)
+    reads_far = (branch == REFERENCE_PRODUCTS) | (branch == ALL_FAR)
+    branch = jnp.where(reads_far & ~far_shared, FULL_PRODUCT, branch)
     if statistics is None:  # the aggregator's own network on the mixed stack
       return jax.lax.cond(branch == FULL_PRODUCT, lambda: error(False), lambda: error(True))
     branches = [lambda: error(False), lambda: error(True)]
