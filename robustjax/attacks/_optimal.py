@@ -490,10 +490,11 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
 
   Most of those candidates need no aggregator network either, where the aggregator is an
   L-statistic or a mean around the median (`_order_statistics`: the trimmed mean, the median,
-  MeaMed): where every honest row mixes like the near reference (each takes all f copies: the
-  same weight α on c) or every one like the far one (α = 0), the mixed honest rows are the
-  reference's plus α·c, and the coordinate-wise aggregator's output is α·c plus its output on
-  the reference's rows and f copies of the Byzantine output minus α·c. Each reference's order
+  MeaMed): where every honest row mixes like the near reference or every one like the far one,
+  with the same weight α on c in every row (all f copies near; none far where the defender is
+  told f), the mixed honest rows are the reference's plus α·c, and the aggregator's output (it
+  is coordinate-wise and translation equivariant) is α·c plus its output on the reference's
+  rows and f copies of the Byzantine output minus α·c. Each reference's order
   statistics are found once per call, and such a candidate costs the Byzantine output's product
   and a pass over a few rows (the clipped trimmed mean: over the reference's rows), as the
   order-statistic evaluation of the aggregator alone does; exact up to the rounding of the
@@ -595,13 +596,16 @@ def _reference_statistics(pipeline, honest, near_rows, far_rows, f: int):
   """`(near, far)`: c -> the aggregator's output on a reference mixing's honest rows
   (`_reference_mixings`; `near_rows`, `far_rows` leaf by leaf) and f copies of c, by its
   order-statistic evaluation (`_order_statistics`), found once per call; None where the
-  aggregator has no sorted form or a leaf is rounded when mixed (not in its accumulation
-  dtype)."""
+  aggregator has no sorted form, is not translation equivariant (weights that do not sum to
+  one: the candidates' shift would not pass through it), or a leaf is rounded when mixed (not
+  in its accumulation dtype)."""
   agg = dataclasses.replace(pipeline, stages=pipeline.stages[-1:], name=pipeline.stages[-1].name)
   n_h = num_workers(honest, 'optimal attack')
   form = _sorted_form(agg, n_h + f)
   dtype = acc_dtype(honest)
   if form is None or any(jnp.dtype(x.dtype) != dtype for x in jax.tree.leaves(honest)):
+    return None
+  if form[0] == 'weights' and not np.isclose(np.sum(form[1]), 1.0):
     return None
   statistics = []
   for rows in (near_rows, far_rows):
