@@ -501,7 +501,7 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   translation. Where the defender is told f, every honest row's far neighbourhood is the n_h
   honest rows: the far reference is one row, its product a matrix-vector one and its statistic
   a closed form (`_repeated_row_statistic`). At n = 64 (12 Byzantine), d = 10⁵ on a Zen 4 VM
-  the search of 32 candidates took 0.07-0.10 s against 0.18-0.24 with the aggregator's network
+  the search of 32 candidates took 0.075-0.10 s against 0.16-0.19 with the aggregator's network
   on every candidate (nnm + trimmed mean, nnm + median; BENCHMARKS.md).
 
   References:
