@@ -7,7 +7,8 @@ attack (`optimal_alie`, `optimal_ipm`), on one random honest stack of n − f wo
   refinement rounds, each round's candidates evaluated together; for orthogonally equivariant
   defenders the candidates are evaluated on exact coordinates of the (n − f + 2)-dimensional span,
   after NNM the mixing weights are chosen from the distances to the candidate (one centred Gram
-  of the honest inputs per call) and the rule runs on the mixed stack
+  of the honest inputs per call) and the rule runs on the mixed stack, or, for most candidates,
+  is evaluated from the order statistics of one of two reference mixings
   (``span_mixing``: nnm+trimmed_mean), and for L-statistics (mean, median, trimmed mean) from
   the honest columns sorted once: the column *shortcut*, `attacks.evaluation_shortcut` decides,
   `--subspace=false` / `--order_statistics=false` turn them off);
