@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import norm
 
 from robustjax import attacks, pipeline
-from robustjax.stack import assemble, flatten
+from robustjax.stack import assemble, flatten, unreadable
 
 N_H, D, F = 9, 6, 2
 
@@ -648,7 +648,7 @@ def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
     d2, finite = line(tau)
     mix = mixing(d2)
     mix_h, mix_c = mix[: N_H + 1, :N_H], jnp.sum(mix[: N_H + 1, N_H:], axis=1)
-    bad = jnp.zeros(N_H + 1, bool) | ~finite[0]
+    bad = unreadable(jnp.concatenate([mix_h, mix_c[:, None]], axis=1), finite[: N_H + 1])
     return int(_optimal._mixing_branch(mix_h, mix_c, bad, near, far))
 
   taken = {branch(t) for t in taus}
