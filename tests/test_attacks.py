@@ -649,7 +649,7 @@ def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
     mix = mixing(d2)
     mix_h, mix_c = mix[: N_H + 1, :N_H], jnp.sum(mix[: N_H + 1, N_H:], axis=1)
     bad = unreadable(jnp.concatenate([mix_h, mix_c[:, None]], axis=1), finite[: N_H + 1])
-    return int(_optimal._mixing_branch(mix_h, mix_c, bad, near, far))
+    return int(_optimal._mixing_branch(mix_h, mix_c, bad, near, far)[0])
 
   taken = {branch(t) for t in taus}
   assert {_optimal.FULL_PRODUCT, _optimal.ALL_NEAR, _optimal.ALL_FAR} <= taken

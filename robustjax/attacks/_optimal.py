@@ -417,8 +417,9 @@ def _line_sq_dists(honest, mu, base, direction, f: int):
 def _reference_mixings(d2, n_h: int, mixing):
   """The two mixings most candidates share, from the (n, n) distances of any candidate (only the
   honest block is read): `(near, far)`, the candidate at distance 0 from every honest input (each
-  honest row takes as many of its f copies as it can) and beyond every honest distance (no honest
-  row takes one). The candidates' rows among themselves are at distance 0 in both."""
+  honest row takes as many of its f copies as it can) and beyond every honest distance (each
+  takes as few as it can: none for NNM told f). The candidates' rows among themselves are at
+  distance 0 in both."""
   n = d2.shape[0]
   honest_block = d2[:n_h, :n_h]
   top = jnp.finfo(d2.dtype).max
@@ -430,34 +431,34 @@ def _reference_mixings(d2, n_h: int, mixing):
   return at(0.0), at(top)
 
 
-def _takes_references(weights, near, far):
-  """`(takes_near, all_taken)`: which honest rows' weights on the honest rows equal, bit for bit,
-  those of the near reference (`_reference_mixings`), and whether every row equals the near or
-  the far one (then the candidate's honest outputs are the references' products)."""
-  takes_near = jnp.all(weights == near, axis=1)
-  return takes_near, jnp.all(takes_near | jnp.all(weights == far, axis=1))
-
-
 # How `_mixing_evaluator` evaluates a candidate (`_mixing_branch`).
 FULL_PRODUCT, REFERENCE_PRODUCTS, ALL_NEAR, ALL_FAR = range(4)
 
 
-def _mixing_branch(mix_h, mix_c, bad, near, far) -> jax.Array:
-  """Which evaluation a candidate takes, from its mixing's honest weights `mix_h` (n_h + 1, n_h)
-  (the honest outputs, then the Byzantine one), weights on c `mix_c` (n_h + 1,) and unreadable
-  outputs `bad`: ALL_NEAR / ALL_FAR where every output is readable and every honest row mixes
-  like the near / far reference (the same weight on c in every row), REFERENCE_PRODUCTS where
-  every honest row mixes like one of them, else FULL_PRODUCT."""
+def _mixing_branch(mix_h, mix_c, bad, near, far, far_shared=True):
+  """`(branch, takes_near)`: which evaluation a candidate takes, and which honest rows mix like
+  the near reference (`_reference_mixings`), from its mixing's honest weights `mix_h`
+  (n_h + 1, n_h) (the honest outputs, then the Byzantine one), weights on c `mix_c` (n_h + 1,)
+  and unreadable outputs `bad`. A row mixes like a reference where its weights on the honest
+  rows equal the reference row's bit for bit. ALL_NEAR / ALL_FAR where every output is readable
+  and every honest row mixes like the near / far reference with the same weight on c;
+  REFERENCE_PRODUCTS where every honest row mixes like one of them; else FULL_PRODUCT. Where
+  `far_shared` is false (the far reference's rows were taken to be one row's and are not), no
+  candidate reads the far reference."""
   n_h = near.shape[0]
-  takes_near, by_reference = _takes_references(mix_h[:n_h], near, far)
+  takes_near = jnp.all(mix_h[:n_h] == near, axis=1)
+  takes_far = jnp.all(mix_h[:n_h] == far, axis=1) & far_shared
   alike = ~jnp.any(bad) & jnp.all(mix_c[:n_h] == mix_c[0])
-  all_near = alike & jnp.all(takes_near)
-  all_far = alike & jnp.all(mix_h[:n_h] == far)
-  return jnp.where(
-    all_far,
+  branch = jnp.where(
+    alike & jnp.all(takes_far),
     ALL_FAR,
-    jnp.where(all_near, ALL_NEAR, jnp.where(by_reference, REFERENCE_PRODUCTS, FULL_PRODUCT)),
+    jnp.where(
+      alike & jnp.all(takes_near),
+      ALL_NEAR,
+      jnp.where(jnp.all(takes_near | takes_far), REFERENCE_PRODUCTS, FULL_PRODUCT),
+    ),
   )
+  return branch, takes_near
 
 
 def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
@@ -520,7 +521,8 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
   # after the other (side by side they contended for the cores: 14-15 ms each on a Zen 4 VM,
   # 3.7 alone; one product of both, sliced, copied the slices).
   near_rows = [jnp.matmul(near.astype(r.dtype), r, precision=hi) for r in honest_rows]
-  far_after = far + jnp.minimum(jnp.abs(near_rows[-1][0, 0]), 0.0)  # far, read after near_rows
+  # far + 0, read after near_rows (0 even where the product overflowed to ±inf or NaN)
+  far_after = far + jnp.minimum(jnp.abs(jnp.nan_to_num(near_rows[-1][0, 0])), 0.0)
   # Where the defender is told f, NNM's far neighbourhoods (n − f rows) are the n_h honest rows:
   # every row is the first, whose product broadcasts (written out, it cost more than the
   # product). A mixing whose far rows differ takes the full product instead (`far_shared`).
@@ -540,7 +542,7 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
     mix_h, mix_c = mix[: n_h + 1, :n_h], jnp.sum(mix[: n_h + 1, n_h:], axis=1)
     bad = unreadable(jnp.concatenate([mix_h, mix_c[:, None]], axis=1), finite[: n_h + 1])
     point = _repeat(_axpy(tau, direction, base), 1, honest)
-    takes_near = _takes_references(mix_h[:n_h], near, far)[0]
+    branch, takes_near = _mixing_branch(mix_h, mix_c, bad, near, far, far_shared)
 
     def mixed_leaf(from_references, x, rows, near_x, far_x, c):
       w = mix_h.astype(rows.dtype)
@@ -572,7 +574,7 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
       # where the defender is told f): the aggregator's output is shift plus its output on the
       # reference's rows and f copies of the Byzantine output minus shift (it is
       # coordinate-wise and translation equivariant).
-      c = jnp.concatenate([clean(as_matrix(p))[0] for p in jax.tree.leaves(point)])
+      c = flatten(point)[0]  # finite: every output is readable here
       byzantine = jnp.concatenate(
         [jnp.matmul(mix_h[n_h].astype(r.dtype), r, precision=hi) for r in honest_rows]
       )
@@ -580,9 +582,6 @@ def _mixing_evaluator(honest, base, direction, pipeline, f: int, key):
       shift = mix_c[0].astype(c.dtype) * c
       return _deviation(unflatten(shift + statistic(byzantine - shift), honest), mu)
 
-    branch = _mixing_branch(mix_h, mix_c, bad, near, far)
-    reads_far = (branch == REFERENCE_PRODUCTS) | (branch == ALL_FAR)
-    branch = jnp.where(reads_far & ~far_shared, FULL_PRODUCT, branch)
     if statistics is None:  # the aggregator's own network on the mixed stack
       return jax.lax.cond(branch == FULL_PRODUCT, lambda: error(False), lambda: error(True))
     branches = [lambda: error(False), lambda: error(True)]
