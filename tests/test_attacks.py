@@ -393,14 +393,18 @@ def test_optimal_subspace_is_exact_and_auto_detected():
 
 def _sorted_evaluator(rule, honest, base, direction, f, clipped=None):
   # The evaluation the attack takes; clipped=True / False forces the trimmed mean's form.
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _line, _order_evaluation
 
   if clipped is None:
-    return _optimal._order_statistics_evaluation(rule, honest, base, direction, f)[0]
-  form, value = _optimal._sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
+    return _order_evaluation._order_statistics_evaluation(rule, honest, base, direction, f)[0]
+  form, value = _order_evaluation._sorted_form(rule, jax.tree.leaves(honest)[0].shape[0] + f)
   assert form == 'weights'
-  statistic = _optimal._clipped_window_statistic if clipped else _optimal._sorted_rows_statistic
-  return _optimal._along_line(statistic(flatten(honest), value, f), honest, base, direction)
+  statistic = (
+    _order_evaluation._clipped_window_statistic
+    if clipped
+    else _order_evaluation._sorted_rows_statistic
+  )
+  return _line._along_line(statistic(flatten(honest), value, f), honest, base, direction)
 
 
 @pytest.mark.parametrize(
@@ -408,12 +412,12 @@ def _sorted_evaluator(rule, honest, base, direction, f, clipped=None):
   [(9, 2, 2, False), (12, 3, 5, False), (40, 9, 9, True), (30, 3, 12, False), (52, 12, 12, True)],
 )
 def test_the_clipped_form_is_taken_where_the_columns_would_be_sorted(n_h, f, defender_f, clipped):
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _order_evaluation
 
   rule = pipeline.as_rule('trimmed_mean', defender_f)
   weights = rule.order_weights(n_h + f)
-  assert _optimal._clips_windows(weights, n_h, f) == clipped
-  assert _optimal._clip_ranks(weights, n_h, f) == sorted(
+  assert _order_evaluation._clips_windows(weights, n_h, f) == clipped
+  assert _order_evaluation._clip_ranks(weights, n_h, f) == sorted(
     {q for q in (defender_f - f, defender_f, n_h - 1 - defender_f, n_h + f - 1 - defender_f)}
     & set(range(n_h))
   )
@@ -451,7 +455,7 @@ def test_clipped_window_evaluation_equals_the_rule_on_every_candidate(n_h, f, de
 
 
 def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), cont=7, clipped=None):
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _line
 
   rng = np.random.default_rng(n_h + f)
   # A pytree: a leaf of integers (candidates below land exactly on honest values: ties) and a
@@ -464,7 +468,7 @@ def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), con
   direction = {'ints': jnp.ones(ints), 'cont': jnp.asarray(rng.normal(size=cont), jnp.float32)}
   rule = pipeline.as_rule(spec, defender_f)
   fast = _sorted_evaluator(rule, honest, base, direction, f, clipped)
-  slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
+  slow = _line._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
   taus = jnp.asarray([0.0, 0.5, 1.0, 2.0, 3.0, -1.0, -2.5, 7.3, 1e3, -1e8], jnp.float32)
   a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
   np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
@@ -477,7 +481,7 @@ def _check_order_statistic_evaluation(spec, n_h, f, defender_f, ints=(2, 5), con
 def test_order_statistic_evaluation_with_non_finite_honest_values(spec, clipped):
   # Honest NaN / ±inf entries (sorted as the rules sort them) and candidates beyond the float
   # range: the sorted-column evaluation gives the defender's own error, +inf where it breaks.
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _line
 
   n_h, f = 11, 3
   rng = np.random.default_rng(5)
@@ -491,15 +495,13 @@ def test_order_statistic_evaluation_with_non_finite_honest_values(spec, clipped)
   for defender_f in (1, 3, 5):
     rule = pipeline.as_rule(spec, defender_f)
     fast = _sorted_evaluator(rule, honest, base, direction, f, clipped)
-    slow = _optimal._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
+    slow = _line._line_evaluator(honest, base, direction, lambda s, k, r=rule: r(s, k), f, None)
     taus = jnp.asarray([0.0, 1.0, -2.0, 1e38, -1e38, jnp.inf], jnp.float32)
     a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
     honest_ok = honest.at[3:9, 10].set(0.0)
     fast = _sorted_evaluator(rule, honest_ok, base, direction, f, clipped)
-    slow = _optimal._line_evaluator(
-      honest_ok, base, direction, lambda s, k, r=rule: r(s, k), f, None
-    )
+    slow = _line._line_evaluator(honest_ok, base, direction, lambda s, k, r=rule: r(s, k), f, None)
     a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-5)
 
@@ -508,7 +510,7 @@ def test_order_statistic_evaluation_with_non_finite_honest_values(spec, clipped)
 def test_order_statistic_evaluation_of_any_weights_against_numpy(n_h, f):
   # Any L-statistic (weights in runs, negative ones too): the window / clamp evaluation against
   # the float64 sort of the combined column, with ties and candidates beyond every honest value.
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _line, _order_evaluation
 
   rng = np.random.default_rng(10 * n_h + f)
   honest = jnp.asarray(rng.integers(-3, 4, size=(n_h, 6)), jnp.float32)
@@ -517,8 +519,11 @@ def test_order_statistic_evaluation_of_any_weights_against_numpy(n_h, f):
   for _ in range(6):
     weights = np.repeat(rng.integers(-2, 3, size=4) / 4.0, rng.multinomial(n_h + f, [0.25] * 4))
     sorted_rows, clipped = (
-      _optimal._along_line(statistic(honest, weights, f), honest, base, direction)
-      for statistic in (_optimal._sorted_rows_statistic, _optimal._clipped_window_statistic)
+      _line._along_line(statistic(honest, weights, f), honest, base, direction)
+      for statistic in (
+        _order_evaluation._sorted_rows_statistic,
+        _order_evaluation._clipped_window_statistic,
+      )
     )
     got = np.asarray(jax.jit(jax.vmap(sorted_rows))(jnp.asarray(taus)))
     got_clipped = np.asarray(jax.jit(jax.vmap(clipped))(jnp.asarray(taus)))
@@ -574,12 +579,12 @@ def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec, lay
   # in each mixing); 2e17 is past the largest squared distance the Gram keeps finite (the
   # candidate is unreadable). A one-leaf stack ('matrix') is mixed and aggregated block by block
   # by the defender (over several blocks: tests/test_pipeline.py).
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _base, _line, _span_evaluation
 
   h = jnp.asarray(_honest(13, d=40))
   tree = {'a': h[:, :25], 'b': h[:, 25:].reshape(N_H, 3, 5)} if layout == 'tree' else h
-  mu = _optimal._mean(tree)
-  sigma = _optimal._std(tree, mu, 0)
+  mu = _base._mean(tree)
+  sigma = _base._std(tree, mu, 0)
   taus = jnp.asarray([0.0, 0.3, 1.0, 1.5, 2.0, 3.0, 8.0, 1e6, 2e17, 1e38, jnp.inf], jnp.float32)
   for defender_f in (1, F):
     rule = pipeline.as_rule(spec, defender_f)
@@ -588,8 +593,8 @@ def test_span_mixing_evaluation_equals_the_defender_on_every_candidate(spec, lay
       (mu, jax.tree.map(jnp.negative, sigma)),
       (jax.tree.map(jnp.zeros_like, mu), mu),
     ):
-      fast = _optimal._mixing_evaluator(tree, base, direction, rule, F, None)
-      slow = _optimal._line_evaluator(tree, base, direction, lambda s, k, r=rule: r(s, k), F, None)
+      fast = _span_evaluation._mixing_evaluator(tree, base, direction, rule, F, None)
+      slow = _line._line_evaluator(tree, base, direction, lambda s, k, r=rule: r(s, k), F, None)
       a, b = jax.jit(jax.vmap(fast))(taus), jax.jit(jax.vmap(slow))(taus)
       assert np.unique(np.asarray(b)[:7]).size > 2  # the error varies over the candidates
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -600,7 +605,7 @@ def test_repeated_row_statistic_against_numpy(n_h, f):
   # n_h copies of one row and f of the candidate (the far reference after NNM when the defender
   # is told f): any L-statistic against the float64 sort of the combined column, MeaMed against
   # its general evaluation on the repeated rows; ties and candidates beyond the row included.
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _order_evaluation
 
   rng = np.random.default_rng(n_h)
   r = jnp.asarray([0.0, 1.0, -2.0, 3.0, 0.5], jnp.float32)
@@ -608,7 +613,7 @@ def test_repeated_row_statistic_against_numpy(n_h, f):
   n = n_h + f
   for _ in range(4):
     weights = np.repeat(rng.integers(-2, 3, size=3) / 4.0, rng.multinomial(n, [1 / 3] * 3))
-    statistic = _optimal._repeated_row_statistic('weights', weights, r, n_h, f)
+    statistic = _order_evaluation._repeated_row_statistic('weights', weights, r, n_h, f)
     for c in cs:
       column = np.sort(
         np.concatenate(
@@ -619,8 +624,8 @@ def test_repeated_row_statistic_against_numpy(n_h, f):
       np.testing.assert_allclose(statistic(c), weights @ column, rtol=1e-6, atol=1e-6)
   rows = jnp.broadcast_to(r, (n_h, r.shape[0]))
   for keep in range(max(n - 2 * f, 1), n + 1):
-    statistic = _optimal._repeated_row_statistic('keep', keep, r, n_h, f)
-    general = _optimal._median_window_statistic(rows, keep, f)
+    statistic = _order_evaluation._repeated_row_statistic('keep', keep, r, n_h, f)
+    general = _order_evaluation._median_window_statistic(rows, keep, f)
     for c in cs:
       np.testing.assert_allclose(statistic(c), general(c), rtol=1e-6, atol=1e-6)
 
@@ -632,16 +637,18 @@ def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
   # evaluation on that reference's rows, the others the full product and the aggregator's
   # network; every branch but the mixture of references runs here, one candidate at a time (a
   # real `lax.switch`, as in the search), and every candidate's error is the defender's.
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _base, _line, _span_evaluation
 
   h = jnp.asarray(_honest(13, d=40))
-  mu = _optimal._mean(h)
-  sigma = _optimal._std(h, mu, 0)
+  mu = _base._mean(h)
+  sigma = _base._std(h, mu, 0)
   rule = pipeline.as_rule(spec, F)
   pre = rule.stages[0]
   mixing = lambda d2: pre.properties.mixing_from_dists(d2, f=rule.f)
-  line = _optimal._line_sq_dists(h, mu, mu, sigma, F)
-  near, far = (m[:N_H, :N_H] for m in _optimal._reference_mixings(line(0.0)[0], N_H, mixing))
+  line = _span_evaluation._line_sq_dists(h, mu, mu, sigma, F)
+  near, far = (
+    m[:N_H, :N_H] for m in _span_evaluation._reference_mixings(line(0.0)[0], N_H, mixing)
+  )
   taus = jnp.linspace(0.0, 3.0, 61, dtype=jnp.float32)
 
   def branch(tau):
@@ -649,12 +656,16 @@ def test_span_mixing_reads_most_candidates_from_the_reference_mixings(spec):
     mix = mixing(d2)
     mix_h, mix_c = mix[: N_H + 1, :N_H], jnp.sum(mix[: N_H + 1, N_H:], axis=1)
     bad = unreadable(jnp.concatenate([mix_h, mix_c[:, None]], axis=1), finite[: N_H + 1])
-    return int(_optimal._mixing_branch(mix_h, mix_c, bad, near, far)[0])
+    return int(_span_evaluation._mixing_branch(mix_h, mix_c, bad, near, far)[0])
 
   taken = {branch(t) for t in taus}
-  assert {_optimal.FULL_PRODUCT, _optimal.ALL_NEAR, _optimal.ALL_FAR} <= taken
-  fast = _optimal._mixing_evaluator(h, mu, sigma, rule, F, None)
-  slow = _optimal._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
+  assert {
+    _span_evaluation.FULL_PRODUCT,
+    _span_evaluation.ALL_NEAR,
+    _span_evaluation.ALL_FAR,
+  } <= taken
+  fast = _span_evaluation._mixing_evaluator(h, mu, sigma, rule, F, None)
+  slow = _line._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
   a = jax.jit(lambda t: jax.lax.map(fast, t))(taus)
   b = jax.jit(jax.vmap(slow))(taus)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -666,7 +677,7 @@ def test_span_mixing_with_a_mixing_whose_far_rows_differ():
   # error is still the defender's.
   import dataclasses
 
-  from robustjax.attacks import _optimal
+  from robustjax.attacks import _base, _line, _span_evaluation
   from robustjax.stack import pairwise_sq_dists
 
   def ranked_mixing(d2, *, f):
@@ -683,11 +694,11 @@ def test_span_mixing_with_a_mixing_whose_far_rows_differ():
   stage = dataclasses.replace(nnm_stage, fn=ranked_nnm, properties=properties)
   rule = dataclasses.replace(pipeline.as_rule('nnm+trimmed_mean', F), stages=(stage, agg_stage))
   h = jnp.asarray(_honest(13, d=40))
-  mu = _optimal._mean(h)
-  sigma = _optimal._std(h, mu, 0)
+  mu = _base._mean(h)
+  sigma = _base._std(h, mu, 0)
   taus = jnp.linspace(0.0, 3.0, 31, dtype=jnp.float32)
-  fast = _optimal._mixing_evaluator(h, mu, sigma, rule, F, None)
-  slow = _optimal._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
+  fast = _span_evaluation._mixing_evaluator(h, mu, sigma, rule, F, None)
+  slow = _line._line_evaluator(h, mu, sigma, lambda s, k: rule(s, k), F, None)
   a = jax.jit(lambda t: jax.lax.map(fast, t))(taus)
   b = jax.jit(jax.vmap(slow))(taus)
   assert np.unique(np.asarray(b)).size > 2

@@ -34,7 +34,8 @@ also be called directly, ``attack(honest, f=f, key=key)``. `names()` lists them 
 ``names(kind)`` those of one kind (``'update'``, ``'stateful'``, ``'data'``, ``'none'``).
 
 Modules: `_base` (the `Attack` object, the registry, honest statistics), `_simple`, `_shejwalkar`,
-`_optimal`, `_stateful`, `_data`.
+`_optimal` (the optimal attacks' search; its objective in `_line`, evaluated exactly and fast by
+`_order_evaluation` and `_span_evaluation`), `_stateful`, `_data`.
 
 Example:
   >>> import jax, jax.numpy as jnp
