@@ -45,16 +45,25 @@ except Exception:  # noqa: BLE001  (older jax: the XLA flag above does it)
 
 # A persistent compilation cache for the session: many tests build the same small step (the
 # smoke config) in new closures, whose HLO is identical; a hit skips XLA's compilation. A fresh
-# folder per session (shared by the session's xdist workers), so a test never depends on an
-# earlier run.
+# folder per session, made by the process that loads this file first (pytest-xdist's workers
+# inherit it through the environment and share it), and removed by that process when the session
+# ends (about 25 MB a run). A folder named in `ROBUSTJAX_TEST_XLA_CACHE` beforehand is used and
+# kept instead.
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
-_run = os.environ.get('PYTEST_XDIST_TESTRUNUID')  # pytest-xdist's workers share one folder
-_cache = (
-  os.path.join(tempfile.gettempdir(), f'robustjax_xla_cache_{_run}')
-  if _run
-  else tempfile.mkdtemp(prefix='robustjax_xla_cache_')
-)
+_CACHE_VARIABLE = 'ROBUSTJAX_TEST_XLA_CACHE'
+_cache = os.environ.get(_CACHE_VARIABLE)
+_made_cache = _cache is None
+if _made_cache:
+  _cache = os.environ[_CACHE_VARIABLE] = tempfile.mkdtemp(prefix='robustjax_xla_cache_')
 jax.config.update('jax_compilation_cache_dir', _cache)
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+
+
+def pytest_unconfigure(config):
+  """Removes the session's compilation cache, in the process that made it."""
+  del config
+  if _made_cache:
+    shutil.rmtree(_cache, ignore_errors=True)
