@@ -22,11 +22,10 @@ read through one value (a median) stays one fused pass a little further
 compiled with XLA:CPU's legacy loop emitter (`wide_networks`). Beyond, a few ranks (a median, a
 trimmed mean's two cut-offs) are found by bisecting the bits of the value (`select_bisect`: 8
 counting passes per byte of the value, over a block of columns in cache, whatever the data), more
-ranks by running the same network layer by layer in a loop over column blocks (`select_layered`);
-`jnp.sort` along the worker axis is slower still. Ranks a few places from either end (a trimmed
-mean with a small f) are cheaper by insertion chains (`select_extremes`), and the k lowest and
-highest values in order (an attack's evaluation of MeaMed) by peeling a rank per pass from each end
-(`select_ends`).
+ranks by sorting the columns with Batcher's bitonic network run layer by layer, each layer static
+slices of the block, in a loop over column blocks (`select_layered`); `jnp.sort` along the worker
+axis is slower still. Ranks a few places from either end (a trimmed mean with a small f) are
+cheaper by insertion chains (`select_extremes`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -154,91 +153,74 @@ def pruned_network(n: int, labels: tuple) -> tuple[tuple[int, int], ...]:
   return tuple(reversed(kept))
 
 
-@functools.cache
-def network_layers(n: int) -> tuple[np.ndarray, np.ndarray]:
-  """Batcher's network as layers: (partner, is_low), two (depth, n) arrays.
+# `select_layered`'s blocks on CPU: about this many entries (4 MiB of float32), at least 64
+# columns. At d = 10⁵ on a 2-core Zen 4 VM, blocks of 64 to 32,768 columns of 64 rows took
+# 13.0-15.4 ms (64 columns run each layer on one core, 8,192 and more on two), one piece 29.8 ms;
+# at 256 and 1,024 rows blocks of 4,096 and 1,024 columns were the fastest tried (BENCHMARKS.md).
+_LAYERED_BLOCK_ENTRIES = 1 << 20
 
-  In layer l, wire i is compared with wire partner[l, i] (itself if idle) and keeps the minimum
-  if is_low[l, i], else the maximum.
+
+def _bitonic_sort(b: jax.Array) -> jax.Array:
+  """The columns of b (m, c), m a power of two, sorted ascending by Batcher's bitonic network.
+
+  Merges of sorted groups of rows, doubling from 1: the first layer of a merge into groups of s
+  rows compare-exchanges row i of each group with its mirror s − 1 − i (two ascending halves
+  become two halves, each bitonic, the lower one below the upper); then each half is cleaned by
+  comparing rows j apart, j = s/4, …, 1. Every layer is `compare_exchange` on static slices of a
+  reshape (no gather): log₂ m (log₂ m + 1) / 2 layers, each one fused loop over the block that
+  XLA:CPU writes out (one layer's outputs are each read twice by the next).
   """
-  depth = [0] * n
-  layers: list[list[tuple[int, int]]] = []
-  for i, j in batcher_network(n):
-    level = max(depth[i], depth[j])
-    if level == len(layers):
-      layers.append([])
-    layers[level].append((i, j))
-    depth[i] = depth[j] = level + 1
-  partner = np.tile(np.arange(n, dtype=np.int32), (max(len(layers), 1), 1))
-  is_low = np.ones((max(len(layers), 1), n), dtype=bool)
-  for level, comps in enumerate(layers):
-    for i, j in comps:
-      partner[level, i], partner[level, j] = j, i
-      is_low[level, j] = False
-  return partner, is_low
+  m, c = b.shape
+  size = 2
+  while size <= m:
+    groups = b.reshape(m // size, size, c)
+    low, high = compare_exchange(groups[:, : size // 2], groups[:, size // 2 :][:, ::-1])
+    b = jnp.concatenate([low, high[:, ::-1]], axis=1).reshape(m, c)
+    gap = size // 4
+    while gap:
+      pairs = b.reshape(m // (2 * gap), 2, gap, c)
+      low, high = compare_exchange(pairs[:, 0], pairs[:, 1])
+      b = jnp.stack([low, high], axis=1).reshape(m, c)
+      gap //= 2
+    size *= 2
+  return b
 
 
-def _layer_pairs(n: int) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
-  """`network_layers(n)` two layers per step (an idle layer appended to an odd depth).
+def select_layered(
+  x: jax.Array, positions: Sequence[int], *, chunk: int | None = None
+) -> list[jax.Array]:
+  """Order statistics along axis 0 of an (n, D) matrix for any n, NaN counted as +inf: the
+  columns sorted by a bitonic network run layer by layer (`_bitonic_sort`).
 
-  After the step's two layers, wire i holds the second layer's comparison of the first layer's
-  wires i and q = partner₂[i], each of them the first layer's comparison of the wire and its
-  partner₁. Returns `(rows, low)`, (steps, n) tables: rows, the four wires i reads (itself,
-  partner₁[i], q and partner₁[q]); low, whether the comparisons for i, for q and of the two keep
-  the minimum.
+  The rows are padded with +inf to m, the next power of two. On CPU a `lax.fori_loop` over
+  blocks of `chunk` columns (by default about `_LAYERED_BLOCK_ENTRIES` entries, at least 64
+  columns), each block sorted while in cache; on an accelerator the columns are one piece
+  (`_blocks.over_column_blocks`). The compiled program stays small whatever n, and the run costs
+  a few passes over a cached block per layer, where `jnp.sort` along the worker axis is one to
+  two orders of magnitude slower on XLA:CPU. At d = 10⁵ on a 2-core Zen 4 VM (ns per worker ·
+  coordinate): 2.5-2.6 at n = 52, 4.5-6.2 at n = 200 … 1,024, 6.1 at n = 131 (padded to 256);
+  Batcher's odd–even merge network run by row gathers, which it replaced, took 4.5, 7.7-8.1 and
+  5.3 (BENCHMARKS.md).
   """
-  partner, is_low = network_layers(n)
-  if partner.shape[0] % 2:
-    partner = np.concatenate([partner, np.arange(n, dtype=partner.dtype)[None]])
-    is_low = np.concatenate([is_low, np.ones((1, n), dtype=bool)])
-  first, second = partner[0::2], partner[1::2]
-  own = np.broadcast_to(np.arange(n, dtype=partner.dtype), first.shape)
-  rows = (own, first, second, np.take_along_axis(first, second, axis=1))
-  low = (is_low[0::2], np.take_along_axis(is_low[0::2], second, axis=1), is_low[1::2])
-  return rows, low
-
-
-def select_layered(x: jax.Array, positions: Sequence[int], *, chunk: int = 2048) -> list[jax.Array]:
-  """Order statistics along axis 0 of an (n, D) matrix, for large n: the network run layer by layer.
-
-  On CPU a `lax.fori_loop` over blocks of `chunk` columns (kept in cache) and, inside, over the
-  network's layers two at a time (`_layer_pairs`: four row gathers and three minimum / maximum
-  selections per step): the compiled program stays small whatever n, and the run costs about
-  depth × (a few passes over a cached block), where `jnp.sort` along the worker axis is one to
-  two orders of magnitude slower on XLA:CPU. A step cannot write the block it reads (each wire
-  reads others), so XLA copies its result into the loop's carry, about the layer's own cost on
-  XLA:CPU: two layers per step pay it once for two (0.65-0.73x the time of one layer per step at
-  n = 200 and 1,024, d = 4,810; at n = 52, d = 100,000 0.82-0.85x on one core, no faster on two;
-  three layers per step, each output then computed from eight wires, took 1.2x; BENCHMARKS.md).
-  On an accelerator the columns are one piece (`_blocks.over_column_blocks`).
-  """
-  # The wire's own row is read through an identity gather too: 18.0-18.2 ms against 19.3-19.8
-  # reading the block directly beside the gathers (n = 52, d = 100,000, one core).
-  rows, low = ([jnp.asarray(t) for t in tables] for tables in _layer_pairs(x.shape[0]))
+  n = x.shape[0]
+  m = 1 << max(n - 1, 0).bit_length()
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
 
   def sort_block(b):
-    def compare(u, v, keep_min):  # this wire's output of `compare_exchange`(low wire, high wire)
-      return jnp.where(jnp.where(keep_min[:, None], v < u, u < v), v, u)
+    b = nan_as_inf(b)
+    if m > n:
+      b = jnp.concatenate([b, jnp.full((m - n, b.shape[1]), jnp.inf, b.dtype)])
+    return jnp.take(_bitonic_sort(b), pos, axis=0), ()
 
-    def two_layers(step, b):
-      own, partner, q, partner_of_q = (jnp.take(b, r[step], axis=0) for r in rows)
-      mine = compare(own, partner, low[0][step])
-      theirs = compare(q, partner_of_q, low[1][step])
-      return compare(mine, theirs, low[2][step])
-
-    return jnp.take(jax.lax.fori_loop(0, rows[0].shape[0], two_layers, b), pos, axis=0)
-
-  out, _ = over_column_blocks(
-    lambda b: (sort_block(b), ()), [x], chunk, out_rows=len(positions), dtype=x.dtype
-  )
+  cols = chunk if chunk is not None else max(64, _LAYERED_BLOCK_ENTRIES // m)
+  out, _ = over_column_blocks(sort_block, [x], cols, out_rows=len(positions), dtype=x.dtype)
   return [out[k] for k in range(len(positions))]
 
 
 # Above `NETWORK_MAX_N`, up to this many ranks are found by bisection (`select_bisect`), more by
 # sorting the columns (`select_layered`). Measured on CPU at n = 129 … 2,048 (BENCHMARKS.md):
-# bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 7-13 ns
-# for any number of ranks (3.9-5.2 ns at n = 200 and 1,024 since it runs two layers per step).
+# bisection costs about 1.0-2.2 ns per worker · coordinate and rank, the layered network 4.5-6.2 ns
+# at n = 200 … 1,024 (6.1 at 131, padded to 256) for any number of ranks.
 BISECT_MAX_RANKS = 3
 
 # `select_bisect`'s blocks: about `_BISECT_BLOCK_ENTRIES` keys (rounded to a power of two of
@@ -265,14 +247,14 @@ _MAX_DERIVED = 2
 
 
 def select_large(
-  x: jax.Array, positions: Sequence[int], *, then=None, chunk: int = 2048
+  x: jax.Array, positions: Sequence[int], *, then=None
 ) -> list[jax.Array] | jax.Array:
   """Order statistics along axis 0 of an (n, D) matrix for any n, NaN counted as +inf: by
-  bisection for up to `BISECT_MAX_RANKS` ranks, else by the layered network (over blocks of
-  `chunk` columns). With `then`, ``then(x, stats)``'s row instead (see `select_bisect`)."""
+  bisection for up to `BISECT_MAX_RANKS` ranks, else by the layered network (`select_layered`).
+  With `then`, ``then(x, stats)``'s row instead (see `select_bisect`)."""
   if len(positions) <= BISECT_MAX_RANKS:
     return select_bisect(x, positions, then=then)
-  stats = select_layered(nan_as_inf(x), positions, chunk=chunk)
+  stats = select_layered(x, positions)
   return stats if then is None else then(x, jnp.stack(stats))
 
 
@@ -603,87 +585,6 @@ def _insertion_chains(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return low[k], high[k]
 
 
-# Columns per block of `select_ends` on CPU (52 rows: 1.7 MB of the block kept in cache while the
-# passes run over it). At n = 52, d = 10⁵, k = 13 blocks of 1,024 / 2,048 / 4,096 / 8,192 columns
-# took 27.5 / 20.1 / 20.2 / 18.7 ms (medians of 9, 512-bit vectors; BENCHMARKS.md).
-_ENDS_BLOCK_COLUMNS = 8192
-
-
-# `select_ends` pays against sorting the columns (`select_layered`) up to this k, and is used up to
-# `NETWORK_MAX_N` rows (its pass unrolls the rows). Its cost grows as k · n (about 0.04-0.056 ms
-# per rank and row at d = 10⁵), the sort's as n (1.1-1.5 ms per row): at n = 52 / 100 / 128 /
-# 200 and k = 13 / 13 / 17 / 26 it took 26.9 / 64.8 / 117.8 / 289.0 ms against 57.4 / 129.6 /
-# 149.3 / 302.2, at k = 40 (n = 100) and 64 (n = 128) 176.5 / 376.5 against 123.9 / 169.9, and it
-# compiled in 2-9 s against 0.5-0.8 (512-bit vectors; BENCHMARKS.md).
-ENDS_MAX_K = 20
-
-
-def ends_pay(n: int, k: int) -> bool:
-  """Whether `select_ends(x, k)` on n rows is cheaper than sorting the columns."""
-  return k <= ENDS_MAX_K and n <= NETWORK_MAX_N
-
-
-def _pairwise(op, rows: list) -> jax.Array:
-  """op over the rows as a balanced tree of elementwise ops (one fused loop over the columns; a
-  `_halving_reduce` of the block, with its concatenations, took 6x as long in `select_ends`)."""
-  while len(rows) > 1:
-    rows = [op(*rows[i : i + 2]) if i + 1 < len(rows) else rows[i] for i in range(0, len(rows), 2)]
-  return rows[0]
-
-
-def select_ends(x: jax.Array, k: int) -> tuple[list[jax.Array], list[jax.Array]]:
-  """The k smallest and the k largest values of each column of x (n, D) in order, NaN counted as
-  +inf: ranks 0 … k − 1 and n − k … n − 1, for a small k (`ENDS_MAX_K`).
-
-  Peeled one rank per pass from each end. From the value v of rank p − 1, that of rank p is v
-  again if #{x_i <= v} >= p + 1 (ties), else min{x_i : x_i > v}; the high end likewise, both
-  ends in the same pass. The passes are the steps of a `fori_loop` (unrolled, XLA:CPU fuses a
-  chain of them into loops that recompute each other; BENCHMARKS.md), on CPU over blocks of
-  `_ENDS_BLOCK_COLUMNS` columns in cache: k passes of, per entry and end, one comparison (its
-  mask both counts and selects), a selection, a minimum or maximum and an addition, against a
-  sort of the columns (`select_layered`) for all n ranks. Exact, with ties and ±inf.
-
-  At n = 52, d = 10⁵, k = 13 it took 15-19 ms with 512-bit vectors (as in the attacks' jit)
-  against 58-64 ms for the columns sorted (BENCHMARKS.md). Insertion chains that find two to
-  seven ranks per pass took 39-450 ms: XLA:CPU computes each output of a chain from its own cone.
-
-  Returns:
-    `(low, high)`: lists of k (D,) rows, low[j] the j-th smallest, high[j] the (k − j)-th largest
-    (both ascending, as in the sorted column).
-  """
-  n = x.shape[0]
-  if not 1 <= k <= n:
-    raise ValueError(f'select_ends: k={k} out of range for n={n}')
-
-  def ends(xb):
-    xb = nan_as_inf(xb)
-    inf = jnp.asarray(jnp.inf, xb.dtype)
-
-    def peel(p, carry):
-      out, low, high, b = carry
-      rows = [b[i] for i in range(n)]
-      # One comparison per entry and end: its mask both counts and selects.
-      over, under = [r > low for r in rows], [r < high for r in rows]
-      beyond_low = _pairwise(jnp.add, [m.astype(jnp.int32) for m in over])
-      beyond_high = _pairwise(jnp.add, [m.astype(jnp.int32) for m in under])
-      above = _pairwise(jnp.minimum, [jnp.where(m, r, inf) for m, r in zip(over, rows)])
-      below = _pairwise(jnp.maximum, [jnp.where(m, r, -inf) for m, r in zip(under, rows)])
-      low = jnp.where(n - beyond_low >= p + 1, low, above)
-      high = jnp.where(n - beyond_high >= p + 1, high, below)
-      out = jax.lax.dynamic_update_index_in_dim(out, low, p, 0)
-      out = jax.lax.dynamic_update_index_in_dim(out, high, 2 * k - 1 - p, 0)
-      return out, low, high, b
-
-    # The block rides in the carry so that each pass reads it where the loop keeps it.
-    low = _pairwise(jnp.minimum, list(xb))
-    high = _pairwise(jnp.maximum, list(xb))
-    out = jnp.zeros((2 * k, xb.shape[1]), xb.dtype).at[0].set(low).at[2 * k - 1].set(high)
-    return jax.lax.fori_loop(1, k, peel, (out, low, high, xb))[0]
-
-  out = _stats_by_block(ends, x, 2 * k, _ENDS_BLOCK_COLUMNS, None)
-  return out[:k], out[k:]
-
-
 def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) -> list[jax.Array]:
   """Order statistics along axis 0 of an (n, D) matrix (n <= `NETWORK_MAX_N`), each from its own
   network pruned for that one rank: for a few ranks wanted as separate arrays. An entry of
@@ -694,8 +595,8 @@ def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) ->
   multi-output loop that recomputes each output's cone: two ranks of 52 rows × 100,000 took 3.5 s
   that way, against 2 ms for one. Here each network is its own computation (a branch of a
   `lax.switch` inside a `lax.scan` over the positions): 4 / 8 / 12 / 16 ranks took 3.1 / 6.2 /
-  8.5 / 13.5 ms on both cores, against 18-20 ms to sort the columns with `select_layered` (on one
-  core 15.1 ms for 8 ranks and 34 for 16, against 15.5-16.3; BENCHMARKS.md). With `nan_last`,
+  8.5 / 13.5 ms on both cores (another day 3.8 / 8.8 / 12.0 / 16.7, against 12.6 ms to sort the
+  columns with `select_layered`; BENCHMARKS.md). With `nan_last`,
   NaN sorts as +∞ (mapped inside each network: a separate mapped copy of x was fused with the
   caller's other passes over x, into a loop that cost more than the four networks).
   """

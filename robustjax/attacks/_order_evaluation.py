@@ -32,9 +32,9 @@ def _weight_windows(weights: np.ndarray) -> list[tuple[int, int, float]]:
   return runs
 
 
-# Up to this many ranks are selected one pruned network each (`_sorting.select_each`: 0.8 ms per
-# rank at 52 × 100,000 on both cores, 1.9 on one), more by sorting the columns once
-# (`select_layered`: 15–20 ms there; at 8 ranks the two cost the same on one core).
+# Up to this many ranks are selected one pruned network each (`_sorting.select_each`: 0.8-1.1 ms
+# per rank at 52 × 100,000 on both cores), more by sorting the columns once (`select_layered`:
+# 12.6 ms there, as 11-12 ranks; BENCHMARKS.md).
 _FEW_RANKS = 8
 
 
@@ -51,7 +51,7 @@ def _sorted_rows(x, ranks) -> dict:
   if _by_networks(len(ranks), x.shape[0]):
     rows = _sorting.select_each(x, ranks, nan_last=True)
   else:
-    rows = _sorting.select_large(x, ranks, chunk=512)
+    rows = _sorting.select_large(x, ranks)
   return dict(zip(ranks, rows))
 
 
@@ -233,13 +233,13 @@ def _median_window_statistic(x, keep: int, f: int):
   rule, lo + (Σ_i (clip(x_i, lo, hi) − lo) − (e − start)(hi − lo)) / keep. Every window covers
   the combined positions e … keep − 1, so the honest values ranked e … keep − 1 − f lie inside
   it whatever c is: they are summed once per call, as one clipped pass between s_e and
-  s_{keep−1−f}. So a call reads the e + 1 lowest and highest honest values in order
-  (`_sorting.select_ends`, e + 1 passes: 15-19 ms at n_h = 52, e = 12, d = 10⁵, against
-  42-64 ms to sort the columns; BENCHMARKS.md; the columns are sorted where e is too large or
-  the rows too many for it to pay) and the median's other ranks (one network each);
-  a candidate costs 2e + 3 clamps, the e comparisons of the window search, and the clip of the
-  2e edge rows and of c, instead of the defender's network over n rows. Non-finite honest values
-  sort as +∞; the output is non-finite exactly when the defender's is (both count as +∞).
+  s_{keep−1−f}. So a call reads the e + 1 lowest and highest honest values and the median's
+  other ranks (`_sorted_rows`: the columns sorted once where there are more than a few, 12.6-14
+  ms at n_h = 52, e = 12, d = 10⁵, where peeling the ends a rank per pass and a network for each
+  middle rank took 27-28 plus 4-9 ms; BENCHMARKS.md); a candidate costs 2e + 3 clamps, the e
+  comparisons of the window search, and the clip of the 2e edge rows and of c, instead of the
+  defender's network over n rows. Non-finite honest values sort as +∞; the output is non-finite
+  exactly when the defender's is (both count as +∞).
 
   References:
     Checked against the defender on every candidate in tests/test_attacks.py.
@@ -251,16 +251,10 @@ def _median_window_statistic(x, keep: int, f: int):
     total = _sum_rows(lambda r: r, x)
     return lambda c: (total + f * c) / n
   positions = median_window_positions(n, keep)
-  # The e + 1 lowest and highest honest values in order, then the median's other ranks; the
-  # columns sorted where peeling the ends would cost more (`_sorting.ends_pay`).
+  # The e + 1 lowest and highest honest values, and the median's other ranks.
   k = min(e + 1, n_h)
-  if _sorting.ends_pay(n_h, k):
-    low, high = _sorting.select_ends(x, k)
-    row = {**dict(zip(range(k), low)), **dict(zip(range(n_h - k, n_h), high))}
-    rest = sorted({q for p in positions for q in (p - f, p) if 0 <= q < n_h} - row.keys())
-    row.update(_sorted_rows(x, rest) if rest else {})
-  else:
-    row = _sorted_rows(x, range(n_h))
+  ends = set(range(k)) | set(range(n_h - k, n_h))
+  row = _sorted_rows(x, sorted(ends | {q for p in positions for q in (p - f, p) if 0 <= q < n_h}))
   inside = range(e, keep - f)  # honest ranks inside every window: e … n_h − 1 − e
   edges = [q for q in range(n_h) if q not in inside]
   inside_sum = jnp.zeros_like(x[0])
