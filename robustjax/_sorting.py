@@ -154,9 +154,10 @@ def pruned_network(n: int, labels: tuple) -> tuple[tuple[int, int], ...]:
 
 
 # `select_layered`'s blocks on CPU: about this many entries (4 MiB of float32), at least 64
-# columns. At d = 10⁵ on a 2-core Zen 4 VM, blocks of 64 to 32,768 columns of 64 rows took
-# 13.0-15.4 ms (64 columns run each layer on one core, 8,192 and more on two), one piece 29.8 ms;
-# at 256 and 1,024 rows blocks of 4,096 and 1,024 columns were the fastest tried (BENCHMARKS.md).
+# columns. At d = 10⁵ on a 2-core Zen 4 VM, 64 rows (52 padded) took 13.0-13.8 ms in blocks of
+# 8,192-32,768 columns (each layer on both cores), 14.4-15.4 in blocks of 64 (one core, in L1),
+# 18.7-33.2 in blocks of 128-4,096, 29.8 in one piece; at 256 and 1,024 rows blocks of 4,096 and
+# 1,024 columns were the fastest tried (BENCHMARKS.md).
 _LAYERED_BLOCK_ENTRIES = 1 << 20
 
 
