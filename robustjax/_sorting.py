@@ -25,7 +25,9 @@ counting passes per byte of the value, over a block of columns in cache, whateve
 ranks by sorting the columns with Batcher's bitonic network run layer by layer, each layer static
 slices of the block, in a loop over column blocks (`select_layered`); `jnp.sort` along the worker
 axis is slower still. Ranks a few places from either end (a trimmed mean with a small f) are
-cheaper by insertion chains (`select_extremes`).
+cheaper by insertion chains (`select_extremes`), and the k lowest and highest values in order for
+a small k (an attack's evaluation of MeaMed) by peeling a rank per pass from each end
+(`select_ends`).
 
 References:
   K. E. Batcher, "Sorting networks and their applications", AFIPS 1968.
@@ -584,6 +586,94 @@ def _insertion_chains(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   carry = step(0, ([jnp.full((d,), inf)] * m, [jnp.full((d,), -inf)] * m))
   low, high = jax.lax.fori_loop(1, steps, step, carry)
   return low[k], high[k]
+
+
+# Columns per block of `select_ends` on CPU (52 rows: 1.7 MB of the block kept in cache while the
+# passes run over it). At n = 52, d = 10⁵, k = 13 blocks of 1,024 / 2,048 / 4,096 / 8,192 columns
+# took 27.5 / 20.1 / 20.2 / 18.7 ms (medians of 9, 512-bit vectors; BENCHMARKS.md).
+_ENDS_BLOCK_COLUMNS = 8192
+
+
+# `select_ends`, with a pruned network for each of a few more ranks, against sorting the columns
+# (`select_layered`), in MeaMed's attack evaluation (the optimal attacks' search, n = n_h + f,
+# d = 10⁵, a 2-core Zen 4 VM; alternated, ALIE / IPM ms, sorted against peeled): n_h = 20, k = 5:
+# 9.3-23.3 / 8.8-9.7 against 7.6-9.0 / 7.1-7.6; 40, 5: 17.8-21.2 / 16.5 against 13.9-15.5 /
+# 12.9-22.1; 60, 5: 19.9-20.8 / 17.6-18.0 against 24.2-34.5 / 20.8-22.2; 52, 13: 24.8-26.4 /
+# 23.2-24.6 against 33.6-35.3 / 29.2-29.9; 32, 5 and 16, 9 alike (BENCHMARKS.md). A pass
+# peeling both ends (or one pruned network) over n rows costs about this many of the sort's
+# layers over as many rows: the sort's rows are padded to a power of two, which is what the ends
+# save at 20 and 40 rows.
+_ENDS_PASS_IN_LAYERS = 2.5
+
+
+def ends_pay(n: int, k: int, others: int = 0) -> bool:
+  """Whether `select_ends(x, k)` on n rows, with a pruned network for each of `others` more
+  ranks, costs less than sorting the columns (`select_layered`: log₂ m (log₂ m + 1) / 2 layers
+  over the rows padded to m, a power of two)."""
+  m = 1 << max(n - 1, 0).bit_length()
+  layers = m.bit_length() * (m.bit_length() - 1) // 2
+  return n <= NETWORK_MAX_N and _ENDS_PASS_IN_LAYERS * n * (k + others) < m * layers
+
+
+def _pairwise(op, rows: list) -> jax.Array:
+  """op over the rows as a balanced tree of elementwise ops (one fused loop over the columns; a
+  `_halving_reduce` of the block, with its concatenations, took 6x as long in `select_ends`)."""
+  while len(rows) > 1:
+    rows = [op(*rows[i : i + 2]) if i + 1 < len(rows) else rows[i] for i in range(0, len(rows), 2)]
+  return rows[0]
+
+
+def select_ends(x: jax.Array, k: int) -> tuple[list[jax.Array], list[jax.Array]]:
+  """The k smallest and the k largest values of each column of x (n, D) in order, NaN counted as
+  +inf: ranks 0 … k − 1 and n − k … n − 1, for a small k (`ends_pay`).
+
+  Peeled one rank per pass from each end. From the value v of rank p − 1, that of rank p is v
+  again if #{x_i <= v} >= p + 1 (ties), else min{x_i : x_i > v}; the high end likewise, both
+  ends in the same pass. The passes are the steps of a `fori_loop` (unrolled, XLA:CPU fuses a
+  chain of them into loops that recompute each other; BENCHMARKS.md), on CPU over blocks of
+  `_ENDS_BLOCK_COLUMNS` columns in cache: k passes of, per entry and end, one comparison (its
+  mask both counts and selects), a selection, a minimum or maximum and an addition, against a
+  sort of the columns (`select_layered`) for all n ranks. Exact, with ties and ±inf.
+
+  At n = 52, d = 10⁵, k = 13 it took 15-19 ms with 512-bit vectors (as in the attacks' jit), the
+  columns sorted 13.6-20.3 ms (BENCHMARKS.md). Insertion chains that find two to
+  seven ranks per pass took 39-450 ms: XLA:CPU computes each output of a chain from its own cone.
+
+  Returns:
+    `(low, high)`: lists of k (D,) rows, low[j] the j-th smallest, high[j] the (k − j)-th largest
+    (both ascending, as in the sorted column).
+  """
+  n = x.shape[0]
+  if not 1 <= k <= n:
+    raise ValueError(f'select_ends: k={k} out of range for n={n}')
+
+  def ends(xb):
+    xb = nan_as_inf(xb)
+    inf = jnp.asarray(jnp.inf, xb.dtype)
+
+    def peel(p, carry):
+      out, low, high, b = carry
+      rows = [b[i] for i in range(n)]
+      # One comparison per entry and end: its mask both counts and selects.
+      over, under = [r > low for r in rows], [r < high for r in rows]
+      beyond_low = _pairwise(jnp.add, [m.astype(jnp.int32) for m in over])
+      beyond_high = _pairwise(jnp.add, [m.astype(jnp.int32) for m in under])
+      above = _pairwise(jnp.minimum, [jnp.where(m, r, inf) for m, r in zip(over, rows)])
+      below = _pairwise(jnp.maximum, [jnp.where(m, r, -inf) for m, r in zip(under, rows)])
+      low = jnp.where(n - beyond_low >= p + 1, low, above)
+      high = jnp.where(n - beyond_high >= p + 1, high, below)
+      out = jax.lax.dynamic_update_index_in_dim(out, low, p, 0)
+      out = jax.lax.dynamic_update_index_in_dim(out, high, 2 * k - 1 - p, 0)
+      return out, low, high, b
+
+    # The block rides in the carry so that each pass reads it where the loop keeps it.
+    low = _pairwise(jnp.minimum, list(xb))
+    high = _pairwise(jnp.maximum, list(xb))
+    out = jnp.zeros((2 * k, xb.shape[1]), xb.dtype).at[0].set(low).at[2 * k - 1].set(high)
+    return jax.lax.fori_loop(1, k, peel, (out, low, high, xb))[0]
+
+  out = _stats_by_block(ends, x, 2 * k, _ENDS_BLOCK_COLUMNS, None)
+  return out[:k], out[k:]
 
 
 def select_each(x: jax.Array, positions: Sequence, *, nan_last: bool = False) -> list[jax.Array]:

@@ -426,8 +426,9 @@ def test_the_clipped_form_is_taken_where_the_columns_would_be_sorted(n_h, f, def
 @pytest.mark.parametrize('spec', ['mean', 'median', 'trimmed_mean', 'meamed'])
 @pytest.mark.parametrize(
   'n_h, f, defender_f',
-  # (7, 6, 5): MeaMed's window has no honest rank inside every window (n_h <= 2e).
-  [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9), (7, 6, 0), (7, 6, 5), (30, 3, 12)],
+  # (7, 6, 5): MeaMed's window has no honest rank inside every window (n_h <= 2e). MeaMed peels
+  # its honest ends at (20, 4, 4) and sorts the columns at (40, 9, 9) (`_sorting.ends_pay`).
+  [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9), (7, 6, 0), (7, 6, 5), (30, 3, 12), (20, 4, 4)],
 )
 def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h, f, defender_f):
   _check_order_statistic_evaluation(spec, n_h, f, defender_f)

@@ -320,6 +320,38 @@ def test_select_extremes_over_column_blocks(monkeypatch, n):
   np.testing.assert_array_equal(row, s[2] + np.isnan(x).sum(0))
 
 
+@pytest.mark.parametrize('n', [1, 2, 7, 20])
+def test_select_ends(monkeypatch, n):
+  # The peeled ends against a sort: ties (small integers, one column all equal), ±inf, NaN (as
+  # +inf) and −0 against 0, k up to n, over blocks of 8 columns (two blocks and a remainder of 5).
+  import robustjax._sorting as sorting
+
+  monkeypatch.setattr(sorting, '_ENDS_BLOCK_COLUMNS', 8)
+  rng = np.random.default_rng(n)
+  x = rng.integers(-3, 4, size=(n, 21)).astype(np.float32)
+  for value in (np.inf, -np.inf, np.nan, -0.0):
+    x[rng.random(x.shape) < 0.05] = value
+  x[:, 3] = 2.0
+  s = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+  for k in sorted({1, min(2, n), min(13, n), n}):
+    low, high = jax.jit(sorting.select_ends, static_argnums=1)(jnp.asarray(x), k)
+    np.testing.assert_array_equal(np.stack(low), s[:k])
+    np.testing.assert_array_equal(np.stack(high), s[n - k :])
+  with pytest.raises(ValueError, match='select_ends'):
+    sorting.select_ends(jnp.asarray(x), n + 1)
+
+
+def test_ends_pay_where_the_sort_pads_many_rows():
+  # MeaMed's evaluation peels the ends (and its four middle ranks) where the sort would pad many
+  # rows and k is small, and sorts the columns otherwise, as measured end to end (BENCHMARKS.md);
+  # never beyond the networks.
+  import robustjax._sorting as sorting
+
+  assert sorting.ends_pay(20, 5, 4) and sorting.ends_pay(40, 5, 4)
+  assert not sorting.ends_pay(60, 5, 4) and not sorting.ends_pay(52, 13, 4)
+  assert not sorting.ends_pay(128, 17, 4) and not sorting.ends_pay(129, 1)
+
+
 @pytest.mark.parametrize(
   'extremes_max_rank,bisect_max_ranks',
   # the layered network (MeaMed bisects in every mode), bisection, chains (the trimmed mean)

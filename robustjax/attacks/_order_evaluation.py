@@ -233,10 +233,11 @@ def _median_window_statistic(x, keep: int, f: int):
   rule, lo + (Σ_i (clip(x_i, lo, hi) − lo) − (e − start)(hi − lo)) / keep. Every window covers
   the combined positions e … keep − 1, so the honest values ranked e … keep − 1 − f lie inside
   it whatever c is: they are summed once per call, as one clipped pass between s_e and
-  s_{keep−1−f}. So a call reads the e + 1 lowest and highest honest values and the median's
-  other ranks (`_sorted_rows`: the columns sorted once where there are more than a few, 12.6-14
-  ms at n_h = 52, e = 12, d = 10⁵, where peeling the ends a rank per pass and a network for each
-  middle rank took 27-28 plus 4-9 ms; BENCHMARKS.md); a candidate costs 2e + 3 clamps, the e
+  s_{keep−1−f}. So a call reads the e + 1 lowest and highest honest values in order and the
+  median's other ranks: peeled from the ends a rank per pass (`_sorting.select_ends`) and one
+  network per middle rank for a small e, else all from the columns sorted once (`_sorted_rows`;
+  at n_h = 52, e = 12, d = 10⁵ the sort took 13.6-20.3 ms, the ends 16.4 plus 4-9 for the middle
+  networks; `_sorting.ends_pay`, BENCHMARKS.md); a candidate costs 2e + 3 clamps, the e
   comparisons of the window search, and the clip of the 2e edge rows and of c, instead of the
   defender's network over n rows. Non-finite honest values sort as +∞; the output is non-finite
   exactly when the defender's is (both count as +∞).
@@ -251,10 +252,18 @@ def _median_window_statistic(x, keep: int, f: int):
     total = _sum_rows(lambda r: r, x)
     return lambda c: (total + f * c) / n
   positions = median_window_positions(n, keep)
-  # The e + 1 lowest and highest honest values, and the median's other ranks.
+  # The e + 1 lowest and highest honest values in order, and the median's other ranks: peeled
+  # from the ends and one network each where that costs less (`_sorting.ends_pay`), else all
+  # from the columns sorted once.
   k = min(e + 1, n_h)
   ends = set(range(k)) | set(range(n_h - k, n_h))
-  row = _sorted_rows(x, sorted(ends | {q for p in positions for q in (p - f, p) if 0 <= q < n_h}))
+  rest = sorted({q for p in positions for q in (p - f, p) if 0 <= q < n_h} - ends)
+  if _sorting.ends_pay(n_h, k, len(rest)):
+    low, high = _sorting.select_ends(x, k)
+    row = {**dict(zip(range(k), low)), **dict(zip(range(n_h - k, n_h), high))}
+    row.update(_sorted_rows(x, rest) if rest else {})
+  else:
+    row = _sorted_rows(x, sorted(ends | set(rest)))
   inside = range(e, keep - f)  # honest ranks inside every window: e … n_h − 1 − e
   edges = [q for q in range(n_h) if q not in inside]
   inside_sum = jnp.zeros_like(x[0])
