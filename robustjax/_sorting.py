@@ -599,10 +599,10 @@ _ENDS_BLOCK_COLUMNS = 8192
 # d = 10⁵, a 2-core Zen 4 VM; alternated, ALIE / IPM ms, sorted against peeled): n_h = 20, k = 5:
 # 9.3-23.3 / 8.8-9.7 against 7.6-9.0 / 7.1-7.6; 40, 5: 17.8-21.2 / 16.5 against 13.9-15.5 /
 # 12.9-22.1; 60, 5: 19.9-20.8 / 17.6-18.0 against 24.2-34.5 / 20.8-22.2; 52, 13: 24.8-26.4 /
-# 23.2-24.6 against 33.6-35.3 / 29.2-29.9; 32, 5 and 16, 9 alike (BENCHMARKS.md). A pass
-# peeling both ends (or one pruned network) over n rows costs about this many of the sort's
-# layers over as many rows: the sort's rows are padded to a power of two, which is what the ends
-# save at 20 and 40 rows.
+# 23.2-24.6 against 33.6-35.3 / 29.2-29.9; 16, 9: 7.8-8.5 / 7.6-7.7 against 9.9-12.3 /
+# 8.9-18.5; 32, 5 alike (BENCHMARKS.md). A pass peeling both ends (or one pruned network) over n
+# rows costs about this many of the sort's layers over as many rows: the sort's rows are padded to
+# a power of two, which is what the ends save at 20 and 40 rows.
 _ENDS_PASS_IN_LAYERS = 2.5
 
 
