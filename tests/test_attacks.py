@@ -427,7 +427,8 @@ def test_the_clipped_form_is_taken_where_the_columns_would_be_sorted(n_h, f, def
 @pytest.mark.parametrize(
   'n_h, f, defender_f',
   # (7, 6, 5): MeaMed's window has no honest rank inside every window (n_h <= 2e). MeaMed peels
-  # its honest ends at (20, 4, 4) and sorts the columns at (40, 9, 9) (`_sorting.ends_pay`).
+  # its honest ends at (9, 2, 2), (10, 4, 4), (40, 9, 9) and (20, 4, 4), and sorts the columns
+  # at (12, 3, 5), (7, 6, 5) and (30, 3, 12) (`_sorting.ends_pay`).
   [(9, 2, 2), (10, 4, 4), (12, 3, 5), (40, 9, 9), (7, 6, 0), (7, 6, 5), (30, 3, 12), (20, 4, 4)],
 )
 def test_order_statistic_evaluation_equals_the_rule_on_every_candidate(spec, n_h, f, defender_f):
