@@ -107,12 +107,15 @@ def network_max_n(count: int, symmetric: bool = False) -> int:
   return NETWORK_MAX_N
 
 
+def _power_of_two_above(n: int) -> int:
+  """The smallest power of two >= n (1 for n <= 1): the wires of Batcher's networks for n rows."""
+  return 1 << max(n - 1, 0).bit_length()
+
+
 @functools.cache
 def batcher_network(n: int) -> tuple[tuple[int, int], ...]:
   """Comparators (i, j), i < j, of Batcher's odd–even merge sort on n wires (ascending)."""
-  size = 1
-  while size < n:
-    size *= 2
+  size = _power_of_two_above(n)
   comps = []
   p = 1
   while p < size:
@@ -206,7 +209,7 @@ def select_layered(
   5.3 (BENCHMARKS.md).
   """
   n = x.shape[0]
-  m = 1 << max(n - 1, 0).bit_length()
+  m = _power_of_two_above(n)
   pos = jnp.asarray(np.asarray(positions, dtype=np.int32))
 
   def sort_block(b):
@@ -610,8 +613,9 @@ def ends_pay(n: int, k: int, others: int = 0) -> bool:
   """Whether `select_ends(x, k)` on n rows, with a pruned network for each of `others` more
   ranks, costs less than sorting the columns (`select_layered`: log₂ m (log₂ m + 1) / 2 layers
   over the rows padded to m, a power of two)."""
-  m = 1 << max(n - 1, 0).bit_length()
-  layers = m.bit_length() * (m.bit_length() - 1) // 2
+  m = _power_of_two_above(n)
+  log_m = m.bit_length() - 1
+  layers = log_m * (log_m + 1) // 2
   return n <= NETWORK_MAX_N and _ENDS_PASS_IN_LAYERS * n * (k + others) < m * layers
 
 
