@@ -4,7 +4,8 @@ On XLA:CPU a kernel that reads the stack several times (a Gram product, a combin
 by the distances to it, a sorting network layer by layer) is run over blocks of columns in a
 `lax.fori_loop`, so that each block comes from memory once: `over_column_blocks` for matrices of
 one width whose blocks give columns and partial sums, `map_columns` for matrices of any widths
-whose blocks give columns only (fn traced once for all). The callers choose the block width
+whose blocks give columns only (fn traced once for all), `fold_column_blocks` for a carry that
+is not a sum (the scaled Gram's per-block scale). The callers choose the block width
 (`stack._column_block`, `stack._gram_column_block`, `_sorting.select_layered`'s chunk,
 `_sorting._bisect_block_columns`). On an accelerator the matrices are one piece whatever the
 width: there each loop step is at least one kernel launch, and blocks × (the steps inside) small
@@ -57,6 +58,26 @@ def over_column_blocks(fn, mats, cols, *, out_rows=None, dtype=None):
     out = write(out, columns, full * cols)
     acc = jax.tree.map(jnp.add, acc, part)
   return out, acc
+
+
+def fold_column_blocks(first, step, d, cols):
+  """A carry folded over the column blocks of width-d matrices: `first(start, width)` gives it
+  from the first block, `step(carry, start, width)` updates it with each later one.
+
+  `start` is a Python int for the first block and the ragged last one, a traced int32 for the
+  full blocks in between (a `fori_loop`); `width` is always a Python int. With `cols` None or
+  d < 2 · cols, or off CPU, one call `first(0, d)`. The callers slice their matrices themselves
+  (`jax.lax.dynamic_slice`): a step may read other rows of the matrix than the block's.
+  """
+  if cols is None or d < 2 * cols or jax.default_backend() != 'cpu':
+    return first(0, d)
+  full = d // cols
+  # The first block outside the loop, as in `over_column_blocks` (`jax.shard_map`).
+  carry = first(0, cols)
+  carry = jax.lax.fori_loop(1, full, lambda i, c: step(c, i * cols, cols), carry)
+  if d % cols:
+    carry = step(carry, full * cols, d - full * cols)
+  return carry
 
 
 def map_columns(fn, mats, cols, dtype, *, out_rows=None):

@@ -76,6 +76,28 @@ def test_sharded_gram_is_a_psum_of_partials():
   assert aggregators.get('krum') is aggregators.krum
 
 
+def test_sharded_scaled_gram_sums_the_devices_at_one_scale():
+  # Each device's coordinates have their own magnitude (2^-50 to 2^55), so each device's Gram
+  # has its own power-of-two scale: the sum over the devices rescales them to the largest.
+  mesh = _mesh()
+  rng = np.random.default_rng(4)
+  x = (rng.normal(size=(N, D)) + 3.0) * np.repeat(2.0 ** (15.0 * np.arange(8) - 50.0), D // 8)
+  x = x.astype(np.float32)
+
+  def body(local):
+    with stk.sharded_coordinates('model'):
+      return stk.scaled_sq_dists(local)
+
+  fn = jax.shard_map(body, mesh=mesh, in_specs=P(None, 'model'), out_specs=P())
+  dists, finite, scale = jax.jit(fn)(
+    jax.device_put(jnp.asarray(x), NamedSharding(mesh, P(None, 'model')))
+  )
+  x64 = x.astype(np.float64)
+  ref = np.stack([((x64 - row) ** 2).sum(1) for row in x64])
+  assert np.asarray(finite).all()
+  np.testing.assert_allclose(np.asarray(dists, np.float64) * float(scale) ** 2, ref, rtol=1e-5)
+
+
 @pytest.mark.filterwarnings('ignore:smea:UserWarning')
 @pytest.mark.parametrize('n,d', [(11, 2 * 200_000), (130, 2 * 4_096)])
 def test_sharded_update_traces_the_cpu_loops(n, d):

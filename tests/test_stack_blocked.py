@@ -1,5 +1,6 @@
 """The CPU column-blocked kernels of `robustjax.stack` (large d) against float64 NumPy."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -92,3 +93,66 @@ def test_dots_and_inner_match_float64():
   assert np.isnan(got[3]) and np.isfinite(np.delete(got, 3)).all()
   with pytest.raises(ValueError, match='dots: the point'):
     stk.dots({'x': jnp.asarray(x)}, {'x': p['x'], 'y': p['y']})
+
+
+def _ref_dists(x):
+  x64 = np.asarray(x, np.float64)
+  return np.stack([((x64 - row) ** 2).sum(1) for row in x64])
+
+
+def _scaled_dists(x):
+  gram, finite, scale = jax.jit(stk.scaled_gram)(jnp.asarray(x))
+  d = np.asarray(stk.dists_from_gram(gram, finite), np.float64) * float(scale) ** 2
+  return d, np.asarray(finite)
+
+
+def _blocked_layout(n, d):
+  cols = stk._gram_column_block(n, d)
+  assert cols is not None and d // cols >= 4  # a first block, loop blocks, a ragged tail
+  return cols
+
+
+def test_scaled_gram_follows_magnitudes_that_jump_between_blocks():
+  # The blocks' magnitudes jump by up to 1e40 (the squares of the 1e20 block overflow float32
+  # unscaled): a block whose predicted scale does not fit is computed again with its own.
+  n, d = 9, 300_001
+  cols = _blocked_layout(n, d)
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(n, d)) + 3.0
+  for b, mag in enumerate([1.0, 1e-20, 1e-20, 1e20, 1.0, 1e-3]):
+    x[:, b * cols : (b + 1) * cols] *= mag
+  x = x.astype(np.float32)
+  got, finite = _scaled_dists(x)
+  assert finite.all()
+  np.testing.assert_allclose(got, _ref_dists(x), rtol=1e-5)
+
+
+@pytest.mark.parametrize('bad', [np.nan, 1e30])
+def test_scaled_gram_when_a_predicted_centre_turns_bad(bad):
+  # Each worker in turn (the predicted centre among them) is finite in the first blocks and
+  # non-finite (or huge) in the third: it alone is flagged, the others' distances are exact.
+  n, d = 9, 300_001
+  cols = _blocked_layout(n, d)
+  rng = np.random.default_rng(1)
+  base = (rng.normal(size=(n, d)) + 3.0).astype(np.float32)
+  for i in range(n):
+    x = base.copy()
+    x[i, 2 * cols + 5] = bad
+    got, finite = _scaled_dists(x)
+    keep = np.arange(n) != i
+    np.testing.assert_array_equal(finite, keep)
+    np.testing.assert_allclose(got[np.ix_(keep, keep)], _ref_dists(x[keep]), rtol=1e-5)
+
+
+def test_scaled_gram_under_vmap_matches_each_stack():
+  # One stack keeps its predictions, the other needs its own scale in a block: under vmap the
+  # whole batch takes the recomputation there, and each result is its own stack's.
+  n, d = 9, 300_001
+  cols = _blocked_layout(n, d)
+  rng = np.random.default_rng(2)
+  x = (rng.normal(size=(2, n, d)) + 3.0).astype(np.float32)
+  x[1, :, 2 * cols : 3 * cols] *= np.float32(1e18)
+  gram, finite, scale = jax.jit(jax.vmap(stk.scaled_gram))(jnp.asarray(x))
+  for b in range(2):
+    d_b = np.asarray(stk.dists_from_gram(gram[b], finite[b]), np.float64) * float(scale[b]) ** 2
+    np.testing.assert_allclose(d_b, _ref_dists(x[b]), rtol=1e-5)
