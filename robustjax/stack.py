@@ -620,10 +620,11 @@ def scaled_gram(stack) -> tuple[jax.Array, jax.Array, jax.Array]:
   (`_PREDICTED_SCALE_RANGE`; a non-finite predicted centre gives a non-finite median). The
   prediction saves `normaliser`'s pass over the stack: on a Zen 4 VM at n = 64, d = 10⁶ the
   whole took 70 ms where a pass then the product took 75-82 (BENCHMARKS.md). Under `vmap` a
-  block is recomputed for the whole batch when one element needs it (`cond_if_all`, which also
-  keeps it reverse-differentiable, where a `while_loop` around one product would not be). The
-  loop holds the product twice, the prediction's and the fallback's, so it compiles in about
-  twice the time (MultiKrum at n = 4,096, d = 10⁵: 9.0 s against 4.4).
+  block is recomputed for the whole batch when one element needs it (`cond_if_all`). A block
+  is a loop of two attempts around one product, so the computation holds one copy of the
+  product: MultiKrum at n = 4,096, d = 10⁵ compiled in 4.7 s against 4.4 before the prediction
+  (9.0 with a conditional around a second product), and stays reverse-differentiable (a fixed
+  trip count; a `while_loop` is not).
 
   Byzantine inputs cannot make a wrong centre or scale be kept, only a block be computed twice:
   a predicted centre that turns non-finite does, but a worker non-finite so far is never
@@ -654,15 +655,14 @@ def _scaled_leaf_gram(xm: jax.Array, row_block: int, dtype) -> tuple[jax.Array, 
     scaled = (jax.lax.dynamic_slice_in_dim(x, start, width, 1) - c) * scale
     return _symmetric_gram(scaled, row_block).astype(dtype)
 
-  def own(x, start, width):
-    magnitudes = _max_abs_rows(jax.lax.dynamic_slice_in_dim(x, start, width, 1))
-    center, exponent = _median_magnitude(magnitudes)
-    return product(x, center, exponent, start, width), exponent
+  def own_normaliser(x, start, width):
+    """The block's own centre and exponent (`normaliser` of its columns)."""
+    return _median_magnitude(_max_abs_rows(jax.lax.dynamic_slice_in_dim(x, start, width, 1)))
 
-  def with_prediction(gram, exponent, width, excluded):
-    """(gram, exponent, the next block's centre, the next block's exponent), and whether the
-    median worker's mean square per column fits `_PREDICTED_SCALE_RANGE`; the `excluded`
-    workers (non-finite in an earlier block) count as +inf."""
+  def predict(gram, exponent, width, excluded):
+    """The next block's centre and exponent, and whether the median worker's mean square per
+    column fits `_PREDICTED_SCALE_RANGE`; the `excluded` workers (non-finite in an earlier
+    block) count as +inf."""
     diag = jnp.where(excluded, jnp.inf, jnp.diagonal(gram))
     center, _ = _median_magnitude(diag)
     mean_square = diag[center] / width
@@ -670,28 +670,52 @@ def _scaled_leaf_gram(xm: jax.Array, row_block: int, dtype) -> tuple[jax.Array, 
     fits = (mean_square == 0) | ((mean_square >= low) & (mean_square <= high))
     usable = jnp.isfinite(mean_square) & (mean_square > 0)
     _, p = jnp.frexp(jnp.where(usable, mean_square, 1.0))  # 2^(p − 1) ≤ it < 2^p
-    return (gram, exponent, center, exponent + (p - 1) // 2), fits
+    return center, exponent + (p - 1) // 2, fits
 
   def first(start, width):
-    return with_prediction(*own(xm, start, width), width, False)[0]
+    center, exponent = own_normaliser(xm, start, width)
+    gram = product(xm, center, exponent, start, width)
+    return (gram, exponent, *predict(gram, exponent, width, False)[:2])
 
   def step(carry, start, width):
     total, total_exponent, center, exponent = carry
+    start = jnp.asarray(start, jnp.int32)
     # A worker non-finite so far is never the next centre: each can spoil one prediction.
     excluded = ~jnp.isfinite(jnp.diagonal(total))
-    gram = product(xm, center, exponent, start, width)
-    predicted, fits = with_prediction(gram, exponent, width, excluded)
-    gram, exponent, center, exponent_next = cond_if_all(
-      fits,
-      lambda predicted, x, start, excluded: predicted,
-      lambda predicted, x, start, excluded: with_prediction(*own(x, start, width), width, excluded)[
-        0
-      ],
-      predicted,
-      xm,
-      jnp.asarray(start, jnp.int32),
-      excluded,
-    )
+
+    def attempt(i, state):
+      """Attempt 0: the product with the prediction. Attempt 1, where that did not fit: the
+      block's own normaliser and its product; else nothing."""
+      center, exponent, gram, next_center, next_exponent, done = state
+
+      def compute(gram, x, start, center, exponent, i):
+        center, exponent = jax.lax.cond(
+          i == 0,
+          lambda x, start: (center, exponent),
+          lambda x, start: own_normaliser(x, start, width),
+          x,
+          start,
+        )
+        return center, exponent, product(x, center, exponent, start, width)
+
+      center, exponent, gram = cond_if_all(
+        done,
+        lambda gram, x, start, center, exponent, i: (center, exponent, gram),
+        compute,
+        gram,
+        xm,
+        start,
+        center,
+        exponent,
+        i,
+      )
+      next_center, next_exponent, fits = predict(gram, exponent, width, excluded)
+      return center, exponent, gram, next_center, next_exponent, done | fits
+
+    # The placeholders derive from the carry (under `jax.shard_map` it varies over devices).
+    done = jnp.isnan(total[0, 0]) & False  # False, varying as `total` does
+    state = (center, exponent, total, center, exponent, done)
+    _, exponent, gram, center, exponent_next, _ = jax.lax.fori_loop(0, 2, attempt, state)
     return (*_add_rescaled(total, total_exponent, gram, exponent), center, exponent_next)
 
   gram, exponent, _, _ = fold_column_blocks(first, step, d, _gram_column_block(n, d))
