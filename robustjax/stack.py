@@ -685,32 +685,22 @@ def _scaled_leaf_gram(xm: jax.Array, row_block: int, dtype) -> tuple[jax.Array, 
 
     def attempt(i, state):
       """Attempt 0: the product with the prediction. Attempt 1, where that did not fit: the
-      block's own normaliser and its product; else nothing."""
-      center, exponent, gram, next_center, next_exponent, done = state
+      block's own normaliser and its product; else nothing (not even the prediction's median,
+      which the state keeps)."""
 
-      def compute(gram, x, start, center, exponent, i):
+      def compute(state, x, start, i, excluded):
         center, exponent = jax.lax.cond(
           i == 0,
-          lambda x, start: (center, exponent),
+          lambda x, start: state[:2],
           lambda x, start: own_normaliser(x, start, width),
           x,
           start,
         )
-        return center, exponent, product(x, center, exponent, start, width)
+        gram = product(x, center, exponent, start, width)
+        return center, exponent, gram, *predict(gram, exponent, width, excluded)
 
-      center, exponent, gram = cond_if_all(
-        done,
-        lambda gram, x, start, center, exponent, i: (center, exponent, gram),
-        compute,
-        gram,
-        xm,
-        start,
-        center,
-        exponent,
-        i,
-      )
-      next_center, next_exponent, fits = predict(gram, exponent, width, excluded)
-      return center, exponent, gram, next_center, next_exponent, done | fits
+      keep = lambda state, *_: state
+      return cond_if_all(state[-1], keep, compute, state, xm, start, i, excluded)
 
     # The placeholders derive from the carry (under `jax.shard_map` it varies over devices).
     done = jnp.isnan(total[0, 0]) & False  # False, varying as `total` does
