@@ -64,7 +64,7 @@ def fold_column_blocks(first, step, d, cols):
   """A carry folded over the column blocks of width-d matrices: `first(start, width)` gives it
   from the first block, `step(carry, start, width)` updates it with each later one.
 
-  `start` is a Python int for the first block and the ragged last one, a traced int32 for the
+  `start` is a Python int for the first block and the ragged last one, a traced integer for the
   full blocks in between (a `fori_loop`); `width` is always a Python int. With `cols` None or
   d < 2 · cols, or off CPU, one call `first(0, d)`. The callers slice their matrices themselves
   (`jax.lax.dynamic_slice`): a step may read other rows of the matrix than the block's.

@@ -619,10 +619,10 @@ def scaled_gram(stack) -> tuple[jax.Array, jax.Array, jax.Array]:
   and again with its own `normaliser` if the prediction does not fit it
   (`_PREDICTED_SCALE_RANGE`; a non-finite predicted centre gives a non-finite median). The
   prediction saves `normaliser`'s pass over the stack: on a Zen 4 VM at n = 64, d = 10⁶ the
-  whole took 70 ms where a pass then the product took 75-82 (BENCHMARKS.md). Under `vmap` a
+  whole took 70-71 ms where a pass then the product took 75 (BENCHMARKS.md). Under `vmap` a
   block is recomputed for the whole batch when one element needs it (`cond_if_all`). A block
   is a loop of two attempts around one product, so the computation holds one copy of the
-  product: MultiKrum at n = 4,096, d = 10⁵ compiled in 4.7 s against 4.4 before the prediction
+  product: MultiKrum at n = 4,096, d = 10⁵ compiled in 4.3 s against 4.4 before the prediction
   (9.0 with a conditional around a second product), and stays reverse-differentiable (a fixed
   trip count; a `while_loop` is not).
 
