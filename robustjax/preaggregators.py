@@ -174,7 +174,7 @@ def nnm(stack, *, f: int):
   """Nearest-neighbour mixing: y_i = the mean of the n − f nearest neighbours of x_i (x_i included).
 
   Computed as an n × n weight matrix W (W_ij = 1/(n − f) if x_j is among the n − f nearest
-  neighbours of x_i, else 0, from `pairwise_sq_dists` and `lax.top_k`) applied to the stack with
+  neighbours of x_i, else 0, from `stack.scaled_sq_dists` and `lax.top_k`) applied to the stack with
   one `weighted_sum`: never an n × (n − f) × d tensor. Ties are broken towards the lower index
   (`lax.top_k`), which changes nothing when the tied inputs are equal.
 

@@ -253,7 +253,7 @@ def krum(stack, *, f: int, num_neighbors: int | None = None):
     ``num_neighbors=n - f - 1`` to reproduce it. Some code uses unsquared distances: here they are
     squared, as in the paper.
 
-  Cost: one n × n × d Gram product (`pairwise_sq_dists`), O(n² log n) for the scores, and a read
+  Cost: one n × n × d Gram product (`stack.scaled_sq_dists`), O(n² log n) for the scores, and a read
   of the selected input's slice.
 
   Robustness: (f, κ)-robust with κ ≤ 6(1 + f/(n − 2f)) (Allouah et al., 2023).
