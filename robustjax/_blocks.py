@@ -36,28 +36,40 @@ def over_column_blocks(fn, mats, cols, *, out_rows=None, dtype=None):
     partials summed.
   """
   d = mats[0].shape[1]
-  if cols is None or d < cols or jax.default_backend() != 'cpu':
+  if _one_piece(d, cols):
     return fn(*mats)
-  full = d // cols
+
+  def run(start, width):
+    return fn(*[column_block(m, start, width) for m in mats])
 
   def write(out, columns, start):
     return None if out is None else jax.lax.dynamic_update_slice_in_dim(out, columns, start, 1)
 
-  def body(i, carry):
-    out, acc = carry
-    columns, part = fn(*[jax.lax.dynamic_slice_in_dim(m, i * cols, cols, 1) for m in mats])
-    return write(out, columns, i * cols), jax.tree.map(jnp.add, acc, part)
+  def first(start, width):
+    columns, acc = run(start, width)
+    out = None if out_rows is None else write(jnp.zeros((out_rows, d), dtype), columns, start)
+    return out, acc
 
-  # The first block is taken outside the loop: inside `jax.shard_map` the carry must vary over
-  # the devices as the blocks do, which a plain zeros array does not.
-  columns, acc = fn(*[m[:, :cols] for m in mats])
-  out = None if out_rows is None else write(jnp.zeros((out_rows, d), dtype), columns, 0)
-  out, acc = jax.lax.fori_loop(1, full, body, (out, acc))
-  if d % cols:
-    columns, part = fn(*[m[:, full * cols :] for m in mats])
-    out = write(out, columns, full * cols)
-    acc = jax.tree.map(jnp.add, acc, part)
-  return out, acc
+  def step(carry, start, width):
+    out, acc = carry
+    columns, part = run(start, width)
+    return write(out, columns, start), jax.tree.map(jnp.add, acc, part)
+
+  return fold_column_blocks(first, step, d, cols)
+
+
+def _one_piece(d: int, cols: int | None) -> bool:
+  """Whether width-d matrices are processed in one piece: no block width, narrower than one
+  block, or off CPU."""
+  return cols is None or d < cols or jax.default_backend() != 'cpu'
+
+
+def column_block(m: jax.Array, start, width: int) -> jax.Array:
+  """Columns start … start + width − 1 of m: a static slice for a Python int start, else a
+  `dynamic_slice`."""
+  if isinstance(start, int):
+    return m[:, start : start + width]
+  return jax.lax.dynamic_slice_in_dim(m, start, width, 1)
 
 
 def fold_column_blocks(first, step, d, cols):
@@ -66,13 +78,14 @@ def fold_column_blocks(first, step, d, cols):
 
   `start` is a Python int for the first block and the ragged last one, a traced integer for the
   full blocks in between (a `fori_loop`); `width` is always a Python int. With `cols` None or
-  d < 2 · cols, or off CPU, one call `first(0, d)`. The callers slice their matrices themselves
-  (`jax.lax.dynamic_slice`): a step may read other rows of the matrix than the block's.
+  d < cols, or off CPU, one call `first(0, d)`. The callers slice their matrices themselves
+  (`column_block`): a step may read other rows of the matrix than the block's.
   """
-  if cols is None or d < 2 * cols or jax.default_backend() != 'cpu':
+  if _one_piece(d, cols):
     return first(0, d)
   full = d // cols
-  # The first block outside the loop, as in `over_column_blocks` (`jax.shard_map`).
+  # The first block is taken outside the loop: inside `jax.shard_map` the carry must vary over
+  # the devices as the blocks do, which a plain zeros array does not.
   carry = first(0, cols)
   carry = jax.lax.fori_loop(1, full, lambda i, c: step(c, i * cols, cols), carry)
   if d % cols:

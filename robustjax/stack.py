@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from robustjax._blocks import fold_column_blocks, map_columns, over_column_blocks
+from robustjax._blocks import column_block, fold_column_blocks, map_columns, over_column_blocks
 from robustjax._checks import num_workers
 from robustjax._cond import cond_if_all
 
@@ -652,12 +652,12 @@ def _scaled_leaf_gram(xm: jax.Array, row_block: int, dtype) -> tuple[jax.Array, 
     start = jnp.asarray(start, jnp.int32)  # int64 under jax_enable_x64, center int32
     c = jax.lax.dynamic_slice(x, (center.astype(jnp.int32), start), (1, width))
     scale = jnp.ldexp(jnp.ones((), x.dtype), -exponent)
-    scaled = (jax.lax.dynamic_slice_in_dim(x, start, width, 1) - c) * scale
+    scaled = (column_block(x, start, width) - c) * scale
     return _symmetric_gram(scaled, row_block).astype(dtype)
 
   def own_normaliser(x, start, width):
     """The block's own centre and exponent (`normaliser` of its columns)."""
-    return _median_magnitude(_max_abs_rows(jax.lax.dynamic_slice_in_dim(x, start, width, 1)))
+    return _median_magnitude(_max_abs_rows(column_block(x, start, width)))
 
   def predict(gram, exponent, width, excluded):
     """The next block's centre and exponent, and whether the median worker's mean square per
