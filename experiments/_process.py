@@ -1,8 +1,12 @@
-"""Helpers shared by the benchmarks: the machine's name, and peak memory for those that run each
-case in a fresh process."""
+"""Helpers shared by the benchmarks: the machine's name, its FMA peak, and peak memory for those
+that run each case in a fresh process."""
 
 import os
 import platform
+import re
+import shutil
+import subprocess
+import tempfile
 
 
 def cpu_name() -> str:
@@ -41,3 +45,51 @@ def peak_rss_gib() -> float:
   except OSError:
     pass
   return float('nan')
+
+
+def _cpu_flags() -> set:
+  """The first processor's flags in /proc/cpuinfo (empty where it is missing)."""
+  try:
+    with open('/proc/cpuinfo') as fh:
+      for line in fh:
+        if line.startswith('flags'):
+          return set(line.partition(':')[2].split())
+  except OSError:
+    pass
+  return set()
+
+
+def fma_peak_gflops(threads: int | None = None, runs: int = 3) -> float | None:
+  """The cores' float32 FMA peak in GFLOP/s, measured by `experiments/fma_peak.c` (12 chains of
+  8-lane FMAs per OpenMP thread), the best of `runs`; None where it cannot run here (no gcc, not
+  an x86-64 CPU with AVX2 and FMA, or the build or a run fails).
+
+  The Gram section prints it beside the matmul peak: a library's matmul is a fraction of it (on a
+  Zen 3 VM, jax's reached 57-69 %; BENCHMARKS.md). `threads`: default, the cores this process
+  may use.
+  """
+  source = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fma_peak.c')
+  gcc = shutil.which('gcc')
+  if gcc is None or platform.machine() not in ('x86_64', 'AMD64') or not os.path.exists(source):
+    return None
+  if not {'avx2', 'fma'} <= _cpu_flags():
+    return None
+  if threads is None:
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  with tempfile.TemporaryDirectory() as tmp:
+    binary = os.path.join(tmp, 'fma_peak')
+    flags = ['-O2', '-mavx2', '-mfma', '-fopenmp']
+    built = subprocess.run([gcc, *flags, source, '-o', binary], capture_output=True, timeout=120)
+    if built.returncode:
+      return None
+    env = {**os.environ, 'OMP_NUM_THREADS': str(threads)}
+    best = None
+    for _ in range(runs):
+      run = subprocess.run(
+        [binary, '100000000'], env=env, capture_output=True, text=True, timeout=120
+      )
+      found = re.search(r'([0-9.]+) GFLOP/s', run.stdout)
+      if run.returncode or not found:
+        return None
+      best = max(best or 0.0, float(found.group(1)))
+  return best

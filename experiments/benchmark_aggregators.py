@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
-from _process import cpu_name
+from _process import cpu_name, fma_peak_gflops
 from absl import app, flags
 
 from robustjax import aggregators, host, parallel, pipeline, stack
@@ -84,6 +84,12 @@ flags.DEFINE_integer(
 flags.DEFINE_bool('compile_only', False, 'only measure compile times')
 flags.DEFINE_integer(
   'peak_size', 4096, 'side m of the square matmul measuring the peak (0: skip the Gram section)'
+)
+flags.DEFINE_bool(
+  'fma_peak',
+  True,
+  "also measure the cores' FMA peak (experiments/fma_peak.c, where gcc and AVX2 are available) "
+  "and print the Gram's fraction of it",
 )
 flags.DEFINE_bool(
   'donation',
@@ -443,8 +449,12 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   """Prints and returns GFLOP/s of the Gram products against the measured matmul peak.
 
   The peak is the best of a jitted square float32 matmul (m × m @ m × m, 2m³ flops) and NumPy's
-  (its BLAS) on the same sizes: a dense-matmul microbenchmark, not a datasheet figure. A Gram
-  product of the (n, d) stack is counted as 2n²d flops (what a dense matmul does; the symmetric
+  (its BLAS) on the same sizes: a dense-matmul microbenchmark, not a datasheet figure. With
+  `--fma_peak` (the default) the cores' FMA peak is measured too where it can be
+  (`_process.fma_peak_gflops`: `experiments/fma_peak.c`, 8-lane AVX2 FMAs, built with gcc), and
+  each product is also given as a fraction of it: what the FMA units allow, which a library's
+  matmul reaches only in part (a CPU with AVX-512 may do up to twice that peak). A Gram product
+  of the (n, d) stack is counted as 2n²d flops (what a dense matmul does; the symmetric
   half alone is n(n + 1)d): robustjax's centred, scaled Gram (`stack.scaled_gram`, what the
   distance rules call), its centred product alone (`stack.centred_gram` with the centre given: no
   scale pass), the plain jitted `x @ x.T`, and NumPy's `x @ x.T` on the same input.
@@ -505,8 +515,16 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
     f'# peak (square float32 matmul m={m}): jax {out["matmul_jax_gflops"]:.0f} GFLOP/s, '
     f'NumPy {out["matmul_numpy_gflops"]:.0f} GFLOP/s -> peak {peak:.0f} GFLOP/s'
   )
+  fma = fma_peak_gflops() if FLAGS.fma_peak and jax.default_backend() == 'cpu' else None
+  if fma:
+    out['fma_peak_gflops'] = fma
+    print(
+      f'# FMA peak (experiments/fma_peak.c, 8-lane AVX2 FMAs): {fma:.0f} GFLOP/s; '
+      f'the matmul peak is {peak / fma:.0%} of it'
+    )
   label = f'Gram (n, d) = ({n}, {d})'
-  print(f'# {label:<34} {"ms":>8} {"GFLOP/s":>8} {"of peak":>8}')
+  of_fma = f' {"of FMA":>8}' if fma else ''
+  print(f'# {label:<34} {"ms":>8} {"GFLOP/s":>8} {"of peak":>8}{of_fma}')
   for name, t in (
     (ours_label, t_ours),
     (product_label, t_product),
@@ -516,7 +534,10 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   ):
     g = flops / t / 1e9
     out[name] = {'ms': t * 1e3, 'gflops': g, 'of_peak': g / peak}
-    print(f'# {name:<34} {t * 1e3:>8.1f} {g:>8.0f} {g / peak:>8.0%}')
+    if fma:
+      out[name]['of_fma_peak'] = g / fma
+    of_fma = f' {g / fma:>8.0%}' if fma else ''
+    print(f'# {name:<34} {t * 1e3:>8.1f} {g:>8.0f} {g / peak:>8.0%}{of_fma}')
   return out
 
 

@@ -11,7 +11,8 @@
      OMP_NUM_THREADS=2 /tmp/fma_peak; OMP_NUM_THREADS=1 /tmp/fma_peak
 
    Needs an x86-64 CPU with AVX2 and FMA (an AVX-512 CPU's peak is up to twice what it prints).
-   BENCHMARKS.md quotes its figures beside the matmul peaks. */
+   `benchmark_aggregators.py` builds and runs it (`--fma_peak`, `_process.fma_peak_gflops`) and
+   prints each Gram product's fraction of it; BENCHMARKS.md quotes its figures. */
 #include <immintrin.h>
 #include <omp.h>
 #include <stdio.h>

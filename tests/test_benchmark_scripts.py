@@ -20,6 +20,20 @@ def test_cpu_name_gives_the_model_and_the_cores(monkeypatch):
   assert model and cores.endswith(' cores') and int(cores.split()[0]) >= 1, name
 
 
+def test_fma_peak_is_measured_where_gcc_and_avx2_are(monkeypatch):
+  """The FMA-peak witness builds and runs where it can, and says None (not a guess) elsewhere."""
+  monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
+  import _process
+
+  peak = _process.fma_peak_gflops(threads=1, runs=1)
+  if _process.shutil.which('gcc') and {'avx2', 'fma'} <= _process._cpu_flags():
+    assert peak is not None and 1.0 < peak < 10_000.0, peak
+  else:
+    assert peak is None
+  monkeypatch.setattr(_process.shutil, 'which', lambda name: None)
+  assert _process.fma_peak_gflops(threads=1, runs=1) is None
+
+
 @pytest.mark.slow
 def test_gpu_benchmark_script_small(tmp_path):
   env = {**os.environ, 'SMALL': '1', 'OUT': str(tmp_path), 'JAX_PLATFORMS': 'cpu'}
@@ -65,6 +79,10 @@ def test_aggregator_benchmark_on_two_cpu_devices(tmp_path):
   assert all(r.get('time_s', 0) > 0 for r in result['rows']), result['rows']
   assert 'robustjax scaled_gram, 2 devices' in result['info']['gram']
   assert 'robustjax centred product, 2 devices' in result['info']['gram']
+  gram = result['info']['gram']
+  if 'fma_peak_gflops' in gram:  # where gcc and AVX2 are: each product against the FMA peak too
+    assert gram['fma_peak_gflops'] > 0 and 'FMA peak' in proc.stdout
+    assert all('of_fma_peak' in v for v in gram.values() if isinstance(v, dict))
 
 
 @pytest.mark.slow
