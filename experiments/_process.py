@@ -17,22 +17,32 @@ def cpu_name() -> str:
   VMs have changed CPU between sessions). The model comes from /proc/cpuinfo on Linux; elsewhere
   `platform.processor()` or the architecture.
   """
-  fields = {}
-  try:
-    with open('/proc/cpuinfo') as fh:
-      for line in fh:
-        key, _, value = line.partition(':')
-        fields.setdefault(key.strip(), value.strip())
-        if not line.strip():  # the first processor's block is enough
-          break
-  except OSError:
-    pass
+  fields = _first_cpu()
   model = fields.get('model name') or platform.processor() or platform.machine()
   if 'cpu family' in fields and 'model' in fields:
     # A VM may show a generic name ("Intel(R) Xeon(R) Processor"): the family and model say more.
     model += f' (family {fields["cpu family"]}, model {fields["model"]})'
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-  return f'{model}, {cores} cores'
+  return f'{model}, {usable_cores()} cores'
+
+
+def usable_cores() -> int:
+  """The cores this process may use."""
+  return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+
+
+def _first_cpu() -> dict:
+  """The first processor's fields in /proc/cpuinfo (empty where it is missing)."""
+  fields = {}
+  try:
+    with open('/proc/cpuinfo') as fh:
+      for line in fh:
+        if not line.strip():  # the first processor's block is enough
+          break
+        key, _, value = line.partition(':')
+        fields.setdefault(key.strip(), value.strip())
+  except OSError:
+    pass
+  return fields
 
 
 def peak_rss_gib() -> float:
@@ -49,14 +59,7 @@ def peak_rss_gib() -> float:
 
 def _cpu_flags() -> set:
   """The first processor's flags in /proc/cpuinfo (empty where it is missing)."""
-  try:
-    with open('/proc/cpuinfo') as fh:
-      for line in fh:
-        if line.startswith('flags'):
-          return set(line.partition(':')[2].split())
-  except OSError:
-    pass
-  return set()
+  return set(_first_cpu().get('flags', '').split())
 
 
 def fma_peak_gflops(threads: int | None = None, runs: int = 3) -> float | None:
@@ -74,8 +77,7 @@ def fma_peak_gflops(threads: int | None = None, runs: int = 3) -> float | None:
     return None
   if not {'avx2', 'fma'} <= _cpu_flags():
     return None
-  if threads is None:
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  threads = threads or usable_cores()
   with tempfile.TemporaryDirectory() as tmp:
     binary = os.path.join(tmp, 'fma_peak')
     flags = ['-O2', '-mavx2', '-mfma', '-fopenmp']

@@ -712,13 +712,17 @@ def _scaled_leaf_gram(xm: jax.Array, row_block: int, dtype) -> tuple[jax.Array, 
   return gram, exponent
 
 
+def _at_exponent(gram, exponent, top):
+  """A Gram in units of 2^(2 exponent) expressed in units of 2^(2 top), top >= exponent: times
+  an exact power of two (one that underflows drops the term below the other terms' rounding)."""
+  factor = jnp.ldexp(jnp.ones((), gram.dtype), exponent - top)
+  return gram * factor * factor
+
+
 def _add_rescaled(a, a_exponent, b, b_exponent):
-  """a · 2^(2 a_exponent) + b · 2^(2 b_exponent), as (sum, exponent) at the larger exponent:
-  exact powers of two (a factor that underflows drops a term below the other's rounding)."""
-  exponent = jnp.maximum(a_exponent, b_exponent)
-  fa = jnp.ldexp(jnp.ones((), a.dtype), a_exponent - exponent)
-  fb = jnp.ldexp(jnp.ones((), b.dtype), b_exponent - exponent)
-  return a * fa * fa + b * fb * fb, exponent
+  """a · 2^(2 a_exponent) + b · 2^(2 b_exponent), as (sum, exponent) at the larger exponent."""
+  top = jnp.maximum(a_exponent, b_exponent)
+  return _at_exponent(a, a_exponent, top) + _at_exponent(b, b_exponent, top), top
 
 
 def _psum_rescaled(gram, exponent):
@@ -727,8 +731,7 @@ def _psum_rescaled(gram, exponent):
   if axis is None:
     return gram, exponent
   top = jax.lax.pmax(exponent, axis)
-  factor = jnp.ldexp(jnp.ones((), gram.dtype), exponent - top)
-  return jax.lax.psum(gram * factor * factor, axis), top
+  return jax.lax.psum(_at_exponent(gram, exponent, top), axis), top
 
 
 def scaled_sq_dists(stack) -> tuple[jax.Array, jax.Array, jax.Array]:
