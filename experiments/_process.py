@@ -62,25 +62,36 @@ def _cpu_flags() -> set:
   return set(_first_cpu().get('flags', '').split())
 
 
+def fma_lanes() -> int | None:
+  """The float32 lanes of the widest FMA vectors `experiments/fma_peak.c` is built for here: 16
+  where the CPU has AVX-512, 8 where it has AVX2 and FMA, None elsewhere (not x86-64, or
+  neither)."""
+  flags = _cpu_flags()
+  if platform.machine() not in ('x86_64', 'AMD64') or not {'avx2', 'fma'} <= flags:
+    return None
+  return 16 if 'avx512f' in flags else 8
+
+
 def fma_peak_gflops(threads: int | None = None, runs: int = 3) -> float | None:
   """The cores' float32 FMA peak in GFLOP/s, measured by `experiments/fma_peak.c` (12 chains of
-  8-lane FMAs per OpenMP thread), the best of `runs`; None where it cannot run here (no gcc, not
-  an x86-64 CPU with AVX2 and FMA, or the build or a run fails).
+  FMAs per OpenMP thread on the widest vectors, `fma_lanes`), the best of `runs`; None where it
+  cannot run here (no gcc, not an x86-64 CPU with AVX2 and FMA, or the build or a run fails).
 
   The Gram section prints it beside the matmul peak: a library's matmul is a fraction of it (on a
-  Zen 3 VM, jax's reached 57-69 %; BENCHMARKS.md). `threads`: default, the cores this process
-  may use.
+  Zen 3 VM, jax's reached 57-69 %; BENCHMARKS.md). On an AVX-512 CPU it is built for AVX-512:
+  the AVX2 build reports half the peak of full-width 512-bit FMA units (Zen 5: 231 GFLOP/s on two
+  cores, where jax's matmul reached 324). `threads`: default, the cores this process may use.
   """
   source = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'fma_peak.c')
   gcc = shutil.which('gcc')
-  if gcc is None or platform.machine() not in ('x86_64', 'AMD64') or not os.path.exists(source):
-    return None
-  if not {'avx2', 'fma'} <= _cpu_flags():
+  lanes = fma_lanes()
+  if gcc is None or lanes is None or not os.path.exists(source):
     return None
   threads = threads or usable_cores()
   with tempfile.TemporaryDirectory() as tmp:
     binary = os.path.join(tmp, 'fma_peak')
-    flags = ['-O2', '-mavx2', '-mfma', '-fopenmp']
+    vectors = ['-mavx512f'] if lanes == 16 else ['-mavx2']
+    flags = ['-O2', *vectors, '-mfma', '-fopenmp']
     built = subprocess.run([gcc, *flags, source, '-o', binary], capture_output=True, timeout=120)
     if built.returncode:
       return None

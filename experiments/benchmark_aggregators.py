@@ -50,7 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _byzfl import DEFAULTS_DIFFER, STAGES, import_byzfl
-from _process import cpu_name, fma_peak_gflops
+from _process import cpu_name, fma_lanes, fma_peak_gflops
 from absl import app, flags
 
 from robustjax import aggregators, host, parallel, pipeline, stack
@@ -451,9 +451,9 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   The peak is the best of a jitted square float32 matmul (m × m @ m × m, 2m³ flops) and NumPy's
   (its BLAS) on the same sizes: a dense-matmul microbenchmark, not a datasheet figure. With
   `--fma_peak` (the default) the cores' FMA peak is measured too where it can be
-  (`_process.fma_peak_gflops`: `experiments/fma_peak.c`, 8-lane AVX2 FMAs, built with gcc), and
-  each product is also given as a fraction of it: what the FMA units allow, which a library's
-  matmul reaches only in part (a CPU with AVX-512 may do up to twice that peak). A Gram product
+  (`_process.fma_peak_gflops`: `experiments/fma_peak.c` built with gcc for the widest vectors,
+  16-lane AVX-512 or 8-lane AVX2 FMAs), and each product is also given as a fraction of it: what
+  the FMA units allow, which a library's matmul reaches only in part. A Gram product
   of the (n, d) stack is counted as 2n²d flops (what a dense matmul does; the symmetric
   half alone is n(n + 1)d): robustjax's centred, scaled Gram (`stack.scaled_gram`, what the
   distance rules call), its centred product alone (`stack.centred_gram` with the centre given: no
@@ -518,8 +518,10 @@ def gram_section(x, x_np, m: int, repeats: int) -> dict:
   fma = fma_peak_gflops() if FLAGS.fma_peak and jax.default_backend() == 'cpu' else None
   if fma:
     out['fma_peak_gflops'] = fma
+    out['fma_lanes'] = lanes = fma_lanes()
     print(
-      f'# FMA peak (experiments/fma_peak.c, 8-lane AVX2 FMAs): {fma:.0f} GFLOP/s; '
+      f'# FMA peak (experiments/fma_peak.c, {lanes}-lane {"AVX-512" if lanes == 16 else "AVX2"} '
+      f'FMAs): {fma:.0f} GFLOP/s; '
       f'the matmul peak is {peak / fma:.0%} of it'
     )
   label = f'Gram (n, d) = ({n}, {d})'

@@ -21,15 +21,26 @@ def test_cpu_name_gives_the_model_and_the_cores(monkeypatch):
 
 
 def test_fma_peak_is_measured_where_gcc_and_avx2_are(monkeypatch):
-  """The FMA-peak witness builds and runs where it can, and says None (not a guess) elsewhere."""
+  """The FMA-peak witness builds for the widest vectors and runs where it can, and says None (not
+  a guess) elsewhere."""
   monkeypatch.syspath_prepend(os.path.join(ROOT, 'experiments'))
   import _process
 
+  flags = _process._cpu_flags()
   peak = _process.fma_peak_gflops(threads=1, runs=1)
-  if _process.shutil.which('gcc') and {'avx2', 'fma'} <= _process._cpu_flags():
-    assert peak is not None and 1.0 < peak < 10_000.0, peak
-  else:
+  if _process.fma_lanes() is None:
     assert peak is None
+  else:
+    assert _process.fma_lanes() == (16 if 'avx512f' in flags else 8)
+    if _process.shutil.which('gcc'):
+      assert peak is not None and 1.0 < peak < 10_000.0, peak
+  if 'avx512f' in flags and _process.shutil.which('gcc'):  # the AVX2 build runs here too
+    monkeypatch.setattr(_process, '_cpu_flags', lambda: flags - {'avx512f'})
+    assert _process.fma_lanes() == 8
+    assert 1.0 < _process.fma_peak_gflops(threads=1, runs=1) < 10_000.0
+  monkeypatch.setattr(_process, '_cpu_flags', lambda: {'sse2'})
+  assert _process.fma_lanes() is None and _process.fma_peak_gflops(threads=1, runs=1) is None
+  monkeypatch.setattr(_process, '_cpu_flags', lambda: flags)
   monkeypatch.setattr(_process.shutil, 'which', lambda name: None)
   assert _process.fma_peak_gflops(threads=1, runs=1) is None
 
@@ -82,6 +93,7 @@ def test_aggregator_benchmark_on_two_cpu_devices(tmp_path):
   gram = result['info']['gram']
   if 'fma_peak_gflops' in gram:  # where gcc and AVX2 are: each product against the FMA peak too
     assert gram['fma_peak_gflops'] > 0 and 'FMA peak' in proc.stdout
+    assert gram['fma_lanes'] in (8, 16)
     assert all('of_fma_peak' in v for v in gram.values() if isinstance(v, dict))
 
 
