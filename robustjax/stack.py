@@ -278,8 +278,8 @@ def worker_finite(stack) -> jax.Array:
   """(n,) bool: whether every entry of worker i's slice is finite."""
 
   # x · 0 is 0 for finite x and NaN otherwise: one fused pass, far cheaper on CPU than
-  # reducing a boolean array; over column blocks on CPU, as `sq_norms` (on an Intel Xeon VM 21-23
-  # against 35-38 ms over whole rows at n = 64, d = 1e6).
+  # reducing a boolean array; over column blocks on CPU, as `sq_dists_to` (on an Intel Xeon VM
+  # 21-23 against 35-38 ms over whole rows at n = 64, d = 1e6).
   def fn(x):
     return _blocked_sum(lambda xb: jnp.sum(xb * 0, axis=1), [x], _column_block(*x.shape))
 
@@ -371,15 +371,19 @@ def _median_magnitude(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 def sq_norms(stack, *, scale=None) -> jax.Array:
   """(n,) squared Euclidean norms of the workers' slices (summed over leaves), of x / `scale`.
 
-  One streaming pass, over column blocks on CPU as `sq_dists_to`: on an Intel Xeon VM the row
-  reduction over whole rows took 36-43 ms at n = 64, d = 1e6, the blocked one 21-26 (a matvec
-  10-12; BENCHMARKS.md).
+  One streaming pass: one reduction over whole rows (XLA:CPU hands it to YNNPACK), not over
+  `sq_dists_to`'s column blocks. Measured at n = 64, d = 1e6 (BENCHMARKS.md, "Issue 17 on a Zen 5
+  VM again"): on Zen 5 it ran at the floor of one matrix-vector product (7.2-9.6 ms, against
+  14.5-22.0 over column blocks of 2^18 entries; 13.9-18.6 against 15.7-22.9 with a `scale`), on
+  Zen 4 1.3-1.4x faster than the blocks, on Zen 3 alike; on an Intel Xeon VM the blocks were 1.6x
+  faster (21-26 against 36-43 ms: one core there streams at a third of the floor). Whole rows
+  also err less: 6·10^-8 relative to float64, against 5·10^-7 for the blocks.
   """
 
   def fn(x):
-    inv = _inverse(scale, x.dtype)
-    # The distance kernel to the origin.
-    return _blocked_sum(lambda xb: _row_sq_dists(xb, 0.0, inv), [x], _column_block(*x.shape))
+    if scale is None:  # x · x alone: the form YNNPACK's reduction takes
+      return jnp.sum(x * x, axis=1)
+    return _row_sq_dists(x, 0.0, _inverse(scale, x.dtype))
 
   return _sum_over_leaves(fn, stack)
 

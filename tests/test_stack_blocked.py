@@ -34,7 +34,7 @@ def test_blocked_weighted_sum_ignores_nonfinite_and_matches_float64():
   np.testing.assert_allclose(got1, ref[0], rtol=1e-5)
 
 
-def test_blocked_sq_norms_and_dists_match_float64():
+def test_sq_norms_and_blocked_dists_match_float64():
   x = _data()
   x64 = x.astype(np.float64)
   np.testing.assert_allclose(stk.sq_norms(jnp.asarray(x)), (x64**2).sum(1), rtol=1e-5)
