@@ -12,9 +12,10 @@
      gcc -O2 -mavx512f -mfma -fopenmp experiments/fma_peak.c -o /tmp/fma_peak       # AVX-512
      OMP_NUM_THREADS=2 /tmp/fma_peak; OMP_NUM_THREADS=1 /tmp/fma_peak
 
-   Build it for the widest vectors the CPU has: on an AVX-512 CPU with full-width FMA units
-   (Zen 5, recent Xeons) the AVX2 build reports half the peak; on Zen 4, whose FMA units are 256
-   bits wide, both report the same. `benchmark_aggregators.py` builds and runs it this way
+   Build it for the widest vectors the CPU has: on a Zen 5 VM the AVX2 build reported half the
+   AVX-512 build's peak (216-218 against 436-438 GFLOP/s on two cores; BENCHMARKS.md); a CPU
+   whose FMA units are 256 bits wide (Zen 4) should report about the same with both, not
+   measured. `benchmark_aggregators.py` builds and runs it this way
    (`--fma_peak`, `_process.fma_peak_gflops`) and prints each Gram product's fraction of it;
    BENCHMARKS.md quotes its figures. */
 #include <immintrin.h>
