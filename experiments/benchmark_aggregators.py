@@ -4,7 +4,9 @@ Prints one table: rule, n, d, f, compile time, median run time, the ratio to the
 streaming pass over the stack: the jitted matvec `ones(n) @ x`, re-timed next to each rule since
 the load of a shared machine drifts), for distance-based rules the ratio to one n × n Gram product
 (`x @ x.T` in full float32, `Precision.HIGHEST` as the rules' own, also re-timed), and with
-`--byzfl` the speed-up over ByzFL 0.0.11 (torch, CPU) on the same input.
+`--byzfl` the speed-up over ByzFL 0.0.11 (torch, CPU) on the same input: ByzFL's median call
+against ours, and its fastest call against our median (`--byzfl_repeats` calls; the same ByzFL
+call took 175 to 575 ms in one process, in a recurring pattern, so its range is printed too).
 
 The process keeps the host memory a call frees for the next (`robustjax.host`, as
 `training.build` sets on CPU; ByzFL, in the same process, gets it too): without it a rule that
@@ -151,7 +153,7 @@ flags.DEFINE_bool(
   'CPU); ByzFL, in this process, gets it too',
 )
 flags.DEFINE_bool('byzfl', False, 'compare with ByzFL 0.0.11 (needs torch and byzfl installed)')
-flags.DEFINE_integer('byzfl_repeats', 3, 'timed runs per ByzFL rule')
+flags.DEFINE_integer('byzfl_repeats', 5, 'timed calls per ByzFL rule (median, fastest, slowest)')
 flags.DEFINE_integer('byzfl_small_d', 100_000, 'd for ByzFL rules too slow / too big at full size')
 flags.DEFINE_integer('byzfl_small_n', 16, 'n for ByzFL rules that enumerate subsets (mda, smea)')
 flags.DEFINE_integer('byzfl_small_f', 3, 'f for ByzFL rules that enumerate subsets (mda, smea)')
@@ -598,7 +600,8 @@ def _byzfl_config(name, n, d, f):
   return None, ''
 
 
-def time_byzfl(fn, xt, repeats):
+def time_byzfl(fn, xt, repeats) -> tuple[float, float, float]:
+  """(median, fastest, slowest) seconds of `repeats` calls of a ByzFL rule on a copy of xt."""
   import torch
 
   times = []
@@ -609,7 +612,16 @@ def time_byzfl(fn, xt, repeats):
     if isinstance(out, torch.Tensor):
       out.sum().item()
     times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return statistics.median(times), min(times), max(times)
+
+
+def _byzfl_columns(row, times, ours_s):
+  """The ByzFL columns of a row: its median, fastest and slowest call, and our median's speed-up
+  over its median and over its fastest call."""
+  median, fastest, slowest = times
+  row.update(byzfl_s=median, byzfl_fastest_s=fastest, byzfl_slowest_s=slowest)
+  row['speedup_vs_byzfl'] = median / ours_s
+  row['speedup_vs_byzfl_fastest'] = fastest / ours_s
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -747,9 +759,7 @@ def main(argv):
         small, why = _byzfl_config(name, n, d, f)
         try:
           if small is None:
-            tb = time_byzfl(fn, xt, FLAGS.byzfl_repeats)
-            row['byzfl_s'] = tb
-            row['speedup_vs_byzfl'] = tb / row['time_s']
+            _byzfl_columns(row, time_byzfl(fn, xt, FLAGS.byzfl_repeats), row['time_s'])
           else:
             sn, sd, sf = small
             sx_np, sx = _stack(sn, sd, FLAGS.seed, dtype)
@@ -760,8 +770,7 @@ def main(argv):
             ours = time_robustjax(
               kind, name, sx, sf, repeats=FLAGS.repeats, warmup=FLAGS.warmup, iters=FLAGS.iters
             )
-            row['byzfl_s'] = tb
-            row['speedup_vs_byzfl'] = tb / ours['time_s']
+            _byzfl_columns(row, tb, ours['time_s'])
             row['note'] = f'ByzFL compared at n={sn}, d={sd}, f={sf}: {why}'
         except Exception as e:  # noqa: BLE001
           row['note'] = f'ByzFL error: {type(e).__name__}: {str(e)[:60]}'
@@ -775,7 +784,8 @@ def main(argv):
 
 _HEADER = (
   f'{"rule":<22} {"n":>4} {"d":>9} {"f":>3} {"compile s":>9} {"time ms":>10} '
-  f'{"×floor":>8} {"×gram":>7} {"ByzFL ms":>10} {"speed-up":>9}  note'
+  f'{"×floor":>8} {"×gram":>7} {"ByzFL ms":>10} {"its range":>11} {"speed-up":>9} '
+  f'{"vs fastest":>10}  note'
 )
 
 
@@ -788,9 +798,17 @@ def _line(r):
   return (
     f'{r["rule"]:<22} {r["n"]:>4} {r["d"]:>9} {r["f"]:>3} {_fmt(r.get("compile_s"), ".2f"):>9} '
     f'{time_txt:>10} {_fmt(r.get("vs_floor"), ".2f"):>8} {_fmt(r.get("vs_gram"), ".2f"):>7} '
-    f'{_fmt(r.get("byzfl_s") and r["byzfl_s"] * 1e3, ".0f"):>10} '
-    f'{_fmt(r.get("speedup_vs_byzfl"), ".0f"):>9}  {r.get("note", "")}'
+    f'{_fmt(r.get("byzfl_s") and r["byzfl_s"] * 1e3, ".0f"):>10} {_byzfl_range(r):>11} '
+    f'{_fmt(r.get("speedup_vs_byzfl"), ".0f"):>9} '
+    f'{_fmt(r.get("speedup_vs_byzfl_fastest"), ".0f"):>10}  {r.get("note", "")}'
   )
+
+
+def _byzfl_range(r) -> str:
+  """ByzFL's fastest–slowest call in ms, or '-'."""
+  if r.get('byzfl_fastest_s') is None:
+    return '-'
+  return f'{r["byzfl_fastest_s"] * 1e3:.0f}-{r["byzfl_slowest_s"] * 1e3:.0f}'
 
 
 def _print_row(r, header=False):
