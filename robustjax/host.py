@@ -58,12 +58,23 @@ _THRESHOLD = 256 << 20
 
 
 @functools.cache
-def retain_freed_memory() -> bool:
+def retain_freed_memory(heap_top: int = _THRESHOLD) -> bool:
   """Keeps the memory freed by one step for the next (glibc only); True when applied.
 
-  Idempotent. Does nothing (False) off Linux, without glibc's `mallopt`, or when the environment
-  sets ``ROBUSTJAX_RETAIN_HOST_MEMORY=0``.
+  Blocks below 256 MiB come from the heap, and up to `heap_top` bytes of free memory at its top
+  stay in the process (glibc's trim threshold; default 256 MiB, as the mmap threshold). A
+  benchmark that times code allocating several blocks of a few hundred MB per call (ByzFL's
+  stack-sized temporaries) raises it, so that the blocks freed by one call are not handed back
+  and faulted in again by the next (BENCHMARKS.md).
+
+  Idempotent (the last call's `heap_top` holds). Does nothing (False) off Linux, without glibc's
+  `mallopt`, or when the environment sets ``ROBUSTJAX_RETAIN_HOST_MEMORY=0``.
+
+  Raises:
+    ValueError: `heap_top` outside (0, 2^31) bytes.
   """
+  if not 0 < heap_top < 2**31:
+    raise ValueError(f'retain_freed_memory: heap_top must be in (0, 2^31) bytes; got {heap_top}')
   if os.environ.get('ROBUSTJAX_RETAIN_HOST_MEMORY', '1') == '0' or not sys.platform.startswith(
     'linux'
   ):
@@ -75,10 +86,13 @@ def retain_freed_memory() -> bool:
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   applied = bool(mallopt(_M_MMAP_THRESHOLD, _THRESHOLD)) and bool(
-    mallopt(_M_TRIM_THRESHOLD, _THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, heap_top)
   )
   if applied:
-    logging.info('host allocator: freed memory kept for reuse (mmap and trim thresholds 256 MiB)')
+    logging.info(
+      'host allocator: freed memory kept for reuse (mmap threshold 256 MiB, trim threshold %d MiB)',
+      heap_top >> 20,
+    )
   return applied
 
 

@@ -75,6 +75,55 @@ def test_the_environment_can_keep_glibc_defaults():
   assert not applied and kept > _faults_expected(), kept
 
 
+_BLOCKS_PROBE = r"""
+import ctypes, resource, sys
+from robustjax import host
+
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+libc.free.argtypes = (ctypes.c_void_p,)
+libc.memset.argtypes = (ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t)
+BLOCK = 200 << 20  # below the mmap threshold: from the heap
+
+def faults_per_call(calls=7):
+  # A call of a ByzFL rule at 64 x 10^6: several stack-sized temporaries, touched, then freed.
+  counts = []
+  for _ in range(calls):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(BLOCK) for _ in range(3)]
+    for b in blocks:
+      libc.memset(b, 1, BLOCK)
+    for b in blocks:
+      libc.free(b)
+    counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+  return sorted(counts)[calls // 2]
+
+applied = host.retain_freed_memory(*[int(a) for a in sys.argv[1:]])
+faults_per_call(2)
+print(applied, faults_per_call())
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt')
+def test_a_higher_heap_top_keeps_several_large_blocks():
+  def probe(*args):
+    out = subprocess.run(
+      [sys.executable, '-c', _BLOCKS_PROBE, *map(str, args)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    applied, faults = out.stdout.split()
+    assert applied == 'True'
+    return int(faults)
+
+  # 600 MB freed at the top of the heap: above the default 256 MiB it is handed back, and every
+  # call faults its blocks in again (3 x 51,200 pages of 4 KiB); kept below 2 GiB, none.
+  page_faults_per_block = (200 << 20) // 4096 // (512 if _faults_expected() == 10 else 1)
+  assert probe() >= 2 * page_faults_per_block
+  assert probe(2047 << 20) < page_faults_per_block / 10
+  with pytest.raises(ValueError, match='heap_top'):
+    host.retain_freed_memory(2**31)
+
+
 # Random123's known-answer vectors for Threefry-2x32 with 20 rounds: (key, counter, output).
 _THREEFRY_KAT = [
   ((0x00000000, 0x00000000), (0x00000000, 0x00000000), (0x6B200159, 0x99BA4EFE)),
