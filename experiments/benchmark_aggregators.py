@@ -5,13 +5,16 @@ streaming pass over the stack: the jitted matvec `ones(n) @ x`, re-timed next to
 the load of a shared machine drifts), for distance-based rules the ratio to one n × n Gram product
 (`x @ x.T` in full float32, `Precision.HIGHEST` as the rules' own, also re-timed), and with
 `--byzfl` the speed-up over ByzFL 0.0.11 (torch, CPU) on the same input: ByzFL's median call
-against ours, and its fastest call against our median (`--byzfl_repeats` calls; the same ByzFL
-call took 175 to 575 ms in one process, in a recurring pattern, so its range is printed too).
+against ours, and its fastest call against our median (`--byzfl_repeats` calls after one
+untimed call, as ours; its range is printed too).
 
 The process keeps the host memory a call frees for the next (`robustjax.host`, as
-`training.build` sets on CPU; ByzFL, in the same process, gets it too): without it a rule that
-returns a fresh stack maps and page-faults its output anew at every call.
-`--noretain_host_memory` keeps glibc's defaults.
+`training.build` sets on CPU; ByzFL, in the same process, gets it too), and up to
+`--heap_top_mib` of it at the top of the heap (2 GiB; the engine keeps 256 MiB): at 64 × 10⁶
+ByzFL allocates stack-sized temporaries, which a smaller heap top hands back and the next call
+faults in again (its centered clipping 109–180 ms instead of 39–46; BENCHMARKS.md). Without it a
+rule that returns a fresh stack maps and page-faults its output anew at every call.
+`--noretain_host_memory` keeps glibc's defaults (ByzFL then faults at every call).
 
 Iterative rules (geometric_median, centered_clipping) run a fixed number of iterations (`--iters`,
 no early stop); their ratio to the floor is per iteration, measured as
