@@ -71,11 +71,36 @@ def objective(x, z):
 # ---- geometric median ----------------------------------------------------------------------------
 
 
-def test_gm_matches_weiszfeld_reference():
+@pytest.mark.parametrize('method', ['auto', 'direct', 'gram'])
+@pytest.mark.parametrize('iters', [1, 2, 7])
+def test_gm_matches_weiszfeld_reference(iters, method):
   x = _data(0)
-  out = geometric_median(jnp.asarray(x, jnp.float32), f=F, nu=1e-6, iters=7, tol=0.0)
-  ref = ref_weiszfeld(x, ref_small_norm_mean(x), 1e-6, 7)
+  out = geometric_median(
+    jnp.asarray(x, jnp.float32), f=F, nu=1e-6, iters=iters, tol=0.0, method=method
+  )
+  ref = ref_weiszfeld(x, ref_small_norm_mean(x), 1e-6, iters)
   np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_gm_auto_method_iterates_directly_only_where_it_pays():
+  from robustjax.aggregators._iterative import GM_DIRECT_MAX_ITERS, gm_auto_method
+
+  assert gm_auto_method(GM_DIRECT_MAX_ITERS, 'small_norm_mean') == 'direct'
+  assert gm_auto_method(GM_DIRECT_MAX_ITERS + 1, 'small_norm_mean') == 'gram'
+  assert gm_auto_method(1, 'mean') == 'gram'
+  assert gm_auto_method(100, 'median') == gm_auto_method(100, 'given') == 'direct'
+
+
+@pytest.mark.parametrize('bad', [np.nan, np.inf, 1e38])
+def test_gm_paths_agree_with_nonfinite_byzantine_slices(bad):
+  x = _data(20).astype(np.float32)
+  x[:F] = bad
+  outs = [
+    np.asarray(geometric_median(jnp.asarray(x), f=F, iters=2, tol=0.0, method=m))
+    for m in ('direct', 'gram')
+  ]
+  assert np.all(np.isfinite(outs[0])), outs[0]
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-4, atol=1e-4)
 
 
 def test_gm_given_init_and_large_nu():
@@ -275,6 +300,9 @@ def test_center_can_be_traced_and_tau_traced():
     ('geometric_median', dict(f=1, nu=0.0), 'nu'),
     ('geometric_median', dict(f=1, tol=-1.0), 'tol'),
     ('geometric_median', dict(f=1, init='zeros'), 'init'),
+    ('geometric_median', dict(f=1, method='fast'), 'method'),
+    ('geometric_median', dict(f=1, init='median', method='gram'), "inputs' span"),
+    ('geometric_median', dict(f=1, init='mean', method='direct'), "init='mean'"),
     ('centered_clipping', dict(f=6), 'n > 2f'),
     ('centered_clipping', dict(f=1, tau=0.0), 'tau'),
     ('centered_clipping', dict(f=1, iters=0), 'iters'),

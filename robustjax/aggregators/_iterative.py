@@ -66,10 +66,10 @@ __all__ = ['geometric_median', 'centered_clipping', 'caf', 'CAF_TAU_MAX']
 _GM_STARTS = ('small_norm_mean', 'median', 'mean')
 
 
-def _small_norm_weights(stack, scale):
-  """Weights of the mean of the ⌈n/2⌉ inputs of smallest norm (non-finite norms count as +inf)."""
-  n = num_workers(stack, 'geometric_median')
-  sq = sq_norms(stack, scale=scale)
+def _small_norm_weights(sq):
+  """Weights of the mean of the ⌈n/2⌉ inputs of smallest squared norm `sq` (n,) (non-finite
+  norms count as +inf)."""
+  n = sq.shape[0]
   sq = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
   m = (n + 1) // 2
   _, idx = jax.lax.top_k(-sq, m)
@@ -108,20 +108,42 @@ def _weiszfeld_in_span(gram, ok, a0, *, nu, iters, tol):
   return a
 
 
-@functools.partial(jax.jit, static_argnames=('f', 'iters', 'start'))
-def _geometric_median(stack, init, *, f, nu, iters, tol, start):
+GM_METHODS = ('auto', 'direct', 'gram')
+
+# `geometric_median(method='auto')` iterates on the stack from its default start (two passes, a
+# scale pass, then two passes per iteration) up to this many iterations, and in n-space (a Gram
+# product, then O(n²) per iteration) beyond. Measured on a Zen 5 VM at n = 64, d = 10⁶, three
+# rounds (BENCHMARKS.md): the direct path took 49–55 / 73–90 / 107–123 ms for 1 / 2 / 3
+# iterations, the Gram path 70–78 / 74–76 / 73–97 ms.
+GM_DIRECT_MAX_ITERS = 1
+
+
+def gm_auto_method(iters: int, start: str) -> str:
+  """The path `geometric_median(method='auto')` runs for `iters` iterations from `start`."""
+  if start in ('median', 'given'):
+    return 'direct'
+  if start == 'small_norm_mean' and iters <= GM_DIRECT_MAX_ITERS:
+    return 'direct'
+  return 'gram'
+
+
+@functools.partial(jax.jit, static_argnames=('f', 'iters', 'start', 'method'))
+def _geometric_median(stack, init, *, f, nu, iters, tol, start, method):
   n = num_workers(stack, 'geometric_median')
-  if start in ('small_norm_mean', 'mean'):
+  if method == 'gram':
     # The start lies in the span of the inputs: iterate on coefficients (one Gram product,
     # O(n²) per iteration, one final combination).
     gram, ok, scale = scaled_gram(stack)
     if start == 'mean':
       a0 = jnp.full((n,), 1.0 / n)
     else:
-      a0 = _small_norm_weights(stack, scale)
+      a0 = _small_norm_weights(sq_norms(stack, scale=scale))
     a = _weiszfeld_in_span(gram, ok, a0, nu=nu / scale, iters=iters, tol=tol)
     return weighted_sum(a, stack, finite=ok)
-  if init is None:
+  if start == 'small_norm_mean':
+    sq, _ = scaled_sq_dists_to(stack)  # only their order matters
+    z0 = weighted_sum(_small_norm_weights(sq), stack, finite=jnp.isfinite(sq))
+  elif init is None:
     z0 = REGISTRY.get('median')(stack, f=f)
   else:
     check_like_slice('geometric_median', 'init', init, stack)
@@ -160,7 +182,9 @@ def _geometric_median(stack, init, *, f, nu, iters, tol, start):
     distance_based=True,
   ),
 )
-def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, init=None):
+def geometric_median(
+  stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, init=None, method: str = 'auto'
+):
   """Geometric median argmin_y Σ_i ‖y − x_i‖ by the smoothed Weiszfeld algorithm.
 
   Each iteration computes β_i = 1 / max(ν, ‖x_i − z‖) and z ← Σ β_i x_i / Σ β_i (Pillutla et al.,
@@ -180,11 +204,15 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
   finite. The default start only averages finite inputs of at most median norm, so it is finite
   and no larger in norm than the largest honest input.
 
-  Cost: with a start in the span of the inputs (the default, and `'mean'`) the iterations run on
-  the coefficients of z = Σ a_j x_j: one centred Gram product (`stack.centred_gram`), then O(n²)
-  per iteration (‖x_i − z‖² = G_ii − 2 (G a)_i + aᵀ G a), then one combination, so the iteration
-  count hardly matters. Other starts (`'median'`, a tree) iterate over the stack: per iteration
-  one pass for the distances (`sq_dists_to`) and one for the combination (`weighted_sum`).
+  Cost: two ways to run the same iterations (`method`). ``'gram'`` (n-space, for a start in the
+  span of the inputs: the default, and `'mean'`): the iterations run on the coefficients of
+  z = Σ a_j x_j, one centred Gram product (`stack.scaled_gram`), then O(n²) per iteration
+  (‖x_i − z‖² = G_ii − 2 (G a)_i + aᵀ G a), then one combination, so the iteration count hardly
+  matters. ``'direct'`` (any start but `'mean'`): the default start is two passes (the norms,
+  then the mean of the smaller half), and each iteration one pass for the distances
+  (`sq_dists_to`) and one for the combination (`weighted_sum`). ``'auto'`` iterates directly from
+  `'median'` or a tree, and from the default start for `GM_DIRECT_MAX_ITERS` (1) iteration,
+  where that was measured to cost less on CPU (BENCHMARKS.md).
   Robustness: (f, κ)-robust with κ ≤ 4(1 + f/(n − 2f))² (Allouah et al., AISTATS 2023), up to
   the optimisation error.
 
@@ -195,6 +223,8 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
     nu: the smoothing ν > 0 (absolute, in the units of the inputs).
     iters: the maximal number of Weiszfeld iterations (static int ≥ 1).
     tol: stop once ‖z_{t+1} − z_t‖ ≤ tol · (1/n) Σ_i ‖x_i − z_t‖; 0 stops only on a zero step.
+    method: ``'auto'`` (default), ``'direct'`` or ``'gram'`` (static; see Cost). The two give
+      the same iterates up to rounding.
     init: the start point. None or `'small_norm_mean'`: the mean of the ⌈n/2⌉ inputs of smallest
       norm (robust to fewer than n/2 bad slices, two passes); `'median'`: the registered
       coordinate-wise median (more passes, closer start); `'mean'`: the plain mean (not robust:
@@ -209,8 +239,9 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
     A tree with the stack's structure and the worker axis removed, in each leaf's dtype.
 
   Raises:
-    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1, ν ≤ 0, tol < 0 or
-      an unknown `init` name.
+    ValueError: for an empty or inconsistent stack, f < 0, 2f ≥ n, iters < 1, ν ≤ 0, tol < 0, an
+      unknown `init` name or `method`, ``method='gram'`` with a start outside the inputs' span,
+      or ``method='direct'`` with ``init='mean'``.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -228,12 +259,22 @@ def geometric_median(stack, *, f: int = 0, nu=1e-6, iters: int = 100, tol=1e-6, 
   check_positive_int(rule, 'iters', iters)
   check_positive(rule, 'nu', nu)
   check_positive(rule, 'tol', tol, allow_zero=True)
+  check_choice(rule, 'method', method, GM_METHODS)
   if init is None or isinstance(init, str):
     start = init or 'small_norm_mean'
     if start not in _GM_STARTS:
       raise ValueError(f'{rule}: init must be None, a tree or one of {_GM_STARTS}; got {start!r}')
-    return _geometric_median(stack, None, f=f, nu=nu, iters=iters, tol=tol, start=start)
-  return _geometric_median(stack, init, f=f, nu=nu, iters=iters, tol=tol, start='given')
+  else:
+    start = 'given'
+  path = gm_auto_method(iters, start) if method == 'auto' else method
+  if path == 'gram' and start not in ('small_norm_mean', 'mean'):
+    raise ValueError(
+      f"{rule}: method='gram' needs a start in the inputs' span (init None or 'mean')"
+    )
+  if path == 'direct' and start == 'mean':
+    raise ValueError(f"{rule}: method='direct' needs a start other than init='mean'")
+  given = init if start == 'given' else None
+  return _geometric_median(stack, given, f=f, nu=nu, iters=iters, tol=tol, start=start, method=path)
 
 
 @register(
