@@ -702,7 +702,8 @@ def main(argv):
   print(
     f'# jax {info["jax"]} on {info["backend"]} ({info["device"]}; {info["cpu"]}), '
     f'stack ({n}, {d}) {dtype}; '
-    f'freed host memory kept: {info["retain_host_memory"]} (heap top {info["heap_top_mib"]} MiB)'
+    f'freed host memory kept: {info["retain_host_memory"]}'
+    + (f' (heap top {info["heap_top_mib"]} MiB)' if info['heap_top_mib'] else '')
   )
   floor_fn = _jit(lambda x: jnp.ones((x.shape[0],), x.dtype) @ x)
   gram_fn = _jit(lambda x: jnp.matmul(x, x.T, precision=HIGHEST))

@@ -57,7 +57,10 @@ _M_MMAP_THRESHOLD = -3
 _THRESHOLD = 256 << 20
 
 
-@functools.cache
+# The heap top last applied and whether it was: repeated calls with it do nothing.
+_RETAINED: dict = {}
+
+
 def retain_freed_memory(heap_top: int = _THRESHOLD) -> bool:
   """Keeps the memory freed by one step for the next (glibc only); True when applied.
 
@@ -75,6 +78,14 @@ def retain_freed_memory(heap_top: int = _THRESHOLD) -> bool:
   """
   if not 0 < heap_top < 2**31:
     raise ValueError(f'retain_freed_memory: heap_top must be in (0, 2^31) bytes; got {heap_top}')
+  if _RETAINED.get('heap_top') == heap_top:
+    return _RETAINED['applied']
+  _RETAINED.update(heap_top=heap_top, applied=_apply_thresholds(heap_top))
+  return _RETAINED['applied']
+
+
+def _apply_thresholds(heap_top: int) -> bool:
+  """`retain_freed_memory`'s `mallopt` calls; True when applied."""
   if os.environ.get('ROBUSTJAX_RETAIN_HOST_MEMORY', '1') == '0' or not sys.platform.startswith(
     'linux'
   ):

@@ -98,7 +98,9 @@ def faults_per_call(calls=7):
     counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
   return sorted(counts)[calls // 2]
 
-applied = host.retain_freed_memory(*[int(a) for a in sys.argv[1:]])
+# Each argument a heap top, applied in order (none: the default).
+tops = [int(a) for a in sys.argv[1:]]
+applied = all([host.retain_freed_memory(t) for t in tops] or [host.retain_freed_memory()])
 faults_per_call(2)
 print(applied, faults_per_call())
 """
@@ -120,6 +122,9 @@ def test_a_higher_heap_top_keeps_several_large_blocks():
   page_faults_per_block = (200 << 20) // 4096 // (512 if _faults_expected() == 10 else 1)
   assert probe() >= 2 * page_faults_per_block
   assert probe(2047 << 20) < page_faults_per_block / 10
+  # The last call's heap top holds, back and forth.
+  assert probe(2047 << 20, 256 << 20) >= 2 * page_faults_per_block
+  assert probe(2047 << 20, 256 << 20, 2047 << 20) < page_faults_per_block / 10
   with pytest.raises(ValueError, match='heap_top'):
     host.retain_freed_memory(2**31)
 
