@@ -371,20 +371,18 @@ def _median_magnitude(m: jax.Array) -> tuple[jax.Array, jax.Array]:
 def sq_norms(stack, *, scale=None) -> jax.Array:
   """(n,) squared Euclidean norms of the workers' slices (summed over leaves), of x / `scale`.
 
-  One streaming pass: one reduction over whole rows (XLA:CPU hands it to YNNPACK), not over
-  `sq_dists_to`'s column blocks. Measured at n = 64, d = 1e6 (BENCHMARKS.md, "Issue 17 on a Zen 5
-  VM again"): on Zen 5 it ran at about the floor of one matrix-vector product (7.2-10.9 ms,
-  against 11.5-36.0 over column blocks of 2^18 entries; 13.9-21.1 against 15.7-22.9 with a
-  `scale`), on Zen 4 1.3-1.4x faster than the blocks, on Zen 3 alike; on an Intel Xeon VM the
-  blocks were 1.6x faster (21-26 against 36-43 ms: there the reduction, on one core, ran at about
-  a third of the floor). Whole rows also err less: 6·10^-8 relative to float64, against 5·10^-7
-  for the blocks.
+  One streaming pass: the distance kernel to the origin (`_row_sq_dists`) as one reduction over
+  whole rows (XLA:CPU hands it to YNNPACK), not over `sq_dists_to`'s column blocks. Measured at
+  n = 64, d = 1e6 (BENCHMARKS.md, "Issue 17 on a Zen 5 VM again"): on Zen 5 it ran at about the
+  floor of one matrix-vector product (7.2-10.9 ms, against 11.5-36.0 over column blocks of 2^18
+  entries; 13.9-21.1 against 15.7-22.9 with a `scale`), on Zen 4 1.3-1.4x faster than the blocks, on
+  Zen 3 alike; on an Intel Xeon VM the blocks were 1.6x faster (21-26 against 36-43 ms: there the
+  reduction, on one core, ran at about a third of the floor). Whole rows also err less: 6·10^-8
+  relative to float64, against 5·10^-7 for the blocks.
   """
 
   def fn(x):
-    if scale is not None:
-      x = x * _inverse(scale, x.dtype)
-    return jnp.sum(x * x, axis=1)
+    return _row_sq_dists(x, 0.0, _inverse(scale, x.dtype))
 
   return _sum_over_leaves(fn, stack)
 
